@@ -1,0 +1,109 @@
+// MPI bootstrap and the process layout.
+#include "parallel/process_group.h"
+
+#include <fmt/format.h>
+#include <mpi.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace strata {
+namespace {
+
+void check_mpi(int code, const char* what) {
+  if (code == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(code, text, &length);
+  throw DistributedError(fmt::format("{} failed: {}", what, std::string(text, length)));
+}
+
+}  // namespace
+
+ProcessGroup::ProcessGroup(int* argc, char*** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = 0;
+    // The background checkpoint writer (a later addition) may call MPI off the main thread.
+    check_mpi(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided), "MPI_Init_thread");
+    owns_mpi_ = true;
+  }
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank_), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(MPI_COMM_WORLD, &world_size_), "MPI_Comm_size");
+
+  MPI_Comm local = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &local),
+            "MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)");
+  MPI_Comm_rank(local, &local_rank_);
+  MPI_Comm_size(local, &local_world_size_);
+
+  char name[MPI_MAX_PROCESSOR_NAME] = {};
+  int name_length = 0;
+  MPI_Get_processor_name(name, &name_length);
+  hostname_.assign(name, name_length);
+
+  // Node index = rank of this node's leader among all leaders, in world-rank order.
+  MPI_Comm leaders = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split(MPI_COMM_WORLD, local_rank_ == 0 ? 0 : MPI_UNDEFINED, rank_, &leaders),
+            "MPI_Comm_split(node leaders)");
+  if (leaders != MPI_COMM_NULL) {
+    MPI_Comm_rank(leaders, &node_index_);
+    MPI_Comm_size(leaders, &num_nodes_);
+  }
+  MPI_Bcast(&node_index_, 1, MPI_INT, 0, local);
+  MPI_Bcast(&num_nodes_, 1, MPI_INT, 0, local);
+
+  std::vector<char> all_names(static_cast<size_t>(num_nodes_) * MPI_MAX_PROCESSOR_NAME, 0);
+  if (leaders != MPI_COMM_NULL) {
+    MPI_Allgather(name, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, all_names.data(),
+                  MPI_MAX_PROCESSOR_NAME, MPI_CHAR, leaders);
+    MPI_Comm_free(&leaders);
+  }
+  MPI_Bcast(all_names.data(), static_cast<int>(all_names.size()), MPI_CHAR, 0, local);
+  for (int n = 0; n < num_nodes_; ++n) {
+    node_hostnames_.emplace_back(all_names.data() + static_cast<size_t>(n) * MPI_MAX_PROCESSOR_NAME);
+  }
+
+  // How many ranks of this node may run on exactly the CPUs this rank may run on: they share
+  // those cores (e.g. no binding), so the default thread count divides them.
+  cpu_set_t mine;
+  CPU_ZERO(&mine);
+  sched_getaffinity(0, sizeof(mine), &mine);
+  std::vector<cpu_set_t> sets(local_world_size_);
+  MPI_Allgather(&mine, sizeof(cpu_set_t), MPI_BYTE, sets.data(), sizeof(cpu_set_t), MPI_BYTE,
+                local);
+  cpus_ = std::max(1, CPU_COUNT(&mine));
+  ranks_sharing_cpus_ = static_cast<int>(std::count_if(sets.begin(), sets.end(), [&](const cpu_set_t& s) {
+    return CPU_EQUAL(&s, &mine);
+  }));
+  MPI_Comm_free(&local);
+}
+
+ProcessGroup::~ProcessGroup() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (owns_mpi_ && !finalized) MPI_Finalize();
+}
+
+int ProcessGroup::threads_per_rank(int requested) const {
+  if (requested > 0) return requested;
+  return std::max(1, cpus_ / std::max(1, ranks_sharing_cpus_));
+}
+
+std::string ProcessGroup::describe() const {
+  std::string hosts;
+  for (size_t i = 0; i < node_hostnames_.size(); ++i) {
+    hosts += fmt::format("{}{}", i ? ", " : "", node_hostnames_[i]);
+  }
+  return fmt::format("world {} rank(s) on {} node(s) [{}]; rank {} is local rank {}/{} on {}",
+                     world_size_, num_nodes_, hosts, rank_, local_rank_, local_world_size_,
+                     hostname_);
+}
+
+void ProcessGroup::barrier() const { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+
+}  // namespace strata

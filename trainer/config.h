@@ -1,0 +1,155 @@
+// The job configuration: one typed struct per YAML section, loaded from YAML files with
+// `--set key.path=value` overrides, validated when loaded, and written back as resolved YAML.
+// Errors name the full key path and the YAML line (or the override that set it).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace strata {
+
+// Any problem with the configuration: unknown key, wrong type, bad value, bad override.
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct JobConfig {
+  std::string name = "tiny";
+  std::string run_dir = "runs/tiny";
+  int64_t seed = 1234;
+};
+
+struct ModelConfig {
+  std::string name = "llama";
+  int64_t vocab_size = 2048;
+  int64_t dim = 128;
+  int64_t n_layers = 4;
+  int64_t n_heads = 4;
+  int64_t n_kv_heads = 2;
+  int64_t multiple_of = 64;
+  std::optional<double> ffn_dim_multiplier;  // null: Meta's default 2/3 * 4 * dim
+  double norm_eps = 1.0e-5;
+  double rope_theta = 10000.0;
+  int64_t max_seq_len = 128;
+  bool tie_embeddings = false;
+
+  int64_t head_dim() const { return dim / n_heads; }
+  // SwiGLU hidden size exactly as in Meta's reference Llama.
+  int64_t ffn_hidden_dim() const;
+};
+
+struct DataConfig {
+  std::string train;                 // required: glob of train shards
+  std::optional<std::string> val;    // null: no validation
+  std::optional<std::string> tokenizer;  // SentencePiece model; null: samples print token ids
+  int64_t seq_len = 128;
+};
+
+struct TrainingConfig {
+  int64_t steps = 200;
+  int64_t global_batch_size = 16;
+  int64_t micro_batch_size = 8;
+  double grad_clip = 1.0;  // <= 0 disables clipping
+  int64_t eval_interval = 50;  // 0 disables periodic validation
+  int64_t eval_batches = 8;
+  int64_t log_interval = 10;
+};
+
+struct OptimizerConfig {
+  std::string name = "adamw";
+  double lr = 3.0e-3;
+  std::vector<double> betas = {0.9, 0.95};
+  double eps = 1.0e-8;
+  double weight_decay = 0.1;
+};
+
+enum class LrDecay { kCosine, kLinear, kNone };
+
+struct LrSchedulerConfig {
+  int64_t warmup_steps = 20;
+  LrDecay decay = LrDecay::kCosine;
+  double min_lr_ratio = 0.1;
+};
+
+struct FsdpConfig {
+  bool enabled = true;
+  std::string activation_checkpointing = "full";  // full | none
+};
+
+struct MixedPrecisionConfig {
+  std::string param_dtype = "float32";
+  std::string reduce_dtype = "float32";
+};
+
+struct ParallelConfig {
+  std::string backend = "auto";  // auto | mpi | nccl
+  int64_t threads_per_rank = 0;  // 0 = auto: the node's cores / ranks on the node
+  FsdpConfig fsdp;
+  MixedPrecisionConfig mixed_precision;
+};
+
+struct CheckpointConfig {
+  bool enable = false;  // checkpointing is not built yet: only `false` is accepted
+  std::string folder = "checkpoints";
+  int64_t interval = 100;
+  std::string async_mode = "disabled";
+  int64_t keep_latest_k = 3;
+  bool last_save_model_only = true;
+  bool last_save_in_hf = true;
+  std::string export_dtype = "float32";
+  int64_t hf_export_interval = 0;
+  int64_t hf_max_keep = 2;
+  std::optional<std::string> resume_path;
+  bool resume_model_only = false;
+  std::vector<std::string> additional_load_paths;
+  std::vector<std::string> exclude_from_loading;
+};
+
+// One entry of `converters:`. Only the keys of the LoRA converter exist so far.
+struct ConverterConfig {
+  std::string type;
+  int64_t rank = 8;
+  double alpha = 16.0;
+  double dropout = 0.0;
+  std::vector<std::string> target_modules = {"wq", "wv"};
+  std::string export_mode = "adapter";  // YAML key: export
+};
+
+struct LoggingConfig {
+  std::string metrics_file = "metrics.jsonl";
+  double peak_tflops = 0.0;  // 0: MFU is not reported
+};
+
+struct Config {
+  JobConfig job;
+  ModelConfig model;
+  DataConfig data;
+  TrainingConfig training;
+  OptimizerConfig optimizer;
+  LrSchedulerConfig lr_scheduler;
+  ParallelConfig parallel;
+  CheckpointConfig checkpoint;
+  std::vector<ConverterConfig> converters;
+  LoggingConfig logging;
+};
+
+// Loads `path` (YAML), applies `overrides` ("a.b.c=value", value parsed as YAML), checks
+// every key, type and range, and cross-checks values that depend on each other. `world_size`
+// is the number of ranks the job runs on (global batch divisibility).
+// Throws ConfigError naming the key path and its source line.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides,
+                   int world_size = 1);
+
+// The same from YAML text; `source_name` is what messages call the text (e.g. a file name).
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides, int world_size = 1);
+
+// The resolved configuration as YAML, every key present, in schema order. Loading it back
+// gives an identical Config.
+std::string to_yaml(const Config& config);
+
+}  // namespace strata

@@ -1,0 +1,209 @@
+// Llama model: parameters, initialisation, forward.
+#include "trainer/llama.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <fmt/format.h>
+
+#include <cmath>
+
+#include "trainer/torch_compat.h"
+
+namespace strata {
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Normal(0, std) truncated to [lo, hi] by inverse-CDF sampling (what torch.nn.init does).
+void trunc_normal_(at::Tensor& t, double std, double lo, double hi, at::Generator& gen) {
+  auto cdf = [](double x) { return 0.5 * (1.0 + std::erf(x / std::sqrt(2.0))); };
+  const double l = cdf(lo / std), u = cdf(hi / std);
+  t.uniform_(2 * l - 1, 2 * u - 1, gen).erfinv_().mul_(std * std::sqrt(2.0)).clamp_(lo, hi);
+}
+
+}  // namespace
+
+uint64_t derive_seed(uint64_t seed, const std::string& name) {
+  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
+  return splitmix64(splitmix64(seed) ^ h);
+}
+
+Llama::Llama(const ModelConfig& config) : config_(config) {
+  const auto meta = at::TensorOptions().device(at::kMeta).dtype(at::kFloat);
+  const int64_t d = config.dim, v = config.vocab_size, hd = config.head_dim();
+  const int64_t f = config.ffn_hidden_dim();
+  tok_embeddings_ = at::empty({v, d}, meta);
+  for (int64_t i = 0; i < config.n_layers; ++i) {
+    LlamaLayer layer;
+    layer.attention_norm = at::empty({d}, meta);
+    layer.wq = at::empty({config.n_heads * hd, d}, meta);
+    layer.wk = at::empty({config.n_kv_heads * hd, d}, meta);
+    layer.wv = at::empty({config.n_kv_heads * hd, d}, meta);
+    layer.wo = at::empty({d, config.n_heads * hd}, meta);
+    layer.ffn_norm = at::empty({d}, meta);
+    layer.w1 = at::empty({f, d}, meta);
+    layer.w2 = at::empty({d, f}, meta);
+    layer.w3 = at::empty({f, d}, meta);
+    layers_.push_back(std::move(layer));
+  }
+  norm_ = at::empty({d}, meta);
+  if (!config.tie_embeddings) output_ = at::empty({v, d}, meta);
+}
+
+void Llama::for_each_parameter(const std::function<void(const std::string&, at::Tensor&)>& fn) {
+  fn("tok_embeddings.weight", tok_embeddings_);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    LlamaLayer& l = layers_[i];
+    const std::string p = fmt::format("layers.{}.", i);
+    fn(p + "attention_norm.weight", l.attention_norm);
+    fn(p + "attention.wq.weight", l.wq);
+    fn(p + "attention.wk.weight", l.wk);
+    fn(p + "attention.wv.weight", l.wv);
+    fn(p + "attention.wo.weight", l.wo);
+    fn(p + "ffn_norm.weight", l.ffn_norm);
+    fn(p + "feed_forward.w1.weight", l.w1);
+    fn(p + "feed_forward.w2.weight", l.w2);
+    fn(p + "feed_forward.w3.weight", l.w3);
+  }
+  fn("norm.weight", norm_);
+  if (output_.defined()) fn("output.weight", output_);
+}
+
+StateDict Llama::parameters() const {
+  StateDict sd;
+  const_cast<Llama*>(this)->for_each_parameter(
+      [&](const std::string& fqn, at::Tensor& t) { sd.insert(fqn, t); });
+  return sd;
+}
+
+void Llama::materialize(const at::Device& device) {
+  const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
+  for_each_parameter([&](const std::string&, at::Tensor& t) {
+    t = at::empty(t.sizes(), options).requires_grad_(true);
+  });
+  const int64_t half = config_.head_dim() / 2;
+  rope_cos_ = at::empty({config_.max_seq_len, half}, options);
+  rope_sin_ = at::empty({config_.max_seq_len, half}, options);
+}
+
+std::vector<std::string> Llama::initialize(uint64_t seed, const std::set<std::string>& loaded) {
+  // torchtitan's scheme: N(0, 1) embeddings, N(0, 0.02) input projections, depth-scaled
+  // output projections, ones for norms, and dim^-0.5 truncated at 3 sigma for the output.
+  const double depth_base = 0.02;
+  const double out_std = 1.0 / std::sqrt(static_cast<double>(config_.dim));
+  std::vector<std::string> initialised;
+  at::NoGradGuard no_grad;
+  for_each_parameter([&](const std::string& fqn, at::Tensor& param) {
+    if (loaded.count(fqn)) return;
+    if (param.device().is_meta()) {
+      throw std::logic_error("Llama::initialize before materialize: " + fqn);
+    }
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(derive_seed(seed, fqn));
+    at::Tensor value = at::empty(param.sizes(), at::TensorOptions().dtype(at::kFloat));
+    const bool is_norm = fqn.find("norm.weight") != std::string::npos;
+    if (is_norm) {
+      value.fill_(1.0);
+    } else if (fqn == "tok_embeddings.weight") {
+      // A tied embedding doubles as the output projection, so it takes the output's scale.
+      if (config_.tie_embeddings) {
+        trunc_normal_(value, out_std, -3 * out_std, 3 * out_std, gen);
+      } else {
+        value.normal_(0.0, 1.0, gen);
+      }
+    } else if (fqn == "output.weight") {
+      trunc_normal_(value, out_std, -3 * out_std, 3 * out_std, gen);
+    } else {
+      const int64_t layer = std::stoll(fqn.substr(fqn.find('.') + 1));
+      const bool depth_scaled = fqn.find(".wo.") != std::string::npos ||
+                                fqn.find(".w2.") != std::string::npos ||
+                                fqn.find(".w3.") != std::string::npos;
+      const double std = depth_scaled ? depth_base / std::sqrt(2.0 * (layer + 1)) : depth_base;
+      trunc_normal_(value, std, -2.0, 2.0, gen);
+    }
+    param.copy_(value);
+    initialised.push_back(fqn);
+  });
+
+  // RoPE: angle(t, i) = t * theta^(-2i / hd), computed in fp64 then stored in fp32.
+  const int64_t hd = config_.head_dim();
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor inv_freq =
+      at::pow(config_.rope_theta, at::arange(0, hd, 2, f64).div(static_cast<double>(hd))).reciprocal();
+  at::Tensor angles = at::outer(at::arange(config_.max_seq_len, f64), inv_freq);
+  rope_cos_.copy_(angles.cos());
+  rope_sin_.copy_(angles.sin());
+  return initialised;
+}
+
+at::Tensor Llama::rms_norm(const at::Tensor& x, const at::Tensor& weight) const {
+  at::Tensor rms = at::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true).add(config_.norm_eps));
+  return x * rms * weight;
+}
+
+at::Tensor Llama::apply_rope(const at::Tensor& x) const {
+  // x (B, T, heads, hd) viewed as hd/2 interleaved pairs (x0, x1) rotated by angle(t, i).
+  const int64_t seq_len = x.size(1);
+  at::Tensor pairs = x.unflatten(-1, {-1, 2});         // (B, T, heads, hd/2, 2)
+  at::Tensor x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);
+  at::Tensor cos = rope_cos_.narrow(0, 0, seq_len).unsqueeze(1);  // (T, 1, hd/2)
+  at::Tensor sin = rope_sin_.narrow(0, 0, seq_len).unsqueeze(1);
+  return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
+}
+
+at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const {
+  const int64_t b = x.size(0), t = x.size(1), hd = config_.head_dim();
+  const int64_t h = config_.n_heads, kv = config_.n_kv_heads;
+  at::Tensor q = apply_rope(at::linear(x, layer.wq).view({b, t, h, hd}));
+  at::Tensor k = apply_rope(at::linear(x, layer.wk).view({b, t, kv, hd}));
+  at::Tensor v = at::linear(x, layer.wv).view({b, t, kv, hd});
+  if (kv != h) {  // GQA: query head j uses key/value head j / (h / kv)
+    k = k.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});
+    v = v.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});
+  }
+  at::Tensor y = compat::causal_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                          v.transpose(1, 2));  // (B, H, T, hd)
+  return at::linear(y.transpose(1, 2).reshape({b, t, h * hd}), layer.wo);
+}
+
+at::Tensor Llama::feed_forward(const LlamaLayer& layer, const at::Tensor& x) const {
+  return at::linear(at::silu(at::linear(x, layer.w1)) * at::linear(x, layer.w3), layer.w2);
+}
+
+at::Tensor Llama::forward(const at::Tensor& tokens) const {
+  at::Tensor h = at::embedding(tok_embeddings_, tokens);  // (B, T, D)
+  for (const LlamaLayer& layer : layers_) {
+    h = h + attention(layer, rms_norm(h, layer.attention_norm));
+    h = h + feed_forward(layer, rms_norm(h, layer.ffn_norm));
+  }
+  h = rms_norm(h, norm_);
+  return at::linear(h, output_.defined() ? output_ : tok_embeddings_);  // (B, T, V)
+}
+
+int64_t Llama::num_parameters() const {
+  int64_t n = 0;
+  for (const auto& entry : parameters()) n += entry.second.numel();
+  return n;
+}
+
+int64_t Llama::count_parameters(const ModelConfig& c) {
+  const int64_t hd = c.head_dim(), f = c.ffn_hidden_dim();
+  const int64_t attention = c.dim * c.n_heads * hd * 2 + c.dim * c.n_kv_heads * hd * 2;
+  const int64_t per_layer = attention + 3 * c.dim * f + 2 * c.dim;
+  const int64_t embeddings = c.vocab_size * c.dim * (c.tie_embeddings ? 1 : 2);
+  return embeddings + c.n_layers * per_layer + c.dim;
+}
+
+double Llama::training_flops_per_token(const ModelConfig& c, int64_t seq_len) {
+  // The embedding lookup is not a matmul; the output projection is (tied or not).
+  const double matmul_params =
+      static_cast<double>(count_parameters(c) - c.vocab_size * c.dim * (c.tie_embeddings ? 0 : 1));
+  return 6.0 * matmul_params +
+         12.0 * c.n_layers * c.n_heads * c.head_dim() * static_cast<double>(seq_len);
+}
+
+}  // namespace strata

@@ -1,0 +1,77 @@
+// The Llama decoder: token embedding, RMSNorm, RoPE (interleaved pairs, Meta's layout), GQA
+// attention, SwiGLU FFN, optional tied output. Parameter names are the internal
+// (torchtitan-style) FQNs of DESIGN.md.
+//
+// Construction follows the init contract: the model is built on the meta device (shapes
+// only), materialised with uninitialised storage on the target device, then whatever was
+// loaded is marked and `initialize` fills only the rest. RoPE tables are non-persistent
+// buffers, recomputed by `initialize`.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "trainer/config.h"
+#include "trainer/state_dict.h"
+
+namespace strata {
+
+struct LlamaLayer {
+  at::Tensor attention_norm;           // (D)
+  at::Tensor wq, wk, wv, wo;           // (H*hd, D), (KV*hd, D), (KV*hd, D), (D, H*hd)
+  at::Tensor ffn_norm;                 // (D)
+  at::Tensor w1, w2, w3;               // (F, D), (D, F), (F, D)
+};
+
+class Llama {
+ public:
+  explicit Llama(const ModelConfig& config);  // parameters on the meta device
+
+  const ModelConfig& config() const { return config_; }
+
+  // Gives every parameter uninitialised fp32 storage on `device` (requires_grad set).
+  void materialize(const at::Device& device);
+
+  // Initialises every parameter whose FQN is not in `loaded` from a generator seeded by
+  // (seed, fqn), so initial weights do not depend on the world size or on which other
+  // tensors were loaded; recomputes the RoPE tables. Returns the FQNs it initialised.
+  std::vector<std::string> initialize(uint64_t seed, const std::set<std::string>& loaded = {});
+
+  // tokens (B, T) int64 -> logits (B, T, V) fp32.
+  at::Tensor forward(const at::Tensor& tokens) const;
+
+  // Visits every parameter in FQN order; the callback may replace the tensor handle.
+  void for_each_parameter(const std::function<void(const std::string&, at::Tensor&)>& fn);
+  // The live parameters (aliases, no copies).
+  StateDict parameters() const;
+
+  int64_t num_parameters() const;
+  // Closed form, from the config alone.
+  static int64_t count_parameters(const ModelConfig& config);
+  // Training FLOPs per token (forward + backward) as torchtitan counts them:
+  // 6 * (matmul parameters) + 12 * layers * heads * head_dim * seq_len.
+  static double training_flops_per_token(const ModelConfig& config, int64_t seq_len);
+
+ private:
+  at::Tensor attention(const LlamaLayer& layer, const at::Tensor& x) const;
+  at::Tensor feed_forward(const LlamaLayer& layer, const at::Tensor& x) const;
+  at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight) const;
+  at::Tensor apply_rope(const at::Tensor& x) const;  // (B, T, heads, hd)
+
+  ModelConfig config_;
+  at::Tensor tok_embeddings_;  // (V, D)
+  std::vector<LlamaLayer> layers_;
+  at::Tensor norm_;            // (D)
+  at::Tensor output_;          // (V, D); undefined when tied to tok_embeddings
+  at::Tensor rope_cos_, rope_sin_;  // (max_seq_len, hd/2), not parameters
+};
+
+// A stable 64-bit seed for (seed, name): FNV-1a of the name mixed with splitmix64.
+uint64_t derive_seed(uint64_t seed, const std::string& name);
+
+}  // namespace strata

@@ -1,0 +1,43 @@
+// Training metrics: the human log line and the same numbers as one JSON object per line in
+// <run_dir>/metrics.jsonl. Only the main rank writes.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <optional>
+#include <string>
+
+namespace strata {
+
+struct StepMetrics {
+  int64_t step = 0;
+  int64_t total_steps = 0;
+  double loss = 0.0;
+  double grad_norm = 0.0;
+  double lr = 0.0;
+  double tokens_per_s = 0.0;       // global
+  double tflops = 0.0;             // achieved model TFLOP/s (global)
+  std::optional<double> mfu;       // fraction of peak, when logging.peak_tflops is set
+  double step_ms = 0.0;
+  double mem_mb = 0.0;             // resident set size of this process
+  double eta_s = 0.0;
+};
+
+class MetricsLogger {
+ public:
+  // `path` empty: no file. Truncates an existing file (a fresh run starts a fresh log).
+  explicit MetricsLogger(const std::string& path);
+
+  std::string format(const StepMetrics& m) const;  // one console line
+  void log_step(const StepMetrics& m);
+  void log_eval(int64_t step, double val_loss, int64_t val_tokens);
+
+ private:
+  std::ofstream file_;
+};
+
+// Resident and peak resident memory of this process, in MiB.
+double resident_memory_mb();
+double peak_resident_memory_mb();
+
+}  // namespace strata

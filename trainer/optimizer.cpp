@@ -1,0 +1,70 @@
+// AdamW and global-norm gradient clipping.
+#include "trainer/optimizer.h"
+
+#include <cmath>
+
+namespace strata {
+
+bool uses_weight_decay(const std::string& fqn, const at::Tensor& param) {
+  return param.dim() >= 2 && fqn != "tok_embeddings.weight";
+}
+
+AdamW::AdamW(const OptimizerConfig& config) : config_(config) {}
+
+void AdamW::add_parameter(const std::string& fqn, const at::Tensor& param, bool decay) {
+  slots_.push_back({fqn, param, at::zeros_like(param), at::zeros_like(param), decay});
+}
+
+void AdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  ++step_;
+  const double beta1 = config_.betas[0], beta2 = config_.betas[1];
+  const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(step_));
+  const double bias2 = 1.0 - std::pow(beta2, static_cast<double>(step_));
+  const double step_size = lr / bias1;
+  const double bias2_sqrt = std::sqrt(bias2);
+  for (Slot& s : slots_) {
+    const at::Tensor& grad = s.param.grad();
+    if (!grad.defined()) continue;
+    if (s.decay && config_.weight_decay != 0.0) s.param.mul_(1.0 - lr * config_.weight_decay);
+    s.exp_avg.lerp_(grad, 1.0 - beta1);
+    s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1.0 - beta2);
+    at::Tensor denom = s.exp_avg_sq.sqrt().div_(bias2_sqrt).add_(config_.eps);
+    s.param.addcdiv_(s.exp_avg, denom, -step_size);
+  }
+}
+
+void AdamW::zero_grad() {
+  for (Slot& s : slots_) {
+    at::Tensor& grad = s.param.mutable_grad();
+    if (grad.defined()) grad.zero_();
+  }
+}
+
+StateDict AdamW::state() const {
+  StateDict sd;
+  for (const Slot& s : slots_) {
+    sd.insert(s.fqn + ".exp_avg", s.exp_avg);
+    sd.insert(s.fqn + ".exp_avg_sq", s.exp_avg_sq);
+  }
+  return sd;
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> squares;
+  for (const at::Tensor& p : params) {
+    if (p.grad().defined()) squares.push_back(p.grad().pow(2).sum().to(at::kDouble));
+  }
+  if (squares.empty()) return 0.0;
+  const double norm = std::sqrt(at::stack(squares).sum().item<double>());
+  if (max_norm > 0.0 && norm > max_norm) {
+    const double scale = max_norm / (norm + 1e-6);
+    for (const at::Tensor& p : params) {
+      if (p.grad().defined()) p.grad().mul_(scale);
+    }
+  }
+  return norm;
+}
+
+}  // namespace strata

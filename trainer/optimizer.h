@@ -1,0 +1,46 @@
+// AdamW with decoupled weight decay (torch.optim.AdamW's update), a per-parameter decay flag
+// (no decay on norms and embeddings), and gradient clipping by the global norm.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "trainer/config.h"
+#include "trainer/state_dict.h"
+
+namespace strata {
+
+// Weight decay applies to matmul weights only: not to norms, not to the token embedding.
+bool uses_weight_decay(const std::string& fqn, const at::Tensor& param);
+
+class AdamW {
+ public:
+  explicit AdamW(const OptimizerConfig& config);
+
+  void add_parameter(const std::string& fqn, const at::Tensor& param, bool decay);
+  // One update with learning rate `lr` from each parameter's .grad() (skips undefined grads).
+  void step(double lr);
+  void zero_grad();
+
+  int64_t steps_taken() const { return step_; }
+  // exp_avg / exp_avg_sq per parameter, keyed "<fqn>.exp_avg" / "<fqn>.exp_avg_sq".
+  StateDict state() const;
+
+ private:
+  struct Slot {
+    std::string fqn;
+    at::Tensor param, exp_avg, exp_avg_sq;
+    bool decay;
+  };
+  OptimizerConfig config_;
+  std::vector<Slot> slots_;
+  int64_t step_ = 0;
+};
+
+// Scales the gradients of `params` in place so that their global L2 norm is at most
+// `max_norm` (when max_norm > 0). Returns the norm before clipping.
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+
+}  // namespace strata

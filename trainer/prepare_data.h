@@ -1,0 +1,36 @@
+// `strata prepare-data`: text files -> SentencePiece tokenizer (trained or reused) ->
+// llm.c-format train/val token shards, plus meta.json (counts and unigram entropy).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace strata {
+
+struct PrepareDataOptions {
+  std::vector<std::string> inputs;        // files, directories (recursed), or globs
+  std::string out_dir;
+  std::optional<std::string> tokenizer;   // reuse this tokenizer.model instead of training
+  int64_t vocab_size = 2048;              // when training a tokenizer
+  double val_fraction = 0.05;             // share of documents that go to val
+  std::optional<std::string> separator;   // a line equal to this splits documents
+  int64_t shard_tokens = 100'000'000;     // max tokens per shard file
+  uint64_t seed = 1234;                   // train/val split
+};
+
+struct PrepareDataResult {
+  int64_t documents = 0;
+  int64_t train_tokens = 0;
+  int64_t val_tokens = 0;
+  int64_t vocab_size = 0;
+  double unigram_entropy_nats = 0.0;      // of the train tokens
+  std::vector<std::string> train_shards;
+  std::vector<std::string> val_shards;
+  std::string tokenizer_path;
+};
+
+PrepareDataResult prepare_data(const PrepareDataOptions& options);
+
+}  // namespace strata

@@ -1,0 +1,255 @@
+// The training loop, top to bottom: set-up, then one step = micro-batches (forward, backward,
+// accumulate) -> clip -> AdamW -> log; validation and a text sample every eval_interval.
+#include "trainer/train.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <optional>
+
+#include "trainer/data_loader.h"
+#include "trainer/generate.h"
+#include "trainer/llama.h"
+#include "trainer/lr_schedule.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+#include "trainer/tokenizer.h"
+
+namespace strata {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+at::Tensor to_tensor(const std::vector<int64_t>& values, int64_t batch, int64_t seq_len) {
+  return at::from_blob(const_cast<int64_t*>(values.data()), {batch, seq_len}, at::kLong).clone();
+}
+
+// Mean next-token cross-entropy of `batch` under `model`.
+at::Tensor batch_loss(const Llama& model, const TokenBatch& batch) {
+  at::Tensor logits = model.forward(to_tensor(batch.inputs, batch.batch, batch.seq_len));
+  at::Tensor targets = to_tensor(batch.targets, batch.batch, batch.seq_len);
+  return at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten());
+}
+
+// Mean token loss over the first `max_windows` consecutive validation windows, in fp64.
+std::pair<double, int64_t> evaluate(const Llama& model, const TokenDataset& val,
+                                    int64_t max_windows, int64_t micro_batch) {
+  at::NoGradGuard no_grad;
+  const int64_t windows = std::min(max_windows, val.num_sequential_windows());
+  double loss_sum = 0.0;
+  int64_t tokens = 0;
+  for (int64_t first = 0; first < windows; first += micro_batch) {
+    TokenBatch batch = val.sequential_batch(first, std::min(micro_batch, windows - first));
+    const int64_t n = batch.batch * batch.seq_len;
+    loss_sum += batch_loss(model, batch).item<double>() * static_cast<double>(n);
+    tokens += n;
+  }
+  return {tokens ? loss_sum / static_cast<double>(tokens) : 0.0, tokens};
+}
+
+class RunLog {
+ public:
+  explicit RunLog(bool enabled) : enabled_(enabled) {}
+  template <typename... Args>
+  void operator()(fmt::format_string<Args...> format, Args&&... args) const {
+    if (!enabled_) return;
+    fmt::print(format, std::forward<Args>(args)...);
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+  }
+
+ private:
+  bool enabled_;
+};
+
+void write_text_file(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::trunc);
+  out << text;
+  if (!out) {
+    throw std::runtime_error(fmt::format("cannot write {}\nHINT: check that job.run_dir is "
+                                         "writable and the disk is not full",
+                                         path.string()));
+  }
+}
+
+}  // namespace
+
+TrainSummary train(const Config& config, const ProcessGroup& group) {
+  const RunLog log(group.is_main());
+  if (group.world_size() > 1) {
+    throw DistributedError(fmt::format(
+        "strata train was launched on {} ranks, but multi-rank (sharded data-parallel) "
+        "training is not supported yet\nHINT: run one process: strata train --config ...",
+        group.world_size()));
+  }
+  const TrainingConfig& tc = config.training;
+  const int threads = group.threads_per_rank(static_cast<int>(config.parallel.threads_per_rank));
+  at::set_num_threads(threads);
+
+  // Run directory: the resolved config first, so a failed run still says what it ran.
+  const fs::path run_dir(config.job.run_dir);
+  if (group.is_main()) {
+    std::error_code ec;
+    fs::create_directories(run_dir, ec);
+    if (ec) {
+      throw std::runtime_error(fmt::format("cannot create job.run_dir {}: {}\nHINT: choose a "
+                                           "writable directory (--set job.run_dir=...)",
+                                           run_dir.string(), ec.message()));
+    }
+    write_text_file(run_dir / "config.yaml", to_yaml(config));
+  }
+  log("{}", to_yaml(config));
+  log("world: {}; {} intra-op thread(s) per rank", group.describe(), threads);
+
+  // Data.
+  const ModelConfig& mc = config.model;
+  const int64_t seq_len = config.data.seq_len;
+  std::optional<Tokenizer> tokenizer;
+  if (config.data.tokenizer) {
+    tokenizer.emplace(*config.data.tokenizer);
+    if (tokenizer->vocab_size() > mc.vocab_size) {
+      throw ConfigError(fmt::format(
+          "config error: data.tokenizer {} has {} pieces but model.vocab_size is {}\nHINT: set "
+          "model.vocab_size to at least {}",
+          *config.data.tokenizer, tokenizer->vocab_size(), mc.vocab_size,
+          tokenizer->vocab_size()));
+    }
+  }
+  const TokenDataset train_data(config.data.train, seq_len, mc.vocab_size);
+  std::optional<TokenDataset> val_data;
+  if (config.data.val && tc.eval_interval > 0) val_data.emplace(*config.data.val, seq_len, mc.vocab_size);
+  log("data: train {} tokens in {} shard(s) ({}){}", train_data.num_tokens(),
+      train_data.shards().size(), config.data.train,
+      val_data ? fmt::format("; val {} tokens ({})", val_data->num_tokens(), *config.data.val)
+               : std::string("; no validation"));
+
+  // Model: meta -> uninitialised storage -> init of everything not loaded (nothing is yet).
+  Llama model(mc);
+  model.materialize(at::kCPU);
+  const std::vector<std::string> initialised =
+      model.initialize(static_cast<uint64_t>(config.job.seed), /*loaded=*/{});
+  const int64_t n_params = model.num_parameters();
+  log("model: llama, {:.2f}M parameters ({} layers, dim {}, {} heads / {} kv heads, ffn {}, "
+      "vocab {}); initialised {} tensors from seed {}, loaded 0",
+      n_params / 1e6, mc.n_layers, mc.dim, mc.n_heads, mc.n_kv_heads, mc.ffn_hidden_dim(),
+      mc.vocab_size, initialised.size(), config.job.seed);
+
+  AdamW optimizer(config.optimizer);
+  std::vector<at::Tensor> params;
+  for (const auto& [fqn, param] : model.parameters()) {
+    optimizer.add_parameter(fqn, param, uses_weight_decay(fqn, param));
+    params.push_back(param);
+  }
+  const LrSchedule schedule(config.optimizer.lr, config.lr_scheduler, tc.steps);
+
+  // Batch layout: global batch = micro batch x accumulation steps x ranks.
+  const int64_t micro = tc.micro_batch_size;
+  const int64_t accumulation = tc.global_batch_size / (micro * group.world_size());
+  const int64_t tokens_per_step = tc.global_batch_size * seq_len;
+  const double flops_per_token = Llama::training_flops_per_token(mc, seq_len);
+  log("batch: global {} = micro {} x accumulation {} x ranks {}; {} tokens/step; "
+      "{:.1f} MFLOP/token",
+      tc.global_batch_size, micro, accumulation, group.world_size(), tokens_per_step,
+      flops_per_token / 1e6);
+
+  MetricsLogger metrics(group.is_main() ? (run_dir / config.logging.metrics_file).string() : "");
+  std::unique_ptr<std::ofstream> samples;
+  if (group.is_main()) samples = std::make_unique<std::ofstream>(run_dir / "samples.txt");
+
+  auto run_eval = [&](int64_t step, TrainSummary& summary) {
+    if (!val_data) return;
+    const auto [val_loss, val_tokens] = evaluate(model, *val_data, tc.eval_batches * micro, micro);
+    summary.val_losses.emplace_back(step, val_loss);
+    metrics.log_eval(step, val_loss, val_tokens);
+    log("eval step {} | val_loss {:.4f} over {} tokens", step, val_loss, val_tokens);
+    if (!group.is_main()) return;
+    SamplingOptions sampling;
+    sampling.seed = derive_seed(static_cast<uint64_t>(config.job.seed), "sample") + step;
+    const int64_t bos = tokenizer ? tokenizer->bos_id() : 1;
+    sampling.stop_token = bos;  // documents are BOS-delimited: a new BOS ends the sample
+    const std::vector<int64_t> ids = generate(model, {bos}, sampling);
+    std::string text;
+    if (tokenizer) {
+      text = tokenizer->decode(ids);
+    } else {
+      for (int64_t id : ids) text += fmt::format("{} ", id);
+    }
+    log("sample step {} | {}", step, text);
+    *samples << "=== step " << step << " ===\n" << text << "\n";
+    samples->flush();
+  };
+
+  TrainSummary summary;
+  summary.num_parameters = n_params;
+  const uint64_t data_seed = static_cast<uint64_t>(config.job.seed);
+  double window_seconds = 0.0, window_grad_norm = 0.0;
+  int64_t window_steps = 0;
+  for (int64_t step = 1; step <= tc.steps; ++step) {
+    const auto step_start = Clock::now();
+    double step_loss = 0.0;
+    for (int64_t a = 0; a < accumulation; ++a) {
+      const int64_t first = a * (group.world_size() * micro) + group.rank() * micro;
+      const TokenBatch batch = train_data.sample_batch(data_seed, step, first, micro);
+      at::Tensor loss = batch_loss(model, batch).div(static_cast<double>(accumulation));
+      loss.backward();
+      step_loss += loss.item<double>();
+    }
+    const double grad_norm = clip_grad_norm(params, tc.grad_clip);
+    const double lr = schedule.at(step);
+    optimizer.step(lr);
+    optimizer.zero_grad();
+    const double step_seconds = seconds_since(step_start);
+
+    summary.losses.push_back(step_loss);
+    summary.train_seconds += step_seconds;
+    window_seconds += step_seconds;
+    window_grad_norm = grad_norm;
+    ++window_steps;
+
+    if (step % tc.log_interval == 0 || step == tc.steps || step == 1) {
+      StepMetrics m;
+      m.step = step;
+      m.total_steps = tc.steps;
+      m.loss = step_loss;
+      m.grad_norm = window_grad_norm;
+      m.lr = lr;
+      m.step_ms = 1000.0 * window_seconds / window_steps;
+      m.tokens_per_s = tokens_per_step * window_steps / window_seconds;
+      m.tflops = m.tokens_per_s * flops_per_token / 1e12;
+      if (config.logging.peak_tflops > 0) {
+        m.mfu = m.tflops / (config.logging.peak_tflops * group.world_size());
+      }
+      m.mem_mb = resident_memory_mb();
+      m.eta_s = (summary.train_seconds / step) * static_cast<double>(tc.steps - step);
+      log("{}", metrics.format(m));
+      metrics.log_step(m);
+      window_seconds = 0.0;
+      window_steps = 0;
+    }
+    if (tc.eval_interval > 0 && (step % tc.eval_interval == 0 || step == tc.steps)) {
+      run_eval(step, summary);
+    }
+  }
+  summary.tokens_per_s = summary.train_seconds > 0
+                             ? tokens_per_step * static_cast<double>(tc.steps) / summary.train_seconds
+                             : 0.0;
+  log("done: {} steps in {:.1f} s, {:.0f} tokens/s, peak memory {:.0f} MiB{}", tc.steps,
+      summary.train_seconds, summary.tokens_per_s, peak_resident_memory_mb(),
+      summary.val_losses.empty()
+          ? std::string()
+          : fmt::format(", final val_loss {:.4f}", summary.val_losses.back().second));
+  log("outputs: {} (config.yaml, {}, samples.txt)", run_dir.string(),
+      config.logging.metrics_file);
+  return summary;
+}
+
+}  // namespace strata
