@@ -129,14 +129,9 @@ std::vector<std::string> Llama::initialize(uint64_t seed, const std::set<std::st
     initialised.push_back(fqn);
   });
 
-  // RoPE: angle(t, i) = t * theta^(-2i / hd), computed in fp64 then stored in fp32.
-  const int64_t hd = config_.head_dim();
-  auto f64 = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor inv_freq =
-      at::pow(config_.rope_theta, at::arange(0, hd, 2, f64).div(static_cast<double>(hd))).reciprocal();
-  at::Tensor angles = at::outer(at::arange(config_.max_seq_len, f64), inv_freq);
-  rope_cos_.copy_(angles.cos());
-  rope_sin_.copy_(angles.sin());
+  auto [cos, sin] = rope_tables(config_.head_dim(), config_.max_seq_len, config_.rope_theta);
+  rope_cos_.copy_(cos);
+  rope_sin_.copy_(sin);
   return initialised;
 }
 
@@ -145,21 +140,31 @@ at::Tensor Llama::rms_norm(const at::Tensor& x, const at::Tensor& weight) const 
   return x * rms * weight;
 }
 
-at::Tensor Llama::apply_rope(const at::Tensor& x) const {
-  // x (B, T, heads, hd) viewed as hd/2 interleaved pairs (x0, x1) rotated by angle(t, i).
+std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_len,
+                                              double theta) {
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor inv_freq =
+      at::pow(theta, at::arange(0, head_dim, 2, f64).div(static_cast<double>(head_dim)))
+          .reciprocal();
+  at::Tensor angles = at::outer(at::arange(max_seq_len, f64), inv_freq);
+  return {angles.cos().to(at::kFloat), angles.sin().to(at::kFloat)};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_table,
+                      const at::Tensor& sin_table) {
   const int64_t seq_len = x.size(1);
-  at::Tensor pairs = x.unflatten(-1, {-1, 2});         // (B, T, heads, hd/2, 2)
+  at::Tensor pairs = x.unflatten(-1, {-1, 2});  // (B, T, heads, hd/2, 2)
   at::Tensor x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);
-  at::Tensor cos = rope_cos_.narrow(0, 0, seq_len).unsqueeze(1);  // (T, 1, hd/2)
-  at::Tensor sin = rope_sin_.narrow(0, 0, seq_len).unsqueeze(1);
+  at::Tensor cos = cos_table.narrow(0, 0, seq_len).unsqueeze(1);  // (T, 1, hd/2)
+  at::Tensor sin = sin_table.narrow(0, 0, seq_len).unsqueeze(1);
   return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
 }
 
 at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const {
   const int64_t b = x.size(0), t = x.size(1), hd = config_.head_dim();
   const int64_t h = config_.n_heads, kv = config_.n_kv_heads;
-  at::Tensor q = apply_rope(at::linear(x, layer.wq).view({b, t, h, hd}));
-  at::Tensor k = apply_rope(at::linear(x, layer.wk).view({b, t, kv, hd}));
+  at::Tensor q = apply_rope(at::linear(x, layer.wq).view({b, t, h, hd}), rope_cos_, rope_sin_);
+  at::Tensor k = apply_rope(at::linear(x, layer.wk).view({b, t, kv, hd}), rope_cos_, rope_sin_);
   at::Tensor v = at::linear(x, layer.wv).view({b, t, kv, hd});
   if (kv != h) {  // GQA: query head j uses key/value head j / (h / kv)
     k = k.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});

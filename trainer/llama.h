@@ -61,7 +61,6 @@ class Llama {
   at::Tensor attention(const LlamaLayer& layer, const at::Tensor& x) const;
   at::Tensor feed_forward(const LlamaLayer& layer, const at::Tensor& x) const;
   at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight) const;
-  at::Tensor apply_rope(const at::Tensor& x) const;  // (B, T, heads, hd)
 
   ModelConfig config_;
   at::Tensor tok_embeddings_;  // (V, D)
@@ -70,6 +69,14 @@ class Llama {
   at::Tensor output_;          // (V, D); undefined when tied to tok_embeddings
   at::Tensor rope_cos_, rope_sin_;  // (max_seq_len, hd/2), not parameters
 };
+
+// RoPE tables (max_seq_len, head_dim/2): angle(t, i) = t * theta^(-2i / head_dim), computed
+// in fp64 and returned in fp32.
+std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_len, double theta);
+
+// Rotates x (B, T, heads, hd), viewed as hd/2 interleaved pairs (x0, x1), by the angles of
+// positions [0, T). `cos`/`sin` are rope_tables(); rows beyond T are ignored.
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // A stable 64-bit seed for (seed, name): FNV-1a of the name mixed with splitmix64.
 uint64_t derive_seed(uint64_t seed, const std::string& name);

@@ -1,0 +1,96 @@
+// AdamW, gradient clipping and the learning-rate schedule.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "trainer/lr_schedule.h"
+#include "trainer/optimizer.h"
+
+namespace strata {
+namespace {
+
+TEST(AdamW, MatchesTheReferenceUpdateStepByStep) {
+  OptimizerConfig c;
+  c.lr = 0.1;
+  c.betas = {0.9, 0.99};
+  c.eps = 1e-8;
+  c.weight_decay = 0.5;
+  AdamW opt(c);
+  at::Tensor w = at::tensor({1.0, -2.0}, at::kDouble).requires_grad_(true);
+  at::Tensor b = at::tensor({0.5}, at::kDouble).requires_grad_(true);
+  opt.add_parameter("w", w, /*decay=*/true);
+  opt.add_parameter("b", b, /*decay=*/false);
+
+  // Scalar reference (torch.optim.AdamW's algorithm) for the first element of each.
+  double rw = 1.0, rb = 0.5, mw = 0, vw = 0, mb = 0, vb = 0;
+  for (int t = 1; t <= 5; ++t) {
+    const double gw = 0.3 * t, gb = -0.2;
+    w.mutable_grad() = at::tensor({gw, 1.0}, at::kDouble);
+    b.mutable_grad() = at::tensor({gb}, at::kDouble);
+    const double lr = 0.1 / t;
+    opt.step(lr);
+    auto ref = [&](double& p, double& m, double& v, double g, bool decay) {
+      if (decay) p *= 1 - lr * c.weight_decay;
+      m = 0.9 * m + 0.1 * g;
+      v = 0.99 * v + 0.01 * g * g;
+      const double mhat = m / (1 - std::pow(0.9, t)), vhat = v / (1 - std::pow(0.99, t));
+      p -= lr * mhat / (std::sqrt(vhat) + c.eps);
+    };
+    ref(rw, mw, vw, gw, true);
+    ref(rb, mb, vb, gb, false);
+    EXPECT_NEAR(w[0].item<double>(), rw, 1e-12) << "step " << t;
+    EXPECT_NEAR(b[0].item<double>(), rb, 1e-12) << "step " << t;
+  }
+  EXPECT_EQ(opt.steps_taken(), 5);
+  EXPECT_TRUE(opt.state().contains("w.exp_avg_sq"));
+}
+
+TEST(AdamW, WeightDecaySkipsNormsAndEmbeddings) {
+  EXPECT_TRUE(uses_weight_decay("layers.0.attention.wq.weight", at::zeros({4, 4})));
+  EXPECT_TRUE(uses_weight_decay("output.weight", at::zeros({4, 4})));
+  EXPECT_FALSE(uses_weight_decay("tok_embeddings.weight", at::zeros({4, 4})));
+  EXPECT_FALSE(uses_weight_decay("layers.0.ffn_norm.weight", at::zeros({4})));
+  EXPECT_FALSE(uses_weight_decay("norm.weight", at::zeros({4})));
+}
+
+TEST(ClipGradNorm, ScalesToTheGlobalNormAndReportsItUnclipped) {
+  at::Tensor a = at::zeros({2}).requires_grad_(true);
+  at::Tensor b = at::zeros({1}).requires_grad_(true);
+  a.mutable_grad() = at::tensor({3.0f, 0.0f});
+  b.mutable_grad() = at::tensor({4.0f});
+  EXPECT_NEAR(clip_grad_norm({a, b}, 1.0), 5.0, 1e-6);
+  EXPECT_NEAR(a.grad()[0].item<double>(), 0.6, 1e-5);
+  EXPECT_NEAR(b.grad()[0].item<double>(), 0.8, 1e-5);
+  // Below the limit, or disabled: untouched.
+  EXPECT_NEAR(clip_grad_norm({a, b}, 10.0), 1.0, 1e-5);
+  EXPECT_NEAR(a.grad()[0].item<double>(), 0.6, 1e-5);
+  EXPECT_NEAR(clip_grad_norm({a, b}, 0.0), 1.0, 1e-5);
+}
+
+TEST(LrSchedule, WarmsUpLinearlyThenDecaysToTheFloor) {
+  LrSchedulerConfig c;
+  c.warmup_steps = 10;
+  c.min_lr_ratio = 0.1;
+  c.decay = LrDecay::kCosine;
+  LrSchedule cosine(1.0, c, 110);
+  EXPECT_DOUBLE_EQ(cosine.at(1), 0.1);
+  EXPECT_DOUBLE_EQ(cosine.at(10), 1.0);
+  EXPECT_NEAR(cosine.at(60), 0.55, 1e-12);  // halfway: floor + (1 - floor) / 2
+  EXPECT_NEAR(cosine.at(110), 0.1, 1e-12);
+  for (int64_t s = 11; s < 110; ++s) EXPECT_GE(cosine.at(s), cosine.at(s + 1));
+
+  c.decay = LrDecay::kLinear;
+  LrSchedule linear(2.0, c, 110);
+  EXPECT_NEAR(linear.at(60), 2.0 * 0.55, 1e-12);
+  EXPECT_NEAR(linear.at(110), 0.2, 1e-12);
+
+  c.decay = LrDecay::kNone;
+  EXPECT_DOUBLE_EQ(LrSchedule(3.0, c, 110).at(100), 3.0);
+
+  c.warmup_steps = 0;
+  c.decay = LrDecay::kCosine;
+  EXPECT_DOUBLE_EQ(LrSchedule(1.0, c, 100).at(1), 0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI / 100)));
+}
+
+}  // namespace
+}  // namespace strata
