@@ -2,6 +2,7 @@
 // accumulate) -> clip -> AdamW -> log; validation and a text sample every eval_interval.
 #include "trainer/train.h"
 
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 
 #include <chrono>
