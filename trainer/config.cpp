@@ -1,0 +1,693 @@
+// Config loading: YAML + `--set` overrides -> typed structs, with every error naming the key
+// path and where its value came from. The schema is written once, as `visit` functions that
+// the reader and the YAML writer share.
+#include "trainer/config.h"
+
+#include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+namespace strata {
+
+int64_t ModelConfig::ffn_hidden_dim() const {
+  int64_t hidden = 2 * (4 * dim) / 3;
+  if (ffn_dim_multiplier) hidden = static_cast<int64_t>(*ffn_dim_multiplier * hidden);
+  return multiple_of * ((hidden + multiple_of - 1) / multiple_of);
+}
+
+namespace {
+
+const std::vector<std::pair<std::string, LrDecay>> kDecayNames = {
+    {"cosine", LrDecay::kCosine}, {"linear", LrDecay::kLinear}, {"none", LrDecay::kNone}};
+
+// ---- the schema ---------------------------------------------------------------------------
+
+template <class V> void visit(V& v, JobConfig& c) {
+  v.field("name", c.name);
+  v.field("run_dir", c.run_dir);
+  v.field("seed", c.seed);
+}
+template <class V> void visit(V& v, ModelConfig& c) {
+  v.field("name", c.name);
+  v.field("vocab_size", c.vocab_size);
+  v.field("dim", c.dim);
+  v.field("n_layers", c.n_layers);
+  v.field("n_heads", c.n_heads);
+  v.field("n_kv_heads", c.n_kv_heads);
+  v.field("multiple_of", c.multiple_of);
+  v.field("ffn_dim_multiplier", c.ffn_dim_multiplier);
+  v.field("norm_eps", c.norm_eps);
+  v.field("rope_theta", c.rope_theta);
+  v.field("max_seq_len", c.max_seq_len);
+  v.field("tie_embeddings", c.tie_embeddings);
+}
+template <class V> void visit(V& v, DataConfig& c) {
+  v.field("train", c.train, /*required=*/true);
+  v.field("val", c.val);
+  v.field("tokenizer", c.tokenizer);
+  v.field("seq_len", c.seq_len);
+}
+template <class V> void visit(V& v, TrainingConfig& c) {
+  v.field("steps", c.steps);
+  v.field("global_batch_size", c.global_batch_size);
+  v.field("micro_batch_size", c.micro_batch_size);
+  v.field("grad_clip", c.grad_clip);
+  v.field("eval_interval", c.eval_interval);
+  v.field("eval_batches", c.eval_batches);
+  v.field("log_interval", c.log_interval);
+}
+template <class V> void visit(V& v, OptimizerConfig& c) {
+  v.field("name", c.name);
+  v.field("lr", c.lr);
+  v.field("betas", c.betas);
+  v.field("eps", c.eps);
+  v.field("weight_decay", c.weight_decay);
+}
+template <class V> void visit(V& v, LrSchedulerConfig& c) {
+  v.field("warmup_steps", c.warmup_steps);
+  v.choice("decay", c.decay, kDecayNames);
+  v.field("min_lr_ratio", c.min_lr_ratio);
+}
+template <class V> void visit(V& v, FsdpConfig& c) {
+  v.field("enabled", c.enabled);
+  v.field("activation_checkpointing", c.activation_checkpointing);
+}
+template <class V> void visit(V& v, MixedPrecisionConfig& c) {
+  v.field("param_dtype", c.param_dtype);
+  v.field("reduce_dtype", c.reduce_dtype);
+}
+template <class V> void visit(V& v, ParallelConfig& c) {
+  v.field("backend", c.backend);
+  v.auto_int("threads_per_rank", c.threads_per_rank);
+  v.section("fsdp", c.fsdp);
+  v.section("mixed_precision", c.mixed_precision);
+}
+template <class V> void visit(V& v, CheckpointConfig& c) {
+  v.field("enable", c.enable);
+  v.field("folder", c.folder);
+  v.field("interval", c.interval);
+  v.field("async_mode", c.async_mode);
+  v.field("keep_latest_k", c.keep_latest_k);
+  v.field("last_save_model_only", c.last_save_model_only);
+  v.field("last_save_in_hf", c.last_save_in_hf);
+  v.field("export_dtype", c.export_dtype);
+  v.field("hf_export_interval", c.hf_export_interval);
+  v.field("hf_max_keep", c.hf_max_keep);
+  v.field("resume_path", c.resume_path);
+  v.field("resume_model_only", c.resume_model_only);
+  v.field("additional_load_paths", c.additional_load_paths);
+  v.field("exclude_from_loading", c.exclude_from_loading);
+}
+template <class V> void visit(V& v, ConverterConfig& c) {
+  v.field("type", c.type, /*required=*/true);
+  v.field("rank", c.rank);
+  v.field("alpha", c.alpha);
+  v.field("dropout", c.dropout);
+  v.field("target_modules", c.target_modules);
+  v.field("export", c.export_mode);
+}
+template <class V> void visit(V& v, LoggingConfig& c) {
+  v.field("metrics_file", c.metrics_file);
+  v.field("peak_tflops", c.peak_tflops);
+}
+template <class V> void visit(V& v, Config& c) {
+  v.section("job", c.job);
+  v.section("model", c.model);
+  v.section("data", c.data);
+  v.section("training", c.training);
+  v.section("optimizer", c.optimizer);
+  v.section("lr_scheduler", c.lr_scheduler);
+  v.section("parallel", c.parallel);
+  v.section("checkpoint", c.checkpoint);
+  v.list("converters", c.converters);
+  v.section("logging", c.logging);
+}
+
+// ---- where values come from ---------------------------------------------------------------
+
+std::string scalar_text(const YAML::Node& node) {
+  if (node.IsScalar()) return node.Scalar();
+  YAML::Emitter emitter;
+  emitter << YAML::Flow << node;
+  return emitter.c_str();
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t substitution = diagonal + (a[i - 1] != b[j - 1]);
+      diagonal = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, substitution});
+    }
+  }
+  return row[b.size()];
+}
+
+// Tracks the source of every key: a YAML position, or the override that set it.
+class Sources {
+ public:
+  explicit Sources(std::string file) : file_(std::move(file)) {}
+  void overridden(const std::string& path, const std::string& text) { overrides_[path] = text; }
+  std::string where(const std::string& path, const YAML::Node& node) const {
+    for (std::string p = path;;) {  // the longest overridden prefix wins
+      auto it = overrides_.find(p);
+      if (it != overrides_.end()) return "--set " + it->second;
+      const size_t dot = p.rfind('.');
+      if (dot == std::string::npos) break;
+      p.resize(dot);
+    }
+    if (node.IsDefined() && node.Mark().line >= 0) {
+      return fmt::format("{}:{}:{}", file_, node.Mark().line + 1, node.Mark().column + 1);
+    }
+    return file_;
+  }
+  const std::string& file() const { return file_; }
+
+ private:
+  std::string file_;
+  std::map<std::string, std::string> overrides_;
+};
+
+[[noreturn]] void fail(const std::string& what, const std::string& where,
+                       const std::string& hint = "") {
+  std::string message = fmt::format("config error: {} ({})", what, where);
+  if (!hint.empty()) message += "\nHINT: " + hint;
+  throw ConfigError(message);
+}
+
+// ---- reading ------------------------------------------------------------------------------
+
+class Reader {
+ public:
+  Reader(const YAML::Node& node, std::string path, const Sources& sources,
+         std::map<std::string, std::string>& where)
+      : node_(node), path_(std::move(path)), sources_(sources), where_(where) {
+    if (node_.IsDefined() && !node_.IsNull() && !node_.IsMap()) {
+      fail(fmt::format("{} must be a mapping of keys, got '{}'", display(), scalar_text(node_)),
+           sources_.where(path_, node_));
+    }
+  }
+
+  template <class T> void field(const char* key, T& out, bool required = false) {
+    const YAML::Node value = lookup(key);
+    const std::string path = join(key);
+    if (!value.IsDefined()) {
+      if (required) {
+        fail(fmt::format("missing required key {}", path), sources_.where(path_, node_),
+             fmt::format("add `{}:` to the config or pass --set {}=...", path, path));
+      }
+      return;
+    }
+    where_[path] = sources_.where(path, value);
+    convert(value, path, out);
+  }
+
+  template <class E>
+  void choice(const char* key, E& out, const std::vector<std::pair<std::string, E>>& names) {
+    std::string text;
+    for (const auto& [name, value] : names) {
+      if (value == out) text = name;
+    }
+    field(key, text);
+    std::string valid;
+    for (const auto& [name, value] : names) {
+      if (name == text) {
+        out = value;
+        return;
+      }
+      valid += (valid.empty() ? "" : ", ") + name;
+    }
+    const std::string path = join(key);
+    fail(fmt::format("{} = '{}' is not one of: {}", path, text, valid), where_.at(path));
+  }
+
+  void auto_int(const char* key, int64_t& out) {
+    const YAML::Node value = lookup(key);
+    if (!value.IsDefined()) return;
+    const std::string path = join(key);
+    where_[path] = sources_.where(path, value);
+    if (value.IsScalar() && value.Scalar() == "auto") {
+      out = 0;
+      return;
+    }
+    convert(value, path, out);
+    if (out <= 0) {
+      fail(fmt::format("{} = {} must be `auto` or a positive integer", path, out), where_[path]);
+    }
+  }
+
+  template <class S> void section(const char* key, S& out) {
+    Reader child(lookup(key), join(key), sources_, where_);
+    visit(child, out);
+    child.reject_unknown_keys();
+  }
+
+  template <class S> void list(const char* key, std::vector<S>& out) {
+    const YAML::Node value = lookup(key);
+    const std::string path = join(key);
+    if (!value.IsDefined() || value.IsNull()) return;
+    where_[path] = sources_.where(path, value);
+    if (!value.IsSequence()) {
+      fail(fmt::format("{} must be a list, got '{}'", path, scalar_text(value)), where_[path]);
+    }
+    out.clear();
+    for (size_t i = 0; i < value.size(); ++i) {
+      S item;
+      Reader child(value[i], fmt::format("{}.{}", path, i), sources_, where_);
+      visit(child, item);
+      child.reject_unknown_keys();
+      out.push_back(std::move(item));
+    }
+  }
+
+  void reject_unknown_keys() const {
+    if (!node_.IsDefined() || node_.IsNull()) return;
+    for (const auto& entry : node_) {
+      const std::string key = entry.first.Scalar();
+      if (std::find(known_.begin(), known_.end(), key) != known_.end()) continue;
+      std::string best;
+      size_t best_distance = SIZE_MAX;
+      for (const std::string& k : known_) {
+        const size_t d = edit_distance(key, k);
+        if (d < best_distance) best_distance = d, best = k;
+      }
+      std::string valid;
+      for (const std::string& k : known_) valid += (valid.empty() ? "" : ", ") + join(k);
+      const bool close = best_distance <= std::max<size_t>(2, key.size() / 3);
+      fail(fmt::format("unknown key {}", join(key)), sources_.where(join(key), entry.first),
+           close ? fmt::format("did you mean {}?", join(best))
+                 : fmt::format("valid keys here: {}", valid));
+    }
+  }
+
+ private:
+  std::string join(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
+  std::string display() const { return path_.empty() ? "the config" : path_; }
+
+  YAML::Node lookup(const char* key) {
+    known_.emplace_back(key);
+    if (!node_.IsDefined() || node_.IsNull()) return YAML::Node(YAML::NodeType::Undefined);
+    for (const auto& entry : node_) {
+      if (entry.first.Scalar() == key) return entry.second;
+    }
+    return YAML::Node(YAML::NodeType::Undefined);
+  }
+
+  [[noreturn]] void wrong_type(const YAML::Node& value, const std::string& path,
+                               const char* expected) const {
+    fail(fmt::format("{} must be {}, got '{}'", path, expected, scalar_text(value)),
+         where_.at(path));
+  }
+
+  void convert(const YAML::Node& value, const std::string& path, int64_t& out) const {
+    if (!value.IsScalar()) wrong_type(value, path, "an integer");
+    const std::string& text = value.Scalar();
+    char* end = nullptr;
+    errno = 0;
+    const long long parsed = std::strtoll(text.c_str(), &end, 10);
+    if (text.empty() || *end != '\0' || errno == ERANGE) wrong_type(value, path, "an integer");
+    out = parsed;
+  }
+  void convert(const YAML::Node& value, const std::string& path, double& out) const {
+    if (!value.IsScalar()) wrong_type(value, path, "a number");
+    const std::string& text = value.Scalar();
+    char* end = nullptr;
+    const double parsed = std::strtod(text.c_str(), &end);
+    if (text.empty() || *end != '\0' || !std::isfinite(parsed)) {
+      wrong_type(value, path, "a number");
+    }
+    out = parsed;
+  }
+  void convert(const YAML::Node& value, const std::string& path, bool& out) const {
+    if (!value.IsScalar() || (value.Scalar() != "true" && value.Scalar() != "false")) {
+      wrong_type(value, path, "true or false");
+    }
+    out = value.Scalar() == "true";
+  }
+  void convert(const YAML::Node& value, const std::string& path, std::string& out) const {
+    if (!value.IsScalar()) wrong_type(value, path, "a string");
+    out = value.Scalar();
+  }
+  template <class T>
+  void convert(const YAML::Node& value, const std::string& path, std::optional<T>& out) const {
+    if (value.IsNull()) {
+      out.reset();
+      return;
+    }
+    T inner{};
+    convert(value, path, inner);
+    out = inner;
+  }
+  template <class T>
+  void convert(const YAML::Node& value, const std::string& path, std::vector<T>& out) const {
+    if (value.IsNull()) {
+      out.clear();
+      return;
+    }
+    if (!value.IsSequence()) wrong_type(value, path, "a list");
+    out.clear();
+    for (size_t i = 0; i < value.size(); ++i) {
+      T item{};
+      convert(value[i], path, item);
+      out.push_back(item);
+    }
+  }
+
+  YAML::Node node_;
+  std::string path_;
+  const Sources& sources_;
+  std::map<std::string, std::string>& where_;
+  std::vector<std::string> known_;
+};
+
+// ---- writing ------------------------------------------------------------------------------
+
+std::string yaml_string(const std::string& s) {
+  // Plain only when it cannot read back as anything but this string.
+  const bool plain = !s.empty() && std::isalpha(static_cast<unsigned char>(s.front())) &&
+                     s.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                         "0123456789_./-") == std::string::npos &&
+                     s != "null" && s != "true" && s != "false" && s != "auto" && s != "yes" &&
+                     s != "no" && s != "on" && s != "off" && s != "y" && s != "n";
+  if (plain) return s;
+  std::string quoted = "\"";
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') quoted += '\\';
+    quoted += ch;
+  }
+  return quoted + "\"";
+}
+
+std::string yaml_double(double x) {
+  std::string s = fmt::format("{}", x);
+  if (s.find_first_of(".en") == std::string::npos) return s + ".0";  // 10000 -> 10000.0
+  const size_t e = s.find('e');
+  if (e != std::string::npos && s.find('.') == std::string::npos) s.insert(e, ".0");  // 1e-05
+  return s;
+}
+
+class Writer {
+ public:
+  explicit Writer(int indent = 0) : indent_(indent) {}
+  const std::string& text() const { return out_; }
+
+  template <class T> void field(const char* key, const T& value, bool = false) {
+    line(key, format(value));
+  }
+  template <class E>
+  void choice(const char* key, const E& value, const std::vector<std::pair<std::string, E>>& names) {
+    for (const auto& [name, v] : names) {
+      if (v == value) line(key, name);
+    }
+  }
+  void auto_int(const char* key, const int64_t& value) {
+    line(key, value == 0 ? "auto" : std::to_string(value));
+  }
+  template <class S> void section(const char* key, S& value) {
+    out_ += fmt::format("{:{}}{}:\n", "", indent_, key);
+    Writer child(indent_ + 2);
+    visit(child, value);
+    out_ += child.text();
+  }
+  template <class S> void list(const char* key, std::vector<S>& items) {
+    if (items.empty()) return line(key, "[]");
+    out_ += fmt::format("{:{}}{}:\n", "", indent_, key);
+    for (S& item : items) {
+      Writer child(indent_ + 4);
+      visit(child, item);
+      std::string text = child.text();
+      text.replace(indent_, 4, "  - ");  // the first key carries the item marker
+      out_ += text;
+    }
+  }
+
+ private:
+  void line(const char* key, const std::string& value) {
+    out_ += fmt::format("{:{}}{}: {}\n", "", indent_, key, value);
+  }
+  static std::string format(int64_t v) { return std::to_string(v); }
+  static std::string format(double v) { return yaml_double(v); }
+  static std::string format(bool v) { return v ? "true" : "false"; }
+  static std::string format(const std::string& v) { return yaml_string(v); }
+  template <class T> static std::string format(const std::optional<T>& v) {
+    return v ? format(*v) : "null";
+  }
+  template <class T> static std::string format(const std::vector<T>& v) {
+    std::string s = "[";
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + format(v[i]);
+    return s + "]";
+  }
+
+  int indent_;
+  std::string out_;
+};
+
+// ---- overrides ----------------------------------------------------------------------------
+
+void apply_override(YAML::Node& root, const std::string& text, Sources& sources) {
+  const size_t eq = text.find('=');
+  const std::string hint = "write --set section.key=value, e.g. --set training.steps=100";
+  if (eq == std::string::npos) fail(fmt::format("override '{}' has no '='", text), "--set " + text, hint);
+  const std::string path = text.substr(0, eq);
+  std::vector<std::string> segments;
+  for (size_t begin = 0;;) {
+    const size_t dot = path.find('.', begin);
+    segments.push_back(path.substr(begin, dot == std::string::npos ? dot : dot - begin));
+    if (segments.back().empty()) {
+      fail(fmt::format("override '{}' has an empty key", text), "--set " + text, hint);
+    }
+    if (dot == std::string::npos) break;
+    begin = dot + 1;
+  }
+  YAML::Node value;
+  try {
+    value = YAML::Load(text.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    fail(fmt::format("the value of override '{}' is not valid YAML: {}", text, e.msg),
+         "--set " + text, "quote strings that contain YAML syntax, e.g. --set 'job.name=\"a: b\"'");
+  }
+  YAML::Node node;
+  node.reset(root);
+  std::string walked;
+  for (size_t i = 0; i + 1 < segments.size(); ++i) {
+    const std::string& seg = segments[i];
+    walked += (walked.empty() ? "" : ".") + seg;
+    YAML::Node next;
+    if (node.IsSequence()) {
+      char* end = nullptr;
+      const long index = std::strtol(seg.c_str(), &end, 10);
+      if (*end != '\0' || index < 0 || static_cast<size_t>(index) >= node.size()) {
+        fail(fmt::format("override '{}': {} has {} entries, '{}' is not an index of it", text,
+                         walked.substr(0, walked.rfind('.')), node.size(), seg),
+             "--set " + text);
+      }
+      next.reset(node[static_cast<size_t>(index)]);
+    } else if (node.IsMap() || node.IsNull()) {
+      if (!node[seg].IsDefined() || node[seg].IsNull()) node[seg] = YAML::Node(YAML::NodeType::Map);
+      next.reset(node[seg]);
+    } else {
+      fail(fmt::format("override '{}': {} is a value, not a section", text,
+                       walked.substr(0, walked.rfind('.'))),
+           "--set " + text);
+    }
+    node.reset(next);
+  }
+  if (node.IsSequence()) {
+    fail(fmt::format("override '{}': set a key of one entry, e.g. {}.0.{}", text,
+                     path.substr(0, path.rfind('.')), segments.back()),
+         "--set " + text);
+  }
+  node[segments.back()] = value;
+  sources.overridden(path, text);
+}
+
+// ---- validation ---------------------------------------------------------------------------
+
+class Validator {
+ public:
+  Validator(const Config& c, const std::map<std::string, std::string>& where, const Sources& s)
+      : c_(c), where_(where), sources_(s) {}
+
+  std::string at(const std::string& path) const {
+    auto it = where_.find(path);
+    return it != where_.end() ? it->second : "default of " + sources_.file();
+  }
+  void check(bool ok, const std::string& path, const std::string& what,
+             const std::string& hint = "") const {
+    if (!ok) fail(fmt::format("{} {}", path, what), at(path), hint);
+  }
+  template <class T> void positive(const std::string& path, T value) const {
+    check(value > 0, path, fmt::format("= {} must be positive", value));
+  }
+  void one_of(const std::string& path, const std::string& value,
+              const std::vector<std::string>& allowed) const {
+    std::string list;
+    for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
+    check(std::find(allowed.begin(), allowed.end(), value) != allowed.end(), path,
+          fmt::format("= '{}' is not one of: {}", value, list));
+  }
+  // Features whose code does not exist yet take only their default/disabled value.
+  void not_yet(bool at_default, const std::string& path, const std::string& value,
+               const std::string& accepted) const {
+    check(at_default, path, fmt::format("= {} is not supported yet", value),
+          fmt::format("this build accepts only {}", accepted));
+  }
+
+ private:
+  const Config& c_;
+  const std::map<std::string, std::string>& where_;
+  const Sources& sources_;
+};
+
+void validate(const Config& c, const Validator& v, int world_size) {
+  const ModelConfig& m = c.model;
+  v.one_of("model.name", m.name, {"llama"});
+  for (auto [path, value] :
+       std::vector<std::pair<std::string, int64_t>>{{"model.vocab_size", m.vocab_size},
+                                                    {"model.dim", m.dim},
+                                                    {"model.n_layers", m.n_layers},
+                                                    {"model.n_heads", m.n_heads},
+                                                    {"model.n_kv_heads", m.n_kv_heads},
+                                                    {"model.multiple_of", m.multiple_of},
+                                                    {"model.max_seq_len", m.max_seq_len},
+                                                    {"data.seq_len", c.data.seq_len},
+                                                    {"training.steps", c.training.steps},
+                                                    {"training.global_batch_size", c.training.global_batch_size},
+                                                    {"training.micro_batch_size", c.training.micro_batch_size},
+                                                    {"training.eval_batches", c.training.eval_batches},
+                                                    {"training.log_interval", c.training.log_interval}}) {
+    v.positive(path, value);
+  }
+  v.positive("model.norm_eps", m.norm_eps);
+  v.positive("model.rope_theta", m.rope_theta);
+  if (m.ffn_dim_multiplier) v.positive("model.ffn_dim_multiplier", *m.ffn_dim_multiplier);
+  v.check(m.dim % m.n_heads == 0, "model.n_heads",
+          fmt::format("= {} does not divide model.dim = {}", m.n_heads, m.dim),
+          "choose n_heads so that dim / n_heads is an integer");
+  v.check(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+          fmt::format("= {} does not divide model.n_heads = {}", m.n_kv_heads, m.n_heads),
+          "grouped-query attention shares each key/value head among n_heads / n_kv_heads heads");
+  v.check(m.head_dim() % 2 == 0, "model.n_heads",
+          fmt::format("gives an odd head dimension dim / n_heads = {}", m.head_dim()),
+          "RoPE rotates pairs of dimensions: dim / n_heads must be even");
+  v.check(c.data.seq_len <= m.max_seq_len, "data.seq_len",
+          fmt::format("= {} exceeds model.max_seq_len = {}", c.data.seq_len, m.max_seq_len));
+
+  const TrainingConfig& t = c.training;
+  v.check(t.eval_interval >= 0, "training.eval_interval", "must be >= 0 (0 disables evaluation)");
+  v.check(t.grad_clip >= 0, "training.grad_clip", "must be >= 0 (0 disables clipping)");
+  const int64_t per_step = t.micro_batch_size * world_size;
+  v.check(t.global_batch_size % per_step == 0, "training.global_batch_size",
+          fmt::format("= {} is not divisible by micro_batch_size {} x {} rank(s) = {}",
+                      t.global_batch_size, t.micro_batch_size, world_size, per_step),
+          "global_batch_size = micro_batch_size x gradient accumulation steps x ranks");
+
+  const OptimizerConfig& o = c.optimizer;
+  v.one_of("optimizer.name", o.name, {"adamw"});
+  v.positive("optimizer.lr", o.lr);
+  v.check(o.betas.size() == 2, "optimizer.betas",
+          fmt::format("must have 2 entries, got {}", o.betas.size()));
+  for (double b : o.betas) {
+    v.check(b >= 0 && b < 1, "optimizer.betas", fmt::format("entry {} is outside [0, 1)", b));
+  }
+  v.positive("optimizer.eps", o.eps);
+  v.check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0");
+
+  const LrSchedulerConfig& s = c.lr_scheduler;
+  v.check(s.warmup_steps >= 0 && s.warmup_steps <= t.steps, "lr_scheduler.warmup_steps",
+          fmt::format("= {} must be in [0, training.steps = {}]", s.warmup_steps, t.steps));
+  v.check(s.min_lr_ratio >= 0 && s.min_lr_ratio <= 1, "lr_scheduler.min_lr_ratio",
+          fmt::format("= {} must be in [0, 1]", s.min_lr_ratio));
+
+  const ParallelConfig& p = c.parallel;
+  v.one_of("parallel.backend", p.backend, {"auto", "mpi", "nccl"});
+  v.not_yet(p.backend != "nccl", "parallel.backend", "nccl", "auto or mpi");
+  v.one_of("parallel.fsdp.activation_checkpointing", p.fsdp.activation_checkpointing,
+           {"full", "none"});
+  const std::vector<std::string> dtypes = {"float32", "bfloat16", "float16"};
+  v.one_of("parallel.mixed_precision.param_dtype", p.mixed_precision.param_dtype, dtypes);
+  v.one_of("parallel.mixed_precision.reduce_dtype", p.mixed_precision.reduce_dtype, dtypes);
+  v.not_yet(p.mixed_precision.param_dtype == "float32", "parallel.mixed_precision.param_dtype",
+            p.mixed_precision.param_dtype, "float32");
+  v.not_yet(p.mixed_precision.reduce_dtype == "float32", "parallel.mixed_precision.reduce_dtype",
+            p.mixed_precision.reduce_dtype, "float32");
+
+  const CheckpointConfig& k = c.checkpoint;
+  v.positive("checkpoint.interval", k.interval);
+  v.positive("checkpoint.keep_latest_k", k.keep_latest_k);
+  v.check(k.hf_export_interval >= 0, "checkpoint.hf_export_interval", "must be >= 0");
+  v.positive("checkpoint.hf_max_keep", k.hf_max_keep);
+  v.one_of("checkpoint.async_mode", k.async_mode, {"disabled", "async"});
+  v.one_of("checkpoint.export_dtype", k.export_dtype, dtypes);
+  v.not_yet(!k.enable, "checkpoint.enable", "true", "false (checkpointing is not built yet)");
+  v.not_yet(!k.resume_path, "checkpoint.resume_path", k.resume_path.value_or(""), "null");
+  v.not_yet(k.additional_load_paths.empty(), "checkpoint.additional_load_paths", "a non-empty list",
+            "[]");
+
+  for (size_t i = 0; i < c.converters.size(); ++i) {
+    const std::string base = fmt::format("converters.{}", i);
+    v.one_of(base + ".type", c.converters[i].type, {"lora"});
+    v.positive(base + ".rank", c.converters[i].rank);
+    v.one_of(base + ".export", c.converters[i].export_mode, {"adapter", "merged", "both"});
+  }
+  v.not_yet(c.converters.empty(), "converters", "a non-empty list", "[] (no converters)");
+
+  v.check(c.logging.peak_tflops >= 0, "logging.peak_tflops", "must be >= 0 (0: no MFU)");
+}
+
+}  // namespace
+
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides, int world_size) {
+  Sources sources(source_name);
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    fail(fmt::format("invalid YAML: {}", e.msg),
+         fmt::format("{}:{}:{}", source_name, e.mark.line + 1, e.mark.column + 1));
+  }
+  if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  for (const std::string& text : overrides) apply_override(root, text, sources);
+
+  Config config;
+  std::map<std::string, std::string> where;
+  Reader reader(root, "", sources, where);
+  visit(reader, config);
+  reader.reject_unknown_keys();
+  validate(config, Validator(config, where, sources), world_size);
+  return config;
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides,
+                   int world_size) {
+  std::ifstream in(path);
+  if (!in) {
+    throw ConfigError(fmt::format("config error: cannot read config file {}\nHINT: check the "
+                                  "path given to --config",
+                                  path));
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse_config(text.str(), path, overrides, world_size);
+}
+
+std::string to_yaml(const Config& config) {
+  Writer writer;
+  visit(writer, const_cast<Config&>(config));
+  return writer.text();
+}
+
+}  // namespace strata
