@@ -1,0 +1,111 @@
+// llm.c token shards: round trip and rejection of malformed files.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "tests/trainer/temp_dir.h"
+#include "trainer/token_shard.h"
+
+namespace strata {
+namespace {
+
+using testing::TempDir;
+
+std::string error_opening(const std::string& path) {
+  try {
+    TokenShard shard(path);
+  } catch (const DataError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected DataError for " << path;
+  return "";
+}
+
+void write_raw(const std::string& path, const std::vector<int32_t>& header_ints, size_t token_bytes) {
+  std::vector<int32_t> header(256, 0);
+  std::copy(header_ints.begin(), header_ints.end(), header.begin());
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(header.data()), 1024);
+  std::string zeros(token_bytes, '\0');
+  out.write(zeros.data(), zeros.size());
+}
+
+TEST(TokenShard, Uint16RoundTripWithLlmcHeader) {
+  TempDir dir;
+  const std::vector<uint32_t> tokens = {0, 1, 65535, 42, 7};
+  write_token_shard(dir / "a.bin", tokens, 65536);
+  std::ifstream raw(dir / "a.bin", std::ios::binary);
+  int32_t header[3];
+  raw.read(reinterpret_cast<char*>(header), sizeof(header));
+  EXPECT_EQ(header[0], 20240520);
+  EXPECT_EQ(header[1], 1);
+  EXPECT_EQ(header[2], 5);
+  TokenShard shard(dir / "a.bin");
+  EXPECT_EQ(shard.size(), 5);
+  EXPECT_EQ(shard.bytes_per_token(), 2);
+  for (size_t i = 0; i < tokens.size(); ++i) EXPECT_EQ(shard.token(i), tokens[i]);
+  EXPECT_EQ(shard.max_token(), 65535u);
+  std::vector<int64_t> out(3);
+  shard.read(1, 3, out.data());
+  EXPECT_EQ(out, (std::vector<int64_t>{1, 65535, 42}));
+  EXPECT_FALSE(std::filesystem::exists(dir / "a.bin.tmp"));
+}
+
+TEST(TokenShard, Uint32VariantForLargeVocabularies) {
+  TempDir dir;
+  const std::vector<uint32_t> tokens = {128000, 3, 128255};
+  write_token_shard(dir / "b.bin", tokens, 128256);
+  TokenShard shard(dir / "b.bin");
+  EXPECT_EQ(shard.bytes_per_token(), 4);
+  EXPECT_EQ(shard.token(2), 128255u);
+  EXPECT_EQ(std::filesystem::file_size(dir / "b.bin"), 1024u + 12u);
+}
+
+TEST(TokenShard, RejectsBadMagic) {
+  TempDir dir;
+  write_raw(dir / "x.bin", {12345, 1, 2}, 4);
+  const std::string e = error_opening(dir / "x.bin");
+  EXPECT_NE(e.find("is not an llm.c token shard: bad magic 12345 (expected 20240520"), std::string::npos) << e;
+  EXPECT_NE(e.find("HINT:"), std::string::npos) << e;
+}
+
+TEST(TokenShard, RejectsTruncatedFiles) {
+  TempDir dir;
+  {
+    std::ofstream out(dir / "short.bin", std::ios::binary);
+    out << "tiny";
+  }
+  EXPECT_NE(error_opening(dir / "short.bin").find("is truncated: 4 bytes, shorter than the 1024-byte header"),
+            std::string::npos);
+  write_raw(dir / "cut.bin", {20240520, 1, 100}, 150);
+  const std::string e = error_opening(dir / "cut.bin");
+  EXPECT_NE(e.find("truncated or corrupt: its header says 100 tokens (1224 bytes), the file has 1174 bytes"),
+            std::string::npos) << e;
+}
+
+TEST(TokenShard, RejectsUnknownVersionAndMissingFile) {
+  TempDir dir;
+  write_raw(dir / "v.bin", {20240520, 3, 0}, 0);
+  EXPECT_NE(error_opening(dir / "v.bin").find("has version 3"), std::string::npos);
+  EXPECT_NE(error_opening(dir / "absent.bin").find("cannot open token shard"), std::string::npos);
+}
+
+TEST(TokenShard, PatternExpansionIsSortedAndFailsClearly) {
+  TempDir dir;
+  write_token_shard(dir / "train_000001.bin", {1}, 10);
+  write_token_shard(dir / "train_000000.bin", {1}, 10);
+  const auto paths = expand_shard_pattern(dir / "train_*.bin");
+  ASSERT_EQ(paths.size(), 2u);
+  EXPECT_NE(paths[0].find("train_000000.bin"), std::string::npos);
+  try {
+    expand_shard_pattern(dir / "val_*.bin");
+    FAIL();
+  } catch (const DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("no token shards match '" + (dir / "val_*.bin") + "'"),
+              std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace strata
