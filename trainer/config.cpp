@@ -161,6 +161,12 @@ class Sources {
   explicit Sources(std::string file) : file_(std::move(file)) {}
   void overridden(const std::string& path, const std::string& text) { overrides_[path] = text; }
   std::string where(const std::string& path, const YAML::Node& node) const {
+    // A node with no position was created by an override of a key below it.
+    auto below = overrides_.lower_bound(path + ".");
+    if (node.IsDefined() && node.Mark().is_null() && below != overrides_.end() &&
+        below->first.rfind(path + ".", 0) == 0) {
+      return "--set " + below->second;
+    }
     for (std::string p = path;;) {  // the longest overridden prefix wins
       auto it = overrides_.find(p);
       if (it != overrides_.end()) return "--set " + it->second;
@@ -503,6 +509,9 @@ void apply_override(YAML::Node& root, const std::string& text, Sources& sources)
            "--set " + text);
     }
     node.reset(next);
+  }
+  if (node.IsScalar()) {
+    fail(fmt::format("override '{}': {} is a value, not a section", text, walked), "--set " + text);
   }
   if (node.IsSequence()) {
     fail(fmt::format("override '{}': set a key of one entry, e.g. {}.0.{}", text,

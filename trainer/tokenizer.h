@@ -1,15 +1,12 @@
 // A Llama-style SentencePiece tokenizer (`tokenizer.model`, loadable by HF and llama.cpp):
-// BPE with byte fallback, <unk>=0, <s>=1, </s>=2, no pad.
+// BPE with byte fallback, <unk>=0, <s>=1, </s>=2, no pad. SentencePiece itself runs in its
+// own linker namespace (see trainer/sentencepiece_module.cpp for why).
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-namespace sentencepiece {
-class SentencePieceProcessor;
-}
 
 namespace strata {
 
@@ -28,7 +25,7 @@ class Tokenizer {
 
  private:
   std::string path_;
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
+  std::unique_ptr<void, void (*)(void*)> handle_;
 };
 
 // Trains a tokenizer on `text_file` (one sentence per line) and writes `<model_prefix>.model`.

@@ -21,11 +21,11 @@ expect_error() {
 
 # Data: a small corpus, a small tokenizer.
 "$STRATA_BIN" prepare-data --input /usr/share/games/fortunes/fortunes \
-  /usr/share/games/fortunes/literature --out data --vocab-size 320 --separator % >prep.txt
+  /usr/share/games/fortunes/literature --out data --vocab-size 400 --separator % >prep.txt
 
 cat > job.yaml <<YAML
 job: {name: e2e, run_dir: run, seed: 7}
-model: {vocab_size: 320, dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, multiple_of: 16, max_seq_len: 32}
+model: {vocab_size: 400, dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, multiple_of: 16, max_seq_len: 32}
 data: {train: "data/train_*.bin", val: "data/val_*.bin", tokenizer: data/tokenizer.model, seq_len: 32}
 training: {steps: 20, global_batch_size: 8, micro_batch_size: 4, eval_interval: 10, eval_batches: 2, log_interval: 5}
 parallel: {threads_per_rank: 1}

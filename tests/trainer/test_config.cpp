@@ -216,7 +216,11 @@ TEST(Config, BadOverrideSyntaxQuotesTheOverride) {
   EXPECT_HAS(error_of(kMinimal, {"=5"}), "override '=5' has an empty key");
   EXPECT_HAS(error_of(kMinimal, {"model..dim=5"}), "override 'model..dim=5' has an empty key");
   EXPECT_HAS(error_of(kMinimal, {"model.dim=[1, 2"}), "the value of override 'model.dim=[1, 2' is not valid YAML");
-  EXPECT_HAS(error_of(kMinimal, {"model.dim.x=5"}), "model.dim is a value, not a section");
+  EXPECT_HAS(error_of(std::string(kMinimal) + "model:\n  dim: 64\n", {"model.dim.x=5"}),
+             "override 'model.dim.x=5': model.dim is a value, not a section");
+  // A key created under a section that does not take keys: the override is named.
+  EXPECT_HAS(error_of(kMinimal, {"model.dim.x=5"}),
+             "model.dim must be an integer, got '{x: 5}' (--set model.dim.x=5)");
   EXPECT_HAS(error_of(kMinimal, {"model.dim=abc"}), "model.dim must be an integer, got 'abc' (--set model.dim=abc)");
 }
 
@@ -243,7 +247,7 @@ TEST(Config, MissingFileIsNamed) {
 }
 
 TEST(Config, ResolvedYamlRoundTrips) {
-  const Config original = parse(kMinimal, {"model.ffn_dim_multiplier=1.3", "job.name=a: b \"c\"",
+  const Config original = parse(kMinimal, {"model.ffn_dim_multiplier=1.3", "job.name='a: b \"c\"'",
                                            "model.norm_eps=1e-05", "model.rope_theta=500000",
                                            "data.val=v_*.bin", "optimizer.weight_decay=0",
                                            "parallel.threads_per_rank=2", "job.run_dir=123",

@@ -46,19 +46,19 @@ TEST(PrepareData, TrainsATokenizerAndWritesShardsThatDecodeToTheText) {
   PrepareDataOptions options;
   options.inputs = {kFortunes, dir / "a.txt"};
   options.out_dir = dir / "out";
-  options.vocab_size = 300;
+  options.vocab_size = 400;
   options.separator = "%";
   options.val_fraction = 0.1;
   options.shard_tokens = 4000;
   const PrepareDataResult r = prepare_data(options);
-  EXPECT_EQ(r.vocab_size, 300);
+  EXPECT_EQ(r.vocab_size, 400);
   EXPECT_GT(r.documents, 100);
   EXPECT_GT(r.train_shards.size(), 1u);  // shard_tokens splits the train tokens
   EXPECT_EQ(r.val_shards.size(), 1u);
   EXPECT_GT(r.val_tokens, 0);
   EXPECT_NEAR(static_cast<double>(r.val_tokens) / (r.val_tokens + r.train_tokens), 0.1, 0.06);
   EXPECT_GT(r.unigram_entropy_nats, 3.0);
-  EXPECT_LT(r.unigram_entropy_nats, std::log(300.0));
+  EXPECT_LT(r.unigram_entropy_nats, std::log(400.0));
 
   // Documents are BOS-delimited and decode back to the text (digits split, bytes kept).
   Tokenizer tokenizer(r.tokenizer_path);
@@ -77,7 +77,7 @@ TEST(PrepareData, TrainsATokenizerAndWritesShardsThatDecodeToTheText) {
 
   nlohmann::json meta = nlohmann::json::parse(std::ifstream(dir / "out/meta.json"));
   EXPECT_EQ(meta["tokens"]["train"], r.train_tokens);
-  EXPECT_EQ(meta["vocab_size"], 300);
+  EXPECT_EQ(meta["vocab_size"], 400);
   EXPECT_FALSE(fs::exists(dir / "out/.tokenizer_corpus.txt"));
 }
 
@@ -86,7 +86,7 @@ TEST(PrepareData, ReusesAGivenTokenizerAndReplacesOldShards) {
   PrepareDataOptions options;
   options.inputs = {kFortunes};
   options.out_dir = dir / "first";
-  options.vocab_size = 300;
+  options.vocab_size = 400;
   options.separator = "%";
   options.shard_tokens = 2000;
   const PrepareDataResult first = prepare_data(options);
@@ -96,7 +96,7 @@ TEST(PrepareData, ReusesAGivenTokenizerAndReplacesOldShards) {
   reuse.out_dir = dir / "first";  // same directory: old shards must not survive
   reuse.tokenizer = dir / "first/tokenizer.model";
   const PrepareDataResult second = prepare_data(reuse);
-  EXPECT_EQ(second.vocab_size, 300);
+  EXPECT_EQ(second.vocab_size, 400);
   EXPECT_LT(second.train_tokens, first.train_tokens);
   int shards_on_disk = 0;
   for (const auto& entry : fs::directory_iterator(dir / "first")) {
@@ -119,7 +119,7 @@ TEST(PrepareData, DirectoriesSkipBinariesAndLinks) {
   PrepareDataOptions options;
   options.inputs = {dir / "in"};
   options.out_dir = dir / "out";
-  options.vocab_size = 300;
+  options.vocab_size = 400;
   prepare_data(options);
   nlohmann::json meta = nlohmann::json::parse(std::ifstream(dir / "out/meta.json"));
   EXPECT_EQ(meta["files"], 2);
@@ -145,7 +145,7 @@ TEST(PrepareData, BadInputsAreNamed) {
   options.vocab_size = 60000;
   const std::string too_big = prepare_error(options);
   EXPECT_NE(too_big.find("lower --vocab-size"), std::string::npos) << too_big;
-  options.vocab_size = 300;
+  options.vocab_size = 400;
   options.tokenizer = dir / "none.model";
   EXPECT_NE(prepare_error(options).find("tokenizer " + (dir / "none.model") + " does not exist"),
             std::string::npos);
