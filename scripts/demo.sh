@@ -33,7 +33,7 @@ cat <<MSG
 
 Outputs
   resolved config  $run_dir/config.yaml
-  metrics          $run_dir/metrics.jsonl  (plot: python3 scripts/plot_metrics.py $run_dir/metrics.jsonl)
+  metrics          $run_dir/metrics.jsonl  (plot: scripts/plot_metrics.py $run_dir/metrics.jsonl)
   samples          $run_dir/samples.txt
   checkpoints      none: checkpointing is not built yet (checkpoint.enable: false)
   data             data/tiny/ (tokenizer.model, train/val shards, meta.json)

@@ -1,7 +1,7 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Renders a Strata metrics.jsonl (training and validation rows) to a PNG.
 
-usage: python3 scripts/plot_metrics.py RUN_DIR/metrics.jsonl [-o out.png]
+usage: scripts/plot_metrics.py RUN_DIR/metrics.jsonl [-o out.png]
 Needs Debian's python3-matplotlib (installed by scripts/setup.sh).
 """
 import argparse

@@ -615,8 +615,8 @@ void validate(const Config& c, const Validator& v, int world_size) {
   v.check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0");
 
   const LrSchedulerConfig& s = c.lr_scheduler;
-  v.check(s.warmup_steps >= 0 && s.warmup_steps <= t.steps, "lr_scheduler.warmup_steps",
-          fmt::format("= {} must be in [0, training.steps = {}]", s.warmup_steps, t.steps));
+  v.check(s.warmup_steps >= 0, "lr_scheduler.warmup_steps",
+          fmt::format("= {} must be >= 0", s.warmup_steps));
   v.check(s.min_lr_ratio >= 0 && s.min_lr_ratio <= 1, "lr_scheduler.min_lr_ratio",
           fmt::format("= {} must be in [0, 1]", s.min_lr_ratio));
 

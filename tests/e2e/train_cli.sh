@@ -43,9 +43,11 @@ expect_error "checkpoint.enable" "$STRATA_BIN" train --config job.yaml --set che
 expect_error "model.vocab_size" "$STRATA_BIN" train --config job.yaml --set model.vocab_size=100
 
 # --print-config prints the resolved YAML with overrides applied, and trains nothing.
-"$STRATA_BIN" train --config job.yaml --set training.steps=3 --print-config >resolved.yaml
+"$STRATA_BIN" train --config job.yaml --set training.steps=3 --set job.run_dir=printed \
+  --print-config >resolved.yaml
 grep -q "steps: 3" resolved.yaml || fail "override not in --print-config"
-[ ! -e run ] || fail "--print-config created the run directory"
+[ ! -e printed ] || fail "--print-config created the run directory"
+rm -rf run
 
 # A real run: outputs in the run directory, loss logged, final line.
 "$STRATA_BIN" train --config job.yaml >train.txt 2>&1 || { cat train.txt; fail "train failed"; }
@@ -58,7 +60,7 @@ grep -q "val_loss" train.txt || fail "no eval line"
 # The written config is a complete config: it runs as is.
 "$STRATA_BIN" train --config run/config.yaml --print-config >/dev/null
 # The plot script renders it.
-python3 "$STRATA_SOURCE_DIR/scripts/plot_metrics.py" run/metrics.jsonl -o metrics.png >/dev/null
+"$STRATA_SOURCE_DIR/scripts/plot_metrics.py" run/metrics.jsonl -o metrics.png >/dev/null
 [ -s metrics.png ] || fail "plot_metrics.py wrote no PNG"
 
 # Several ranks: every rank reports the same clear error (multi-rank training comes later).
