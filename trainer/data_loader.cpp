@@ -6,15 +6,10 @@
 
 #include <algorithm>
 
+#include "trainer/seed.h"
+
 namespace strata {
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 // Uniform integer in [0, n) from a 64-bit hash without modulo bias (Lemire's multiply-shift,
 // with rejection of the biased low range; the rejection loop re-hashes deterministically).

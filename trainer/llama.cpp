@@ -6,17 +6,11 @@
 
 #include <cmath>
 
+#include "trainer/seed.h"
 #include "trainer/torch_compat.h"
 
 namespace strata {
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 // Normal(0, std) truncated to [lo, hi] by inverse-CDF sampling (what torch.nn.init does).
 void trunc_normal_(at::Tensor& t, double std, double lo, double hi, at::Generator& gen) {
@@ -26,12 +20,6 @@ void trunc_normal_(at::Tensor& t, double std, double lo, double hi, at::Generato
 }
 
 }  // namespace
-
-uint64_t derive_seed(uint64_t seed, const std::string& name) {
-  uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a
-  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
-  return splitmix64(splitmix64(seed) ^ h);
-}
 
 Llama::Llama(const ModelConfig& config) : config_(config) {
   const auto meta = at::TensorOptions().device(at::kMeta).dtype(at::kFloat);

@@ -78,7 +78,4 @@ std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_
 // positions [0, T). `cos`/`sin` are rope_tables(); rows beyond T are ignored.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
-// A stable 64-bit seed for (seed, name): FNV-1a of the name mixed with splitmix64.
-uint64_t derive_seed(uint64_t seed, const std::string& name);
-
 }  // namespace strata

@@ -14,6 +14,7 @@
 #include <set>
 #include <sstream>
 
+#include "trainer/seed.h"
 #include "trainer/token_shard.h"
 #include "trainer/tokenizer.h"
 
@@ -130,13 +131,6 @@ std::vector<std::string> split_documents(const std::string& text,
   return documents;
 }
 
-uint64_t mix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 // Writes `tokens` as shards `<prefix>_NNNNNN.bin` of at most `shard_tokens` each.
 std::vector<std::string> write_shards(const fs::path& dir, const std::string& prefix,
                                       const std::vector<uint32_t>& tokens, int64_t shard_tokens,
@@ -194,7 +188,7 @@ PrepareDataResult prepare_data(const PrepareDataOptions& options) {
   std::vector<bool> is_val(documents.size());
   int64_t val_docs = 0;
   for (size_t i = 0; i < documents.size(); ++i) {
-    const double u = static_cast<double>(mix(mix(options.seed) ^ i) >> 11) * 0x1.0p-53;
+    const double u = static_cast<double>(splitmix64(splitmix64(options.seed) ^ i) >> 11) * 0x1.0p-53;
     is_val[i] = u < options.val_fraction;
     val_docs += is_val[i];
   }

@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -86,9 +87,14 @@ STRATA_EXPORT const char* strata_spm_text(void* handle) {
   return static_cast<Handle*>(handle)->text.data();
 }
 
-// Trains a model from "--key=value ..." arguments; returns 0 on success.
-STRATA_EXPORT int strata_spm_train(const char* args, char* error, size_t error_size) {
-  const auto status = sentencepiece::SentencePieceTrainer::Train(args);
+// Trains a model from `count` key/value options (SentencePiece's flag names without "--");
+// returns 0 on success. The map form, unlike the command-line string, logs nothing at
+// minloglevel 2.
+STRATA_EXPORT int strata_spm_train(const char* const* keys, const char* const* values,
+                                   size_t count, char* error, size_t error_size) {
+  std::unordered_map<std::string, std::string> options;
+  for (size_t i = 0; i < count; ++i) options[keys[i]] = values[i];
+  const auto status = sentencepiece::SentencePieceTrainer::Train(options);
   if (!status.ok()) {
     set_error(status, error, error_size);
     return 1;

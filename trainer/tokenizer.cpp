@@ -28,7 +28,7 @@ struct SentencePieceApi {
   const int* (*ids)(void*);
   long (*decode)(void*, const int*, size_t, char*, size_t);
   const char* (*text)(void*);
-  int (*train)(const char*, char*, size_t);
+  int (*train)(const char* const*, const char* const*, size_t, char*, size_t);
 };
 
 // The module sits next to the executable (build/ and installs), or where it was built.
@@ -128,18 +128,38 @@ void train_tokenizer(const std::string& text_file, const std::string& model_pref
                      int64_t vocab_size) {
   // Llama's conventions: BPE with byte fallback (no unknown bytes), digits split, text kept
   // as is (no normalisation, whitespace preserved), <unk>=0 <s>=1 </s>=2 and no pad.
-  const std::string args = fmt::format(
-      "--input={} --model_prefix={} --model_type=bpe --vocab_size={} --byte_fallback=true "
-      "--split_digits=true --character_coverage=0.9995 --normalization_rule_name=identity "
-      "--remove_extra_whitespaces=false --allow_whitespace_only_pieces=true "
-      "--max_sentence_length=16384 --input_sentence_size=2000000 --shuffle_input_sentence=true "
-      "--unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --num_threads=2 --minloglevel=2",
-      text_file, model_prefix, vocab_size);
+  const std::vector<std::pair<std::string, std::string>> options = {
+      {"input", text_file},
+      {"model_prefix", model_prefix},
+      {"model_type", "bpe"},
+      {"vocab_size", std::to_string(vocab_size)},
+      {"byte_fallback", "true"},
+      {"split_digits", "true"},
+      {"character_coverage", "0.9995"},
+      {"normalization_rule_name", "identity"},
+      {"remove_extra_whitespaces", "false"},
+      {"allow_whitespace_only_pieces", "true"},
+      {"max_sentence_length", "16384"},
+      {"input_sentence_size", "2000000"},
+      {"shuffle_input_sentence", "true"},
+      {"unk_id", "0"},
+      {"bos_id", "1"},
+      {"eos_id", "2"},
+      {"pad_id", "-1"},
+      {"num_threads", "2"},
+      {"minloglevel", "2"},
+  };
+  std::vector<const char*> keys, values;
+  for (const auto& [key, value] : options) {
+    keys.push_back(key.c_str());
+    values.push_back(value.c_str());
+  }
   char error[1024] = {};
-  if (api().train(args.c_str(), error, sizeof(error)) != 0) {
+  if (api().train(keys.data(), values.data(), keys.size(), error, sizeof(error)) != 0) {
     throw DataError(fmt::format(
-        "training a SentencePiece tokenizer with vocabulary {} on {} failed: {}\nHINT: a small "
-        "corpus cannot fill a large vocabulary: lower --vocab-size, or add text",
+        "training a SentencePiece tokenizer with vocabulary {} on {} failed: {}\nHINT: adjust "
+        "--vocab-size: it must hold 259 byte and special pieces plus every distinct character "
+        "of the text, and a small corpus cannot fill a large vocabulary (lower it, or add text)",
         vocab_size, text_file, error));
   }
 }

@@ -18,6 +18,7 @@
 #include "trainer/lr_schedule.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/seed.h"
 #include "trainer/tokenizer.h"
 
 namespace strata {

@@ -1,16 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end: `strata prepare-data` on real text, reuse of its tokenizer, and bad inputs.
-set -euo pipefail
-: "${STRATA_BIN:?}"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-cd "$work"
-fail() { echo "FAIL: $*" >&2; exit 1; }
-expect_error() {
-  local expected=$1; shift
-  if "$@" >out.txt 2>&1; then cat out.txt; fail "expected failure: $*"; fi
-  grep -qF -- "$expected" out.txt || { cat out.txt; fail "missing '$expected' in output of: $*"; }
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 fortunes=/usr/share/games/fortunes
 
 "$STRATA_BIN" prepare-data --input "$fortunes/fortunes" "$fortunes/literature" --out a \
@@ -41,6 +31,6 @@ python3 -c 'import json; m = json.load(open("b/meta.json")); assert m["files"] =
 expect_error "is neither a file nor a directory" "$STRATA_BIN" prepare-data --input nowhere.txt --out c
 expect_error "matches no text file" "$STRATA_BIN" prepare-data --input 'nowhere/*.txt' --out c
 expect_error "--val-fraction 1.5 is out of range" "$STRATA_BIN" prepare-data --input "$fortunes/goedel" --out c --val-fraction 1.5
-expect_error "lower --vocab-size" "$STRATA_BIN" prepare-data --input "$fortunes/goedel" --out c --vocab-size 30000
+expect_error "adjust --vocab-size" "$STRATA_BIN" prepare-data --input "$fortunes/goedel" --out c --vocab-size 30000
 expect_error "--input is required" "$STRATA_BIN" prepare-data --out c
 echo "prepare_data: all checks passed"

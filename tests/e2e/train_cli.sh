@@ -1,19 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end: `strata train` as a user runs it — help, config errors through the CLI,
 # --print-config, a short real run with its outputs, and a multi-rank launch.
-set -euo pipefail
-: "${STRATA_BIN:?}" "${STRATA_SOURCE_DIR:?}"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-cd "$work"
-
-fail() { echo "FAIL: $*" >&2; exit 1; }
-# expect_error EXPECTED_SUBSTRING CMD...: the command must fail and print the substring.
-expect_error() {
-  local expected=$1; shift
-  if "$@" >out.txt 2>&1; then cat out.txt; fail "expected failure: $*"; fi
-  grep -qF -- "$expected" out.txt || { cat out.txt; fail "missing '$expected' in output of: $*"; }
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 "$STRATA_BIN" --help | grep -q "train" || fail "--help lists no train"
 "$STRATA_BIN" --help | grep -q "prepare-data" || fail "--help lists no prepare-data"

@@ -144,7 +144,7 @@ TEST(PrepareData, BadInputsAreNamed) {
   EXPECT_NE(prepare_error(options).find("--vocab-size 100 is too small"), std::string::npos);
   options.vocab_size = 60000;
   const std::string too_big = prepare_error(options);
-  EXPECT_NE(too_big.find("lower --vocab-size"), std::string::npos) << too_big;
+  EXPECT_NE(too_big.find("adjust --vocab-size"), std::string::npos) << too_big;
   options.vocab_size = 400;
   options.tokenizer = dir / "none.model";
   EXPECT_NE(prepare_error(options).find("tokenizer " + (dir / "none.model") + " does not exist"),

@@ -1,6 +1,5 @@
 // Training: overfitting one batch, determinism, and learning on real text.
 #include <gtest/gtest.h>
-#include <stdlib.h>
 
 #include <filesystem>
 #include <fstream>
@@ -8,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "parallel/process_group.h"
+#include "tests/trainer/temp_dir.h"
 #include "trainer/llama.h"
 #include "trainer/optimizer.h"
 #include "trainer/prepare_data.h"
@@ -28,18 +28,7 @@ class MpiEnvironment : public ::testing::Environment {
 };
 const auto* const kMpi = ::testing::AddGlobalTestEnvironment(new MpiEnvironment);
 
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "strata-train-XXXXXX").string();
-    path_ = mkdtemp(pattern.data());
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
+using testing::TempDir;
 
 ModelConfig micro_model(int64_t vocab) {
   ModelConfig c;
@@ -98,14 +87,14 @@ Config synthetic_job(const TempDir& dir) {
     }
     tokens.push_back(token);
   }
-  write_token_shard((dir / "train_000000.bin").string(), tokens, vocab);
-  write_token_shard((dir / "val_000000.bin").string(),
+  write_token_shard(dir / "train_000000.bin", tokens, vocab);
+  write_token_shard(dir / "val_000000.bin",
                     std::vector<uint32_t>(tokens.begin(), tokens.begin() + 2000), vocab);
   Config config;
-  config.job.run_dir = (dir / "run").string();
+  config.job.run_dir = dir / "run";
   config.model = micro_model(vocab);
-  config.data.train = (dir / "train_*.bin").string();
-  config.data.val = (dir / "val_*.bin").string();
+  config.data.train = dir / "train_*.bin";
+  config.data.val = dir / "val_*.bin";
   config.data.seq_len = 32;
   config.training.steps = 12;
   config.training.global_batch_size = 8;
@@ -136,7 +125,7 @@ TEST(Training, WritesResolvedConfigMetricsAndSamples) {
   TempDir dir;
   Config config = synthetic_job(dir);
   train(config, *MpiEnvironment::group);
-  const fs::path run = dir / "run";
+  const fs::path run = dir.path() / "run";
   ASSERT_TRUE(fs::exists(run / "config.yaml"));
   std::ifstream in(run / "metrics.jsonl");
   std::string line;
@@ -160,19 +149,19 @@ TEST(Training, LossDecreasesOnRealText) {
   TempDir dir;
   PrepareDataOptions prep;
   prep.inputs = {"/usr/share/games/fortunes/fortunes", "/usr/share/games/fortunes/literature"};
-  prep.out_dir = (dir / "data").string();
+  prep.out_dir = dir / "data";
   prep.vocab_size = 384;
   prep.separator = "%";
   prep.val_fraction = 0.1;
   const PrepareDataResult data = prepare_data(prep);
 
   Config config;
-  config.job.run_dir = (dir / "run").string();
+  config.job.run_dir = dir / "run";
   config.model = micro_model(384);
   config.model.dim = 64;
   config.model.max_seq_len = 64;
-  config.data.train = (dir / "data/train_*.bin").string();
-  config.data.val = (dir / "data/val_*.bin").string();
+  config.data.train = dir / "data/train_*.bin";
+  config.data.val = dir / "data/val_*.bin";
   config.data.tokenizer = data.tokenizer_path;
   config.data.seq_len = 64;
   config.training.steps = 150;
