@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "parallel/process_group.h"
+#include "tests/mpi_environment.h"
 #include "tests/trainer/temp_dir.h"
 #include "trainer/llama.h"
 #include "trainer/optimizer.h"
@@ -19,14 +20,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// MPI lives for the whole test program (it cannot be initialised twice).
-class MpiEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override { group = std::make_unique<ProcessGroup>(nullptr, nullptr); }
-  void TearDown() override { group.reset(); }
-  static inline std::unique_ptr<ProcessGroup> group;
-};
-const auto* const kMpi = ::testing::AddGlobalTestEnvironment(new MpiEnvironment);
+using testing::MpiEnvironment;
 
 using testing::TempDir;
 

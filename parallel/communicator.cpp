@@ -1,0 +1,174 @@
+// The MPI backend of Communicator.
+#include "parallel/communicator.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <mpi.h>
+
+#include <climits>
+#include <vector>
+
+namespace strata {
+namespace {
+
+void check_mpi(int code, const char* what) {
+  if (code == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(code, text, &length);
+  throw DistributedError(fmt::format("{} failed: {}", what, std::string(text, length)));
+}
+
+MPI_Datatype mpi_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return MPI_FLOAT;
+    case at::kDouble: return MPI_DOUBLE;
+    case at::kInt: return MPI_INT32_T;
+    case at::kLong: return MPI_INT64_T;
+    case at::kByte: return MPI_UINT8_T;
+    case at::kBFloat16:
+    case at::kHalf: return MPI_UINT16_T;  // moved as bits; reduced in fp32 (see below)
+    default:
+      throw DistributedError(fmt::format("MPI collectives do not support dtype {}",
+                                         c10::toString(dtype)));
+  }
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg: return MPI_SUM;
+    case ReduceOp::kMax: return MPI_MAX;
+    case ReduceOp::kMin: return MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+int mpi_count(int64_t numel, const char* what) {
+  if (numel > INT_MAX) {
+    throw DistributedError(fmt::format("{}: {} elements exceed MPI's count limit of {}", what,
+                                       numel, INT_MAX));
+  }
+  return static_cast<int>(numel);
+}
+
+void require_cpu_contiguous(const at::Tensor& t, const char* what) {
+  if (!t.device().is_cpu() || !t.is_contiguous()) {
+    throw DistributedError(fmt::format("{} needs a contiguous CPU tensor for the MPI backend, got "
+                                       "{} on {}",
+                                       what, t.is_contiguous() ? "a contiguous tensor" : "a strided tensor",
+                                       t.device().str()));
+  }
+}
+
+bool is_half_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(const ProcessGroup& group)
+      : rank_(group.rank()), world_size_(group.world_size()) {}
+
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_size_; }
+
+  void all_reduce(at::Tensor& tensor, ReduceOp op) override {
+    require_cpu_contiguous(tensor, "all_reduce");
+    if (is_half_precision(tensor)) {
+      // MPI has no 16-bit float arithmetic: reduce in fp32, round once at the end.
+      at::Tensor wide = tensor.to(at::kFloat);
+      all_reduce(wide, op);
+      tensor.copy_(wide);
+      return;
+    }
+    check_avg(tensor, op);
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), mpi_count(tensor.numel(), "all_reduce"),
+                            mpi_type(tensor.scalar_type()), mpi_op(op), MPI_COMM_WORLD),
+              "MPI_Allreduce");
+    if (op == ReduceOp::kAvg) tensor.div_(world_size_);
+  }
+
+  void all_gather(const at::Tensor& input, at::Tensor& output) override {
+    require_cpu_contiguous(input, "all_gather");
+    require_cpu_contiguous(output, "all_gather");
+    check_sizes(output.numel() == input.numel() * world_size_ &&
+                    output.scalar_type() == input.scalar_type(),
+                "all_gather", input, output);
+    const int count = mpi_count(input.numel(), "all_gather");
+    const MPI_Datatype type = mpi_type(input.scalar_type());
+    check_mpi(MPI_Allgather(input.data_ptr(), count, type, output.data_ptr(), count, type,
+                            MPI_COMM_WORLD),
+              "MPI_Allgather");
+  }
+
+  void reduce_scatter(const at::Tensor& input, at::Tensor& output, ReduceOp op) override {
+    require_cpu_contiguous(input, "reduce_scatter");
+    require_cpu_contiguous(output, "reduce_scatter");
+    check_sizes(input.numel() == output.numel() * world_size_ &&
+                    output.scalar_type() == input.scalar_type(),
+                "reduce_scatter", input, output);
+    if (is_half_precision(input)) {
+      at::Tensor wide_out = at::empty(output.sizes(), output.options().dtype(at::kFloat));
+      reduce_scatter(input.to(at::kFloat), wide_out, op);
+      output.copy_(wide_out);
+      return;
+    }
+    check_avg(input, op);
+    check_mpi(MPI_Reduce_scatter_block(input.data_ptr(), output.data_ptr(),
+                                       mpi_count(output.numel(), "reduce_scatter"),
+                                       mpi_type(input.scalar_type()), mpi_op(op), MPI_COMM_WORLD),
+              "MPI_Reduce_scatter_block");
+    if (op == ReduceOp::kAvg) output.div_(world_size_);
+  }
+
+  void broadcast(at::Tensor& tensor, int root) override {
+    require_cpu_contiguous(tensor, "broadcast");
+    check_mpi(MPI_Bcast(tensor.data_ptr(), mpi_count(tensor.numel(), "broadcast"),
+                        mpi_type(tensor.scalar_type()), root, MPI_COMM_WORLD),
+              "MPI_Bcast");
+  }
+
+  void barrier() override { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+
+  std::optional<RankFailure> agree(bool ok, const std::string& message) override {
+    const int mine = ok ? world_size_ : rank_;
+    int first = world_size_;
+    check_mpi(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+    if (first == world_size_) return std::nullopt;
+    long length = rank_ == first ? static_cast<long>(message.size()) : 0;
+    check_mpi(MPI_Bcast(&length, 1, MPI_LONG, first, MPI_COMM_WORLD), "MPI_Bcast");
+    std::string text = rank_ == first ? message : std::string(static_cast<size_t>(length), '\0');
+    check_mpi(MPI_Bcast(text.data(), static_cast<int>(length), MPI_CHAR, first, MPI_COMM_WORLD),
+              "MPI_Bcast");
+    return RankFailure{first, text};
+  }
+
+ private:
+  static void check_avg(const at::Tensor& t, ReduceOp op) {
+    if (op == ReduceOp::kAvg && !at::isFloatingType(t.scalar_type())) {
+      throw DistributedError(fmt::format("ReduceOp::kAvg needs a floating-point tensor, got {}",
+                                         c10::toString(t.scalar_type())));
+    }
+  }
+  static void check_sizes(bool ok, const char* what, const at::Tensor& input,
+                          const at::Tensor& output) {
+    if (!ok) {
+      throw DistributedError(fmt::format("{}: input of {} {} elements does not match output of "
+                                         "{} {} elements for this world size",
+                                         what, input.numel(), c10::toString(input.scalar_type()),
+                                         output.numel(), c10::toString(output.scalar_type())));
+    }
+  }
+
+  int rank_;
+  int world_size_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_mpi_communicator(const ProcessGroup& group) {
+  return std::make_unique<MpiCommunicator>(group);
+}
+
+}  // namespace strata

@@ -1,0 +1,49 @@
+// Collectives on at::Tensor behind one backend-neutral interface (c10d-style). The MPI
+// backend serves CPU tensors; an NCCL backend for CUDA tensors is a later addition.
+// Every rank of the group must call the same collectives in the same order.
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "parallel/process_group.h"
+
+namespace strata {
+
+enum class ReduceOp { kSum, kAvg, kMax, kMin };
+
+// One rank's failure, as every rank learns it from Communicator::agree.
+struct RankFailure {
+  int rank = 0;
+  std::string message;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+
+  // In place on `tensor` (contiguous).
+  virtual void all_reduce(at::Tensor& tensor, ReduceOp op) = 0;
+  // `output` (contiguous, world_size x input.numel() elements) receives every rank's input in
+  // rank order.
+  virtual void all_gather(const at::Tensor& input, at::Tensor& output) = 0;
+  // `input` holds world_size equal chunks; rank r receives the reduction of chunk r.
+  virtual void reduce_scatter(const at::Tensor& input, at::Tensor& output, ReduceOp op) = 0;
+  virtual void broadcast(at::Tensor& tensor, int root) = 0;
+  virtual void barrier() = 0;
+
+  // Every rank says whether its part succeeded; all ranks return the failure of the lowest
+  // failing rank (with its message), or nothing when all succeeded. One collective round.
+  virtual std::optional<RankFailure> agree(bool ok, const std::string& message) = 0;
+};
+
+// Collectives over MPI_COMM_WORLD for CPU tensors of dtype float32, float64, int32, int64,
+// uint8, bfloat16 and float16 (the last two reduced in fp32 by a custom MPI operation).
+std::unique_ptr<Communicator> make_mpi_communicator(const ProcessGroup& group);
+
+}  // namespace strata

@@ -1,0 +1,106 @@
+// MPI Communicator: every collective and dtype, checked exactly on 1..4 ranks (ctest runs
+// this program alone and under mpirun -np 2 and 4).
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include "parallel/communicator.h"
+#include "tests/mpi_environment.h"
+
+namespace strata {
+namespace {
+
+using testing::MpiEnvironment;
+
+class CommunicatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override { comm = make_mpi_communicator(*MpiEnvironment::group); }
+  std::unique_ptr<Communicator> comm;
+  int rank() const { return comm->rank(); }
+  int world() const { return comm->world_size(); }
+};
+
+TEST_F(CommunicatorTest, AllReduceSumsEveryDtypeExactly) {
+  for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kInt, at::kLong, at::kBFloat16, at::kHalf}) {
+    // rank r contributes (r + 1) * [1, 2, 3]: small integers, exact in every dtype.
+    at::Tensor t = at::arange(1, 4, at::kDouble).mul(rank() + 1).to(dtype);
+    comm->all_reduce(t, ReduceOp::kSum);
+    const double factor = world() * (world() + 1) / 2.0;
+    EXPECT_TRUE(at::equal(t, at::arange(1, 4, at::kDouble).mul(factor).to(dtype)))
+        << c10::toString(dtype);
+  }
+}
+
+TEST_F(CommunicatorTest, AllReduceAverageMaxMin) {
+  at::Tensor avg = at::full({5}, static_cast<double>(rank()), at::kFloat);
+  comm->all_reduce(avg, ReduceOp::kAvg);
+  EXPECT_TRUE(at::allclose(avg, at::full({5}, (world() - 1) / 2.0, at::kFloat)));
+  at::Tensor max = at::full({2}, static_cast<int64_t>(rank()), at::kLong);
+  comm->all_reduce(max, ReduceOp::kMax);
+  EXPECT_EQ(max[0].item<int64_t>(), world() - 1);
+  at::Tensor min = at::full({2}, rank() + 3.5, at::kBFloat16);
+  comm->all_reduce(min, ReduceOp::kMin);
+  EXPECT_EQ(min[1].item<float>(), 3.5f);
+  at::Tensor ints = at::ones({1}, at::kLong);
+  EXPECT_THROW(comm->all_reduce(ints, ReduceOp::kAvg), DistributedError);
+}
+
+TEST_F(CommunicatorTest, AllGatherConcatenatesInRankOrder) {
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kLong}) {
+    at::Tensor mine = at::full({3}, rank() * 10, at::TensorOptions().dtype(dtype));
+    at::Tensor all = at::empty({world() * 3}, mine.options());
+    comm->all_gather(mine, all);
+    for (int r = 0; r < world(); ++r) {
+      EXPECT_TRUE(at::equal(all.narrow(0, r * 3, 3), at::full({3}, r * 10, mine.options())));
+    }
+  }
+  at::Tensor wrong = at::empty({world() * 3 + 1});
+  EXPECT_THROW(comm->all_gather(at::zeros({3}), wrong), DistributedError);
+}
+
+TEST_F(CommunicatorTest, ReduceScatterGivesEachRankItsReducedChunk) {
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    // Element i of every rank's input is i + rank: chunk r sums to world * i + world(world-1)/2.
+    at::Tensor input = at::arange(world() * 4, at::kDouble).add(rank()).to(dtype);
+    at::Tensor output = at::empty({4}, input.options());
+    comm->reduce_scatter(input, output, ReduceOp::kSum);
+    at::Tensor expected = at::arange(rank() * 4, rank() * 4 + 4, at::kDouble)
+                              .mul(world())
+                              .add(world() * (world() - 1) / 2.0)
+                              .to(dtype);
+    EXPECT_TRUE(at::equal(output, expected)) << c10::toString(dtype);
+    comm->reduce_scatter(input, output, ReduceOp::kAvg);
+    EXPECT_TRUE(at::allclose(output.to(at::kDouble), expected.to(at::kDouble).div(world())));
+  }
+}
+
+TEST_F(CommunicatorTest, BroadcastCopiesTheRootsTensor) {
+  const int root = world() - 1;
+  at::Tensor t = rank() == root ? at::arange(6, at::kFloat) : at::zeros({6}, at::kFloat);
+  comm->broadcast(t, root);
+  EXPECT_TRUE(at::equal(t, at::arange(6, at::kFloat)));
+}
+
+TEST_F(CommunicatorTest, AgreeReportsTheLowestFailingRankToEveryRank) {
+  EXPECT_FALSE(comm->agree(true, "").has_value());
+  const int failing = world() - 1;
+  auto failure = comm->agree(rank() != failing, fmt::format("disk full on rank {}", rank()));
+  ASSERT_TRUE(failure.has_value());
+  EXPECT_EQ(failure->rank, failing);
+  EXPECT_EQ(failure->message, fmt::format("disk full on rank {}", failing));
+  // Several failures: the lowest rank wins, on every rank.
+  failure = comm->agree(false, fmt::format("rank {} failed", rank()));
+  ASSERT_TRUE(failure.has_value());
+  EXPECT_EQ(failure->rank, 0);
+  EXPECT_EQ(failure->message, "rank 0 failed");
+  comm->barrier();
+}
+
+TEST_F(CommunicatorTest, RejectsNonContiguousTensors) {
+  at::Tensor strided = at::zeros({4, 4}).t();
+  EXPECT_THROW(comm->all_reduce(strided, ReduceOp::kSum), DistributedError);
+}
+
+}  // namespace
+}  // namespace strata
