@@ -8,16 +8,12 @@
 #include <climits>
 #include <vector>
 
+#include "parallel/mpi_check.h"
+
 namespace strata {
 namespace {
 
-void check_mpi(int code, const char* what) {
-  if (code == MPI_SUCCESS) return;
-  char text[MPI_MAX_ERROR_STRING];
-  int length = 0;
-  MPI_Error_string(code, text, &length);
-  throw DistributedError(fmt::format("{} failed: {}", what, std::string(text, length)));
-}
+using detail::check_mpi;
 
 MPI_Datatype mpi_type(at::ScalarType dtype) {
   switch (dtype) {

@@ -9,18 +9,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "parallel/mpi_check.h"
+
 namespace strata {
-namespace {
-
-void check_mpi(int code, const char* what) {
-  if (code == MPI_SUCCESS) return;
-  char text[MPI_MAX_ERROR_STRING];
-  int length = 0;
-  MPI_Error_string(code, text, &length);
-  throw DistributedError(fmt::format("{} failed: {}", what, std::string(text, length)));
-}
-
-}  // namespace
+using detail::check_mpi;
 
 ProcessGroup::ProcessGroup(int* argc, char*** argv) {
   int initialized = 0;
