@@ -7,7 +7,7 @@
 
 namespace strata {
 
-std::vector<int64_t> generate(const Llama& model, const std::vector<int64_t>& prompt,
+std::vector<int64_t> generate(const LanguageModel& model, const std::vector<int64_t>& prompt,
                               const SamplingOptions& options) {
   at::NoGradGuard no_grad;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);

@@ -17,7 +17,7 @@ struct SamplingOptions {
 };
 
 // Returns only the new tokens.
-std::vector<int64_t> generate(const Llama& model, const std::vector<int64_t>& prompt,
+std::vector<int64_t> generate(const LanguageModel& model, const std::vector<int64_t>& prompt,
                               const SamplingOptions& options);
 
 }  // namespace strata

@@ -74,52 +74,57 @@ void Llama::materialize(const at::Device& device) {
   for_each_parameter([&](const std::string&, at::Tensor& t) {
     t = at::empty(t.sizes(), options).requires_grad_(true);
   });
-  const int64_t half = config_.head_dim() / 2;
-  rope_cos_ = at::empty({config_.max_seq_len, half}, options);
-  rope_sin_ = at::empty({config_.max_seq_len, half}, options);
+  prepare_buffers(device);
 }
 
-std::vector<std::string> Llama::initialize(uint64_t seed, const std::set<std::string>& loaded) {
+void Llama::prepare_buffers(const at::Device& device) {
+  auto [cos, sin] = rope_tables(config_.head_dim(), config_.max_seq_len, config_.rope_theta);
+  rope_cos_ = cos.to(device);
+  rope_sin_ = sin.to(device);
+}
+
+void initialize_parameter(const ModelConfig& config, const std::string& fqn, at::Tensor& param,
+                          uint64_t seed) {
   // torchtitan's scheme: N(0, 1) embeddings, N(0, 0.02) input projections, depth-scaled
   // output projections, ones for norms, and dim^-0.5 truncated at 3 sigma for the output.
   const double depth_base = 0.02;
-  const double out_std = 1.0 / std::sqrt(static_cast<double>(config_.dim));
-  std::vector<std::string> initialised;
+  const double out_std = 1.0 / std::sqrt(static_cast<double>(config.dim));
   at::NoGradGuard no_grad;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(derive_seed(seed, fqn));
+  at::Tensor value = at::empty(param.sizes(), at::TensorOptions().dtype(at::kFloat));
+  if (fqn.find("norm.weight") != std::string::npos) {
+    value.fill_(1.0);
+  } else if (fqn == "tok_embeddings.weight") {
+    // A tied embedding doubles as the output projection, so it takes the output's scale.
+    if (config.tie_embeddings) {
+      trunc_normal_(value, out_std, -3 * out_std, 3 * out_std, gen);
+    } else {
+      value.normal_(0.0, 1.0, gen);
+    }
+  } else if (fqn == "output.weight") {
+    trunc_normal_(value, out_std, -3 * out_std, 3 * out_std, gen);
+  } else {
+    const int64_t layer = std::stoll(fqn.substr(fqn.find('.') + 1));
+    const bool depth_scaled = fqn.find(".wo.") != std::string::npos ||
+                              fqn.find(".w2.") != std::string::npos ||
+                              fqn.find(".w3.") != std::string::npos;
+    const double std = depth_scaled ? depth_base / std::sqrt(2.0 * (layer + 1)) : depth_base;
+    trunc_normal_(value, std, -2.0, 2.0, gen);
+  }
+  param.copy_(value);
+}
+
+std::vector<std::string> Llama::initialize(uint64_t seed, const std::set<std::string>& loaded) {
+  std::vector<std::string> initialised;
   for_each_parameter([&](const std::string& fqn, at::Tensor& param) {
     if (loaded.count(fqn)) return;
     if (param.device().is_meta()) {
       throw std::logic_error("Llama::initialize before materialize: " + fqn);
     }
-    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(derive_seed(seed, fqn));
-    at::Tensor value = at::empty(param.sizes(), at::TensorOptions().dtype(at::kFloat));
-    const bool is_norm = fqn.find("norm.weight") != std::string::npos;
-    if (is_norm) {
-      value.fill_(1.0);
-    } else if (fqn == "tok_embeddings.weight") {
-      // A tied embedding doubles as the output projection, so it takes the output's scale.
-      if (config_.tie_embeddings) {
-        trunc_normal_(value, out_std, -3 * out_std, 3 * out_std, gen);
-      } else {
-        value.normal_(0.0, 1.0, gen);
-      }
-    } else if (fqn == "output.weight") {
-      trunc_normal_(value, out_std, -3 * out_std, 3 * out_std, gen);
-    } else {
-      const int64_t layer = std::stoll(fqn.substr(fqn.find('.') + 1));
-      const bool depth_scaled = fqn.find(".wo.") != std::string::npos ||
-                                fqn.find(".w2.") != std::string::npos ||
-                                fqn.find(".w3.") != std::string::npos;
-      const double std = depth_scaled ? depth_base / std::sqrt(2.0 * (layer + 1)) : depth_base;
-      trunc_normal_(value, std, -2.0, 2.0, gen);
-    }
-    param.copy_(value);
+    initialize_parameter(config_, fqn, param, seed);
     initialised.push_back(fqn);
   });
-
-  auto [cos, sin] = rope_tables(config_.head_dim(), config_.max_seq_len, config_.rope_theta);
-  rope_cos_.copy_(cos);
-  rope_sin_.copy_(sin);
+  prepare_buffers(rope_cos_.defined() ? rope_cos_.device() : at::Device(at::kCPU));
   return initialised;
 }
 
@@ -167,14 +172,23 @@ at::Tensor Llama::feed_forward(const LlamaLayer& layer, const at::Tensor& x) con
   return at::linear(at::silu(at::linear(x, layer.w1)) * at::linear(x, layer.w3), layer.w2);
 }
 
+at::Tensor Llama::embed(const at::Tensor& tok_embeddings, const at::Tensor& tokens) const {
+  return at::embedding(tok_embeddings, tokens);  // (B, T, D)
+}
+
+at::Tensor Llama::block(const LlamaLayer& layer, const at::Tensor& h) const {
+  at::Tensor x = h + attention(layer, rms_norm(h, layer.attention_norm));
+  return x + feed_forward(layer, rms_norm(x, layer.ffn_norm));
+}
+
+at::Tensor Llama::head(const at::Tensor& norm, const at::Tensor& output, const at::Tensor& h) const {
+  return at::linear(rms_norm(h, norm), output);  // (B, T, V)
+}
+
 at::Tensor Llama::forward(const at::Tensor& tokens) const {
-  at::Tensor h = at::embedding(tok_embeddings_, tokens);  // (B, T, D)
-  for (const LlamaLayer& layer : layers_) {
-    h = h + attention(layer, rms_norm(h, layer.attention_norm));
-    h = h + feed_forward(layer, rms_norm(h, layer.ffn_norm));
-  }
-  h = rms_norm(h, norm_);
-  return at::linear(h, output_.defined() ? output_ : tok_embeddings_);  // (B, T, V)
+  at::Tensor h = embed(tok_embeddings_, tokens);
+  for (const LlamaLayer& layer : layers_) h = block(layer, h);
+  return head(norm_, output_.defined() ? output_ : tok_embeddings_, h);
 }
 
 int64_t Llama::num_parameters() const {

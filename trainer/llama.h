@@ -28,14 +28,26 @@ struct LlamaLayer {
   at::Tensor w1, w2, w3;               // (F, D), (D, F), (F, D)
 };
 
-class Llama {
+// Anything that maps tokens (B, T) to next-token logits (B, T, V): the plain model, or the
+// same model with sharded parameters.
+class LanguageModel {
+ public:
+  virtual ~LanguageModel() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual at::Tensor forward(const at::Tensor& tokens) const = 0;
+};
+
+class Llama : public LanguageModel {
  public:
   explicit Llama(const ModelConfig& config);  // parameters on the meta device
 
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const override { return config_; }
 
-  // Gives every parameter uninitialised fp32 storage on `device` (requires_grad set).
+  // Gives every parameter uninitialised fp32 storage on `device` (requires_grad set), and
+  // computes the RoPE tables there.
   void materialize(const at::Device& device);
+  // Only the RoPE tables (for a model whose parameters live elsewhere, e.g. sharded).
+  void prepare_buffers(const at::Device& device);
 
   // Initialises every parameter whose FQN is not in `loaded` from a generator seeded by
   // (seed, fqn), so initial weights do not depend on the world size or on which other
@@ -43,7 +55,13 @@ class Llama {
   std::vector<std::string> initialize(uint64_t seed, const std::set<std::string>& loaded = {});
 
   // tokens (B, T) int64 -> logits (B, T, V) fp32.
-  at::Tensor forward(const at::Tensor& tokens) const;
+  at::Tensor forward(const at::Tensor& tokens) const override;
+
+  // The model in pieces, with parameters given explicitly (this model's own, or views into a
+  // gathered FSDP unit): embedding, one transformer block, final norm + output projection.
+  at::Tensor embed(const at::Tensor& tok_embeddings, const at::Tensor& tokens) const;
+  at::Tensor block(const LlamaLayer& layer, const at::Tensor& h) const;
+  at::Tensor head(const at::Tensor& norm, const at::Tensor& output, const at::Tensor& h) const;
 
   // Visits every parameter in FQN order; the callback may replace the tensor handle.
   void for_each_parameter(const std::function<void(const std::string&, at::Tensor&)>& fn);
@@ -69,6 +87,11 @@ class Llama {
   at::Tensor output_;          // (V, D); undefined when tied to tok_embeddings
   at::Tensor rope_cos_, rope_sin_;  // (max_seq_len, hd/2), not parameters
 };
+
+// Initialises one parameter in place from a generator seeded by (seed, fqn): the same values
+// whether the tensor is the model's own or a temporary that is then sharded.
+void initialize_parameter(const ModelConfig& config, const std::string& fqn, at::Tensor& param,
+                          uint64_t seed);
 
 // RoPE tables (max_seq_len, head_dim/2): angle(t, i) = t * theta^(-2i / head_dim), computed
 // in fp64 and returned in fp32.

@@ -5,14 +5,19 @@
 
 namespace strata {
 
-bool uses_weight_decay(const std::string& fqn, const at::Tensor& param) {
-  return param.dim() >= 2 && fqn != "tok_embeddings.weight";
+bool uses_weight_decay(const std::string& fqn, int64_t ndim) {
+  return ndim >= 2 && fqn != "tok_embeddings.weight";
 }
 
 AdamW::AdamW(const OptimizerConfig& config) : config_(config) {}
 
 void AdamW::add_parameter(const std::string& fqn, const at::Tensor& param, bool decay) {
-  slots_.push_back({fqn, param, at::zeros_like(param), at::zeros_like(param), decay});
+  slots_.push_back({fqn, param, at::zeros_like(param), at::zeros_like(param), decay, {}});
+}
+
+void AdamW::add_parameter(const std::string& fqn, const at::Tensor& param,
+                          const at::Tensor& decay_mask) {
+  slots_.push_back({fqn, param, at::zeros_like(param), at::zeros_like(param), true, decay_mask});
 }
 
 void AdamW::step(double lr) {
@@ -26,7 +31,13 @@ void AdamW::step(double lr) {
   for (Slot& s : slots_) {
     const at::Tensor& grad = s.param.grad();
     if (!grad.defined()) continue;
-    if (s.decay && config_.weight_decay != 0.0) s.param.mul_(1.0 - lr * config_.weight_decay);
+    if (s.decay && config_.weight_decay != 0.0) {
+      if (s.decay_mask.defined()) {
+        s.param.addcmul_(s.param, s.decay_mask, -lr * config_.weight_decay);
+      } else {
+        s.param.mul_(1.0 - lr * config_.weight_decay);
+      }
+    }
     s.exp_avg.lerp_(grad, 1.0 - beta1);
     s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1.0 - beta2);
     at::Tensor denom = s.exp_avg_sq.sqrt().div_(bias2_sqrt).add_(config_.eps);
@@ -50,14 +61,15 @@ StateDict AdamW::state() const {
   return sd;
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm,
+                      Communicator* comm) {
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> squares;
+  at::Tensor total = at::zeros({1}, at::kDouble);
   for (const at::Tensor& p : params) {
-    if (p.grad().defined()) squares.push_back(p.grad().pow(2).sum().to(at::kDouble));
+    if (p.grad().defined()) total += p.grad().to(at::kDouble).pow(2).sum();
   }
-  if (squares.empty()) return 0.0;
-  const double norm = std::sqrt(at::stack(squares).sum().item<double>());
+  if (comm) comm->all_reduce(total, ReduceOp::kSum);
+  const double norm = std::sqrt(total.item<double>());
   if (max_norm > 0.0 && norm > max_norm) {
     const double scale = max_norm / (norm + 1e-6);
     for (const at::Tensor& p : params) {

@@ -19,6 +19,7 @@
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/seed.h"
+#include "trainer/sharded_llama.h"
 #include "trainer/tokenizer.h"
 
 namespace strata {
@@ -36,26 +37,34 @@ at::Tensor to_tensor(const std::vector<int64_t>& values, int64_t batch, int64_t 
 }
 
 // Mean next-token cross-entropy of `batch` under `model`.
-at::Tensor batch_loss(const Llama& model, const TokenBatch& batch) {
+at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch) {
   at::Tensor logits = model.forward(to_tensor(batch.inputs, batch.batch, batch.seq_len));
   at::Tensor targets = to_tensor(batch.targets, batch.batch, batch.seq_len);
   return at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten());
 }
 
-// Mean token loss over the first `max_windows` consecutive validation windows, in fp64.
-std::pair<double, int64_t> evaluate(const Llama& model, const TokenDataset& val,
-                                    int64_t max_windows, int64_t micro_batch) {
+// Mean token loss over the first `max_windows` consecutive validation windows, in fp64. The
+// windows are split over the ranks; every rank runs the same number of forward passes (FSDP
+// gathers need all of them), a rank without windows left repeats window 0 and ignores it.
+std::pair<double, int64_t> evaluate(const LanguageModel& model, const TokenDataset& val,
+                                    int64_t max_windows, int64_t micro_batch, Communicator& comm) {
   at::NoGradGuard no_grad;
   const int64_t windows = std::min(max_windows, val.num_sequential_windows());
-  double loss_sum = 0.0;
-  int64_t tokens = 0;
-  for (int64_t first = 0; first < windows; first += micro_batch) {
-    TokenBatch batch = val.sequential_batch(first, std::min(micro_batch, windows - first));
-    const int64_t n = batch.batch * batch.seq_len;
-    loss_sum += batch_loss(model, batch).item<double>() * static_cast<double>(n);
-    tokens += n;
+  const int64_t per_rank = (windows + comm.world_size() - 1) / comm.world_size();
+  const int64_t begin = comm.rank() * per_rank;
+  const int64_t end = std::min(windows, begin + per_rank);
+  at::Tensor sums = at::zeros({2}, at::kDouble);  // loss x tokens, tokens
+  for (int64_t first = 0; first < per_rank; first += micro_batch) {
+    const int64_t valid = std::clamp<int64_t>(end - (begin + first), 0, micro_batch);
+    const TokenBatch batch = val.sequential_batch(valid > 0 ? begin + first : 0, std::max<int64_t>(valid, 1));
+    const double loss = batch_loss(model, batch).item<double>();
+    const int64_t n = valid * batch.seq_len;
+    sums[0] += loss * static_cast<double>(n);
+    sums[1] += static_cast<double>(n);
   }
-  return {tokens ? loss_sum / static_cast<double>(tokens) : 0.0, tokens};
+  comm.all_reduce(sums, ReduceOp::kSum);
+  const double tokens = sums[1].item<double>();
+  return {tokens > 0 ? sums[0].item<double>() / tokens : 0.0, static_cast<int64_t>(tokens)};
 }
 
 class RunLog {
@@ -83,16 +92,34 @@ void write_text_file(const fs::path& path, const std::string& text) {
   }
 }
 
+// Per-rank bytes for parameters, gradients and AdamW state, the largest gathered unit, and
+// what one rank of an unsharded run holds.
+std::string memory_report(const std::vector<at::Tensor>& params, const ShardedLlama* sharded,
+                          int64_t n_params, const char* mode) {
+  int64_t held = 0, largest_unit = 0;
+  for (const at::Tensor& p : params) held += p.numel();
+  if (sharded) {
+    for (const auto& unit : sharded->units()) largest_unit = std::max(largest_unit, unit->padded_numel());
+  }
+  const double mib = 4.0 / (1024.0 * 1024.0);  // fp32
+  std::string report = fmt::format(
+      "memory per rank ({}): parameters {:.2f} MiB, gradients {:.2f} MiB, optimizer {:.2f} MiB",
+      mode, held * mib, held * mib, 2 * held * mib);
+  if (sharded) {
+    report += fmt::format("; largest gathered unit {:.2f} MiB; unsharded: {:.2f} / {:.2f} / {:.2f} MiB",
+                          largest_unit * mib, n_params * mib, n_params * mib, 2 * n_params * mib);
+    for (const auto& unit : sharded->units()) {
+      report += fmt::format("\n  unit {}: {} elements, shard {} per rank", unit->name(), unit->numel(),
+                            unit->shard_numel());
+    }
+  }
+  return report;
+}
+
 }  // namespace
 
 TrainSummary train(const Config& config, const ProcessGroup& group) {
   const RunLog log(group.is_main());
-  if (group.world_size() > 1) {
-    throw DistributedError(fmt::format(
-        "strata train was launched on {} ranks, but multi-rank (sharded data-parallel) "
-        "training is not supported yet\nHINT: run one process: strata train --config ...",
-        group.world_size()));
-  }
   const TrainingConfig& tc = config.training;
   const int threads = group.threads_per_rank(static_cast<int>(config.parallel.threads_per_rank));
   at::set_num_threads(threads);
@@ -134,23 +161,46 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       val_data ? fmt::format("; val {} tokens ({})", val_data->num_tokens(), *config.data.val)
                : std::string("; no validation"));
 
-  // Model: meta -> uninitialised storage -> init of everything not loaded (nothing is yet).
-  Llama model(mc);
-  model.materialize(at::kCPU);
-  const std::vector<std::string> initialised =
-      model.initialize(static_cast<uint64_t>(config.job.seed), /*loaded=*/{});
-  const int64_t n_params = model.num_parameters();
-  log("model: llama, {:.2f}M parameters ({} layers, dim {}, {} heads / {} kv heads, ffn {}, "
-      "vocab {}); initialised {} tensors from seed {}, loaded 0",
-      n_params / 1e6, mc.n_layers, mc.dim, mc.n_heads, mc.n_kv_heads, mc.ffn_hidden_dim(),
-      mc.vocab_size, initialised.size(), config.job.seed);
-
+  // Model: one rank, or replicated data parallel, trains a whole Llama (meta -> storage ->
+  // init of everything not loaded; nothing is loaded yet); several ranks with FSDP train a
+  // ShardedLlama whose units are initialised parameter by parameter into their shards.
+  std::unique_ptr<Communicator> comm = make_mpi_communicator(group);
+  const bool sharded = group.world_size() > 1 && config.parallel.fsdp.enabled;
+  const bool replicated = group.world_size() > 1 && !sharded;
+  const uint64_t seed = static_cast<uint64_t>(config.job.seed);
+  std::unique_ptr<Llama> plain_model;
+  std::unique_ptr<ShardedLlama> sharded_model;
   AdamW optimizer(config.optimizer);
-  std::vector<at::Tensor> params;
-  for (const auto& [fqn, param] : model.parameters()) {
-    optimizer.add_parameter(fqn, param, uses_weight_decay(fqn, param));
-    params.push_back(param);
+  std::vector<at::Tensor> params;  // what the optimizer steps: whole tensors or flat shards
+  if (sharded) {
+    sharded_model = std::make_unique<ShardedLlama>(mc, *comm, seed);
+    for (const auto& unit : sharded_model->units()) {
+      std::vector<float> decay;
+      for (const ParamSpec& p : unit->params()) {
+        decay.push_back(uses_weight_decay(p.fqn, static_cast<int64_t>(p.shape.size())) ? 1.f : 0.f);
+      }
+      optimizer.add_parameter(unit->name(), unit->shard(), unit->shard_mask(decay));
+      params.push_back(unit->shard());
+    }
+  } else {
+    plain_model = std::make_unique<Llama>(mc);
+    plain_model->materialize(at::kCPU);
+    plain_model->initialize(seed, /*loaded=*/{});
+    for (const auto& [fqn, param] : plain_model->parameters()) {
+      optimizer.add_parameter(fqn, param, uses_weight_decay(fqn, param.dim()));
+      params.push_back(param);
+    }
   }
+  const LanguageModel& model =
+      sharded ? static_cast<const LanguageModel&>(*sharded_model) : *plain_model;
+  const int64_t n_params = Llama::count_parameters(mc);
+  log("model: llama, {:.2f}M parameters ({} layers, dim {}, {} heads / {} kv heads, ffn {}, "
+      "vocab {}); all tensors initialised from seed {}, none loaded",
+      n_params / 1e6, mc.n_layers, mc.dim, mc.n_heads, mc.n_kv_heads, mc.ffn_hidden_dim(),
+      mc.vocab_size, config.job.seed);
+  log("{}", memory_report(params, sharded_model.get(), n_params,
+                          sharded ? "FSDP" : replicated ? "replicated data parallel" : "one rank"));
+
   const LrSchedule schedule(config.optimizer.lr, config.lr_scheduler, tc.steps);
 
   // Batch layout: global batch = micro batch x accumulation steps x ranks.
@@ -169,16 +219,18 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
 
   auto run_eval = [&](int64_t step, TrainSummary& summary) {
     if (!val_data) return;
-    const auto [val_loss, val_tokens] = evaluate(model, *val_data, tc.eval_batches * micro, micro);
+    const auto [val_loss, val_tokens] =
+        evaluate(model, *val_data, tc.eval_batches * tc.global_batch_size, micro, *comm);
     summary.val_losses.emplace_back(step, val_loss);
     metrics.log_eval(step, val_loss, val_tokens);
     log("eval step {} | val_loss {:.4f} over {} tokens", step, val_loss, val_tokens);
-    if (!group.is_main()) return;
+    // Every rank samples (sharded forward passes are collectives); the main rank writes.
     SamplingOptions sampling;
     sampling.seed = derive_seed(static_cast<uint64_t>(config.job.seed), "sample") + step;
     const int64_t bos = tokenizer ? tokenizer->bos_id() : 1;
     sampling.stop_token = bos;  // documents are BOS-delimited: a new BOS ends the sample
     const std::vector<int64_t> ids = generate(model, {bos}, sampling);
+    if (!group.is_main()) return;
     std::string text;
     if (tokenizer) {
       text = tokenizer->decode(ids);
@@ -205,10 +257,18 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       loss.backward();
       step_loss += loss.item<double>();
     }
-    const double grad_norm = clip_grad_norm(params, tc.grad_clip);
+    if (replicated) {
+      for (at::Tensor& p : params) comm->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
+    }
+    const double grad_norm = clip_grad_norm(params, tc.grad_clip, sharded ? comm.get() : nullptr);
     const double lr = schedule.at(step);
     optimizer.step(lr);
     optimizer.zero_grad();
+    if (group.world_size() > 1) {  // the loss of the global batch, as one rank would see it
+      at::Tensor loss = at::full({1}, step_loss, at::kDouble);
+      comm->all_reduce(loss, ReduceOp::kAvg);
+      step_loss = loss.item<double>();
+    }
     const double step_seconds = seconds_since(step_start);
 
     summary.losses.push_back(step_loss);

@@ -48,7 +48,7 @@ TEST(Training, OverfitsOneBatch) {
   AdamW opt(oc);
   std::vector<at::Tensor> params;
   for (const auto& [fqn, p] : model.parameters()) {
-    opt.add_parameter(fqn, p, uses_weight_decay(fqn, p));
+    opt.add_parameter(fqn, p, uses_weight_decay(fqn, p.dim()));
     params.push_back(p);
   }
   at::Tensor tokens = at::randint(0, 64, {4, 17}, at::kLong);

@@ -1,0 +1,85 @@
+// Llama over FSDP units.
+#include "trainer/sharded_llama.h"
+
+#include <fmt/format.h>
+
+namespace strata {
+namespace {
+
+LlamaLayer layer_from(const std::vector<at::Tensor>& p) {
+  // Spec order is the model's parameter order within a block.
+  return LlamaLayer{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
+}
+
+}  // namespace
+
+ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, uint64_t seed)
+    : model_(config) {
+  model_.prepare_buffers(at::kCPU);
+  const bool tied = config.tie_embeddings;
+
+  // Group the model's parameters into units by FQN prefix.
+  std::vector<ParamSpec> embedding, head;
+  std::vector<std::vector<ParamSpec>> blocks(config.n_layers);
+  model_.for_each_parameter([&](const std::string& fqn, at::Tensor& meta) {
+    ParamSpec spec{fqn, meta.sizes().vec()};
+    if (fqn.rfind("layers.", 0) == 0) {
+      blocks[std::stoll(fqn.substr(7))].push_back(spec);
+    } else if (fqn == "tok_embeddings.weight" || (tied && fqn == "norm.weight")) {
+      embedding.push_back(spec);
+    } else {
+      head.push_back(spec);
+    }
+  });
+  units_.push_back(std::make_unique<FsdpUnit>("tok_embeddings", embedding, comm));
+  for (int64_t i = 0; i < config.n_layers; ++i) {
+    units_.push_back(std::make_unique<FsdpUnit>(fmt::format("layers.{}", i), blocks[i], comm));
+  }
+  if (!tied) units_.push_back(std::make_unique<FsdpUnit>("head", head, comm));
+
+  for (auto& unit : units_) {
+    for (size_t i = 0; i < unit->params().size(); ++i) {
+      at::Tensor full = at::empty(unit->params()[i].shape, at::kFloat);
+      initialize_parameter(config, unit->params()[i].fqn, full, seed);
+      unit->load_param(i, full);
+    }
+  }
+
+  embed_body_ = [this](const std::vector<at::Tensor>& p, const at::Tensor& tokens) {
+    return model_.embed(p[0], tokens);
+  };
+  for (int64_t i = 0; i < config.n_layers; ++i) {
+    block_bodies_.push_back([this](const std::vector<at::Tensor>& p, const at::Tensor& h) {
+      return model_.block(layer_from(p), h);
+    });
+  }
+  // Untied: the head unit holds [norm, output]. Tied: the embedding unit holds
+  // [tok_embeddings, norm] and the embedding matrix is the output projection.
+  head_body_ = tied ? FsdpUnit::Body([this](const std::vector<at::Tensor>& p, const at::Tensor& h) {
+    return model_.head(p[1], p[0], h);
+  })
+                    : FsdpUnit::Body([this](const std::vector<at::Tensor>& p, const at::Tensor& h) {
+                        return model_.head(p[0], p[1], h);
+                      });
+}
+
+at::Tensor ShardedLlama::forward(const at::Tensor& tokens) const {
+  at::Tensor h = units_.front()->run(tokens, embed_body_);
+  for (size_t i = 0; i < block_bodies_.size(); ++i) h = units_[1 + i]->run(h, block_bodies_[i]);
+  FsdpUnit& head_unit = config().tie_embeddings ? *units_.front() : *units_.back();
+  return head_unit.run(h, head_body_);
+}
+
+StateDict ShardedLlama::gather_parameters() const {
+  StateDict sd;
+  for (const auto& unit : units_) {
+    const std::vector<at::Tensor> views = unit->views(unit->gather());
+    for (size_t i = 0; i < views.size(); ++i) sd.insert(unit->params()[i].fqn, views[i]);
+  }
+  // Keep the model's FQN order.
+  StateDict ordered;
+  for (const std::string& fqn : model_.parameters().keys()) ordered.insert(fqn, sd.at(fqn));
+  return ordered;
+}
+
+}  // namespace strata

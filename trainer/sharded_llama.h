@@ -1,0 +1,37 @@
+// The Llama with FSDP-sharded parameters: one FsdpUnit for the embedding, one per
+// transformer block, one for the final norm + output projection (with tied embeddings the
+// final norm joins the embedding unit, whose gathered weight then also serves the output).
+// Parameters are initialised unit by unit and parameter by parameter, so no rank ever holds
+// more than one full parameter during construction, and the values equal the unsharded
+// model's (per-(seed, fqn) generators).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "parallel/fsdp.h"
+#include "trainer/llama.h"
+
+namespace strata {
+
+class ShardedLlama : public LanguageModel {
+ public:
+  ShardedLlama(const ModelConfig& config, Communicator& comm, uint64_t seed);
+  ShardedLlama(const ShardedLlama&) = delete;  // the unit bodies capture `this`
+  ShardedLlama& operator=(const ShardedLlama&) = delete;
+
+  const ModelConfig& config() const override { return model_.config(); }
+  at::Tensor forward(const at::Tensor& tokens) const override;
+
+  const std::vector<std::unique_ptr<FsdpUnit>>& units() const { return units_; }
+  // Every parameter at full size, by FQN (a collective: all ranks must call it).
+  StateDict gather_parameters() const;
+
+ private:
+  Llama model_;  // parameters stay on the meta device: names, shapes and the unit bodies
+  std::vector<std::unique_ptr<FsdpUnit>> units_;
+  std::vector<FsdpUnit::Body> block_bodies_;
+  FsdpUnit::Body embed_body_, head_body_;
+};
+
+}  // namespace strata
