@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <mpi.h>
 
+#include <chrono>
 #include <climits>
 #include <vector>
 
@@ -62,6 +63,27 @@ bool is_half_precision(const at::Tensor& t) {
 }
 
 class MpiCommunicator final : public Communicator {
+  // Adds one collective's time and ring traffic to the stats.
+  class Timed {
+   public:
+    Timed(CommStats& stats, double ring_bytes) : stats_(stats), bytes_(ring_bytes) {}
+    ~Timed() {
+      stats_.seconds += std::chrono::duration<double>(Clock::now() - start_).count();
+      stats_.bytes += bytes_;
+      ++stats_.calls;
+    }
+
+   private:
+    using Clock = std::chrono::steady_clock;
+    CommStats& stats_;
+    double bytes_;
+    Clock::time_point start_ = Clock::now();
+  };
+
+  double ring(const at::Tensor& full) const {
+    return static_cast<double>(full.nbytes()) * (world_size_ - 1) / world_size_;
+  }
+
  public:
   explicit MpiCommunicator(const ProcessGroup& group)
       : rank_(group.rank()), world_size_(group.world_size()) {}
@@ -79,6 +101,7 @@ class MpiCommunicator final : public Communicator {
       return;
     }
     check_avg(tensor, op);
+    Timed timed(stats_, 2 * ring(tensor));
     check_mpi(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), mpi_count(tensor.numel(), "all_reduce"),
                             mpi_type(tensor.scalar_type()), mpi_op(op), MPI_COMM_WORLD),
               "MPI_Allreduce");
@@ -93,6 +116,7 @@ class MpiCommunicator final : public Communicator {
                 "all_gather", input, output);
     const int count = mpi_count(input.numel(), "all_gather");
     const MPI_Datatype type = mpi_type(input.scalar_type());
+    Timed timed(stats_, ring(output));
     check_mpi(MPI_Allgather(input.data_ptr(), count, type, output.data_ptr(), count, type,
                             MPI_COMM_WORLD),
               "MPI_Allgather");
@@ -111,6 +135,7 @@ class MpiCommunicator final : public Communicator {
       return;
     }
     check_avg(input, op);
+    Timed timed(stats_, ring(input));
     check_mpi(MPI_Reduce_scatter_block(input.data_ptr(), output.data_ptr(),
                                        mpi_count(output.numel(), "reduce_scatter"),
                                        mpi_type(input.scalar_type()), mpi_op(op), MPI_COMM_WORLD),
@@ -120,10 +145,13 @@ class MpiCommunicator final : public Communicator {
 
   void broadcast(at::Tensor& tensor, int root) override {
     require_cpu_contiguous(tensor, "broadcast");
+    Timed timed(stats_, static_cast<double>(tensor.nbytes()));
     check_mpi(MPI_Bcast(tensor.data_ptr(), mpi_count(tensor.numel(), "broadcast"),
                         mpi_type(tensor.scalar_type()), root, MPI_COMM_WORLD),
               "MPI_Bcast");
   }
+
+  CommStats stats() const override { return stats_; }
 
   void barrier() override { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
 
@@ -159,6 +187,7 @@ class MpiCommunicator final : public Communicator {
 
   int rank_;
   int world_size_;
+  CommStats stats_;
 };
 
 }  // namespace

@@ -21,6 +21,15 @@ struct RankFailure {
   std::string message;
 };
 
+// Cumulative cost of the collectives so far: wall time inside them, and the bytes each rank
+// moves on a ring algorithm ((N-1)/N of the full tensor for all_gather and reduce_scatter,
+// twice that for all_reduce).
+struct CommStats {
+  double seconds = 0.0;
+  double bytes = 0.0;
+  int64_t calls = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -40,6 +49,8 @@ class Communicator {
   // Every rank says whether its part succeeded; all ranks return the failure of the lowest
   // failing rank (with its message), or nothing when all succeeded. One collective round.
   virtual std::optional<RankFailure> agree(bool ok, const std::string& message) = 0;
+
+  virtual CommStats stats() const = 0;
 };
 
 // Collectives over MPI_COMM_WORLD for CPU tensors of dtype float32, float64, int32, int64,

@@ -23,12 +23,13 @@ MetricsLogger::MetricsLogger(const std::string& path) {
 
 std::string MetricsLogger::format(const StepMetrics& m) const {
   std::string mfu = m.mfu ? fmt::format(" | mfu {:.1f}%", *m.mfu * 100.0) : "";
+  std::string comm = m.comm_fraction ? fmt::format(" | comm {:.0f}% {:.1f} MB", *m.comm_fraction * 100.0, *m.comm_mb) : "";
   const int64_t eta = static_cast<int64_t>(m.eta_s);
   return fmt::format(
       "step {:>{}}/{} | loss {:.4f} | grad_norm {:.3f} | lr {:.2e} | {:.0f} tok/s | "
-      "{:.2f} TFLOP/s{} | {:.0f} ms/step | mem {:.0f} MiB | eta {}:{:02d}",
+      "{:.2f} TFLOP/s{} | {:.0f} ms/step{} | mem {:.0f} MiB | eta {}:{:02d}",
       m.step, fmt::formatted_size("{}", m.total_steps), m.total_steps, m.loss, m.grad_norm, m.lr,
-      m.tokens_per_s, m.tflops, mfu, m.step_ms, m.mem_mb, eta / 60, eta % 60);
+      m.tokens_per_s, m.tflops, mfu, m.step_ms, comm, m.mem_mb, eta / 60, eta % 60);
 }
 
 void MetricsLogger::log_step(const StepMetrics& m) {
@@ -39,6 +40,10 @@ void MetricsLogger::log_step(const StepMetrics& m) {
                         {"mfu", m.mfu ? nlohmann::json(*m.mfu) : nlohmann::json()},
                         {"step_ms", m.step_ms},   {"mem_mb", m.mem_mb},
                         {"eta_s", m.eta_s}};
+  if (m.comm_fraction) {
+    row["comm_fraction"] = *m.comm_fraction;
+    row["comm_mb"] = *m.comm_mb;
+  }
   file_ << row.dump() << '\n';
   file_.flush();
 }

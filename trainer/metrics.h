@@ -21,6 +21,8 @@ struct StepMetrics {
   double step_ms = 0.0;
   double mem_mb = 0.0;             // resident set size of this process
   double eta_s = 0.0;
+  std::optional<double> comm_fraction;  // share of step time inside collectives (several ranks)
+  std::optional<double> comm_mb;        // MB moved per step per rank (ring algorithms)
 };
 
 class MetricsLogger {

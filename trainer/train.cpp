@@ -246,6 +246,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   summary.num_parameters = n_params;
   const uint64_t data_seed = static_cast<uint64_t>(config.job.seed);
   double window_seconds = 0.0, window_grad_norm = 0.0;
+  CommStats window_comm = comm->stats();
   int64_t window_steps = 0;
   for (int64_t step = 1; step <= tc.steps; ++step) {
     const auto step_start = Clock::now();
@@ -292,6 +293,12 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       }
       m.mem_mb = resident_memory_mb();
       m.eta_s = (summary.train_seconds / step) * static_cast<double>(tc.steps - step);
+      const CommStats now = comm->stats();
+      if (group.world_size() > 1) {
+        m.comm_fraction = (now.seconds - window_comm.seconds) / window_seconds;
+        m.comm_mb = (now.bytes - window_comm.bytes) / 1e6 / window_steps;
+      }
+      window_comm = now;
       log("{}", metrics.format(m));
       metrics.log_step(m);
       window_seconds = 0.0;
@@ -299,6 +306,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     }
     if (tc.eval_interval > 0 && (step % tc.eval_interval == 0 || step == tc.steps)) {
       run_eval(step, summary);
+      window_comm = comm->stats();  // evaluation is not training step time
     }
   }
   summary.tokens_per_s = summary.train_seconds > 0
