@@ -83,3 +83,20 @@ StateDict ShardedLlama::gather_parameters() const {
 }
 
 }  // namespace strata
+
+namespace strata {
+
+std::vector<at::Tensor> ShardedLlama::add_to_optimizer(AdamW& optimizer) const {
+  std::vector<at::Tensor> shards;
+  for (const auto& unit : units_) {
+    std::vector<float> decay;
+    for (const ParamSpec& p : unit->params()) {
+      decay.push_back(uses_weight_decay(p.fqn, static_cast<int64_t>(p.shape.size())) ? 1.f : 0.f);
+    }
+    optimizer.add_parameter(unit->name(), unit->shard(), unit->shard_mask(decay));
+    shards.push_back(unit->shard());
+  }
+  return shards;
+}
+
+}  // namespace strata

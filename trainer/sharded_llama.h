@@ -11,6 +11,7 @@
 
 #include "parallel/fsdp.h"
 #include "trainer/llama.h"
+#include "trainer/optimizer.h"
 
 namespace strata {
 
@@ -26,6 +27,10 @@ class ShardedLlama : public LanguageModel {
   const std::vector<std::unique_ptr<FsdpUnit>>& units() const { return units_; }
   // Every parameter at full size, by FQN (a collective: all ranks must call it).
   StateDict gather_parameters() const;
+
+  // Hands every unit's shard to `optimizer`, with the per-element weight-decay mask of the
+  // parameters it holds; returns the shards (what gradient clipping looks at).
+  std::vector<at::Tensor> add_to_optimizer(AdamW& optimizer) const;
 
  private:
   Llama model_;  // parameters stay on the meta device: names, shapes and the unit bodies

@@ -174,14 +174,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   std::vector<at::Tensor> params;  // what the optimizer steps: whole tensors or flat shards
   if (sharded) {
     sharded_model = std::make_unique<ShardedLlama>(mc, *comm, seed);
-    for (const auto& unit : sharded_model->units()) {
-      std::vector<float> decay;
-      for (const ParamSpec& p : unit->params()) {
-        decay.push_back(uses_weight_decay(p.fqn, static_cast<int64_t>(p.shape.size())) ? 1.f : 0.f);
-      }
-      optimizer.add_parameter(unit->name(), unit->shard(), unit->shard_mask(decay));
-      params.push_back(unit->shard());
-    }
+    params = sharded_model->add_to_optimizer(optimizer);
   } else {
     plain_model = std::make_unique<Llama>(mc);
     plain_model->materialize(at::kCPU);
