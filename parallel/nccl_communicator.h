@@ -1,0 +1,17 @@
+// The NCCL backend of Communicator (CUDA tensors). Present in every build; without CUDA and
+// NCCL at build time, make_nccl_communicator throws a DistributedError saying so.
+#pragma once
+
+#include <memory>
+
+#include "parallel/communicator.h"
+
+namespace strata {
+
+bool nccl_compiled();
+int cuda_device_count();  // 0 without CUDA, a driver, or a GPU
+
+// One communicator over all ranks; this rank uses CUDA device `device` (its local rank).
+std::unique_ptr<Communicator> make_nccl_communicator(const ProcessGroup& group, int device);
+
+}  // namespace strata
