@@ -98,8 +98,21 @@ std::vector<at::Tensor> FsdpUnit::views(const at::Tensor& full) const {
   return out;
 }
 
-at::Tensor FsdpUnit::run(const at::Tensor& input, const Body& body) {
-  return UnitFunction::apply(shard_, input, this, &body)[0];
+at::Tensor FsdpUnit::run(const at::Tensor& input, const Body& body, bool recompute) {
+  if (recompute || !at::GradMode::is_enabled()) {
+    return UnitFunction::apply(shard_, input, this, &body)[0];
+  }
+  // Keep the graph: the gathered parameters are a leaf whose gradient, once complete, is
+  // reduce-scattered and accumulated into the shard's gradient.
+  at::Tensor full = gather().requires_grad_(true);
+  full.register_hook([this](const at::Tensor& grad) {
+    at::Tensor shard_grad = at::empty({shard_numel_}, grad.options());
+    comm_.reduce_scatter(grad.contiguous(), shard_grad, ReduceOp::kAvg);
+    at::Tensor& accumulated = shard_.mutable_grad();
+    accumulated = accumulated.defined() ? accumulated.add_(shard_grad) : shard_grad;
+    return at::Tensor();  // leave the full gradient to be freed with the graph
+  });
+  return body(views(full), input);
 }
 
 }  // namespace strata

@@ -50,9 +50,12 @@ class FsdpUnit {
   at::Tensor gather() const;
   std::vector<at::Tensor> views(const at::Tensor& full) const;
 
-  // Runs `body` on the gathered parameters with autograd through the shard (see above).
-  // `body` must outlive the backward pass. Every rank must call run in the same order.
-  at::Tensor run(const at::Tensor& input, const Body& body);
+  // Runs `body` on the gathered parameters with autograd through the shard. With `recompute`
+  // (activation checkpointing) the full parameters and the unit's activations are freed after
+  // forward and rebuilt in backward; without it both stay alive until backward, which then
+  // only reduce-scatters (faster, more memory). `body` must outlive the backward pass.
+  // Every rank must call run in the same order.
+  at::Tensor run(const at::Tensor& input, const Body& body, bool recompute = true);
 
   Communicator& comm() const { return comm_; }
 

@@ -625,8 +625,6 @@ void validate(const Config& c, const Validator& v, int world_size) {
   v.not_yet(p.backend != "nccl", "parallel.backend", "nccl", "auto or mpi");
   v.one_of("parallel.fsdp.activation_checkpointing", p.fsdp.activation_checkpointing,
            {"full", "none"});
-  v.not_yet(p.fsdp.activation_checkpointing == "full", "parallel.fsdp.activation_checkpointing",
-            p.fsdp.activation_checkpointing, "full (FSDP units recompute in backward)");
   const std::vector<std::string> dtypes = {"float32", "bfloat16", "float16"};
   v.one_of("parallel.mixed_precision.param_dtype", p.mixed_precision.param_dtype, dtypes);
   v.one_of("parallel.mixed_precision.reduce_dtype", p.mixed_precision.reduce_dtype, dtypes);

@@ -13,8 +13,9 @@ LlamaLayer layer_from(const std::vector<at::Tensor>& p) {
 
 }  // namespace
 
-ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, uint64_t seed)
-    : model_(config) {
+ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, uint64_t seed,
+                           bool recompute)
+    : model_(config), recompute_(recompute) {
   model_.prepare_buffers(at::kCPU);
   const bool tied = config.tie_embeddings;
 
@@ -64,10 +65,12 @@ ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, uint64
 }
 
 at::Tensor ShardedLlama::forward(const at::Tensor& tokens) const {
-  at::Tensor h = units_.front()->run(tokens, embed_body_);
-  for (size_t i = 0; i < block_bodies_.size(); ++i) h = units_[1 + i]->run(h, block_bodies_[i]);
+  at::Tensor h = units_.front()->run(tokens, embed_body_, recompute_);
+  for (size_t i = 0; i < block_bodies_.size(); ++i) {
+    h = units_[1 + i]->run(h, block_bodies_[i], recompute_);
+  }
   FsdpUnit& head_unit = config().tie_embeddings ? *units_.front() : *units_.back();
-  return head_unit.run(h, head_body_);
+  return head_unit.run(h, head_body_, recompute_);
 }
 
 StateDict ShardedLlama::gather_parameters() const {

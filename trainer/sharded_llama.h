@@ -17,7 +17,8 @@ namespace strata {
 
 class ShardedLlama : public LanguageModel {
  public:
-  ShardedLlama(const ModelConfig& config, Communicator& comm, uint64_t seed);
+  // `recompute`: activation checkpointing per unit (see FsdpUnit::run).
+  ShardedLlama(const ModelConfig& config, Communicator& comm, uint64_t seed, bool recompute = true);
   ShardedLlama(const ShardedLlama&) = delete;  // the unit bodies capture `this`
   ShardedLlama& operator=(const ShardedLlama&) = delete;
 
@@ -37,6 +38,7 @@ class ShardedLlama : public LanguageModel {
   std::vector<std::unique_ptr<FsdpUnit>> units_;
   std::vector<FsdpUnit::Body> block_bodies_;
   FsdpUnit::Body embed_body_, head_body_;
+  bool recompute_;
 };
 
 }  // namespace strata

@@ -173,7 +173,8 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   AdamW optimizer(config.optimizer);
   std::vector<at::Tensor> params;  // what the optimizer steps: whole tensors or flat shards
   if (sharded) {
-    sharded_model = std::make_unique<ShardedLlama>(mc, *comm, seed);
+    const bool recompute = config.parallel.fsdp.activation_checkpointing == "full";
+    sharded_model = std::make_unique<ShardedLlama>(mc, *comm, seed, recompute);
     params = sharded_model->add_to_optimizer(optimizer);
   } else {
     plain_model = std::make_unique<Llama>(mc);

@@ -26,12 +26,14 @@ run one 1 12
 run fsdp2 2 6
 run fsdp3 3 4
 run fsdp4 4 3
+run fsdp3_keep 3 4 --set parallel.fsdp.activation_checkpointing=none
 run dp2 2 6 --set parallel.fsdp.enabled=false
 run dp4_accumulate 4 1 --set parallel.fsdp.enabled=false
 run accumulate4 1 3
 run fsdp2_accumulate 2 2
 run tied1 1 12 --set model.tie_embeddings=true
 run tied3 3 4 --set model.tie_embeddings=true
+run tied3_keep 3 4 --set model.tie_embeddings=true --set parallel.fsdp.activation_checkpointing=none
 
 python3 - <<'PY'
 import json, sys
@@ -50,9 +52,10 @@ def same(reference, name):
     print(f"{name}: matches {reference} (max rel diff "
           f"{max(abs(x - y) / abs(x) for x, y in zip(ref[0] + ref[1], got[0] + got[1])):.2e})")
 
-for name in ("fsdp2", "fsdp3", "fsdp4", "dp2", "dp4_accumulate", "accumulate4", "fsdp2_accumulate"):
+for name in ("fsdp2", "fsdp3", "fsdp4", "fsdp3_keep", "dp2", "dp4_accumulate", "accumulate4", "fsdp2_accumulate"):
     same("one", name)
 same("tied1", "tied3")
+same("tied1", "tied3_keep")
 loss = curve("one")[0]
 assert loss[-1] < loss[0], loss
 PY

@@ -3,6 +3,8 @@
 // and the same weights after AdamW steps where each rank trains on its slice of the batch.
 #include <gtest/gtest.h>
 
+#include <tuple>
+
 #include "parallel/communicator.h"
 #include "tests/mpi_environment.h"
 #include "trainer/sharded_llama.h"
@@ -25,18 +27,20 @@ ModelConfig micro_model(bool tied) {
   return c;
 }
 
-class ShardedLlamaTest : public ::testing::TestWithParam<bool> {
+class ShardedLlamaTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {
  protected:
   void SetUp() override { comm = make_mpi_communicator(*MpiEnvironment::group); }
+  bool tied() const { return std::get<0>(GetParam()); }
+  bool recompute() const { return std::get<1>(GetParam()); }
   std::unique_ptr<Communicator> comm;
 };
 
 TEST_P(ShardedLlamaTest, StartsFromTheUnshardedWeightsAndGivesTheSameLogits) {
-  const ModelConfig c = micro_model(GetParam());
+  const ModelConfig c = micro_model(tied());
   Llama whole(c);
   whole.materialize(at::kCPU);
   whole.initialize(21);
-  ShardedLlama sharded(c, *comm, 21);
+  ShardedLlama sharded(c, *comm, 21, recompute());
   const StateDict gathered = sharded.gather_parameters();
   ASSERT_EQ(gathered.keys(), whole.parameters().keys());
   for (const auto& [fqn, t] : whole.parameters()) EXPECT_TRUE(at::equal(gathered.at(fqn), t)) << fqn;
@@ -50,7 +54,7 @@ TEST_P(ShardedLlamaTest, StartsFromTheUnshardedWeightsAndGivesTheSameLogits) {
 }
 
 TEST_P(ShardedLlamaTest, TrainingStepsMatchTheUnshardedModel) {
-  const ModelConfig c = micro_model(GetParam());
+  const ModelConfig c = micro_model(tied());
   const int world = comm->world_size(), rank = comm->rank();
   OptimizerConfig oc;
   oc.lr = 1e-2;
@@ -63,7 +67,7 @@ TEST_P(ShardedLlamaTest, TrainingStepsMatchTheUnshardedModel) {
     whole_opt.add_parameter(fqn, p, uses_weight_decay(fqn, p.dim()));
     whole_params.push_back(p);
   }
-  ShardedLlama sharded(c, *comm, 5);
+  ShardedLlama sharded(c, *comm, 5, recompute());
   AdamW sharded_opt(oc);
   const std::vector<at::Tensor> shards = sharded.add_to_optimizer(sharded_opt);
 
@@ -98,8 +102,12 @@ TEST_P(ShardedLlamaTest, TrainingStepsMatchTheUnshardedModel) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(TiedAndUntied, ShardedLlamaTest, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "tied" : "untied"; });
+INSTANTIATE_TEST_SUITE_P(Layouts, ShardedLlamaTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param) ? "tied" : "untied") +
+                                  (std::get<1>(info.param) ? "_recompute" : "_keep");
+                         });
 
 }  // namespace
 }  // namespace strata
