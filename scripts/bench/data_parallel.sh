@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel benchmark on one machine, all runs in this invocation: the same global batch
-# trained by 1 rank x 2 threads, and by 2 ranks x 1 thread with FSDP and with replicated
-# data parallel. Prints a Markdown table: step time, tokens/s, share of step time inside
+# trained by 1 rank x 2 threads, and by 2 ranks x 1 thread with FSDP (recomputing units in
+# backward, and keeping activations), and with replicated data parallel. Prints a Markdown table: step time, tokens/s, share of step time inside
 # collectives, and MB moved per step per rank next to the ring-algorithm theory.
 #   scripts/bench/data_parallel.sh [CONFIG] [STEPS]     (default: configs/tiny.yaml, 60)
 # Needs data/tiny (scripts/demo.sh prepares it) or a config whose data exists.
@@ -24,6 +24,7 @@ run() {  # NAME RANKS THREADS [--set ...]
 }
 run single 1 2
 run fsdp 2 1 --set parallel.fsdp.enabled=true
+run fsdp_keep 2 1 --set parallel.fsdp.enabled=true --set parallel.fsdp.activation_checkpointing=none
 run replicated 2 1 --set parallel.fsdp.enabled=false
 
 python3 - "$out" "$steps" "$(nproc)" <<'PY'
@@ -39,6 +40,7 @@ print("| --- | --- | --- | --- | --- | --- | --- |")
 base = None
 for name, layout, theory in (("single", "1 x 2", 0.0),
                              ("fsdp", "2 x 1", 3 * params * 4 * 0.5 / 1e6),
+                             ("fsdp_keep", "2 x 1", 2 * params * 4 * 0.5 / 1e6),
                              ("replicated", "2 x 1", 2 * params * 4 * 0.5 / 1e6)):
     r = rows(name)
     ms = statistics.median(x["step_ms"] for x in r)
@@ -47,7 +49,8 @@ for name, layout, theory in (("single", "1 x 2", 0.0),
     mb = statistics.median(x.get("comm_mb", 0.0) for x in r)
     base = base or ms
     print(f"| {name} | {layout} | {ms:.0f} ({ms / base:.2f}x) | {tps:.0f} | {comm:.1%} | {mb:.1f} | {theory:.1f} |")
-f, d = (statistics.median(x["step_ms"] for x in rows(n)) for n in ("fsdp", "replicated"))
-print(f"\nFSDP step time over replicated DP: {f / d - 1:+.1%} ({cores} cores, {steps} steps, "
-      f"{params / 1e6:.2f}M parameters, medians over steps 6..{steps})")
+f, k, d = (statistics.median(x["step_ms"] for x in rows(n)) for n in ("fsdp", "fsdp_keep", "replicated"))
+print(f"\nStep time over replicated DP: FSDP with recompute {f / d - 1:+.1%}, FSDP keeping "
+      f"activations {k / d - 1:+.1%} ({cores} cores, {steps} steps, {params / 1e6:.2f}M "
+      f"parameters, medians over steps 6..{steps})")
 PY
