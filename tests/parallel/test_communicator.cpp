@@ -22,7 +22,8 @@ class CommunicatorTest : public ::testing::Test {
 };
 
 TEST_F(CommunicatorTest, AllReduceSumsEveryDtypeExactly) {
-  for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kInt, at::kLong, at::kBFloat16, at::kHalf}) {
+  for (at::ScalarType dtype :
+       {at::kFloat, at::kDouble, at::kInt, at::kLong, at::kByte, at::kBFloat16, at::kHalf}) {
     // rank r contributes (r + 1) * [1, 2, 3]: small integers, exact in every dtype.
     at::Tensor t = at::arange(1, 4, at::kDouble).mul(rank() + 1).to(dtype);
     comm->all_reduce(t, ReduceOp::kSum);
@@ -47,12 +48,15 @@ TEST_F(CommunicatorTest, AllReduceAverageMaxMin) {
 }
 
 TEST_F(CommunicatorTest, AllGatherConcatenatesInRankOrder) {
-  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kLong}) {
-    at::Tensor mine = at::full({3}, rank() * 10, at::TensorOptions().dtype(dtype));
-    at::Tensor all = at::empty({world() * 3}, mine.options());
-    comm->all_gather(mine, all);
-    for (int r = 0; r < world(); ++r) {
-      EXPECT_TRUE(at::equal(all.narrow(0, r * 3, 3), at::full({3}, r * 10, mine.options())));
+  for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kLong, at::kByte}) {
+    for (int64_t n : {1, 3, 7, 1000}) {  // sizes that divide nothing in particular
+      at::Tensor mine = at::full({n}, rank() * 10, at::TensorOptions().dtype(dtype));
+      at::Tensor all = at::empty({world() * n}, mine.options());
+      comm->all_gather(mine, all);
+      for (int r = 0; r < world(); ++r) {
+        EXPECT_TRUE(at::equal(all.narrow(0, r * n, n), at::full({n}, r * 10, mine.options())))
+            << c10::toString(dtype) << " n=" << n;
+      }
     }
   }
   at::Tensor wrong = at::empty({world() * 3 + 1});
@@ -72,6 +76,14 @@ TEST_F(CommunicatorTest, ReduceScatterGivesEachRankItsReducedChunk) {
     EXPECT_TRUE(at::equal(output, expected)) << c10::toString(dtype);
     comm->reduce_scatter(input, output, ReduceOp::kAvg);
     EXPECT_TRUE(at::allclose(output.to(at::kDouble), expected.to(at::kDouble).div(world())));
+  }
+}
+
+TEST_F(CommunicatorTest, AllReduceOfOddSizesAndEmptyTensors) {
+  for (int64_t n : {0, 1, 7, 4097}) {
+    at::Tensor t = at::full({n}, 1.0, at::kFloat);
+    comm->all_reduce(t, ReduceOp::kSum);
+    EXPECT_TRUE(at::equal(t, at::full({n}, static_cast<double>(world()), at::kFloat))) << n;
   }
 }
 
