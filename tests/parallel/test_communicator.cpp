@@ -1,5 +1,5 @@
 // MPI Communicator: every collective and dtype, checked exactly on 1..4 ranks (ctest runs
-// this program alone and under mpirun -np 2 and 4).
+// this program alone and under mpirun -np 2, 3 and 4).
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
