@@ -3,22 +3,14 @@
 
 #include <set>
 
+#include "tests/trainer/micro_model.h"
 #include "trainer/llama.h"
 
 namespace strata {
 namespace {
 
-ModelConfig micro_config() {
-  ModelConfig c;
-  c.vocab_size = 97;
-  c.dim = 32;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.multiple_of = 16;
-  c.max_seq_len = 16;
-  return c;
-}
+// Vocabulary 97: a size no power of two hides.
+ModelConfig micro_config_for_llama() { return testing::micro_model(97, 16); }
 
 Llama initialised_model(const ModelConfig& c, uint64_t seed = 7) {
   Llama model(c);
@@ -30,7 +22,7 @@ Llama initialised_model(const ModelConfig& c, uint64_t seed = 7) {
 TEST(Llama, ParameterCountFormulaMatchesTensors) {
   for (bool tied : {false, true}) {
     for (int64_t kv : {1, 2, 4}) {
-      ModelConfig c = micro_config();
+      ModelConfig c = micro_config_for_llama();
       c.tie_embeddings = tied;
       c.n_kv_heads = kv;
       c.ffn_dim_multiplier = kv == 1 ? std::optional<double>(1.3) : std::nullopt;
@@ -50,7 +42,7 @@ TEST(Llama, ParameterCountFormulaMatchesTensors) {
 }
 
 TEST(Llama, BuiltOnMetaDeviceUntilMaterialised) {
-  Llama model(micro_config());
+  Llama model(micro_config_for_llama());
   for (const auto& [fqn, t] : model.parameters()) EXPECT_TRUE(t.device().is_meta()) << fqn;
   model.materialize(at::kCPU);
   for (const auto& [fqn, t] : model.parameters()) {
@@ -60,7 +52,7 @@ TEST(Llama, BuiltOnMetaDeviceUntilMaterialised) {
 }
 
 TEST(Llama, ParameterNamesFollowTheInternalConvention) {
-  ModelConfig c = micro_config();
+  ModelConfig c = micro_config_for_llama();
   std::vector<std::string> keys = Llama(c).parameters().keys();
   ASSERT_EQ(keys.size(), 1u + 9u * 2u + 2u);
   EXPECT_EQ(keys.front(), "tok_embeddings.weight");
@@ -74,7 +66,7 @@ TEST(Llama, ParameterNamesFollowTheInternalConvention) {
 }
 
 TEST(Llama, ForwardGivesLogitsPerPosition) {
-  Llama model = initialised_model(micro_config());
+  Llama model = initialised_model(micro_config_for_llama());
   at::Tensor tokens = at::randint(0, 97, {3, 11}, at::kLong);
   at::Tensor logits = model.forward(tokens);
   EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{3, 11, 97}));
@@ -83,7 +75,7 @@ TEST(Llama, ForwardGivesLogitsPerPosition) {
 }
 
 TEST(Llama, ChangingAFutureTokenLeavesEarlierLogitsUnchanged) {
-  Llama model = initialised_model(micro_config());
+  Llama model = initialised_model(micro_config_for_llama());
   at::NoGradGuard no_grad;
   at::Tensor tokens = at::randint(0, 97, {2, 12}, at::kLong);
   at::Tensor before = model.forward(tokens);
@@ -119,7 +111,7 @@ TEST(Llama, RopeDotProductDependsOnlyOnRelativePosition) {
 }
 
 TEST(Llama, InitialiseSkipsLoadedTensors) {
-  ModelConfig c = micro_config();
+  ModelConfig c = micro_config_for_llama();
   Llama model(c);
   model.materialize(at::kCPU);
   const std::string loaded_key = "layers.1.attention.wk.weight";
@@ -135,7 +127,7 @@ TEST(Llama, InitialiseSkipsLoadedTensors) {
 }
 
 TEST(Llama, InitialWeightsDependOnlyOnSeedAndName) {
-  ModelConfig c = micro_config();
+  ModelConfig c = micro_config_for_llama();
   Llama a = initialised_model(c, 11);
   Llama b(c);
   b.materialize(at::kCPU);
@@ -149,7 +141,7 @@ TEST(Llama, InitialWeightsDependOnlyOnSeedAndName) {
 }
 
 TEST(Llama, InitialisationScalesFollowTheScheme) {
-  ModelConfig c = micro_config();
+  ModelConfig c = micro_config_for_llama();
   c.vocab_size = 512;
   c.dim = 64;
   c.n_layers = 4;
@@ -164,7 +156,7 @@ TEST(Llama, InitialisationScalesFollowTheScheme) {
 }
 
 TEST(Llama, TiedEmbeddingsShareTheOutputProjection) {
-  ModelConfig c = micro_config();
+  ModelConfig c = micro_config_for_llama();
   c.tie_embeddings = true;
   Llama model = initialised_model(c);
   at::Tensor tokens = at::randint(0, 97, {1, 5}, at::kLong);
@@ -176,7 +168,7 @@ TEST(Llama, TiedEmbeddingsShareTheOutputProjection) {
 }
 
 TEST(Llama, TrainingFlopsCountMatmulsAndAttention) {
-  ModelConfig c = micro_config();
+  ModelConfig c = micro_config_for_llama();
   const double matmul_params = Llama::count_parameters(c) - c.vocab_size * c.dim;
   EXPECT_DOUBLE_EQ(Llama::training_flops_per_token(c, 16),
                    6 * matmul_params + 12.0 * c.n_layers * c.n_heads * c.head_dim() * 16);

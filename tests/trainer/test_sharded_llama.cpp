@@ -7,25 +7,13 @@
 
 #include "parallel/communicator.h"
 #include "tests/mpi_environment.h"
+#include "tests/trainer/micro_model.h"
 #include "trainer/sharded_llama.h"
 
 namespace strata {
 namespace {
 
 using testing::MpiEnvironment;
-
-ModelConfig micro_model(bool tied) {
-  ModelConfig c;
-  c.vocab_size = 67;
-  c.dim = 32;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.multiple_of = 16;
-  c.max_seq_len = 16;
-  c.tie_embeddings = tied;
-  return c;
-}
 
 class ShardedLlamaTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {
  protected:
@@ -36,7 +24,7 @@ class ShardedLlamaTest : public ::testing::TestWithParam<std::tuple<bool, bool>>
 };
 
 TEST_P(ShardedLlamaTest, StartsFromTheUnshardedWeightsAndGivesTheSameLogits) {
-  const ModelConfig c = micro_model(tied());
+  const ModelConfig c = testing::micro_model(67, 16, tied());
   Llama whole(c);
   whole.materialize(at::kCPU);
   whole.initialize(21);
@@ -54,7 +42,7 @@ TEST_P(ShardedLlamaTest, StartsFromTheUnshardedWeightsAndGivesTheSameLogits) {
 }
 
 TEST_P(ShardedLlamaTest, TrainingStepsMatchTheUnshardedModel) {
-  const ModelConfig c = micro_model(tied());
+  const ModelConfig c = testing::micro_model(67, 16, tied());
   const int world = comm->world_size(), rank = comm->rank();
   OptimizerConfig oc;
   oc.lr = 1e-2;

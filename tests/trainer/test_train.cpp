@@ -8,6 +8,7 @@
 
 #include "parallel/process_group.h"
 #include "tests/mpi_environment.h"
+#include "tests/trainer/micro_model.h"
 #include "tests/trainer/temp_dir.h"
 #include "trainer/llama.h"
 #include "trainer/optimizer.h"
@@ -24,21 +25,9 @@ using testing::MpiEnvironment;
 
 using testing::TempDir;
 
-ModelConfig micro_model(int64_t vocab) {
-  ModelConfig c;
-  c.vocab_size = vocab;
-  c.dim = 32;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.multiple_of = 16;
-  c.max_seq_len = 32;
-  return c;
-}
-
 TEST(Training, OverfitsOneBatch) {
   at::manual_seed(0);
-  ModelConfig c = micro_model(64);
+  ModelConfig c = testing::micro_model(64, 32);
   Llama model(c);
   model.materialize(at::kCPU);
   model.initialize(5);
@@ -86,7 +75,7 @@ Config synthetic_job(const TempDir& dir) {
                     std::vector<uint32_t>(tokens.begin(), tokens.begin() + 2000), vocab);
   Config config;
   config.job.run_dir = dir / "run";
-  config.model = micro_model(vocab);
+  config.model = testing::micro_model(vocab, 32);
   config.data.train = dir / "train_*.bin";
   config.data.val = dir / "val_*.bin";
   config.data.seq_len = 32;
@@ -151,7 +140,7 @@ TEST(Training, LossDecreasesOnRealText) {
 
   Config config;
   config.job.run_dir = dir / "run";
-  config.model = micro_model(384);
+  config.model = testing::micro_model(384, 32);
   config.model.dim = 64;
   config.model.max_seq_len = 64;
   config.data.train = dir / "data/train_*.bin";
