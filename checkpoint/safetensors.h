@@ -1,0 +1,77 @@
+// safetensors files (the format of HF checkpoints and of Strata's per-rank checkpoint files):
+// an 8-byte little-endian header length N, N bytes of JSON header padded with spaces to a
+// multiple of 8, then the tensor bytes back to back. Reading memory-maps the file and checks
+// everything the reference reader checks; writing produces the reference writer's layout and
+// replaces the destination atomically (temp + fsync + rename).
+#pragma once
+
+#include <ATen/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace strata {
+
+// A checkpoint or model file is missing, malformed, or does not fit the model.
+class CheckpointError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct SafetensorsEntry {
+  std::string name;
+  std::string dtype;            // "F32", "BF16", ...
+  std::vector<int64_t> shape;
+  uint64_t begin = 0, end = 0;  // byte range within the data section
+};
+
+struct SafetensorsHeader {
+  std::map<std::string, std::string> metadata;  // __metadata__
+  std::vector<SafetensorsEntry> entries;        // in data order
+  uint64_t data_offset = 0;                     // 8 + N: where the data section starts
+};
+
+// Parses and validates the header of a whole file image (`size` bytes at `data`). `file`
+// names it in errors. Pure function, no I/O: the parser the fuzz target exercises.
+SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
+                                           const std::string& file);
+
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);  // mmap + parse_safetensors_header
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  const SafetensorsHeader& header() const { return header_; }
+  bool contains(const std::string& name) const;
+  const SafetensorsEntry& entry(const std::string& name) const;  // throws CheckpointError
+  // A copy of the tensor (dtype and shape as stored).
+  at::Tensor tensor(const std::string& name) const;
+  // Elements [begin, begin + count) of the flattened tensor: reads only those bytes.
+  at::Tensor read_elements(const std::string& name, int64_t begin, int64_t count) const;
+
+ private:
+  std::string path_;
+  const uint8_t* map_ = nullptr;
+  size_t size_ = 0;
+  SafetensorsHeader header_;
+  std::map<std::string, size_t> index_;
+};
+
+// Writes `tensors` (any order; names unique) with `metadata` (string -> string; "format": "pt"
+// is added when absent) to `path`, atomically.
+void write_safetensors(const std::string& path,
+                       const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       std::map<std::string, std::string> metadata = {});
+
+// safetensors dtype string <-> LibTorch dtype; throws CheckpointError for ones LibTorch lacks.
+std::string safetensors_dtype(at::ScalarType dtype);
+at::ScalarType torch_dtype(const std::string& safetensors_dtype);
+
+}  // namespace strata
