@@ -3,8 +3,6 @@
 // the reader and the YAML writer share. Value checks are in config_validation.cpp.
 #include "trainer/config.h"
 
-#include "trainer/config_detail.h"
-
 #include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
@@ -13,9 +11,13 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
+
+#include "trainer/config_detail.h"
 
 namespace strata {
 
@@ -31,7 +33,9 @@ void fail(const std::string& what, const std::string& where, const std::string& 
 
 int64_t ModelConfig::ffn_hidden_dim() const {
   int64_t hidden = 2 * (4 * dim) / 3;
-  if (ffn_dim_multiplier) hidden = static_cast<int64_t>(*ffn_dim_multiplier * hidden);
+  if (ffn_dim_multiplier) {
+    hidden = static_cast<int64_t>(*ffn_dim_multiplier * static_cast<double>(hidden));
+  }
   return multiple_of * ((hidden + multiple_of - 1) / multiple_of);
 }
 
@@ -44,12 +48,14 @@ const std::vector<std::pair<std::string, LrDecay>> kDecayNames = {
 
 // ---- the schema ---------------------------------------------------------------------------
 
-template <class V> void visit(V& v, JobConfig& c) {
+template <class V>
+void visit(V& v, JobConfig& c) {
   v.field("name", c.name);
   v.field("run_dir", c.run_dir);
   v.field("seed", c.seed);
 }
-template <class V> void visit(V& v, ModelConfig& c) {
+template <class V>
+void visit(V& v, ModelConfig& c) {
   v.field("name", c.name);
   v.field("vocab_size", c.vocab_size);
   v.field("dim", c.dim);
@@ -63,13 +69,15 @@ template <class V> void visit(V& v, ModelConfig& c) {
   v.field("max_seq_len", c.max_seq_len);
   v.field("tie_embeddings", c.tie_embeddings);
 }
-template <class V> void visit(V& v, DataConfig& c) {
+template <class V>
+void visit(V& v, DataConfig& c) {
   v.field("train", c.train, /*required=*/true);
   v.field("val", c.val);
   v.field("tokenizer", c.tokenizer);
   v.field("seq_len", c.seq_len);
 }
-template <class V> void visit(V& v, TrainingConfig& c) {
+template <class V>
+void visit(V& v, TrainingConfig& c) {
   v.field("steps", c.steps);
   v.field("global_batch_size", c.global_batch_size);
   v.field("micro_batch_size", c.micro_batch_size);
@@ -78,33 +86,39 @@ template <class V> void visit(V& v, TrainingConfig& c) {
   v.field("eval_batches", c.eval_batches);
   v.field("log_interval", c.log_interval);
 }
-template <class V> void visit(V& v, OptimizerConfig& c) {
+template <class V>
+void visit(V& v, OptimizerConfig& c) {
   v.field("name", c.name);
   v.field("lr", c.lr);
   v.field("betas", c.betas);
   v.field("eps", c.eps);
   v.field("weight_decay", c.weight_decay);
 }
-template <class V> void visit(V& v, LrSchedulerConfig& c) {
+template <class V>
+void visit(V& v, LrSchedulerConfig& c) {
   v.field("warmup_steps", c.warmup_steps);
-  v.choice("decay", c.decay, kDecayNames);
+  v.field("decay", c.decay);
   v.field("min_lr_ratio", c.min_lr_ratio);
 }
-template <class V> void visit(V& v, FsdpConfig& c) {
+template <class V>
+void visit(V& v, FsdpConfig& c) {
   v.field("enabled", c.enabled);
   v.field("activation_checkpointing", c.activation_checkpointing);
 }
-template <class V> void visit(V& v, MixedPrecisionConfig& c) {
+template <class V>
+void visit(V& v, MixedPrecisionConfig& c) {
   v.field("param_dtype", c.param_dtype);
   v.field("reduce_dtype", c.reduce_dtype);
 }
-template <class V> void visit(V& v, ParallelConfig& c) {
+template <class V>
+void visit(V& v, ParallelConfig& c) {
   v.field("backend", c.backend);
   v.auto_int("threads_per_rank", c.threads_per_rank);
   v.section("fsdp", c.fsdp);
   v.section("mixed_precision", c.mixed_precision);
 }
-template <class V> void visit(V& v, CheckpointConfig& c) {
+template <class V>
+void visit(V& v, CheckpointConfig& c) {
   v.field("enable", c.enable);
   v.field("folder", c.folder);
   v.field("interval", c.interval);
@@ -120,7 +134,8 @@ template <class V> void visit(V& v, CheckpointConfig& c) {
   v.field("additional_load_paths", c.additional_load_paths);
   v.field("exclude_from_loading", c.exclude_from_loading);
 }
-template <class V> void visit(V& v, ConverterConfig& c) {
+template <class V>
+void visit(V& v, ConverterConfig& c) {
   v.field("type", c.type, /*required=*/true);
   v.field("rank", c.rank);
   v.field("alpha", c.alpha);
@@ -128,11 +143,13 @@ template <class V> void visit(V& v, ConverterConfig& c) {
   v.field("target_modules", c.target_modules);
   v.field("export", c.export_mode);
 }
-template <class V> void visit(V& v, LoggingConfig& c) {
+template <class V>
+void visit(V& v, LoggingConfig& c) {
   v.field("metrics_file", c.metrics_file);
   v.field("peak_tflops", c.peak_tflops);
 }
-template <class V> void visit(V& v, Config& c) {
+template <class V>
+void visit(V& v, Config& c) {
   v.section("job", c.job);
   v.section("model", c.model);
   v.section("data", c.data);
@@ -148,6 +165,7 @@ template <class V> void visit(V& v, Config& c) {
 // ---- where values come from ---------------------------------------------------------------
 
 std::string scalar_text(const YAML::Node& node) {
+  if (node.IsNull()) return "null";
   if (node.IsScalar()) return node.Scalar();
   YAML::Emitter emitter;
   emitter << YAML::Flow << node;
@@ -202,56 +220,40 @@ class Sources {
 
 // ---- reading ------------------------------------------------------------------------------
 
+// Reads one section (a YAML mapping) into its struct through `visit`. Positions are those
+// of keys: an empty value's own mark points past it, at the next token.
 class Reader {
  public:
-  Reader(const YAML::Node& node, std::string path, const Sources& sources,
-         std::map<std::string, std::string>& where)
-      : node_(node), path_(std::move(path)), sources_(sources), where_(where) {
+  // `position`: the section's key (or the list item itself) for messages about the section.
+  Reader(const YAML::Node& node, const YAML::Node& position, std::string path,
+         const Sources& sources, std::map<std::string, std::string>& where)
+      : node_(node), position_(position), path_(std::move(path)), sources_(sources), where_(where) {
     if (node_.IsDefined() && !node_.IsNull() && !node_.IsMap()) {
-      fail(fmt::format("{} must be a mapping of keys, got '{}'", display(), scalar_text(node_)),
-           sources_.where(path_, node_));
+      fail(fmt::format("{} must be a mapping of keys, got '{}'", path_, scalar_text(node_)),
+           sources_.where(path_, position_));
     }
   }
 
-  template <class T> void field(const char* key, T& out, bool required = false) {
+  template <class T>
+  void field(const char* key, T& out, bool required = false) {
     const YAML::Node value = lookup(key);
     const std::string path = join(key);
     if (!value.IsDefined()) {
       if (required) {
-        fail(fmt::format("missing required key {}", path), sources_.where(path_, node_),
+        fail(fmt::format("missing required key {}", path), sources_.where(path_, position_),
              fmt::format("add `{}:` to the config or pass --set {}=...", path, path));
       }
       return;
     }
-    where_[path] = sources_.where(path, value);
     convert(value, path, out);
   }
 
-  template <class E>
-  void choice(const char* key, E& out, const std::vector<std::pair<std::string, E>>& names) {
-    std::string text;
-    for (const auto& [name, value] : names) {
-      if (value == out) text = name;
-    }
-    field(key, text);
-    std::string valid;
-    for (const auto& [name, value] : names) {
-      if (name == text) {
-        out = value;
-        return;
-      }
-      valid += (valid.empty() ? "" : ", ") + name;
-    }
-    const std::string path = join(key);
-    fail(fmt::format("{} = '{}' is not one of: {}", path, text, valid), where_.at(path));
-  }
-
+  // An integer where `auto` (stored as 0) lets the program choose.
   void auto_int(const char* key, int64_t& out) {
     const YAML::Node value = lookup(key);
     if (!value.IsDefined()) return;
     const std::string path = join(key);
-    where_[path] = sources_.where(path, value);
-    if (value.IsScalar() && value.Scalar() == "auto") {
+    if (value.IsScalar() && value.Scalar() == "auto" && value.Tag() == "?") {
       out = 0;
       return;
     }
@@ -261,61 +263,79 @@ class Reader {
     }
   }
 
-  template <class S> void section(const char* key, S& out) {
-    Reader child(lookup(key), join(key), sources_, where_);
+  template <class S>
+  void section(const char* key, S& out) {
+    const YAML::Node value = lookup(key);
+    Reader child(value, last_key_, join(key), sources_, where_);
     visit(child, out);
     child.reject_unknown_keys();
   }
 
-  template <class S> void list(const char* key, std::vector<S>& out) {
+  template <class S>
+  void list(const char* key, std::vector<S>& out) {
     const YAML::Node value = lookup(key);
     const std::string path = join(key);
     if (!value.IsDefined() || value.IsNull()) return;
-    where_[path] = sources_.where(path, value);
     if (!value.IsSequence()) {
       fail(fmt::format("{} must be a list, got '{}'", path, scalar_text(value)), where_[path]);
     }
     out.clear();
     for (size_t i = 0; i < value.size(); ++i) {
       S item;
-      Reader child(value[i], fmt::format("{}.{}", path, i), sources_, where_);
+      Reader child(value[i], value[i], fmt::format("{}.{}", path, i), sources_, where_);
       visit(child, item);
       child.reject_unknown_keys();
       out.push_back(std::move(item));
     }
   }
 
+  // Called after `visit` has named every key of this section.
   void reject_unknown_keys() const {
     if (!node_.IsDefined() || node_.IsNull()) return;
+    std::set<std::string> seen;
     for (const auto& entry : node_) {
       const std::string key = entry.first.Scalar();
+      const std::string where = sources_.where(join(key), entry.first);
+      // yaml-cpp keeps both copies and `lookup` reads the first, while most YAML readers
+      // take the last: either silent choice would surprise someone.
+      if (!seen.insert(key).second) {
+        fail(fmt::format("duplicate key {}", join(key)), where, "keep only one of them");
+      }
       if (std::find(known_.begin(), known_.end(), key) != known_.end()) continue;
-      std::string best;
+      std::string best, valid;
       size_t best_distance = SIZE_MAX;
       for (const std::string& k : known_) {
         const size_t d = edit_distance(key, k);
         if (d < best_distance) best_distance = d, best = k;
+        valid += (valid.empty() ? "" : ", ") + join(k);
       }
-      std::string valid;
-      for (const std::string& k : known_) valid += (valid.empty() ? "" : ", ") + join(k);
-      const bool close = best_distance <= std::max<size_t>(2, key.size() / 3);
-      fail(fmt::format("unknown key {}", join(key)), sources_.where(join(key), entry.first),
+      // Close: a typo or two, but not a different word that happens to be as short.
+      const bool close = best_distance <= std::max<size_t>(2, key.size() / 3) &&
+                         best_distance < std::min(key.size(), best.size());
+      const char* kind = path_.empty() ? "section" : "key";
+      fail(fmt::format("unknown {} {}", kind, join(key)), where,
            close ? fmt::format("did you mean {}?", join(best))
-                 : fmt::format("valid keys here: {}", valid));
+                 : fmt::format("valid {}s here: {}", kind, valid));
     }
   }
 
  private:
   std::string join(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
-  std::string display() const { return path_.empty() ? "the config" : path_; }
 
+  // The value of `key` (undefined when absent); records the key as known and where it is.
+  // (YAML::Node's `=` writes through to the node it refers to; `reset` rebinds.)
   YAML::Node lookup(const char* key) {
     known_.emplace_back(key);
-    if (!node_.IsDefined() || node_.IsNull()) return YAML::Node(YAML::NodeType::Undefined);
+    last_key_.reset(YAML::Node(YAML::NodeType::Undefined));
+    if (!node_.IsDefined() || node_.IsNull()) return last_key_;
     for (const auto& entry : node_) {
-      if (entry.first.Scalar() == key) return entry.second;
+      if (entry.first.Scalar() == key) {
+        last_key_.reset(entry.first);
+        where_[join(key)] = sources_.where(join(key), entry.first);
+        return entry.second;
+      }
     }
-    return YAML::Node(YAML::NodeType::Undefined);
+    return last_key_;
   }
 
   [[noreturn]] void wrong_type(const YAML::Node& value, const std::string& path,
@@ -324,9 +344,20 @@ class Reader {
          where_.at(path));
   }
 
+  // The text of a number or boolean. Quoting makes any scalar a string in YAML, so "128"
+  // where an integer is expected is the user's mistake, not ours to guess.
+  const std::string& plain_text(const YAML::Node& value, const std::string& path,
+                                const char* expected) const {
+    if (!value.IsScalar()) wrong_type(value, path, expected);
+    if (value.Tag() == "!" || value.Tag() == "tag:yaml.org,2002:str") {
+      fail(fmt::format("{} must be {}, got the string '{}'", path, expected, value.Scalar()),
+           where_.at(path), "remove the quotes");
+    }
+    return value.Scalar();
+  }
+
   void convert(const YAML::Node& value, const std::string& path, int64_t& out) const {
-    if (!value.IsScalar()) wrong_type(value, path, "an integer");
-    const std::string& text = value.Scalar();
+    const std::string& text = plain_text(value, path, "an integer");
     char* end = nullptr;
     errno = 0;
     const long long parsed = std::strtoll(text.c_str(), &end, 10);
@@ -334,8 +365,7 @@ class Reader {
     out = parsed;
   }
   void convert(const YAML::Node& value, const std::string& path, double& out) const {
-    if (!value.IsScalar()) wrong_type(value, path, "a number");
-    const std::string& text = value.Scalar();
+    const std::string& text = plain_text(value, path, "a number");
     char* end = nullptr;
     const double parsed = std::strtod(text.c_str(), &end);
     if (text.empty() || *end != '\0' || !std::isfinite(parsed)) {
@@ -344,33 +374,41 @@ class Reader {
     out = parsed;
   }
   void convert(const YAML::Node& value, const std::string& path, bool& out) const {
-    if (!value.IsScalar() || (value.Scalar() != "true" && value.Scalar() != "false")) {
-      wrong_type(value, path, "true or false");
-    }
-    out = value.Scalar() == "true";
+    // YAML 1.2's booleans only: `yes`/`on` are strings there, and ambiguous to readers.
+    static const std::set<std::string> kTrue = {"true", "True", "TRUE"};
+    static const std::set<std::string> kFalse = {"false", "False", "FALSE"};
+    const std::string& text = plain_text(value, path, "true or false");
+    if (!kTrue.count(text) && !kFalse.count(text)) wrong_type(value, path, "true or false");
+    out = kTrue.count(text) > 0;
   }
   void convert(const YAML::Node& value, const std::string& path, std::string& out) const {
     if (!value.IsScalar()) wrong_type(value, path, "a string");
     out = value.Scalar();
   }
+  void convert(const YAML::Node& value, const std::string& path, LrDecay& out) const {
+    std::string text;
+    convert(value, path, text);
+    for (const auto& [name, decay] : kDecayNames) {
+      if (name == text) {
+        out = decay;
+        return;
+      }
+    }
+    fail(fmt::format("{} = '{}' is not one of: cosine, linear, none", path, text), where_.at(path));
+  }
   template <class T>
   void convert(const YAML::Node& value, const std::string& path, std::optional<T>& out) const {
-    if (value.IsNull()) {
-      out.reset();
-      return;
-    }
+    out.reset();
+    if (value.IsNull()) return;
     T inner{};
     convert(value, path, inner);
     out = inner;
   }
   template <class T>
   void convert(const YAML::Node& value, const std::string& path, std::vector<T>& out) const {
-    if (value.IsNull()) {
-      out.clear();
-      return;
-    }
-    if (!value.IsSequence()) wrong_type(value, path, "a list");
     out.clear();
+    if (value.IsNull()) return;
+    if (!value.IsSequence()) wrong_type(value, path, "a list");
     for (size_t i = 0; i < value.size(); ++i) {
       T item{};
       convert(value[i], path, item);
@@ -379,6 +417,8 @@ class Reader {
   }
 
   YAML::Node node_;
+  YAML::Node position_;
+  YAML::Node last_key_;  // the key node `lookup` found last
   std::string path_;
   const Sources& sources_;
   std::map<std::string, std::string>& where_;
@@ -388,17 +428,26 @@ class Reader {
 // ---- writing ------------------------------------------------------------------------------
 
 std::string yaml_string(const std::string& s) {
-  // Plain only when it cannot read back as anything but this string.
+  // Plain only when no YAML reader can take it for anything but this string (null, a
+  // boolean in YAML 1.1 or 1.2, in any case).
+  std::string lower;
+  for (char ch : s) lower += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  static const std::set<std::string> kReserved = {"null", "true", "false", "yes", "no",
+                                                  "on",   "off",  "y",     "n"};
   const bool plain = !s.empty() && std::isalpha(static_cast<unsigned char>(s.front())) &&
-                     s.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                         "0123456789_./-") == std::string::npos &&
-                     s != "null" && s != "true" && s != "false" && s != "auto" && s != "yes" &&
-                     s != "no" && s != "on" && s != "off" && s != "y" && s != "n";
+                     s.find_first_not_of(
+                         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                         "0123456789_./-") == std::string::npos &&
+                     !kReserved.count(lower);
   if (plain) return s;
+  // Double quotes: the only YAML style with escapes, so control characters survive.
   std::string quoted = "\"";
   for (char ch : s) {
-    if (ch == '"' || ch == '\\') quoted += '\\';
-    quoted += ch;
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) {
+      quoted += fmt::format("\\x{:02x}", static_cast<unsigned char>(ch));
+    } else {
+      quoted += (ch == '"' || ch == '\\') ? std::string{'\\', ch} : std::string{ch};
+    }
   }
   return quoted + "\"";
 }
@@ -416,33 +465,30 @@ class Writer {
   explicit Writer(int indent = 0) : indent_(indent) {}
   const std::string& text() const { return out_; }
 
-  template <class T> void field(const char* key, const T& value, bool = false) {
+  template <class T>
+  void field(const char* key, const T& value, bool = false) {
     line(key, format(value));
-  }
-  template <class E>
-  void choice(const char* key, const E& value, const std::vector<std::pair<std::string, E>>& names) {
-    for (const auto& [name, v] : names) {
-      if (v == value) line(key, name);
-    }
   }
   void auto_int(const char* key, const int64_t& value) {
     line(key, value == 0 ? "auto" : std::to_string(value));
   }
-  template <class S> void section(const char* key, S& value) {
+  template <class S>
+  void section(const char* key, S& value) {
     out_ += fmt::format("{:{}}{}:\n", "", indent_, key);
     Writer child(indent_ + 2);
     visit(child, value);
     out_ += child.text();
   }
-  template <class S> void list(const char* key, std::vector<S>& items) {
+  template <class S>
+  void list(const char* key, std::vector<S>& items) {
     if (items.empty()) return line(key, "[]");
     out_ += fmt::format("{:{}}{}:\n", "", indent_, key);
     for (S& item : items) {
       Writer child(indent_ + 4);
       visit(child, item);
-      std::string text = child.text();
-      text.replace(indent_, 4, "  - ");  // the first key carries the item marker
-      out_ += text;
+      std::string item_text = child.text();
+      item_text.replace(indent_, 4, "  - ");  // the first key carries the item marker
+      out_ += item_text;
     }
   }
 
@@ -454,10 +500,18 @@ class Writer {
   static std::string format(double v) { return yaml_double(v); }
   static std::string format(bool v) { return v ? "true" : "false"; }
   static std::string format(const std::string& v) { return yaml_string(v); }
-  template <class T> static std::string format(const std::optional<T>& v) {
+  static std::string format(LrDecay v) {
+    for (const auto& [name, decay] : kDecayNames) {
+      if (decay == v) return name;
+    }
+    return "?";
+  }
+  template <class T>
+  static std::string format(const std::optional<T>& v) {
     return v ? format(*v) : "null";
   }
-  template <class T> static std::string format(const std::vector<T>& v) {
+  template <class T>
+  static std::string format(const std::vector<T>& v) {
     std::string s = "[";
     for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + format(v[i]);
     return s + "]";
@@ -472,7 +526,9 @@ class Writer {
 void apply_override(YAML::Node& root, const std::string& text, Sources& sources) {
   const size_t eq = text.find('=');
   const std::string hint = "write --set section.key=value, e.g. --set training.steps=100";
-  if (eq == std::string::npos) fail(fmt::format("override '{}' has no '='", text), "--set " + text, hint);
+  if (eq == std::string::npos) {
+    fail(fmt::format("override '{}' has no '='", text), "--set " + text, hint);
+  }
   const std::string path = text.substr(0, eq);
   std::vector<std::string> segments;
   for (size_t begin = 0;;) {
@@ -491,41 +547,48 @@ void apply_override(YAML::Node& root, const std::string& text, Sources& sources)
     fail(fmt::format("the value of override '{}' is not valid YAML: {}", text, e.msg),
          "--set " + text, "quote strings that contain YAML syntax, e.g. --set 'job.name=\"a: b\"'");
   }
+  // Walk the path, creating sections the file left out (reading then reports unknown ones).
+  // A list entry is addressed by its index: converters.0.rank=4, or converters.0={...}.
+  const std::string where = "--set " + text;
   YAML::Node node;
   node.reset(root);
-  std::string walked;
-  for (size_t i = 0; i + 1 < segments.size(); ++i) {
+  std::string walked;  // the dotted path of `node`
+  for (size_t i = 0; i < segments.size(); ++i) {
     const std::string& seg = segments[i];
-    walked += (walked.empty() ? "" : ".") + seg;
+    const bool last = i + 1 == segments.size();
     YAML::Node next;
     if (node.IsSequence()) {
-      char* end = nullptr;
-      const long index = std::strtol(seg.c_str(), &end, 10);
-      if (*end != '\0' || index < 0 || static_cast<size_t>(index) >= node.size()) {
-        fail(fmt::format("override '{}': {} has {} entries, '{}' is not an index of it", text,
-                         walked.substr(0, walked.rfind('.')), node.size(), seg),
-             "--set " + text);
+      const bool is_index = std::all_of(seg.begin(), seg.end(), [](char ch) {
+        return std::isdigit(static_cast<unsigned char>(ch));
+      });
+      const size_t index = is_index ? std::strtoul(seg.c_str(), nullptr, 10) : SIZE_MAX;
+      if (index >= node.size()) {
+        fail(fmt::format("override '{}': {} has {} entr{}, '{}' is not an index of it", text,
+                         walked, node.size(), node.size() == 1 ? "y" : "ies", seg),
+             where, fmt::format("to replace the whole list: --set {}=[...]", walked));
       }
-      next.reset(node[static_cast<size_t>(index)]);
+      if (last) {
+        node[index] = value;
+      } else {
+        next.reset(node[index]);
+      }
     } else if (node.IsMap() || node.IsNull()) {
-      if (!node[seg].IsDefined() || node[seg].IsNull()) node[seg] = YAML::Node(YAML::NodeType::Map);
-      next.reset(node[seg]);
+      if (last) {
+        node[seg] = value;
+      } else {
+        // A missing list reads as empty, so converters.0.rank=4 says there is no entry 0.
+        const bool index_next = std::isdigit(static_cast<unsigned char>(segments[i + 1][0]));
+        if (!node[seg].IsDefined() || node[seg].IsNull()) {
+          node[seg] = YAML::Node(index_next ? YAML::NodeType::Sequence : YAML::NodeType::Map);
+        }
+        next.reset(node[seg]);
+      }
     } else {
-      fail(fmt::format("override '{}': {} is a value, not a section", text,
-                       walked.substr(0, walked.rfind('.'))),
-           "--set " + text);
+      fail(fmt::format("override '{}': {} is a value, not a section", text, walked), where);
     }
     node.reset(next);
+    walked += (walked.empty() ? "" : ".") + seg;
   }
-  if (node.IsScalar()) {
-    fail(fmt::format("override '{}': {} is a value, not a section", text, walked), "--set " + text);
-  }
-  if (node.IsSequence()) {
-    fail(fmt::format("override '{}': set a key of one entry, e.g. {}.0.{}", text,
-                     path.substr(0, path.rfind('.')), segments.back()),
-         "--set " + text);
-  }
-  node[segments.back()] = value;
   sources.overridden(path, text);
 }
 
@@ -533,20 +596,31 @@ void apply_override(YAML::Node& root, const std::string& text, Sources& sources)
 
 Config parse_config(const std::string& yaml_text, const std::string& source_name,
                     const std::vector<std::string>& overrides, int world_size) {
+  if (world_size < 1) {
+    fail(fmt::format("world size {} is not a number of ranks", world_size), source_name);
+  }
   Sources sources(source_name);
   YAML::Node root;
   try {
     root = YAML::Load(yaml_text);
   } catch (const YAML::Exception& e) {
     fail(fmt::format("invalid YAML: {}", e.msg),
-         fmt::format("{}:{}:{}", source_name, e.mark.line + 1, e.mark.column + 1));
+         e.mark.is_null()
+             ? source_name
+             : fmt::format("{}:{}:{}", source_name, e.mark.line + 1, e.mark.column + 1),
+         "check the indentation and brackets around that position");
   }
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  if (!root.IsMap()) {
+    fail(fmt::format("the config must be a mapping of sections (job:, model:, ...), got '{}'",
+                     scalar_text(root)),
+         sources.where("", root));
+  }
   for (const std::string& text : overrides) apply_override(root, text, sources);
 
   Config config;
   std::map<std::string, std::string> where;
-  Reader reader(root, "", sources, where);
+  Reader reader(root, root, "", sources, where);
   visit(reader, config);
   reader.reject_unknown_keys();
   config_detail::validate(config, where, sources.file(), world_size);
@@ -557,9 +631,8 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
                    int world_size) {
   std::ifstream in(path);
   if (!in) {
-    throw ConfigError(fmt::format("config error: cannot read config file {}\nHINT: check the "
-                                  "path given to --config",
-                                  path));
+    fail(fmt::format("cannot read the config file: {}", std::strerror(errno)), path,
+         "check the path given to --config");
   }
   std::ostringstream text;
   text << in.rdbuf();
@@ -567,8 +640,9 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
 }
 
 std::string to_yaml(const Config& config) {
+  Config copy = config;  // the visitors take mutable sections; the writer only reads them
   Writer writer;
-  visit(writer, const_cast<Config&>(config));
+  visit(writer, copy);
   return writer.text();
 }
 
