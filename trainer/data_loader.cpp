@@ -26,14 +26,20 @@ uint64_t uniform_below(uint64_t hash, uint64_t n) {
 
 TokenDataset::TokenDataset(const std::string& pattern, int64_t seq_len, int64_t vocab_size)
     : seq_len_(seq_len) {
+  if (seq_len <= 0 || vocab_size <= 0) {
+    throw DataError(
+        fmt::format("cannot read '{}' with data.seq_len {} and model.vocab_size {}: "
+                    "both must be positive",
+                    pattern, seq_len, vocab_size));
+  }
   for (const std::string& path : expand_shard_pattern(pattern)) {
     TokenShard shard(path);
     const uint32_t max_token = shard.max_token();
     if (shard.size() > 0 && static_cast<int64_t>(max_token) >= vocab_size) {
-      throw DataError(fmt::format(
-          "token shard {} holds token id {}, outside model.vocab_size {}\nHINT: set "
-          "model.vocab_size to the tokenizer's vocabulary size (at least {})",
-          path, max_token, vocab_size, static_cast<int64_t>(max_token) + 1));
+      throw DataError(
+          fmt::format("token shard {} holds token id {}, outside model.vocab_size {}\nHINT: set "
+                      "model.vocab_size to the tokenizer's vocabulary size (at least {})",
+                      path, max_token, vocab_size, static_cast<int64_t>(max_token) + 1));
     }
     shard_offsets_.push_back(total_tokens_);
     total_tokens_ += shard.size();
@@ -55,8 +61,8 @@ int64_t TokenDataset::sample_start(uint64_t seed, int64_t step, int64_t global_i
   h = splitmix64(h ^ static_cast<uint64_t>(global_index));
   const int64_t k = static_cast<int64_t>(uniform_below(h, window_prefix_.back()));
   // Shard s holds window starts [prefix[s-1], prefix[s]).
-  const size_t s = std::upper_bound(window_prefix_.begin(), window_prefix_.end(), k) -
-                   window_prefix_.begin();
+  const size_t s =
+      std::upper_bound(window_prefix_.begin(), window_prefix_.end(), k) - window_prefix_.begin();
   const int64_t before = s == 0 ? 0 : window_prefix_[s - 1];
   return shard_offsets_[s] + (k - before);
 }

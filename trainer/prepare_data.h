@@ -29,6 +29,8 @@ struct PrepareDataResult {
   std::vector<std::string> train_shards;
   std::vector<std::string> val_shards;
   std::string tokenizer_path;
+  int64_t input_files = 0;                // text files read
+  int64_t skipped_files = 0;              // binary, .dat, hidden or duplicate files not read
 };
 
 PrepareDataResult prepare_data(const PrepareDataOptions& options);

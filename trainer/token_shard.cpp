@@ -13,13 +13,16 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <utility>
 
 namespace strata {
 namespace {
 
 constexpr size_t kHeaderBytes = kShardHeaderInts * sizeof(int32_t);
 
-std::string hint_prepare() { return "HINT: (re)create the shards with `strata prepare-data`"; }
+std::string hint_prepare() {
+  return "HINT: (re)create the shards with `strata prepare-data`";
+}
 
 }  // namespace
 
@@ -27,9 +30,10 @@ void write_token_shard(const std::string& path, const std::vector<uint32_t>& tok
                        int64_t vocab_size) {
   const bool wide = vocab_size > 65536;
   if (tokens.size() > static_cast<size_t>(INT32_MAX)) {
-    throw DataError(fmt::format("cannot write {}: {} tokens exceed the format's limit of {} per "
-                                "shard\nHINT: use a smaller --shard-tokens",
-                                path, tokens.size(), INT32_MAX));
+    throw DataError(
+        fmt::format("cannot write {}: {} tokens exceed the format's limit of {} per "
+                    "shard\nHINT: use a smaller --shard-tokens",
+                    path, tokens.size(), INT32_MAX));
   }
   int32_t header[kShardHeaderInts] = {};
   header[0] = wide ? kShardMagicU32 : kShardMagicU16;
@@ -50,9 +54,10 @@ void write_token_shard(const std::string& path, const std::vector<uint32_t>& tok
       if (tokens[i] > 0xFFFF) {
         std::fclose(f);
         std::remove(temp.c_str());
-        throw DataError(fmt::format("cannot write {}: token {} does not fit uint16 although the "
-                                    "vocabulary has {} entries",
-                                    path, tokens[i], vocab_size));
+        throw DataError(
+            fmt::format("cannot write {}: token {} does not fit uint16 although the "
+                        "vocabulary has {} entries",
+                        path, tokens[i], vocab_size));
       }
       narrow[i] = static_cast<uint16_t>(tokens[i]);
     }
@@ -64,9 +69,10 @@ void write_token_shard(const std::string& path, const std::vector<uint32_t>& tok
   if (!ok || std::rename(temp.c_str(), path.c_str()) != 0) {
     const std::string reason = std::strerror(errno);
     std::remove(temp.c_str());
-    throw DataError(fmt::format("cannot write token shard {}: {}\nHINT: check free disk space "
-                                "and permissions of the output directory",
-                                path, reason));
+    throw DataError(
+        fmt::format("cannot write token shard {}: {}\nHINT: check free disk space "
+                    "and permissions of the output directory",
+                    path, reason));
   }
 }
 
@@ -84,14 +90,16 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
   const size_t file_bytes = static_cast<size_t>(st.st_size);
   if (file_bytes < kHeaderBytes) {
     ::close(fd);
-    throw DataError(fmt::format("token shard {} is truncated: {} bytes, shorter than the "
-                                "{}-byte header\n{}",
-                                path, file_bytes, kHeaderBytes, hint_prepare()));
+    throw DataError(
+        fmt::format("token shard {} is truncated: {} bytes, shorter than the "
+                    "{}-byte header\n{}",
+                    path, file_bytes, kHeaderBytes, hint_prepare()));
   }
   void* map = mmap(nullptr, file_bytes, PROT_READ, MAP_SHARED, fd, 0);
   ::close(fd);
   if (map == MAP_FAILED) {
-    throw DataError(fmt::format("cannot memory-map token shard {}: {}", path, std::strerror(errno)));
+    throw DataError(
+        fmt::format("cannot memory-map token shard {}: {}", path, std::strerror(errno)));
   }
   map_ = static_cast<const uint8_t*>(map);
   map_bytes_ = file_bytes;
@@ -116,23 +124,29 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
     }
   } else {
     unmap();
-    throw DataError(fmt::format("{} is not an llm.c token shard: bad magic {} (expected {} for "
-                                "uint16 or {} for uint32 tokens)\n{}",
-                                path, header[0], kShardMagicU16, kShardMagicU32, hint_prepare()));
+    throw DataError(
+        fmt::format("{} is not an llm.c token shard: bad magic {} (expected {} for "
+                    "uint16 or {} for uint32 tokens)\n{}",
+                    path, header[0], kShardMagicU16, kShardMagicU32, hint_prepare()));
   }
   num_tokens_ = header[2];
   const size_t expected = kHeaderBytes + static_cast<size_t>(num_tokens_) * bytes_per_token_;
   if (num_tokens_ < 0 || expected != file_bytes) {
     unmap();
-    throw DataError(fmt::format("token shard {} is truncated or corrupt: its header says {} "
-                                "tokens ({} bytes), the file has {} bytes\n{}",
-                                path, header[2], expected, file_bytes, hint_prepare()));
+    throw DataError(
+        fmt::format("token shard {} is truncated or corrupt: its header says {} "
+                    "tokens ({} bytes), the file has {} bytes\n{}",
+                    path, header[2], expected, file_bytes, hint_prepare()));
   }
 }
 
-TokenShard::~TokenShard() { unmap(); }
+TokenShard::~TokenShard() {
+  unmap();
+}
 
-TokenShard::TokenShard(TokenShard&& other) noexcept { *this = std::move(other); }
+TokenShard::TokenShard(TokenShard&& other) noexcept {
+  *this = std::move(other);
+}
 
 TokenShard& TokenShard::operator=(TokenShard&& other) noexcept {
   if (this != &other) {
@@ -193,10 +207,11 @@ std::vector<std::string> expand_shard_pattern(const std::string& pattern) {
   }
   globfree(&matches);
   if (paths.empty()) {
-    throw DataError(fmt::format("no token shards match '{}'\nHINT: check the path (relative paths "
-                                "start from the working directory) or create the shards with "
-                                "`strata prepare-data`",
-                                pattern));
+    throw DataError(
+        fmt::format("no token shards match '{}'\nHINT: check the path (relative paths "
+                    "start from the working directory) or create the shards with "
+                    "`strata prepare-data`",
+                    pattern));
   }
   std::sort(paths.begin(), paths.end());
   return paths;

@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <limits>
+#include <regex>
 
 #include "trainer/token_shard.h"
 
@@ -42,9 +43,10 @@ fs::path find_module() {
   for (const fs::path& candidate : candidates) {
     if (fs::exists(candidate)) return candidate;
   }
-  throw DataError(fmt::format("cannot find {} (looked next to the executable and at {})\nHINT: "
-                              "rebuild Strata (scripts/build.sh); the module is part of the build",
-                              kModuleName, STRATA_SPM_MODULE));
+  throw DataError(
+      fmt::format("cannot find {} (looked next to the executable and at {})\nHINT: "
+                  "rebuild Strata (scripts/build.sh); the module is part of the build",
+                  kModuleName, STRATA_SPM_MODULE));
 }
 
 const SentencePieceApi& api() {
@@ -77,21 +79,60 @@ const SentencePieceApi& api() {
   return instance;
 }
 
+// SentencePiece's status reads "Internal: <file>(<line>) [<check>] <message>": users need
+// the message (empty for some checks).
+std::string status_message(const std::string& status) {
+  const size_t check_end = status.rfind("] ");
+  return check_end == std::string::npos ? status : status.substr(check_end + 2);
+}
+
+// The two ways a vocabulary size fails, said in terms of --vocab-size.
+std::string training_error(const std::string& status, const std::string& text_file,
+                           int64_t vocab_size) {
+  const std::string message = status_message(status);
+  std::smatch match;
+  std::string reason, hint;
+  if (std::regex_search(message, match, std::regex(R"(too high.*<= *(\d+))"))) {
+    reason = fmt::format("the text is too small for {} pieces (it supports at most {})", vocab_size,
+                         match[1].str());
+    hint = fmt::format("lower --vocab-size to at most {}, or add text", match[1].str());
+  } else if (std::regex_search(message, match, std::regex(R"(required_chars\. *\d+ vs (\d+))"))) {
+    reason = fmt::format(
+        "{} pieces cannot hold the 259 byte and special pieces plus every "
+        "frequent character of the text ({} pieces needed)",
+        vocab_size, match[1].str());
+    hint = fmt::format("raise --vocab-size to at least {}", match[1].str());
+  } else {
+    reason = message;
+    hint =
+        "the text must be UTF-8 and not empty; a small text cannot fill a large vocabulary "
+        "(lower --vocab-size)";
+  }
+  return fmt::format(
+      "cannot train a SentencePiece tokenizer with vocabulary {} on {}: {}\n"
+      "HINT: {}",
+      vocab_size, text_file, reason, hint);
+}
+
 }  // namespace
 
 Tokenizer::Tokenizer(const std::string& model_path) : path_(model_path), handle_(nullptr, nullptr) {
   if (!fs::is_regular_file(model_path)) {
-    throw DataError(fmt::format("tokenizer {} does not exist\nHINT: point data.tokenizer (or "
-                                "--tokenizer) at the tokenizer.model written by strata "
-                                "prepare-data",
-                                model_path));
+    throw DataError(
+        fmt::format("tokenizer {} does not exist\nHINT: point data.tokenizer (or "
+                    "--tokenizer) at the tokenizer.model written by strata "
+                    "prepare-data",
+                    model_path));
   }
   char error[512] = {};
   void* handle = api().load(model_path.c_str(), error, sizeof(error));
   if (!handle) {
-    throw DataError(fmt::format("cannot load tokenizer {}: {}\nHINT: it must be a SentencePiece "
-                                "model file (tokenizer.model)",
-                                model_path, error));
+    const std::string message = status_message(error);
+    throw DataError(
+        fmt::format("cannot load tokenizer {}: {}\nHINT: it must be a SentencePiece "
+                    "model file (the tokenizer.model written by strata "
+                    "prepare-data, or a Llama-style one)",
+                    model_path, message.empty() ? "not a SentencePiece model" : message));
   }
   handle_ = std::unique_ptr<void, void (*)(void*)>(handle, api().free);
 }
@@ -100,9 +141,15 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-int64_t Tokenizer::vocab_size() const { return api().piece_size(handle_.get()); }
-int Tokenizer::bos_id() const { return api().bos_id(handle_.get()); }
-int Tokenizer::eos_id() const { return api().eos_id(handle_.get()); }
+int64_t Tokenizer::vocab_size() const {
+  return api().piece_size(handle_.get());
+}
+int Tokenizer::bos_id() const {
+  return api().bos_id(handle_.get());
+}
+int Tokenizer::eos_id() const {
+  return api().eos_id(handle_.get());
+}
 
 std::vector<uint32_t> Tokenizer::encode(const std::string& text) const {
   char error[512] = {};
@@ -119,7 +166,8 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
     if (id >= 0 && id < size) narrow.push_back(static_cast<int>(id));
   }
   char error[512] = {};
-  const long length = api().decode(handle_.get(), narrow.data(), narrow.size(), error, sizeof(error));
+  const long length =
+      api().decode(handle_.get(), narrow.data(), narrow.size(), error, sizeof(error));
   if (length < 0) throw DataError(fmt::format("tokenizer {} cannot decode ids: {}", path_, error));
   return std::string(api().text(handle_.get()), static_cast<size_t>(length));
 }
@@ -156,11 +204,7 @@ void train_tokenizer(const std::string& text_file, const std::string& model_pref
   }
   char error[1024] = {};
   if (api().train(keys.data(), values.data(), keys.size(), error, sizeof(error)) != 0) {
-    throw DataError(fmt::format(
-        "training a SentencePiece tokenizer with vocabulary {} on {} failed: {}\nHINT: adjust "
-        "--vocab-size: it must hold 259 byte and special pieces plus every distinct character "
-        "of the text, and a small corpus cannot fill a large vocabulary (lower it, or add text)",
-        vocab_size, text_file, error));
+    throw DataError(training_error(error, text_file, vocab_size));
   }
 }
 

@@ -1,6 +1,7 @@
 // Data loader: sampling is a pure function of (seed, step, index), independent of ranks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <set>
 
 #include "tests/trainer/temp_dir.h"
@@ -35,16 +36,56 @@ TEST(TokenDataset, SampleStartIsAPureFunctionInsideOneShard) {
     starts.insert(s);
   }
   EXPECT_GT(starts.size(), 600u);  // 767 possible starts, 2000 draws
-  EXPECT_NE(data.sample_start(7, 3, 0), data.sample_start(7, 4, 0));
-  EXPECT_NE(data.sample_start(7, 3, 0), data.sample_start(8, 3, 0));
+  int same_step = 0, same_seed = 0;
+  for (int64_t i = 0; i < 100; ++i) {
+    same_step += data.sample_start(7, 3, i) == data.sample_start(7, 4, i);
+    same_seed += data.sample_start(7, 3, i) == data.sample_start(8, 3, i);
+  }
+  EXPECT_LT(same_step, 5);
+  EXPECT_LT(same_seed, 5);
+}
+
+TEST(TokenDataset, SamplesAreUniformOverAllWindowStarts) {
+  TempDir dir;
+  TokenDataset data(make_shards(dir), 16, 4096);
+  // 284 starts in shard 0, 484 in shard 1; each start equally likely.
+  const int draws = 20000;
+  std::vector<int> per_start(800, 0);
+  for (int64_t i = 0; i < draws; ++i) ++per_start[data.sample_start(11, i / 100, i % 100)];
+  int shard0 = 0, covered = 0, largest = 0;
+  for (int s = 0; s < 800; ++s) {
+    if (s < 300) shard0 += per_start[s];
+    covered += per_start[s] > 0;
+    largest = std::max(largest, per_start[s]);
+  }
+  EXPECT_NEAR(shard0 / static_cast<double>(draws), 284.0 / 768.0, 0.02);
+  EXPECT_EQ(covered, 768);  // ~26 draws per start: every start is hit
+  EXPECT_LT(largest, 3 * draws / 768);
+}
+
+TEST(TokenDataset, ShardsShorterThanAWindowAreNeverSampled) {
+  TempDir dir;
+  write_token_shard(dir / "train_000000.bin", {1, 2, 3, 4, 5}, 100);
+  write_token_shard(dir / "train_000001.bin", std::vector<uint32_t>(10, 7), 100);  // one window
+  write_token_shard(dir / "train_000002.bin", {}, 100);
+  TokenDataset data(dir / "train_*.bin", 9, 100);
+  for (int64_t i = 0; i < 50; ++i) EXPECT_EQ(data.sample_start(1, 0, i), 5);
+  const TokenBatch b = data.sample_batch(1, 0, 0, 2);
+  EXPECT_EQ(b.inputs, std::vector<int64_t>(18, 7));
 }
 
 TEST(TokenDataset, BatchTargetsAreInputsShiftedByOne) {
   TempDir dir;
   TokenDataset data(make_shards(dir), 8, 4096);
   TokenBatch b = data.sample_batch(1, 1, 0, 4);
+  EXPECT_EQ(b.batch, 4);
+  EXPECT_EQ(b.seq_len, 8);
   ASSERT_EQ(b.inputs.size(), 32u);
+  ASSERT_EQ(b.targets.size(), 32u);
   for (int64_t r = 0; r < 4; ++r) {
+    const int64_t start = data.sample_start(1, 1, r);
+    const int64_t first = start < 300 ? start : 1000 + (start - 300);
+    EXPECT_EQ(b.inputs[r * 8], first % 4096);
     for (int64_t t = 0; t < 8; ++t) EXPECT_EQ(b.targets[r * 8 + t], b.inputs[r * 8 + t] + 1);
   }
 }
@@ -73,10 +114,25 @@ TEST(TokenDataset, SequentialWindowsWalkShardsInOrder) {
   TokenDataset data(make_shards(dir), 100, 4096);
   EXPECT_EQ(data.num_sequential_windows(), 2 + 4);  // (300-1)/100 + (500-1)/100
   TokenBatch b = data.sequential_batch(1, 2);
-  EXPECT_EQ(b.inputs[0], 100);   // shard 0, window 1
+  EXPECT_EQ(b.inputs[0], 100);            // shard 0, window 1
   EXPECT_EQ(b.inputs[100], 1000 % 4096);  // shard 1, window 0
   EXPECT_EQ(b.targets[199], 1100);
   EXPECT_THROW(data.sequential_batch(5, 2), std::out_of_range);
+  // A shard of exactly k * seq_len + 1 tokens holds k windows, the last ending at its end.
+  TempDir exact;
+  std::vector<uint32_t> tokens(21);
+  for (int i = 0; i < 21; ++i) tokens[i] = i;
+  write_token_shard(exact / "a.bin", tokens, 100);
+  TokenDataset two(exact / "a.bin", 10, 100);
+  EXPECT_EQ(two.num_sequential_windows(), 2);
+  EXPECT_EQ(two.sequential_batch(1, 1).targets.back(), 20);
+}
+
+TEST(TokenDataset, RejectsNonPositiveSizes) {
+  TempDir dir;
+  const std::string pattern = make_shards(dir);
+  EXPECT_THROW(TokenDataset(pattern, 0, 4096), DataError);
+  EXPECT_THROW(TokenDataset(pattern, 8, 0), DataError);
 }
 
 TEST(TokenDataset, RejectsTokensOutsideTheVocabulary) {
@@ -87,6 +143,9 @@ TEST(TokenDataset, RejectsTokensOutsideTheVocabulary) {
     FAIL();
   } catch (const DataError& e) {
     const std::string m = e.what();
+    EXPECT_NE(m.find("token shard " + (dir / "train_000001.bin") + " holds token id 1499"),
+              std::string::npos)
+        << m;
     EXPECT_NE(m.find("outside model.vocab_size 1000"), std::string::npos) << m;
     EXPECT_NE(m.find("HINT: set model.vocab_size"), std::string::npos) << m;
   }
