@@ -2,6 +2,8 @@
 // the reference writer's layout (dtype alignment then name order, compact JSON, space padding).
 #include "checkpoint/safetensors.h"
 
+#include "checkpoint/file_io.h"
+
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -249,78 +251,94 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
 
 at::Tensor SafetensorsFile::read_elements(const std::string& name, int64_t begin,
                                           int64_t count) const {
+  at::Tensor out = at::empty({count}, at::TensorOptions().dtype(torch_dtype(entry(name).dtype)));
+  copy_elements(name, begin, count, out.data_ptr());
+  return out;
+}
+
+std::pair<uint64_t, uint64_t> SafetensorsFile::element_bytes(const std::string& name, int64_t begin,
+                                                             int64_t count) const {
   const SafetensorsEntry& e = entry(name);
-  const at::ScalarType dtype = torch_dtype(e.dtype);
-  const int64_t element = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t element = static_cast<int64_t>(c10::elementSize(torch_dtype(e.dtype)));
   const int64_t numel = static_cast<int64_t>((e.end - e.begin)) / element;
   if (begin < 0 || count < 0 || begin + count > numel) {
     throw CheckpointError(fmt::format("{}: elements [{}, {}) are outside tensor '{}' of {} elements",
                                       path_, begin, begin + count, name, numel));
   }
-  at::Tensor out = at::empty({count}, at::TensorOptions().dtype(dtype));
-  if (count > 0) {
-    std::memcpy(out.data_ptr(), map_ + header_.data_offset + e.begin + begin * element,
-                static_cast<size_t>(count * element));
-  }
-  return out;
+  const uint64_t first = header_.data_offset + e.begin + static_cast<uint64_t>(begin * element);
+  return {first, first + static_cast<uint64_t>(count * element)};
 }
 
-void write_safetensors(const std::string& path,
-                       const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                       std::map<std::string, std::string> metadata) {
+void SafetensorsFile::copy_elements(const std::string& name, int64_t begin, int64_t count,
+                                    void* dest) const {
+  const auto [first, last] = element_bytes(name, begin, count);
+  if (last > first) std::memcpy(dest, map_ + first, last - first);
+}
+
+FileDigest write_safetensors_file(const std::string& path, std::vector<SafetensorsItem> items,
+                                  std::map<std::string, std::string> metadata) {
   metadata.emplace("format", "pt");
-  struct Item {
-    const std::string* name;
-    at::Tensor data;  // contiguous CPU
-    const DtypeInfo* dtype;
-  };
-  std::vector<Item> items;
   std::set<std::string> names;
-  for (const auto& [name, tensor] : tensors) {
-    if (!names.insert(name).second) {
-      throw CheckpointError(fmt::format("cannot write {}: tensor '{}' given twice", path, name));
+  for (const SafetensorsItem& item : items) {
+    if (!names.insert(item.name).second) {
+      throw CheckpointError(fmt::format("cannot write {}: tensor '{}' given twice", path, item.name));
     }
-    at::Tensor data = tensor.detach().to(at::kCPU).contiguous();
-    items.push_back({&name, data, find_dtype(safetensors_dtype(data.scalar_type()))});
   }
   // The reference writer's order: larger alignment first, then by name.
-  std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-    if (a.dtype->alignment_rank != b.dtype->alignment_rank) {
-      return a.dtype->alignment_rank > b.dtype->alignment_rank;
-    }
-    return *a.name < *b.name;
+  auto rank_of = [](const SafetensorsItem& item) {
+    return find_dtype(safetensors_dtype(item.dtype))->alignment_rank;
+  };
+  std::sort(items.begin(), items.end(), [&](const SafetensorsItem& a, const SafetensorsItem& b) {
+    if (rank_of(a) != rank_of(b)) return rank_of(a) > rank_of(b);
+    return a.name < b.name;
   });
+  auto nbytes = [](const SafetensorsItem& item) {
+    uint64_t n = c10::elementSize(item.dtype);
+    for (int64_t d : item.shape) n *= static_cast<uint64_t>(d);
+    return n;
+  };
   nlohmann::ordered_json header;
   header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const Item& item : items) {
-    const uint64_t bytes = item.data.nbytes();
-    header[*item.name] = {{"dtype", item.dtype->name},
-                          {"shape", item.data.sizes().vec()},
-                          {"data_offsets", {offset, offset + bytes}}};
+  for (const SafetensorsItem& item : items) {
+    const uint64_t bytes = nbytes(item);
+    header[item.name] = {{"dtype", safetensors_dtype(item.dtype)},
+                         {"shape", item.shape},
+                         {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
   const uint64_t n = text.size();
-
-  const std::string temp = path + ".tmp";
-  FILE* f = std::fopen(temp.c_str(), "wb");
-  if (!f) throw CheckpointError(fmt::format("cannot create {}: {}", temp, std::strerror(errno)));
-  bool ok = std::fwrite(&n, 8, 1, f) == 1 && std::fwrite(text.data(), 1, n, f) == n;
-  for (const Item& item : items) {
-    const size_t bytes = item.data.nbytes();
-    ok = ok && (bytes == 0 || std::fwrite(item.data.data_ptr(), 1, bytes, f) == bytes);
+  try {
+    HashingFileWriter out(path);
+    out.write(&n, 8);
+    out.write(text.data(), n);
+    for (const SafetensorsItem& item : items) {
+      if (nbytes(item) > 0) out.write(item.data, nbytes(item));
+    }
+    return out.finish();
+  } catch (const IoError& e) {
+    throw CheckpointError(fmt::format("{}\nHINT: check free disk space and permissions", e.what()));
   }
-  ok = (std::fflush(f) == 0) && ok;
-  ok = (fsync(fileno(f)) == 0) && ok;
-  ok = (std::fclose(f) == 0) && ok;
-  if (!ok || std::rename(temp.c_str(), path.c_str()) != 0) {
-    const std::string reason = std::strerror(errno);
+}
+
+void write_safetensors(const std::string& path,
+                       const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       std::map<std::string, std::string> metadata) {
+  std::vector<at::Tensor> keep;  // contiguous CPU copies while writing
+  std::vector<SafetensorsItem> items;
+  for (const auto& [name, tensor] : tensors) {
+    keep.push_back(tensor.detach().to(at::kCPU).contiguous());
+    items.push_back({name, keep.back().scalar_type(), keep.back().sizes().vec(), keep.back().data_ptr()});
+  }
+  const std::string temp = path + ".tmp";
+  write_safetensors_file(temp, std::move(items), std::move(metadata));
+  try {
+    rename_durable(temp, path);
+  } catch (const IoError& e) {
     std::remove(temp.c_str());
-    throw CheckpointError(fmt::format("cannot write {}: {}\nHINT: check free disk space and "
-                                      "permissions",
-                                      path, reason));
+    throw CheckpointError(e.what());
   }
 }
 

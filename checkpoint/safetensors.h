@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "checkpoint/file_io.h"
+
 namespace strata {
 
 // A checkpoint or model file is missing, malformed, or does not fit the model.
@@ -55,6 +57,14 @@ class SafetensorsFile {
   at::Tensor tensor(const std::string& name) const;
   // Elements [begin, begin + count) of the flattened tensor: reads only those bytes.
   at::Tensor read_elements(const std::string& name, int64_t begin, int64_t count) const;
+  // The same into `dest` (count elements of the stored dtype), without an intermediate tensor.
+  void copy_elements(const std::string& name, int64_t begin, int64_t count, void* dest) const;
+  // The file byte range [first, last) of those elements (throws when out of range).
+  std::pair<uint64_t, uint64_t> element_bytes(const std::string& name, int64_t begin,
+                                              int64_t count) const;
+  // The whole file image, memory-mapped.
+  const uint8_t* data() const { return map_; }
+  size_t size() const { return size_; }
 
  private:
   std::string path_;
@@ -63,6 +73,19 @@ class SafetensorsFile {
   SafetensorsHeader header_;
   std::map<std::string, size_t> index_;
 };
+
+// One tensor to write from raw memory (contiguous, `dtype`, `shape`).
+struct SafetensorsItem {
+  std::string name;
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+  const void* data;
+};
+
+// Writes `items` to `path` in the reference layout, in place (not atomic): the caller owns the
+// directory protocol. fsyncs the file and returns its checksums.
+FileDigest write_safetensors_file(const std::string& path, std::vector<SafetensorsItem> items,
+                                  std::map<std::string, std::string> metadata = {});
 
 // Writes `tensors` (any order; names unique) with `metadata` (string -> string; "format": "pt"
 // is added when absent) to `path`, atomically.

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <climits>
+#include <cstring>
 #include <vector>
 
 #include "parallel/mpi_check.h"
@@ -194,6 +195,33 @@ class MpiCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> make_mpi_communicator(const ProcessGroup& group) {
   return std::make_unique<MpiCommunicator>(group);
+}
+
+std::vector<std::string> all_gather_strings(Communicator& comm, const std::string& text) {
+  const int world = comm.world_size();
+  at::Tensor length = at::full({1}, static_cast<int64_t>(text.size()), at::kLong);
+  at::Tensor lengths = at::empty({world}, at::kLong);
+  comm.all_gather(length, lengths);
+  const int64_t longest = lengths.max().item<int64_t>();
+  at::Tensor mine = at::zeros({longest}, at::kByte);
+  if (!text.empty()) std::memcpy(mine.data_ptr(), text.data(), text.size());
+  at::Tensor all = at::empty({world * longest}, at::kByte);
+  comm.all_gather(mine, all);
+  std::vector<std::string> out;
+  const char* bytes = static_cast<const char*>(all.data_ptr());
+  for (int r = 0; r < world; ++r) {
+    out.emplace_back(bytes + r * longest, static_cast<size_t>(lengths[r].item<int64_t>()));
+  }
+  return out;
+}
+
+std::string broadcast_string(Communicator& comm, const std::string& text, int root) {
+  at::Tensor length = at::full({1}, static_cast<int64_t>(text.size()), at::kLong);
+  comm.broadcast(length, root);
+  at::Tensor bytes = at::zeros({length.item<int64_t>()}, at::kByte);
+  if (comm.rank() == root && !text.empty()) std::memcpy(bytes.data_ptr(), text.data(), text.size());
+  comm.broadcast(bytes, root);
+  return std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
 }
 
 }  // namespace strata

@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "parallel/process_group.h"
 
@@ -52,6 +53,12 @@ class Communicator {
 
   virtual CommStats stats() const = 0;
 };
+
+// Every rank's `text`, in rank order, on every rank (two all_gathers over CPU uint8 tensors:
+// lengths, then the padded bytes). For small control messages (checkpoint reports).
+std::vector<std::string> all_gather_strings(Communicator& comm, const std::string& text);
+// `text` of rank `root`, on every rank.
+std::string broadcast_string(Communicator& comm, const std::string& text, int root);
 
 // Collectives over MPI_COMM_WORLD for CPU tensors of dtype float32, float64, int32, int64,
 // uint8, bfloat16 and float16 (the last two reduced in fp32 by a custom MPI operation).

@@ -14,6 +14,8 @@ packages=(
   # config, CLI, formatting, JSON, tokenizer, HTTP
   libyaml-cpp-dev libcli11-dev libfmt-dev nlohmann-json3-dev
   libsentencepiece-dev sentencepiece libcurl4-openssl-dev
+  # checkpoint checksums (SHA-256, XXH3)
+  libssl-dev libxxhash-dev
   # tests
   libgtest-dev libgmock-dev
   # default corpus (plain-text English) and the metrics plot script

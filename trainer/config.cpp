@@ -124,6 +124,7 @@ void visit(V& v, CheckpointConfig& c) {
   v.field("interval", c.interval);
   v.field("async_mode", c.async_mode);
   v.field("keep_latest_k", c.keep_latest_k);
+  v.field("model_only", c.model_only);
   v.field("last_save_model_only", c.last_save_model_only);
   v.field("last_save_in_hf", c.last_save_in_hf);
   v.field("export_dtype", c.export_dtype);
@@ -131,6 +132,7 @@ void visit(V& v, CheckpointConfig& c) {
   v.field("hf_max_keep", c.hf_max_keep);
   v.field("resume_path", c.resume_path);
   v.field("resume_model_only", c.resume_model_only);
+  v.field("load_step", c.load_step);
   v.field("additional_load_paths", c.additional_load_paths);
   v.field("exclude_from_loading", c.exclude_from_loading);
 }

@@ -93,20 +93,22 @@ struct ParallelConfig {
 };
 
 struct CheckpointConfig {
-  bool enable = false;  // checkpointing is not built yet: only `false` is accepted
-  std::string folder = "checkpoints";
-  int64_t interval = 100;
-  std::string async_mode = "disabled";
-  int64_t keep_latest_k = 3;
-  bool last_save_model_only = true;
-  bool last_save_in_hf = true;
+  bool enable = true;
+  std::string folder = "checkpoints";  // relative paths are inside job.run_dir
+  int64_t interval = 100;              // full checkpoint every `interval` steps
+  std::string async_mode = "disabled"; // disabled | async
+  int64_t keep_latest_k = 3;           // committed step dirs kept (0: all)
+  bool model_only = false;             // interval saves hold weights only
+  bool last_save_model_only = true;    // the final step's save: weights only, in export_dtype
+  bool last_save_in_hf = false;        // HF export at the last step (arrives with HF export)
   std::string export_dtype = "float32";
   int64_t hf_export_interval = 0;
   int64_t hf_max_keep = 2;
   std::optional<std::string> resume_path;
   bool resume_model_only = false;
+  std::optional<int64_t> load_step;    // null: the latest committed step
   std::vector<std::string> additional_load_paths;
-  std::vector<std::string> exclude_from_loading;
+  std::vector<std::string> exclude_from_loading;  // optimizer, lr_scheduler, dataloader, rng
 };
 
 // One entry of `converters:`. Only the keys of the LoRA converter exist so far.

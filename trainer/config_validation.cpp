@@ -123,13 +123,23 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
 
   const CheckpointConfig& k = c.checkpoint;
   v.positive("checkpoint.interval", k.interval);
-  v.positive("checkpoint.keep_latest_k", k.keep_latest_k);
+  v.check(k.keep_latest_k >= 0, "checkpoint.keep_latest_k",
+          fmt::format("= {} must be >= 0 (0 keeps every checkpoint)", k.keep_latest_k));
   v.check(k.hf_export_interval >= 0, "checkpoint.hf_export_interval", "must be >= 0");
   v.positive("checkpoint.hf_max_keep", k.hf_max_keep);
   v.one_of("checkpoint.async_mode", k.async_mode, {"disabled", "async"});
   v.one_of("checkpoint.export_dtype", k.export_dtype, dtypes);
-  v.not_yet(!k.enable, "checkpoint.enable", "true", "false (checkpointing is not built yet)");
-  v.not_yet(!k.resume_path, "checkpoint.resume_path", k.resume_path.value_or(""), "null");
+  if (k.load_step) {
+    v.check(*k.load_step >= 0, "checkpoint.load_step", fmt::format("= {} must be >= 0", *k.load_step));
+  }
+  for (size_t i = 0; i < k.exclude_from_loading.size(); ++i) {
+    v.one_of("checkpoint.exclude_from_loading", k.exclude_from_loading[i],
+             {"optimizer", "lr_scheduler", "dataloader", "rng"});
+  }
+  v.not_yet(!k.last_save_in_hf, "checkpoint.last_save_in_hf", "true",
+            "false (the Hugging Face export is not built yet)");
+  v.not_yet(k.hf_export_interval == 0, "checkpoint.hf_export_interval",
+            std::to_string(k.hf_export_interval), "0 (the Hugging Face export is not built yet)");
   v.not_yet(k.additional_load_paths.empty(), "checkpoint.additional_load_paths", "a non-empty list",
             "[]");
 

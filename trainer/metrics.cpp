@@ -11,9 +11,9 @@
 
 namespace strata {
 
-MetricsLogger::MetricsLogger(const std::string& path) {
+MetricsLogger::MetricsLogger(const std::string& path, bool append) {
   if (path.empty()) return;
-  file_.open(path, std::ios::out | std::ios::trunc);
+  file_.open(path, std::ios::out | (append ? std::ios::app : std::ios::trunc));
   if (!file_) {
     throw std::runtime_error(fmt::format("cannot open metrics file {} for writing\n"
                                 "HINT: check that job.run_dir is writable",

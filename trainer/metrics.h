@@ -27,8 +27,9 @@ struct StepMetrics {
 
 class MetricsLogger {
  public:
-  // `path` empty: no file. Truncates an existing file (a fresh run starts a fresh log).
-  explicit MetricsLogger(const std::string& path);
+  // `path` empty: no file. Truncates an existing file (a fresh run starts a fresh log), or
+  // appends to it with `append` (a resumed run continues its log).
+  explicit MetricsLogger(const std::string& path, bool append = false);
 
   std::string format(const StepMetrics& m) const;  // one console line
   void log_step(const StepMetrics& m);

@@ -29,7 +29,9 @@ class AdamW {
   void zero_grad();
 
   int64_t steps_taken() const { return step_; }
-  // exp_avg / exp_avg_sq per parameter, keyed "<fqn>.exp_avg" / "<fqn>.exp_avg_sq".
+  void set_steps_taken(int64_t steps) { step_ = steps; }  // when resuming (bias correction)
+  // exp_avg / exp_avg_sq per parameter, keyed "<fqn>.exp_avg" / "<fqn>.exp_avg_sq". The
+  // tensors are the optimizer's own (writing into them restores a saved state).
   StateDict state() const;
 
  private:

@@ -13,8 +13,7 @@ LlamaLayer layer_from(const std::vector<at::Tensor>& p) {
 
 }  // namespace
 
-ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, uint64_t seed,
-                           bool recompute)
+ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool recompute)
     : model_(config), recompute_(recompute) {
   model_.prepare_buffers(at::kCPU);
   const bool tied = config.tie_embeddings;
@@ -37,14 +36,6 @@ ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, uint64
     units_.push_back(std::make_unique<FsdpUnit>(fmt::format("layers.{}", i), blocks[i], comm));
   }
   if (!tied) units_.push_back(std::make_unique<FsdpUnit>("head", head, comm));
-
-  for (auto& unit : units_) {
-    for (size_t i = 0; i < unit->params().size(); ++i) {
-      at::Tensor full = at::empty(unit->params()[i].shape, at::kFloat);
-      initialize_parameter(config, unit->params()[i].fqn, full, seed);
-      unit->load_param(i, full);
-    }
-  }
 
   embed_body_ = [this](const std::vector<at::Tensor>& p, const at::Tensor& tokens) {
     return model_.embed(p[0], tokens);
@@ -71,6 +62,23 @@ at::Tensor ShardedLlama::forward(const at::Tensor& tokens) const {
   }
   FsdpUnit& head_unit = config().tie_embeddings ? *units_.front() : *units_.back();
   return head_unit.run(h, head_body_, recompute_);
+}
+
+std::vector<std::string> ShardedLlama::initialize(uint64_t seed, const std::set<std::string>& loaded) {
+  std::vector<std::string> initialised;
+  for (auto& unit : units_) {
+    for (size_t i = 0; i < unit->params().size(); ++i) {
+      const ParamSpec& spec = unit->params()[i];
+      if (loaded.count(spec.fqn)) continue;
+      // One full parameter at a time: every rank draws it (the generator is per (seed, fqn))
+      // and keeps its slice.
+      at::Tensor full = at::empty(spec.shape, at::kFloat);
+      initialize_parameter(config(), spec.fqn, full, seed);
+      unit->load_param(i, full);
+      initialised.push_back(spec.fqn);
+    }
+  }
+  return initialised;
 }
 
 StateDict ShardedLlama::gather_parameters() const {

@@ -1,12 +1,15 @@
 // The Llama with FSDP-sharded parameters: one FsdpUnit for the embedding, one per
 // transformer block, one for the final norm + output projection (with tied embeddings the
 // final norm joins the embedding unit, whose gathered weight then also serves the output).
-// Parameters are initialised unit by unit and parameter by parameter, so no rank ever holds
-// more than one full parameter during construction, and the values equal the unsharded
-// model's (per-(seed, fqn) generators).
+// Construction allocates the shards (zero); a checkpoint may then fill them piece by piece, and
+// `initialize` draws the parameters not loaded, one full parameter at a time, so no rank ever
+// holds more than one full parameter, and the values equal the unsharded model's
+// (per-(seed, fqn) generators).
 #pragma once
 
 #include <memory>
+#include <set>
+#include <string>
 #include <vector>
 
 #include "parallel/fsdp.h"
@@ -18,12 +21,15 @@ namespace strata {
 class ShardedLlama : public LanguageModel {
  public:
   // `recompute`: activation checkpointing per unit (see FsdpUnit::run).
-  ShardedLlama(const ModelConfig& config, Communicator& comm, uint64_t seed, bool recompute = true);
+  ShardedLlama(const ModelConfig& config, Communicator& comm, bool recompute = true);
   ShardedLlama(const ShardedLlama&) = delete;  // the unit bodies capture `this`
   ShardedLlama& operator=(const ShardedLlama&) = delete;
 
   const ModelConfig& config() const override { return model_.config(); }
   at::Tensor forward(const at::Tensor& tokens) const override;
+
+  // Initialises every parameter whose FQN is not in `loaded`; returns the FQNs it initialised.
+  std::vector<std::string> initialize(uint64_t seed, const std::set<std::string>& loaded = {});
 
   const std::vector<std::unique_ptr<FsdpUnit>>& units() const { return units_; }
   // Every parameter at full size, by FQN (a collective: all ranks must call it).

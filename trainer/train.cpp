@@ -12,6 +12,10 @@
 #include <memory>
 #include <optional>
 
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "checkpoint/checkpoint_manager.h"
 #include "trainer/data_loader.h"
 #include "trainer/generate.h"
 #include "trainer/llama.h"
@@ -20,7 +24,9 @@
 #include "trainer/optimizer.h"
 #include "trainer/seed.h"
 #include "trainer/sharded_llama.h"
+#include "trainer/signals.h"
 #include "trainer/tokenizer.h"
+#include "trainer/train_state.h"
 
 namespace strata {
 namespace {
@@ -116,6 +122,73 @@ std::string memory_report(const std::vector<at::Tensor>& params, const ShardedLl
   return report;
 }
 
+
+nlohmann::json model_config_json(const ModelConfig& m) {
+  return {{"name", m.name},
+          {"vocab_size", m.vocab_size},
+          {"dim", m.dim},
+          {"n_layers", m.n_layers},
+          {"n_heads", m.n_heads},
+          {"n_kv_heads", m.n_kv_heads},
+          {"multiple_of", m.multiple_of},
+          {"ffn_dim_multiplier", m.ffn_dim_multiplier ? nlohmann::json(*m.ffn_dim_multiplier) : nlohmann::json()},
+          {"ffn_hidden_dim", m.ffn_hidden_dim()},
+          {"norm_eps", m.norm_eps},
+          {"rope_theta", m.rope_theta},
+          {"max_seq_len", m.max_seq_len},
+          {"tie_embeddings", m.tie_embeddings}};
+}
+
+at::ScalarType dtype_named(const std::string& name) {
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  return at::kFloat;
+}
+
+// Where the run's state comes from (decided by rank 0, the same on every rank).
+struct ResumePlan {
+  std::string dir;           // step directory; empty: from scratch
+  std::string reason;        // why, for the start-up log
+  bool weights_only = false; // parameters only: step 0, fresh optimizer, data and schedule
+  bool own = false;          // from the run's own checkpoint folder
+};
+
+ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
+  ResumePlan plan;
+  if (k.enable && fs::exists(folder)) {
+    if (auto own = find_checkpoint(folder.string(), k.load_step)) {
+      plan.dir = *own;
+      plan.own = true;
+      plan.reason = fmt::format("the run's own checkpoint folder {} has committed checkpoints ({})",
+                                folder.string(), k.load_step ? "checkpoint.load_step" : "latest");
+      return plan;
+    }
+  }
+  if (k.resume_path) {
+    auto found = find_checkpoint(*k.resume_path, k.load_step);
+    if (!found) {
+      throw CheckpointError(fmt::format(
+          "checkpoint.resume_path {} holds no committed Strata checkpoint (no metadata.json, no "
+          "step-NNNNNNN directory)\nHINT: point it at a Strata checkpoint folder or step "
+          "directory; Hugging Face model directories are not supported yet",
+          *k.resume_path));
+    }
+    plan.dir = *found;
+    plan.weights_only = k.resume_model_only;
+    plan.reason = fmt::format("checkpoint.resume_path{}", k.resume_model_only ? " with resume_model_only" : "");
+    return plan;
+  }
+  plan.reason = k.enable ? fmt::format("no committed checkpoint in {} and no checkpoint.resume_path",
+                                       folder.string())
+                         : "checkpoint.enable is false and no checkpoint.resume_path";
+  return plan;
+}
+
+bool excluded(const CheckpointConfig& k, const std::string& what) {
+  return std::find(k.exclude_from_loading.begin(), k.exclude_from_loading.end(), what) !=
+         k.exclude_from_loading.end();
+}
+
 }  // namespace
 
 TrainSummary train(const Config& config, const ProcessGroup& group) {
@@ -161,9 +234,9 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       val_data ? fmt::format("; val {} tokens ({})", val_data->num_tokens(), *config.data.val)
                : std::string("; no validation"));
 
-  // Model: one rank, or replicated data parallel, trains a whole Llama (meta -> storage ->
-  // init of everything not loaded; nothing is loaded yet); several ranks with FSDP train a
-  // ShardedLlama whose units are initialised parameter by parameter into their shards.
+  // Model: one rank, or replicated data parallel, trains a whole Llama; several ranks with
+  // FSDP train a ShardedLlama. Construction contract: storage first (meta -> CPU), then load
+  // whatever the checkpoint holds, then initialise only the rest (per-(seed, fqn) generators).
   std::unique_ptr<Communicator> comm = make_mpi_communicator(group);
   const bool sharded = group.world_size() > 1 && config.parallel.fsdp.enabled;
   const bool replicated = group.world_size() > 1 && !sharded;
@@ -174,12 +247,11 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   std::vector<at::Tensor> params;  // what the optimizer steps: whole tensors or flat shards
   if (sharded) {
     const bool recompute = config.parallel.fsdp.activation_checkpointing == "full";
-    sharded_model = std::make_unique<ShardedLlama>(mc, *comm, seed, recompute);
+    sharded_model = std::make_unique<ShardedLlama>(mc, *comm, recompute);
     params = sharded_model->add_to_optimizer(optimizer);
   } else {
     plain_model = std::make_unique<Llama>(mc);
     plain_model->materialize(at::kCPU);
-    plain_model->initialize(seed, /*loaded=*/{});
     for (const auto& [fqn, param] : plain_model->parameters()) {
       optimizer.add_parameter(fqn, param, uses_weight_decay(fqn, param.dim()));
       params.push_back(param);
@@ -187,13 +259,109 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   }
   const LanguageModel& model =
       sharded ? static_cast<const LanguageModel&>(*sharded_model) : *plain_model;
+  auto pieces_of = [&](const AdamW* with_optimizer, PieceUse use) {
+    return sharded ? state_pieces(*sharded_model, with_optimizer)
+                   : state_pieces(*plain_model, with_optimizer, group.rank(), group.world_size(), use);
+  };
+
+  // Resume: the run's own latest checkpoint, else checkpoint.resume_path, else from scratch.
+  const CheckpointConfig& kc = config.checkpoint;
+  const fs::path folder = fs::path(kc.folder).is_absolute() ? fs::path(kc.folder) : run_dir / kc.folder;
+  ResumePlan plan;
+  run_on_all_ranks(*comm, "choosing the checkpoint to resume from", [&] {
+    if (group.is_main()) plan = plan_resume(kc, folder);
+  });
+  {
+    const nlohmann::json shared = nlohmann::json::parse(broadcast_string(
+        *comm,
+        nlohmann::json{{"dir", plan.dir}, {"reason", plan.reason}, {"own", plan.own},
+                       {"weights_only", plan.weights_only}}.dump(),
+        0));
+    plan = {shared["dir"], shared["reason"], shared["weights_only"], shared["own"]};
+  }
+  int64_t start_step = 0, data_step_offset = 0, lr_step_offset = 0;
+  uint64_t data_seed = seed, sample_seed = derive_seed(seed, "sample");
+  std::set<std::string> loaded;
+  if (!plan.dir.empty()) {
+    std::vector<std::string> restored;
+    // A model-only checkpoint gives the weights (and, from the run's own folder, the step and
+    // data position); resume_model_only gives the weights only.
+    nlohmann::json state;
+    bool model_only_checkpoint = false;
+    int64_t checkpoint_step = 0;
+    run_on_all_ranks(*comm, fmt::format("loading checkpoint {}", plan.dir), [&] {
+      const CheckpointReader reader(plan.dir);
+      model_only_checkpoint = reader.model_only();
+      checkpoint_step = reader.step();
+      const bool want_optimizer = !plan.weights_only && !model_only_checkpoint && !excluded(kc, "optimizer");
+      std::vector<TensorPiece> pieces = pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad);
+      {
+        at::NoGradGuard no_grad;
+        reader.load(pieces);
+      }
+      std::ifstream in(fs::path(plan.dir) / "train_state.json");
+      if (!in) throw CheckpointError(fmt::format("{}/train_state.json is missing", plan.dir));
+      try {
+        state = nlohmann::json::parse(in);
+      } catch (const nlohmann::json::exception& e) {
+        throw CheckpointError(fmt::format("{}/train_state.json is not valid JSON: {}", plan.dir, e.what()));
+      }
+      if (want_optimizer) optimizer.set_steps_taken(state.at("optimizer").at("steps_taken").get<int64_t>());
+    });
+    for (const auto& [fqn, param] : Llama(mc).parameters()) loaded.insert(fqn);
+    restored.push_back("model");
+    const bool full = !plan.weights_only && (!model_only_checkpoint || plan.own);
+    if (full) {
+      start_step = checkpoint_step;
+      if (!model_only_checkpoint && !excluded(kc, "optimizer")) restored.push_back("optimizer");
+      if (excluded(kc, "lr_scheduler")) {
+        lr_step_offset = start_step;
+      } else {
+        restored.push_back("lr_scheduler");
+      }
+      if (excluded(kc, "dataloader")) {
+        data_step_offset = start_step;
+      } else {
+        const nlohmann::json& d = state.at("dataloader");
+        data_seed = d.at("seed").get<uint64_t>();
+        data_step_offset = start_step - d.at("step").get<int64_t>();
+        restored.push_back("dataloader");
+      }
+      if (!excluded(kc, "rng")) {
+        sample_seed = state.at("rng").at("sample_seed").get<uint64_t>();
+        restored.push_back("rng");
+      }
+    }
+    log("resume: loaded {} from {} (step {}) because {}{}", fmt::join(restored, ", "), plan.dir,
+        checkpoint_step, plan.reason,
+        full ? fmt::format("; training continues at step {}", start_step + 1)
+             : "; weights only, training starts at step 1");
+    if (model_only_checkpoint && full && start_step < tc.steps) {
+      log("resume: warning: {} is a model-only checkpoint: AdamW moments start from zero", plan.dir);
+    }
+  } else {
+    log("resume: none, training from scratch because {}", plan.reason);
+  }
+  const std::vector<std::string> initialised =
+      sharded ? sharded_model->initialize(seed, loaded) : plain_model->initialize(seed, loaded);
   const int64_t n_params = Llama::count_parameters(mc);
   log("model: llama, {:.2f}M parameters ({} layers, dim {}, {} heads / {} kv heads, ffn {}, "
-      "vocab {}); all tensors initialised from seed {}, none loaded",
+      "vocab {}); {} tensors loaded, {} initialised from seed {}",
       n_params / 1e6, mc.n_layers, mc.dim, mc.n_heads, mc.n_kv_heads, mc.ffn_hidden_dim(),
-      mc.vocab_size, config.job.seed);
+      mc.vocab_size, loaded.size(), initialised.size(), config.job.seed);
   log("{}", memory_report(params, sharded_model.get(), n_params,
                           sharded ? "FSDP" : replicated ? "replicated data parallel" : "one rank"));
+
+  TrainSummary summary;
+  summary.num_parameters = n_params;
+  summary.start_step = start_step;
+  summary.resumed_from = plan.dir;
+  if (start_step >= tc.steps) {
+    log("done: the run is already at step {} >= training.steps {}; nothing to train (raise "
+        "training.steps to continue, or use another job.run_dir to start over)",
+        start_step, tc.steps);
+    return summary;
+  }
 
   const LrSchedule schedule(config.optimizer.lr, config.lr_scheduler, tc.steps);
 
@@ -207,9 +375,48 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       tc.global_batch_size, micro, accumulation, group.world_size(), tokens_per_step,
       flops_per_token / 1e6);
 
-  MetricsLogger metrics(group.is_main() ? (run_dir / config.logging.metrics_file).string() : "");
+  const bool resumed = start_step > 0;
+  MetricsLogger metrics(group.is_main() ? (run_dir / config.logging.metrics_file).string() : "", resumed);
   std::unique_ptr<std::ofstream> samples;
-  if (group.is_main()) samples = std::make_unique<std::ofstream>(run_dir / "samples.txt");
+  if (group.is_main()) {
+    samples = std::make_unique<std::ofstream>(run_dir / "samples.txt",
+                                              resumed ? std::ios::app : std::ios::trunc);
+  }
+
+  // Checkpoints.
+  CheckpointOptions checkpoint_options;
+  checkpoint_options.folder = folder.string();
+  checkpoint_options.async = kc.async_mode == "async";
+  checkpoint_options.keep_latest_k = kc.keep_latest_k;
+  CheckpointManager checkpoints(checkpoint_options, *comm,
+                                [&log](const std::string& line) { log("{}", line); });
+  install_stop_signal_handlers();
+  const std::string config_yaml = to_yaml(config);
+  auto save = [&](int64_t step, bool model_only) {
+    SaveRequest request;
+    request.step = step;
+    request.model_only = model_only;
+    request.pieces = pieces_of(model_only ? nullptr : &optimizer, PieceUse::kSave);
+    const at::ScalarType export_dtype = dtype_named(kc.export_dtype);
+    if (model_only && export_dtype != at::kFloat) {
+      for (TensorPiece& piece : request.pieces) piece.local = piece.local.to(export_dtype);
+    }
+    request.metadata = {{"model", model_config_json(mc)}, {"saved_by", "strata"}};
+    request.train_state = {
+        {"step", step},
+        {"world_size", group.world_size()},
+        {"optimizer", {{"name", "adamw"}, {"steps_taken", optimizer.steps_taken()}}},
+        {"lr_scheduler", {{"step", step - lr_step_offset}, {"total_steps", tc.steps}}},
+        {"dataloader",
+         {{"seed", data_seed},
+          {"step", step - data_step_offset},
+          {"samples_consumed", (step - data_step_offset) * tc.global_batch_size},
+          {"global_batch_size", tc.global_batch_size}}},
+        {"rng", {{"sample_seed", sample_seed},
+                 {"note", "every random draw is a pure function of (seed, position)"}}}};
+    request.config_yaml = config_yaml;
+    checkpoints.save(std::move(request));
+  };
 
   auto run_eval = [&](int64_t step, TrainSummary& summary) {
     if (!val_data) return;
@@ -220,7 +427,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     log("eval step {} | val_loss {:.4f} over {} tokens", step, val_loss, val_tokens);
     // Every rank samples (sharded forward passes are collectives); the main rank writes.
     SamplingOptions sampling;
-    sampling.seed = derive_seed(static_cast<uint64_t>(config.job.seed), "sample") + step;
+    sampling.seed = sample_seed + step;
     const int64_t bos = tokenizer ? tokenizer->bos_id() : 1;
     sampling.stop_token = bos;  // documents are BOS-delimited: a new BOS ends the sample
     const std::vector<int64_t> ids = generate(model, {bos}, sampling);
@@ -236,18 +443,16 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     samples->flush();
   };
 
-  TrainSummary summary;
-  summary.num_parameters = n_params;
-  const uint64_t data_seed = static_cast<uint64_t>(config.job.seed);
   double window_seconds = 0.0, window_grad_norm = 0.0;
   CommStats window_comm = comm->stats();
   int64_t window_steps = 0;
-  for (int64_t step = 1; step <= tc.steps; ++step) {
+  int64_t last_step = start_step;
+  for (int64_t step = start_step + 1; step <= tc.steps; ++step) {
     const auto step_start = Clock::now();
     double step_loss = 0.0;
     for (int64_t a = 0; a < accumulation; ++a) {
       const int64_t first = a * (group.world_size() * micro) + group.rank() * micro;
-      const TokenBatch batch = train_data.sample_batch(data_seed, step, first, micro);
+      const TokenBatch batch = train_data.sample_batch(data_seed, step - data_step_offset, first, micro);
       at::Tensor loss = batch_loss(model, batch).div(static_cast<double>(accumulation));
       loss.backward();
       step_loss += loss.item<double>();
@@ -256,7 +461,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       for (at::Tensor& p : params) comm->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
     }
     const double grad_norm = clip_grad_norm(params, tc.grad_clip, sharded ? comm.get() : nullptr);
-    const double lr = schedule.at(step);
+    const double lr = schedule.at(step - lr_step_offset);
     optimizer.step(lr);
     optimizer.zero_grad();
     if (group.world_size() > 1) {  // the loss of the global batch, as one rank would see it
@@ -265,6 +470,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       step_loss = loss.item<double>();
     }
     const double step_seconds = seconds_since(step_start);
+    last_step = step;
 
     summary.losses.push_back(step_loss);
     summary.train_seconds += step_seconds;
@@ -272,7 +478,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     window_grad_norm = grad_norm;
     ++window_steps;
 
-    if (step % tc.log_interval == 0 || step == tc.steps || step == 1) {
+    if (step % tc.log_interval == 0 || step == tc.steps || step == start_step + 1) {
       StepMetrics m;
       m.step = step;
       m.total_steps = tc.steps;
@@ -286,7 +492,8 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
         m.mfu = m.tflops / (config.logging.peak_tflops * group.world_size());
       }
       m.mem_mb = resident_memory_mb();
-      m.eta_s = (summary.train_seconds / step) * static_cast<double>(tc.steps - step);
+      m.eta_s = (summary.train_seconds / static_cast<double>(step - start_step)) *
+                static_cast<double>(tc.steps - step);
       const CommStats now = comm->stats();
       if (group.world_size() > 1) {
         m.comm_fraction = (now.seconds - window_comm.seconds) / window_seconds;
@@ -300,19 +507,40 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     }
     if (tc.eval_interval > 0 && (step % tc.eval_interval == 0 || step == tc.steps)) {
       run_eval(step, summary);
-      window_comm = comm->stats();  // evaluation is not training step time
     }
+
+    // Step boundary: commit a finished background save, agree on stop signals, save.
+    const bool stop = checkpoints.poll(stop_requested());
+    if (step == tc.steps) {
+      if (kc.enable) save(step, kc.last_save_model_only);
+    } else if (stop) {
+      log("stop: {} received; {}", *stop_signal_name() ? stop_signal_name() : "a stop signal on another rank",
+          kc.enable ? fmt::format("saving a full checkpoint at step {}", step)
+                    : std::string("checkpoint.enable is false, nothing is saved"));
+      if (kc.enable) save(step, /*model_only=*/false);
+      summary.stopped = true;
+      break;
+    } else if (kc.enable && step % kc.interval == 0) {
+      save(step, kc.model_only);
+    }
+    window_comm = comm->stats();  // evaluation and saving are not training step time
   }
+  checkpoints.finish();
+  const int64_t trained = last_step - start_step;
   summary.tokens_per_s = summary.train_seconds > 0
-                             ? tokens_per_step * static_cast<double>(tc.steps) / summary.train_seconds
+                             ? tokens_per_step * static_cast<double>(trained) / summary.train_seconds
                              : 0.0;
-  log("done: {} steps in {:.1f} s, {:.0f} tokens/s, peak memory {:.0f} MiB{}", tc.steps,
-      summary.train_seconds, summary.tokens_per_s, peak_resident_memory_mb(),
+  log("{}: {} steps (to step {}) in {:.1f} s, {:.0f} tokens/s, peak memory {:.0f} MiB{}",
+      summary.stopped ? "stopped" : "done", trained, last_step, summary.train_seconds,
+      summary.tokens_per_s, peak_resident_memory_mb(),
       summary.val_losses.empty()
           ? std::string()
           : fmt::format(", final val_loss {:.4f}", summary.val_losses.back().second));
-  log("outputs: {} (config.yaml, {}, samples.txt)", run_dir.string(),
-      config.logging.metrics_file);
+  if (summary.stopped && kc.enable) {
+    log("stop: checkpoint step {} committed; relaunch the same command to resume", last_step);
+  }
+  log("outputs: {} (config.yaml, {}, samples.txt{})", run_dir.string(), config.logging.metrics_file,
+      kc.enable ? ", " + folder.string() : std::string());
   return summary;
 }
 

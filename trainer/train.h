@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -17,6 +18,9 @@ struct TrainSummary {
   int64_t num_parameters = 0;
   double tokens_per_s = 0.0;  // over the whole run, evaluation excluded
   double train_seconds = 0.0;
+  int64_t start_step = 0;    // the step the run resumed from (0: from scratch)
+  std::string resumed_from;  // the checkpoint directory loaded, if any
+  bool stopped = false;      // a stop signal ended the run early (after saving)
 };
 
 // Runs the job described by `config` (already validated for `group.world_size()`).

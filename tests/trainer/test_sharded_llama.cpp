@@ -28,7 +28,8 @@ TEST_P(ShardedLlamaTest, StartsFromTheUnshardedWeightsAndGivesTheSameLogits) {
   Llama whole(c);
   whole.materialize(at::kCPU);
   whole.initialize(21);
-  ShardedLlama sharded(c, *comm, 21, recompute());
+  ShardedLlama sharded(c, *comm, recompute());
+  sharded.initialize(21);
   const StateDict gathered = sharded.gather_parameters();
   ASSERT_EQ(gathered.keys(), whole.parameters().keys());
   for (const auto& [fqn, t] : whole.parameters()) EXPECT_TRUE(at::equal(gathered.at(fqn), t)) << fqn;
@@ -55,7 +56,8 @@ TEST_P(ShardedLlamaTest, TrainingStepsMatchTheUnshardedModel) {
     whole_opt.add_parameter(fqn, p, uses_weight_decay(fqn, p.dim()));
     whole_params.push_back(p);
   }
-  ShardedLlama sharded(c, *comm, 5, recompute());
+  ShardedLlama sharded(c, *comm, recompute());
+  sharded.initialize(5);
   AdamW sharded_opt(oc);
   const std::vector<at::Tensor> shards = sharded.add_to_optimizer(sharded_opt);
 

@@ -1,0 +1,351 @@
+// CheckpointManager: save protocol, async writer, retention, checkpoint discovery.
+#include "checkpoint/checkpoint_manager.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+
+#include "checkpoint/file_io.h"
+
+namespace strata {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Committed step directories of `folder` (name step-<digits>, metadata.json inside), by step.
+std::vector<std::pair<int64_t, std::string>> committed_steps(const fs::path& folder) {
+  static const std::regex pattern("step-([0-9]+)");
+  std::vector<std::pair<int64_t, std::string>> out;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(folder, ec)) {
+    const std::string name = entry.path().filename().string();
+    std::smatch m;
+    if (std::regex_match(name, m, pattern) && fs::exists(entry.path() / "metadata.json")) {
+      out.emplace_back(std::stoll(m[1]), name);
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::string read_latest(const fs::path& folder) {
+  std::ifstream in(folder / "latest");
+  std::string name;
+  if (in) std::getline(in, name);
+  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
+  return name;
+}
+
+// Test hooks (environment): make one rank's write fail, or slow every write down, so that the
+// failure and crash paths can be exercised end to end.
+void apply_test_hooks(int rank) {
+  if (const char* delay = std::getenv("STRATA_TEST_SAVE_DELAY_S")) {
+    std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(delay)));
+  }
+  if (const char* fail = std::getenv("STRATA_TEST_FAIL_SAVE_RANK")) {
+    if (std::atoi(fail) == rank) {
+      throw IoError(fmt::format("cannot write rank {} file: injected failure "
+                                "(STRATA_TEST_FAIL_SAVE_RANK={})",
+                                rank, fail));
+    }
+  }
+}
+
+void write_durable(const fs::path& path, const std::string& content) {
+  HashingFileWriter out(path.string());
+  out.write(content.data(), content.size());
+  out.finish();
+}
+
+}  // namespace
+
+std::string step_dir_name(int64_t step) { return fmt::format("step-{:07d}", step); }
+
+std::optional<std::string> find_checkpoint(const std::string& path, std::optional<int64_t> step) {
+  const fs::path root(path);
+  if (!fs::exists(root)) {
+    throw CheckpointError(fmt::format("checkpoint path {} does not exist\nHINT: give a Strata "
+                                      "checkpoint folder or one of its step-NNNNNNN directories",
+                                      path));
+  }
+  if (fs::exists(root / "metadata.json")) return root.string();
+  const auto steps = committed_steps(root);
+  if (step) {
+    const fs::path dir = root / step_dir_name(*step);
+    if (fs::exists(dir / "metadata.json")) return dir.string();
+    std::vector<std::string> names;
+    for (const auto& s : steps) names.push_back(std::to_string(s.first));
+    throw CheckpointError(fmt::format("{} has no committed checkpoint for step {} (committed steps: "
+                                      "{})\nHINT: set checkpoint.load_step to one of them, or "
+                                      "remove it to load the latest",
+                                      path, *step, names.empty() ? "none" : fmt::format("{}", fmt::join(names, ", "))));
+  }
+  const std::string latest = read_latest(root);
+  if (!latest.empty() && fs::exists(root / latest / "metadata.json")) return (root / latest).string();
+  if (steps.empty()) return std::nullopt;
+  return (root / steps.back().second).string();
+}
+
+void run_on_all_ranks(Communicator& comm, const std::string& what, const std::function<void()>& body) {
+  std::string error;
+  try {
+    body();
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "unknown error";
+  }
+  if (auto failure = comm.agree(error.empty(), error)) {
+    throw CheckpointError(comm.world_size() > 1
+                              ? fmt::format("{} failed on rank {}: {}", what, failure->rank, failure->message)
+                              : fmt::format("{} failed: {}", what, failure->message));
+  }
+}
+
+CheckpointManager::CheckpointManager(CheckpointOptions options, Communicator& comm, Log log)
+    : options_(std::move(options)), comm_(comm), log_(std::move(log)) {}
+
+CheckpointManager::~CheckpointManager() {
+  if (in_flight_ && in_flight_->writer.joinable()) in_flight_->writer.join();
+  if (purge_.joinable()) purge_.join();
+}
+
+void CheckpointManager::prepare(InFlight& save) {
+  save.incomplete_dir = (fs::path(options_.folder) / (step_dir_name(save.request.step) + ".incomplete")).string();
+  run_on_all_ranks(comm_, fmt::format("checkpoint save at step {}", save.request.step), [&] {
+    if (comm_.rank() != 0) return;
+    std::error_code ec;
+    fs::create_directories(options_.folder, ec);
+    if (ec) {
+      throw IoError(fmt::format("cannot create checkpoint folder {}: {}\nHINT: set "
+                                "checkpoint.folder to a writable directory",
+                                options_.folder, ec.message()));
+    }
+    fs::remove_all(save.incomplete_dir, ec);  // left by a crash at this step
+    if (!fs::create_directory(save.incomplete_dir, ec) || ec) {
+      throw IoError(fmt::format("cannot create {}: {}", save.incomplete_dir,
+                                ec ? ec.message() : "it already exists"));
+    }
+  });
+}
+
+void CheckpointManager::write(InFlight& save) {
+  try {
+    apply_test_hooks(comm_.rank());
+    save.report = write_rank_file(save.incomplete_dir, comm_.rank(), save.request.pieces);
+    save.report["ok"] = true;
+  } catch (const std::exception& e) {
+    save.report = {{"ok", false}, {"error", e.what()}};
+  }
+  save.done = true;
+}
+
+void CheckpointManager::commit(InFlight& save) {
+  const auto start = Clock::now();
+  if (save.writer.joinable()) save.writer.join();
+  const int64_t step = save.request.step;
+  const std::vector<std::string> texts = all_gather_strings(comm_, save.report.dump());
+  std::vector<json> reports;
+  for (const std::string& text : texts) reports.push_back(json::parse(text));
+  const std::string keep_hint = "\nHINT: the previous checkpoint is still the latest; fix the cause "
+                                "(disk space, permissions) and relaunch to resume from it";
+  for (size_t r = 0; r < reports.size(); ++r) {
+    if (reports[r].at("ok").get<bool>()) continue;
+    if (comm_.rank() == 0) {
+      std::error_code ec;
+      fs::remove_all(save.incomplete_dir, ec);
+    }
+    throw CheckpointError(fmt::format("checkpoint save at step {} failed on rank {}: {}{}", step, r,
+                                      reports[r].at("error").get<std::string>(), keep_hint));
+  }
+  const fs::path folder(options_.folder);
+  const fs::path final_dir = folder / step_dir_name(step);
+  uint64_t bytes = 0;
+  for (const json& report : reports) bytes += report.at("size").get<uint64_t>();
+  std::string error;
+  if (comm_.rank() == 0) {
+    try {
+      json extra = save.request.metadata;
+      extra["step"] = step;
+      extra["model_only"] = save.request.model_only;
+      const json meta = build_metadata(reports, save.request.pieces, extra);
+      const fs::path dir(save.incomplete_dir);
+      write_durable(dir / "metadata.json", meta.dump(1));
+      write_durable(dir / "train_state.json", save.request.train_state.dump(1));
+      write_durable(dir / "config.yaml", save.request.config_yaml);
+      fsync_directory(dir.string());
+      // A committed directory of the same step (an earlier timeline) is replaced.
+      const fs::path replaced = folder / (step_dir_name(step) + ".replaced");
+      std::error_code ec;
+      if (fs::exists(final_dir)) {
+        fs::remove_all(replaced, ec);
+        rename_durable(final_dir.string(), replaced.string());
+      }
+      rename_durable(dir.string(), final_dir.string());
+      fs::remove_all(replaced, ec);
+      write_file_atomic((folder / "latest").string(), step_dir_name(step) + "\n");
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  error = broadcast_string(comm_, error, 0);
+  if (!error.empty()) {
+    throw CheckpointError(fmt::format("checkpoint commit at step {} failed on rank 0: {}{}", step,
+                                      error, keep_hint));
+  }
+  const double seconds = seconds_since(save.started) ;
+  log_(fmt::format("checkpoint: committed {} ({}{:.1f} MB on {} rank(s), {:.2f} s{}, commit {:.3f} s)",
+                   final_dir.string(), save.request.model_only ? "model only, " : "", bytes / 1e6,
+                   reports.size(), seconds,
+                   options_.async ? fmt::format(", foreground {:.3f} s", save.stall_seconds) : "",
+                   seconds_since(start)));
+  start_purge();
+}
+
+void CheckpointManager::start_purge() {
+  if (comm_.rank() != 0) return;
+  if (purge_.joinable()) purge_.join();
+  purge_ = std::thread([folder = options_.folder, keep = options_.keep_latest_k, log = log_] {
+    try {
+      const std::vector<std::string> removed = purge_checkpoints(folder, keep);
+      if (!removed.empty()) {
+        log(fmt::format("checkpoint: removed {} (keep_latest_k {})", fmt::join(removed, ", "), keep));
+      }
+    } catch (const std::exception& e) {
+      log(fmt::format("checkpoint: warning: cleaning up {} failed: {}", folder, e.what()));
+    }
+  });
+}
+
+void CheckpointManager::save(SaveRequest request) {
+  const auto start = Clock::now();
+  finish();  // one save in flight at a time
+  in_flight_ = std::make_unique<InFlight>();
+  InFlight& save = *in_flight_;
+  save.started = start;
+  save.request = std::move(request);
+  prepare(save);
+  std::vector<TensorPiece>& pieces = save.request.pieces;
+  bool needs_staging = options_.async;
+  for (const TensorPiece& p : pieces) needs_staging = needs_staging || !p.local.device().is_cpu();
+  if (needs_staging) {
+    bool reuse = staging_.size() == pieces.size();
+    for (size_t i = 0; reuse && i < pieces.size(); ++i) {
+      reuse = staging_[i].numel() == pieces[i].local.numel() &&
+              staging_[i].scalar_type() == pieces[i].local.scalar_type();
+    }
+    if (!reuse) {
+      staging_.clear();
+      for (const TensorPiece& p : pieces) {
+        staging_.push_back(at::empty({p.local.numel()}, at::TensorOptions()
+                                                            .dtype(p.local.scalar_type())
+                                                            .pinned_memory(!p.local.device().is_cpu())));
+      }
+    }
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      staging_[i].copy_(pieces[i].local.detach().reshape({-1}));
+      pieces[i].local = staging_[i];
+    }
+  }
+  if (options_.async) {
+    save.stall_seconds = seconds_since(start);
+    last_stall_seconds_ = save.stall_seconds;
+    save.writer = std::thread([this, &save] { write(save); });
+    return;
+  }
+  write(save);
+  std::unique_ptr<InFlight> done = std::move(in_flight_);
+  commit(*done);
+  last_stall_seconds_ = seconds_since(start);
+}
+
+bool CheckpointManager::poll(bool stop_requested) {
+  const bool pending = in_flight_ && !in_flight_->done;
+  bool stop = stop_requested, any_pending = pending;
+  if (comm_.world_size() > 1) {
+    at::Tensor flags = at::tensor({static_cast<int32_t>(stop_requested), static_cast<int32_t>(pending)});
+    comm_.all_reduce(flags, ReduceOp::kMax);
+    stop = flags[0].item<int32_t>() != 0;
+    any_pending = flags[1].item<int32_t>() != 0;
+  }
+  if (in_flight_ && !any_pending) {
+    std::unique_ptr<InFlight> done = std::move(in_flight_);
+    commit(*done);
+  }
+  return stop;
+}
+
+void CheckpointManager::finish() {
+  if (!in_flight_) return;
+  std::unique_ptr<InFlight> done = std::move(in_flight_);
+  commit(*done);
+}
+
+std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t keep,
+                                           const std::string& keep_incomplete) {
+  std::vector<std::string> removed;
+  const fs::path root(folder);
+  std::error_code ec;
+  const std::string latest = read_latest(root);
+  if (keep > 0) {
+    const auto steps = committed_steps(root);
+    for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) {
+      if (steps[i].second == latest) continue;
+      fs::remove_all(root / steps[i].second, ec);
+      if (!ec) removed.push_back(steps[i].second);
+    }
+  }
+  for (const auto& entry : fs::directory_iterator(root, ec)) {
+    const std::string name = entry.path().filename().string();
+    const bool stale = (name.size() > 11 && name.compare(name.size() - 11, 11, ".incomplete") == 0) ||
+                       (name.size() > 9 && name.compare(name.size() - 9, 9, ".replaced") == 0);
+    if (stale && name != keep_incomplete && name.rfind("step-", 0) == 0) {
+      std::error_code remove_ec;
+      fs::remove_all(entry.path(), remove_ec);
+      if (!remove_ec) removed.push_back(name);
+    }
+  }
+  return removed;
+}
+
+std::string describe_checkpoint(const CheckpointReader& reader) {
+  const json& meta = reader.metadata();
+  std::string out = fmt::format("checkpoint {}\n  format {} v{}, step {}, saved on {} rank(s), {}\n",
+                                reader.dir(), meta.at("format").get<std::string>(),
+                                meta.at("format_version").get<int>(), reader.step(),
+                                meta.at("world_size").get<int>(),
+                                reader.model_only() ? "model only" : "model + optimizer");
+  uint64_t total = 0;
+  out += "  files:\n";
+  for (const auto& [file, info] : meta.at("files").items()) {
+    total += info.at("size").get<uint64_t>();
+    out += fmt::format("    {}  {} bytes  sha256 {}\n", file, info.at("size").get<uint64_t>(),
+                       info.at("sha256").get<std::string>());
+  }
+  const auto& tensors = meta.at("tensors");
+  out += fmt::format("  tensors ({}, {:.1f} MB in all):\n", tensors.size(), total / 1e6);
+  for (const auto& [key, t] : tensors.items()) {
+    std::vector<std::string> chunks;
+    for (const json& c : t.at("chunks")) {
+      chunks.push_back(fmt::format("{}[{}:{}]", c.at("file").get<std::string>(),
+                                   c.at("begin").get<int64_t>(), c.at("end").get<int64_t>()));
+    }
+    out += fmt::format("    {}  {} [{}]  {}\n", key, t.at("dtype").get<std::string>(),
+                       fmt::join(t.at("shape").get<std::vector<int64_t>>(), ", "),
+                       fmt::join(chunks, " "));
+  }
+  return out;
+}
+
+}  // namespace strata

@@ -1,0 +1,113 @@
+// CheckpointManager: the collective save protocol (write -> agree -> commit), async saves,
+// retention, and finding committed checkpoints. What to save is the caller's business: it
+// hands over this rank's TensorPieces and the small JSON/YAML documents that go beside them.
+//
+// Commit protocol for step N (DESIGN.md "On disk"): rank 0 creates `step-N.incomplete/`; every
+// rank writes and fsyncs rank-<r>.safetensors there; all reports are gathered; only if every
+// rank succeeded does rank 0 write metadata.json, train_state.json and config.yaml, rename the
+// directory to `step-N/`, fsync the folder and replace `latest` (temp + rename). Any failure
+// raises the same CheckpointError on every rank and leaves `latest` as it was.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "checkpoint/sharded_checkpoint.h"
+#include "parallel/communicator.h"
+
+namespace strata {
+
+struct CheckpointOptions {
+  std::string folder;        // absolute, or relative to the working directory
+  bool async = false;        // stage in the foreground, write in a background thread
+  int64_t keep_latest_k = 0; // committed step dirs to keep (0: all)
+};
+
+struct SaveRequest {
+  int64_t step = 0;
+  bool model_only = false;
+  std::vector<TensorPiece> pieces;  // every rank lists the same keys in the same order
+  nlohmann::json metadata;          // merged into metadata.json (model config, ...)
+  nlohmann::json train_state;       // train_state.json
+  std::string config_yaml;          // config.yaml
+};
+
+// "step-0000100"
+std::string step_dir_name(int64_t step);
+
+// The step directory `path` designates: a step dir itself (has metadata.json), or a folder's
+// checkpoint named by `step` or else by `latest` (falling back to the newest committed
+// step-* dir). nullopt when `path` is a folder without committed checkpoints. Throws
+// CheckpointError when `step` is given and absent, or `path` does not exist.
+std::optional<std::string> find_checkpoint(const std::string& path,
+                                           std::optional<int64_t> step = std::nullopt);
+
+// Runs `body` on every rank and agrees on the outcome: if it threw on any rank, every rank
+// throws CheckpointError with "<what> failed on rank r: <cause>" of the lowest failing rank.
+void run_on_all_ranks(Communicator& comm, const std::string& what, const std::function<void()>& body);
+
+class CheckpointManager {
+ public:
+  using Log = std::function<void(const std::string&)>;
+  CheckpointManager(CheckpointOptions options, Communicator& comm, Log log);
+  ~CheckpointManager();  // waits for background work; an uncommitted save stays .incomplete
+  CheckpointManager(const CheckpointManager&) = delete;
+  CheckpointManager& operator=(const CheckpointManager&) = delete;
+
+  // Collective. Sync: returns once step N is committed. Async: waits for (and commits) a save
+  // still in flight, copies the pieces into reusable staging buffers, starts the background
+  // write and returns; `poll` or `finish` commit it.
+  void save(SaveRequest request);
+
+  // Collective, cheap (one small all-reduce when a save is in flight, nothing otherwise):
+  // commits the save in flight when every rank's write has finished; surfaces its error.
+  // `stop_requested` is this rank's stop flag; returns true when any rank's flag is set.
+  bool poll(bool stop_requested);
+  // Collective: waits for the save in flight and commits it.
+  void finish();
+
+  bool in_flight() const { return static_cast<bool>(in_flight_); }
+  double last_stall_seconds() const { return last_stall_seconds_; }  // foreground time of the last save
+  const std::string& folder() const { return options_.folder; }
+
+ private:
+  struct InFlight {
+    SaveRequest request;
+    std::string incomplete_dir;
+    std::thread writer;
+    std::atomic<bool> done{false};
+    nlohmann::json report;  // written by the writer before `done`
+    std::chrono::steady_clock::time_point started;
+    double stall_seconds = 0.0;
+  };
+  void prepare(InFlight& save);
+  void write(InFlight& save);
+  void commit(InFlight& save);
+  void start_purge();
+
+  CheckpointOptions options_;
+  Communicator& comm_;
+  Log log_;
+  std::unique_ptr<InFlight> in_flight_;
+  std::vector<at::Tensor> staging_;  // async: reused while the piece layout stays the same
+  std::thread purge_;
+  double last_stall_seconds_ = 0.0;
+};
+
+// Removes committed step dirs beyond the newest `keep` (never the one `latest` names) and
+// every `.incomplete` dir except `keep_incomplete`. Returns the names removed.
+std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t keep,
+                                           const std::string& keep_incomplete = "");
+
+// A human-readable listing of a step directory: metadata summary and every tensor.
+std::string describe_checkpoint(const CheckpointReader& reader);
+
+}  // namespace strata

@@ -1,0 +1,173 @@
+// Durable writes and checksums.
+#include "checkpoint/file_io.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <openssl/evp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+
+namespace strata {
+namespace {
+
+std::string errno_text() { return std::strerror(errno); }
+
+std::string hex64(uint64_t value) { return fmt::format("{:016x}", value); }
+
+XXH3_state_t* as_state(void* p) { return static_cast<XXH3_state_t*>(p); }
+
+}  // namespace
+
+Sha256::Sha256() : context_(EVP_MD_CTX_new()) {
+  if (!context_ || EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(context_), EVP_sha256(), nullptr) != 1) {
+    throw std::runtime_error("OpenSSL: cannot initialise SHA-256");
+  }
+}
+
+Sha256::~Sha256() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(context_)); }
+
+void Sha256::update(const void* data, size_t bytes) {
+  EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(context_), data, bytes);
+}
+
+std::string Sha256::hex_digest() {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(context_), digest, &length);
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
+}
+
+std::string xxh3_hex(const void* data, size_t bytes) { return hex64(XXH3_64bits(data, bytes)); }
+
+HashingFileWriter::HashingFileWriter(std::string path)
+    : path_(std::move(path)), block_state_(XXH3_createState()) {
+  XXH3_64bits_reset(as_state(block_state_));
+  fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) {
+    const std::string reason = errno_text();
+    XXH3_freeState(as_state(block_state_));
+    throw IoError(fmt::format("cannot create {}: {}", path_, reason));
+  }
+}
+
+HashingFileWriter::~HashingFileWriter() {
+  if (fd_ >= 0) {  // not finished: the file is incomplete
+    ::close(fd_);
+    ::unlink(path_.c_str());
+  }
+  XXH3_freeState(as_state(block_state_));
+}
+
+void HashingFileWriter::write(const void* data, size_t bytes) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  sha_.update(p, bytes);
+  // Block checksums: cut the input at block boundaries of the file offset.
+  for (size_t done = 0; done < bytes;) {
+    const uint64_t in_block = (size_ + done) % kChecksumBlockBytes;
+    const size_t take = std::min<uint64_t>(bytes - done, kChecksumBlockBytes - in_block);
+    XXH3_64bits_update(as_state(block_state_), p + done, take);
+    done += take;
+    if (in_block + take == kChecksumBlockBytes) {
+      block_xxh3_ += hex64(XXH3_64bits_digest(as_state(block_state_)));
+      XXH3_64bits_reset(as_state(block_state_));
+    }
+  }
+  for (size_t done = 0; done < bytes;) {
+    const ssize_t n = ::write(fd_, p + done, std::min<size_t>(bytes - done, size_t{1} << 30));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw IoError(fmt::format("cannot write {}: {}", path_, errno_text()));
+    }
+    done += static_cast<size_t>(n);
+  }
+  size_ += bytes;
+}
+
+FileDigest HashingFileWriter::finish() {
+  if (size_ % kChecksumBlockBytes != 0 || size_ == 0) {
+    block_xxh3_ += hex64(XXH3_64bits_digest(as_state(block_state_)));
+  }
+  if (::fsync(fd_) != 0) throw IoError(fmt::format("cannot fsync {}: {}", path_, errno_text()));
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0) {
+    ::unlink(path_.c_str());
+    throw IoError(fmt::format("cannot close {}: {}", path_, errno_text()));
+  }
+  return FileDigest{size_, sha_.hex_digest(), block_xxh3_};
+}
+
+FileDigest digest_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw IoError(fmt::format("cannot open {}: {}", path, errno_text()));
+  FileDigest digest;
+  Sha256 sha;
+  std::vector<uint8_t> block(kChecksumBlockBytes);
+  while (true) {
+    size_t filled = 0;
+    while (filled < block.size()) {
+      const ssize_t n = ::read(fd, block.data() + filled, block.size() - filled);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        const std::string reason = errno_text();
+        ::close(fd);
+        throw IoError(fmt::format("cannot read {}: {}", path, reason));
+      }
+      if (n == 0) break;
+      filled += static_cast<size_t>(n);
+    }
+    if (filled > 0) {
+      sha.update(block.data(), filled);
+      digest.block_xxh3 += xxh3_hex(block.data(), filled);
+      digest.size += filled;
+    }
+    if (filled < block.size()) break;
+  }
+  if (digest.size == 0) digest.block_xxh3 = xxh3_hex(nullptr, 0);
+  ::close(fd);
+  digest.sha256 = sha.hex_digest();
+  return digest;
+}
+
+void fsync_directory(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw IoError(fmt::format("cannot open directory {}: {}", path, errno_text()));
+  const int rc = ::fsync(fd);
+  const std::string reason = errno_text();
+  ::close(fd);
+  if (rc != 0) throw IoError(fmt::format("cannot fsync directory {}: {}", path, reason));
+}
+
+namespace {
+std::string parent_of(const std::string& path) {
+  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  return parent.empty() ? std::string(".") : parent.string();
+}
+}  // namespace
+
+void write_file_atomic(const std::string& path, const std::string& content) {
+  const std::string temp = path + ".tmp";
+  {
+    HashingFileWriter out(temp);
+    out.write(content.data(), content.size());
+    out.finish();
+  }
+  rename_durable(temp, path);
+}
+
+void rename_durable(const std::string& from, const std::string& to) {
+  if (std::rename(from.c_str(), to.c_str()) != 0) {
+    throw IoError(fmt::format("cannot rename {} to {}: {}", from, to, errno_text()));
+  }
+  fsync_directory(parent_of(to));
+}
+
+}  // namespace strata

@@ -1,0 +1,84 @@
+// Durable file output and checksums: a writer that streams bytes to a file while hashing them
+// (SHA-256 of the whole file, XXH3 of every fixed-size block), fsync of files and directories,
+// and atomic replacement (temp + fsync + rename + directory fsync). No LibTorch here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace strata {
+
+// An I/O failure: names the path, the operation and the system's reason.
+class IoError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Bytes per block of the block checksums: a reader verifies the blocks it touches.
+constexpr uint64_t kChecksumBlockBytes = 4u << 20;
+
+// Incremental SHA-256 (OpenSSL).
+class Sha256 {
+ public:
+  Sha256();
+  ~Sha256();
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
+  void update(const void* data, size_t bytes);
+  std::string hex_digest();  // finishes the hash: call once
+
+ private:
+  void* context_;
+};
+
+// XXH3-64 of `bytes` bytes at `data`, as 16 lower-case hex digits.
+std::string xxh3_hex(const void* data, size_t bytes);
+
+// Checksums of a whole file image: its SHA-256 and the XXH3 of each kChecksumBlockBytes block
+// (the last one shorter), concatenated as 16 hex digits per block.
+struct FileDigest {
+  uint64_t size = 0;
+  std::string sha256;
+  std::string block_xxh3;
+};
+
+// Creates (truncates) `path` and writes to it, hashing as it goes. `finish` flushes, fsyncs
+// and closes; a writer destroyed without `finish` removes the file. Throws IoError.
+class HashingFileWriter {
+ public:
+  explicit HashingFileWriter(std::string path);
+  ~HashingFileWriter();
+  HashingFileWriter(const HashingFileWriter&) = delete;
+  HashingFileWriter& operator=(const HashingFileWriter&) = delete;
+
+  void write(const void* data, size_t bytes);
+  FileDigest finish();
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  Sha256 sha_;
+  void* block_state_;          // XXH3 state of the current checksum block
+  std::string block_xxh3_;
+  uint64_t size_ = 0;
+};
+
+// SHA-256 and block XXH3 of an existing file, read sequentially.
+FileDigest digest_file(const std::string& path);
+
+// fsync of a directory, so that renames and creations inside it are durable.
+void fsync_directory(const std::string& path);
+
+// Writes `content` to `path` atomically: `path`.tmp, fsync, rename over `path`, fsync of the
+// parent directory. Readers see the old content or the new one, never a mix.
+void write_file_atomic(const std::string& path, const std::string& content);
+
+// Renames `from` to `to` (same file system) and fsyncs the parent of `to`. Throws IoError.
+void rename_durable(const std::string& from, const std::string& to);
+
+}  // namespace strata

@@ -1,0 +1,299 @@
+// The sharded checkpoint format: per-rank safetensors files, metadata.json, ranged reads.
+#include "checkpoint/sharded_checkpoint.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <set>
+#include <sstream>
+
+#include "checkpoint/file_io.h"
+
+namespace strata {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  return std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  return fmt::format("[{}]", fmt::join(shape, ", "));
+}
+
+[[noreturn]] void bad_metadata(const std::string& path, const std::string& what) {
+  throw CheckpointError(fmt::format("{} is not a valid Strata checkpoint description: {}\nHINT: "
+                                    "the checkpoint is damaged; resume from an older step "
+                                    "(checkpoint.load_step) or delete this step directory",
+                                    path, what));
+}
+
+}  // namespace
+
+std::string rank_file_name(int rank) { return fmt::format("rank-{:05d}.safetensors", rank); }
+
+json write_rank_file(const std::string& dir, int rank, const std::vector<TensorPiece>& pieces) {
+  std::vector<SafetensorsItem> items;
+  json chunks = json::array();
+  for (const TensorPiece& piece : pieces) {
+    if (piece.local.numel() == 0) continue;
+    if (!piece.local.is_contiguous() || piece.local.device().type() != at::kCPU) {
+      throw std::logic_error("write_rank_file: piece " + piece.key + " is not contiguous on the CPU");
+    }
+    items.push_back({piece.key, piece.local.scalar_type(), {piece.local.numel()}, piece.local.data_ptr()});
+    chunks.push_back({{"key", piece.key}, {"begin", piece.begin}, {"end", piece.begin + piece.local.numel()}});
+  }
+  const std::string name = rank_file_name(rank);
+  const FileDigest digest = write_safetensors_file((fs::path(dir) / name).string(), std::move(items));
+  return {{"file", name},
+          {"size", digest.size},
+          {"sha256", digest.sha256},
+          {"block_bytes", kChecksumBlockBytes},
+          {"block_xxh3", digest.block_xxh3},
+          {"chunks", chunks}};
+}
+
+json build_metadata(const std::vector<json>& rank_reports, const std::vector<TensorPiece>& pieces,
+                    const json& extra) {
+  json meta = {{"format", "strata-checkpoint"},
+               {"format_version", kCheckpointFormatVersion},
+               {"world_size", rank_reports.size()}};
+  for (const auto& [key, value] : extra.items()) meta[key] = value;
+  json files = json::object();
+  std::map<std::string, json> chunks;
+  for (const json& report : rank_reports) {
+    const std::string file = report.at("file");
+    files[file] = {{"size", report.at("size")},
+                   {"sha256", report.at("sha256")},
+                   {"block_bytes", report.at("block_bytes")},
+                   {"block_xxh3", report.at("block_xxh3")}};
+    for (const json& chunk : report.at("chunks")) {
+      chunks[chunk.at("key")].push_back({{"file", file},
+                                         {"key", chunk.at("key")},
+                                         {"begin", chunk.at("begin")},
+                                         {"end", chunk.at("end")}});
+    }
+  }
+  json tensors = json::object();
+  for (const TensorPiece& piece : pieces) {  // every rank lists the same keys in the same order
+    json& entry = tensors[piece.key];
+    entry["dtype"] = safetensors_dtype(piece.local.scalar_type());
+    entry["shape"] = piece.shape;
+    entry["chunks"] = chunks.count(piece.key) ? chunks[piece.key] : json::array();
+  }
+  meta["files"] = files;
+  meta["tensors"] = tensors;
+  return meta;
+}
+
+CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
+  const std::string path = (fs::path(dir_) / "metadata.json").string();
+  std::ifstream in(path);
+  if (!in) {
+    throw CheckpointError(fmt::format("{} is not a Strata checkpoint: no readable metadata.json "
+                                      "in it\nHINT: point at a committed step-NNNNNNN directory "
+                                      "or at the checkpoint folder that holds them",
+                                      dir_));
+  }
+  try {
+    metadata_ = json::parse(in);
+  } catch (const json::exception& e) {
+    bad_metadata(path, fmt::format("invalid JSON ({})", e.what()));
+  }
+  try {
+    if (metadata_.at("format").get<std::string>() != "strata-checkpoint") {
+      bad_metadata(path, "\"format\" is not \"strata-checkpoint\"");
+    }
+    const int version = metadata_.at("format_version").get<int>();
+    if (version != kCheckpointFormatVersion) {
+      throw CheckpointError(fmt::format("{}: checkpoint format version {} is not supported (this "
+                                        "build reads version {})\nHINT: use the Strata version "
+                                        "that wrote it, or convert it",
+                                        path, version, kCheckpointFormatVersion));
+    }
+    const json& files = metadata_.at("files");
+    for (const auto& [key, value] : metadata_.at("tensors").items()) {
+      Tensor t;
+      t.dtype = value.at("dtype").get<std::string>();
+      torch_dtype(t.dtype);  // known dtype
+      t.shape = value.at("shape").get<std::vector<int64_t>>();
+      for (const json& c : value.at("chunks")) {
+        Chunk chunk{c.at("file").get<std::string>(), c.at("key").get<std::string>(),
+                    c.at("begin").get<int64_t>(), c.at("end").get<int64_t>()};
+        if (!files.contains(chunk.file)) {
+          bad_metadata(path, fmt::format("tensor '{}' has a chunk in {}, which is not listed "
+                                         "under \"files\"", key, chunk.file));
+        }
+        t.chunks.push_back(chunk);
+      }
+      std::sort(t.chunks.begin(), t.chunks.end(),
+                [](const Chunk& a, const Chunk& b) { return a.begin < b.begin; });
+      int64_t covered = 0;
+      for (const Chunk& chunk : t.chunks) {
+        if (chunk.begin != covered || chunk.end <= chunk.begin) {
+          bad_metadata(path, fmt::format("the chunks of tensor '{}' do not tile it (element {})",
+                                         key, covered));
+        }
+        covered = chunk.end;
+      }
+      if (covered != numel_of(t.shape)) {
+        bad_metadata(path, fmt::format("the chunks of tensor '{}' cover {} of its {} elements", key,
+                                       covered, numel_of(t.shape)));
+      }
+      tensors_.emplace(key, std::move(t));
+    }
+    for (const auto& [file, value] : files.items()) {
+      value.at("size").get<uint64_t>();
+      value.at("sha256").get<std::string>();
+      if (value.at("block_bytes").get<uint64_t>() == 0) bad_metadata(path, "block_bytes is 0");
+      value.at("block_xxh3").get<std::string>();
+    }
+    step();
+  } catch (const json::exception& e) {
+    bad_metadata(path, e.what());
+  }
+}
+
+CheckpointReader::~CheckpointReader() = default;
+
+int64_t CheckpointReader::step() const { return metadata_.at("step").get<int64_t>(); }
+
+bool CheckpointReader::model_only() const { return metadata_.value("model_only", false); }
+
+std::vector<std::string> CheckpointReader::keys() const {
+  std::vector<std::string> out;
+  for (const auto& [key, t] : tensors_) out.push_back(key);
+  return out;
+}
+
+std::vector<int64_t> CheckpointReader::shape(const std::string& key) const {
+  return tensors_.at(key).shape;
+}
+
+const SafetensorsFile& CheckpointReader::open(const std::string& file) const {
+  auto it = files_.find(file);
+  if (it != files_.end()) return *it->second;
+  const std::string path = (fs::path(dir_) / file).string();
+  const json& info = metadata_.at("files").at(file);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    throw CheckpointError(fmt::format("checkpoint file {} is missing\nHINT: the checkpoint is "
+                                      "incomplete; resume from an older step "
+                                      "(checkpoint.load_step)",
+                                      path));
+  }
+  const uint64_t expected = info.at("size").get<uint64_t>();
+  if (static_cast<uint64_t>(st.st_size) != expected) {
+    throw CheckpointError(fmt::format("checkpoint file {} is {} bytes but metadata.json says {} "
+                                      "(truncated or replaced)\nHINT: resume from an older step "
+                                      "(checkpoint.load_step)",
+                                      path, st.st_size, expected));
+  }
+  auto opened = std::make_unique<SafetensorsFile>(path);
+  verified_blocks_[file].assign(
+      (expected + info.at("block_bytes").get<uint64_t>() - 1) / info.at("block_bytes").get<uint64_t>(),
+      false);
+  verify_range(*opened, 0, opened->header().data_offset);
+  return *files_.emplace(file, std::move(opened)).first->second;
+}
+
+void CheckpointReader::verify_range(const SafetensorsFile& file, uint64_t first, uint64_t last) const {
+  const std::string name = fs::path(file.path()).filename().string();
+  const json& info = metadata_.at("files").at(name);
+  const uint64_t block = info.at("block_bytes").get<uint64_t>();
+  const std::string& expected = info.at("block_xxh3").get_ref<const std::string&>();
+  std::vector<bool>& done = verified_blocks_[name];
+  if (last <= first) return;
+  for (uint64_t b = first / block; b * block < last; ++b) {
+    if (done[b]) continue;
+    const uint64_t begin = b * block, end = std::min<uint64_t>(file.size(), begin + block);
+    const std::string got = xxh3_hex(file.data() + begin, end - begin);
+    if (expected.size() < (b + 1) * 16 || expected.compare(b * 16, 16, got) != 0) {
+      throw CheckpointError(fmt::format("checkpoint file {} is corrupted: bytes [{}, {}) do not "
+                                        "match their checksum in metadata.json\nHINT: resume from "
+                                        "an older step (checkpoint.load_step); `strata inspect "
+                                        "{} --verify` checks every file",
+                                        file.path(), begin, end, dir_));
+    }
+    done[b] = true;
+  }
+}
+
+void CheckpointReader::load(std::vector<TensorPiece>& pieces) const {
+  std::vector<std::string> problems;
+  for (const TensorPiece& piece : pieces) {
+    auto it = tensors_.find(piece.key);
+    if (it == tensors_.end()) {
+      problems.push_back(fmt::format("'{}' is missing (model expects shape {})", piece.key,
+                                     shape_text(piece.shape)));
+    } else if (it->second.shape != piece.shape) {
+      problems.push_back(fmt::format("'{}' has shape {} in the checkpoint but {} in the model",
+                                     piece.key, shape_text(it->second.shape), shape_text(piece.shape)));
+    }
+  }
+  if (!problems.empty()) {
+    throw CheckpointError(fmt::format("checkpoint {} does not fit the model:\n  {}\nHINT: use the "
+                                      "model config the checkpoint was saved with (its "
+                                      "config.yaml), or another checkpoint",
+                                      dir_, fmt::join(problems, "\n  ")));
+  }
+  for (TensorPiece& piece : pieces) {
+    const Tensor& t = tensors_.at(piece.key);
+    const int64_t want_begin = piece.begin, want_end = piece.begin + piece.local.numel();
+    const at::ScalarType stored = torch_dtype(t.dtype);
+    for (const Chunk& chunk : t.chunks) {
+      const int64_t lo = std::max(want_begin, chunk.begin), hi = std::min(want_end, chunk.end);
+      if (lo >= hi) continue;
+      const SafetensorsFile& file = open(chunk.file);
+      const SafetensorsEntry& entry = file.entry(chunk.key);
+      if (entry.dtype != t.dtype || entry.shape != std::vector<int64_t>{chunk.end - chunk.begin}) {
+        throw CheckpointError(fmt::format("checkpoint file {}: tensor '{}' is {} {} but "
+                                          "metadata.json says {} [{}]",
+                                          file.path(), chunk.key, entry.dtype,
+                                          shape_text(entry.shape), t.dtype, chunk.end - chunk.begin));
+      }
+      const auto [first, last] = file.element_bytes(chunk.key, lo - chunk.begin, hi - lo);
+      verify_range(file, first, last);
+      at::Tensor dest = piece.local.narrow(0, lo - want_begin, hi - lo);
+      if (stored == piece.local.scalar_type()) {
+        file.copy_elements(chunk.key, lo - chunk.begin, hi - lo, dest.data_ptr());
+      } else {
+        dest.copy_(file.read_elements(chunk.key, lo - chunk.begin, hi - lo));
+      }
+    }
+  }
+}
+
+std::vector<std::string> CheckpointReader::verify_files() const {
+  std::vector<std::string> problems;
+  for (const auto& [file, info] : metadata_.at("files").items()) {
+    const std::string path = (fs::path(dir_) / file).string();
+    FileDigest digest;
+    try {
+      digest = digest_file(path);
+    } catch (const IoError& e) {
+      problems.push_back(fmt::format("{}: {}", file, e.what()));
+      continue;
+    }
+    if (digest.size != info.at("size").get<uint64_t>()) {
+      problems.push_back(fmt::format("{}: {} bytes, metadata.json says {}", path, digest.size,
+                                     info.at("size").get<uint64_t>()));
+    } else if (digest.sha256 != info.at("sha256").get<std::string>()) {
+      problems.push_back(fmt::format("{}: SHA-256 {} does not match metadata.json ({})", path,
+                                     digest.sha256, info.at("sha256").get<std::string>()));
+    } else if (info.at("block_bytes").get<uint64_t>() == kChecksumBlockBytes &&
+               digest.block_xxh3 != info.at("block_xxh3").get<std::string>()) {
+      problems.push_back(fmt::format("{}: block checksums do not match metadata.json", path));
+    }
+  }
+  return problems;
+}
+
+}  // namespace strata
