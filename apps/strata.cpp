@@ -1,4 +1,4 @@
-// strata: the one binary. Subcommands: train, prepare-data. Errors of any kind end here:
+// strata: the one binary. Subcommands: train, prepare-data, inspect. Errors of any kind end here:
 // one message on every rank (rank-prefixed when there are several), exit code 1.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/checkpoint_manager.h"
 #include "parallel/process_group.h"
 #include "trainer/config.h"
 #include "trainer/prepare_data.h"
@@ -46,6 +47,31 @@ int run_prepare_data(const strata::PrepareDataOptions& options) {
       "  output     {}\n",
       r.documents, r.train_tokens, r.train_shards.size(), r.val_tokens, r.val_shards.size(),
       r.tokenizer_path, r.vocab_size, r.unigram_entropy_nats, options.out_dir);
+  return 0;
+}
+
+// Lists a checkpoint (a step directory, or a folder's latest); with `verify`, recomputes every
+// file's checksums. Exit 1 when a file does not match.
+int run_inspect(const std::string& path, bool verify) {
+  const std::optional<std::string> dir = strata::find_checkpoint(path);
+  if (!dir) {
+    throw strata::CheckpointError(fmt::format("{} holds no committed checkpoint\nHINT: give a "
+                                              "step-NNNNNNN directory or a checkpoint folder "
+                                              "with one",
+                                              path));
+  }
+  const strata::CheckpointReader reader(*dir);
+  fmt::print("{}", strata::describe_checkpoint(reader));
+  if (!verify) return 0;
+  const std::vector<std::string> problems = reader.verify_files();
+  if (!problems.empty()) {
+    throw strata::CheckpointError(fmt::format("checkpoint {} failed verification:\n  {}\nHINT: "
+                                              "resume from another step "
+                                              "(checkpoint.load_step)",
+                                              *dir, fmt::join(problems, "\n  ")));
+  }
+  fmt::print("verify: all {} file(s) match their size, SHA-256 and block checksums\n",
+             reader.metadata().at("files").size());
   return 0;
 }
 
@@ -94,6 +120,15 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   prepare->add_option("--seed", prep.seed, "Seed of the train/val split")->capture_default_str();
 
+  std::string inspect_path;
+  bool inspect_verify = false;
+  CLI::App* inspect = app.add_subcommand(
+      "inspect", "List a checkpoint's tensors, files and checksums (a step directory, or a "
+                 "checkpoint folder: its latest).");
+  inspect->add_option("path", inspect_path, "Checkpoint step directory or folder")->required();
+  inspect->add_flag("--verify", inspect_verify,
+                    "Recompute every file's SHA-256 and block checksums and compare");
+
   // Help and usage errors are CLI11's; they happen before MPI starts.
   try {
     app.parse(argc, argv);
@@ -107,6 +142,7 @@ int main(int argc, char** argv) {
     if (*train) {
       return run_train(train_args, &argc, &argv, group);
     }
+    if (*inspect) return run_inspect(inspect_path, inspect_verify);
     if (!tokenizer_path.empty()) prep.tokenizer = tokenizer_path;
     if (!separator.empty()) prep.separator = separator;
     return run_prepare_data(prep);

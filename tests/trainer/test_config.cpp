@@ -66,7 +66,10 @@ TEST(Config, AbsentKeysTakeTheDesignDefaults) {
   EXPECT_TRUE(c.parallel.fsdp.enabled);
   EXPECT_EQ(c.parallel.fsdp.activation_checkpointing, "full");
   EXPECT_EQ(c.parallel.mixed_precision.param_dtype, "float32");
-  EXPECT_FALSE(c.checkpoint.enable);
+  EXPECT_TRUE(c.checkpoint.enable);
+  EXPECT_EQ(c.checkpoint.keep_latest_k, 3);
+  EXPECT_FALSE(c.checkpoint.model_only);
+  EXPECT_FALSE(c.checkpoint.load_step.has_value());
   EXPECT_EQ(c.checkpoint.interval, 100);
   EXPECT_FALSE(c.checkpoint.resume_path.has_value());
   EXPECT_TRUE(c.checkpoint.additional_load_paths.empty());
@@ -94,7 +97,7 @@ training: {steps: 10, global_batch_size: 12, micro_batch_size: 4, grad_clip: 0.5
 optimizer: {lr: 1.0e-4, betas: [0.8, 0.9], eps: 1.0e-6, weight_decay: 0.0}
 lr_scheduler: {warmup_steps: 2, decay: linear, min_lr_ratio: 0.0}
 parallel: {backend: mpi, threads_per_rank: 3, fsdp: {enabled: false, activation_checkpointing: none}}
-checkpoint: {enable: false, folder: ck, interval: 7, exclude_from_loading: [output.weight]}
+checkpoint: {enable: false, folder: ck, interval: 7, exclude_from_loading: [optimizer]}
 converters: []
 logging: {metrics_file: m.jsonl, peak_tflops: 1.5}
 )");
@@ -115,7 +118,7 @@ logging: {metrics_file: m.jsonl, peak_tflops: 1.5}
   EXPECT_EQ(c.parallel.fsdp.activation_checkpointing, "none");
   EXPECT_EQ(c.checkpoint.folder, "ck");
   EXPECT_EQ(c.checkpoint.interval, 7);
-  EXPECT_EQ(c.checkpoint.exclude_from_loading, (std::vector<std::string>{"output.weight"}));
+  EXPECT_EQ(c.checkpoint.exclude_from_loading, (std::vector<std::string>{"optimizer"}));
   EXPECT_DOUBLE_EQ(c.logging.peak_tflops, 1.5);
 }
 
@@ -153,7 +156,7 @@ TEST(Config, OverridesAreTypedBySchema) {
             {"model.dim=256", "optimizer.lr=0.01", "model.tie_embeddings=true", "job.name=run two",
              "data.val=null", "data.val=v.bin", "optimizer.betas=[0.9,0.99]",
              "parallel.threads_per_rank=auto", "model.ffn_dim_multiplier=1.3",
-             "lr_scheduler.decay=none", "checkpoint.exclude_from_loading=[a, b]"});
+             "lr_scheduler.decay=none", "checkpoint.exclude_from_loading=[rng, dataloader]"});
   EXPECT_EQ(c.model.dim, 256);                                     // int
   EXPECT_DOUBLE_EQ(c.optimizer.lr, 0.01);                          // float
   EXPECT_TRUE(c.model.tie_embeddings);                             // bool
@@ -163,7 +166,7 @@ TEST(Config, OverridesAreTypedBySchema) {
   EXPECT_EQ(c.parallel.threads_per_rank, 0);
   EXPECT_DOUBLE_EQ(*c.model.ffn_dim_multiplier, 1.3);
   EXPECT_EQ(c.lr_scheduler.decay, LrDecay::kNone);
-  EXPECT_EQ(c.checkpoint.exclude_from_loading, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(c.checkpoint.exclude_from_loading, (std::vector<std::string>{"rng", "dataloader"}));
 }
 
 TEST(Config, NullOverrideClearsAnOptionalSetInTheFile) {
@@ -438,8 +441,8 @@ TEST(Config, FeaturesNotBuiltYetAcceptOnlyTheirDefault) {
   struct Case {
     std::string override_text, expected;
   } cases[] = {
-      {"checkpoint.enable=true", "checkpoint.enable = true is not supported yet"},
-      {"checkpoint.resume_path=runs/x", "checkpoint.resume_path = runs/x is not supported yet"},
+      {"checkpoint.last_save_in_hf=true", "checkpoint.last_save_in_hf = true is not supported yet"},
+      {"checkpoint.hf_export_interval=5", "checkpoint.hf_export_interval = 5 is not supported yet"},
       {"checkpoint.additional_load_paths=[a]",
        "checkpoint.additional_load_paths = a non-empty list is not supported yet"},
       {"converters=[{type: lora, rank: 4}]", "converters = a non-empty list is not supported yet"},
@@ -455,8 +458,24 @@ TEST(Config, FeaturesNotBuiltYetAcceptOnlyTheirDefault) {
     EXPECT_HAS(e, "HINT: this build accepts only");
   }
   EXPECT_NO_THROW(parse(
-      kMinimal, {"checkpoint.enable=false", "checkpoint.resume_path=null",
+      kMinimal, {"checkpoint.enable=false", "checkpoint.last_save_in_hf=false",
                  "checkpoint.additional_load_paths=[]", "converters=[]", "parallel.backend=mpi"}));
+}
+
+TEST(Config, CheckpointValuesAreChecked) {
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.exclude_from_loading=[optimizer, model]"}),
+             "checkpoint.exclude_from_loading = 'model' is not one of: optimizer, lr_scheduler, "
+             "dataloader, rng (--set checkpoint.exclude_from_loading=[optimizer, model])");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.keep_latest_k=-1"}),
+             "checkpoint.keep_latest_k = -1 must be >= 0 (0 keeps every checkpoint)");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.load_step=-3"}), "checkpoint.load_step = -3 must be >= 0");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.load_step=x"}), "checkpoint.load_step must be an integer");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.async_mode=background"}),
+             "checkpoint.async_mode = 'background' is not one of: disabled, async");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.model_only=maybe"}),
+             "checkpoint.model_only must be true or false");
+  EXPECT_EQ(parse(kMinimal, {"checkpoint.keep_latest_k=0"}).checkpoint.keep_latest_k, 0);
+  EXPECT_EQ(parse(kMinimal, {"checkpoint.resume_path=runs/x"}).checkpoint.resume_path, "runs/x");
 }
 
 TEST(Config, DisabledCheckpointKeysAreStillChecked) {
@@ -467,7 +486,7 @@ TEST(Config, DisabledCheckpointKeysAreStillChecked) {
   EXPECT_HAS(error_of(kMinimal, {"checkpoint.last_save_in_hf=2"}),
              "checkpoint.last_save_in_hf must be true or false");
   const Config c = parse(kMinimal, {"checkpoint.enable=false", "checkpoint.interval=50",
-                                    "checkpoint.exclude_from_loading=[output.weight]"});
+                                    "checkpoint.exclude_from_loading=[lr_scheduler]"});
   EXPECT_EQ(c.checkpoint.interval, 50);
 }
 
@@ -528,7 +547,7 @@ TEST(Config, ResolvedYamlRoundTrips) {
        "model.rope_theta=500000", "data.val=v_*.bin", "optimizer.weight_decay=0",
        "optimizer.lr=0.1", "optimizer.eps=1e-300", "parallel.threads_per_rank=2", "job.run_dir=123",
        "training.grad_clip=0.3333333333333333", "lr_scheduler.decay=linear",
-       "model.tie_embeddings=true", "checkpoint.exclude_from_loading=[x, \"y z\"]"});
+       "model.tie_embeddings=true", "checkpoint.exclude_from_loading=[rng, \"lr_scheduler\"]", "checkpoint.load_step=7"});
   const std::string yaml = to_yaml(original);
   const Config again = parse(yaml);
   EXPECT_EQ(to_yaml(again), yaml);
@@ -546,7 +565,8 @@ TEST(Config, ResolvedYamlRoundTrips) {
   EXPECT_EQ(*again.data.val, "v_*.bin");
   EXPECT_FALSE(again.data.tokenizer.has_value());
   EXPECT_EQ(again.parallel.threads_per_rank, 2);
-  EXPECT_EQ(again.checkpoint.exclude_from_loading, (std::vector<std::string>{"x", "y z"}));
+  EXPECT_EQ(again.checkpoint.exclude_from_loading, (std::vector<std::string>{"rng", "lr_scheduler"}));
+  EXPECT_EQ(again.checkpoint.load_step, 7);
 }
 
 TEST(Config, ResolvedYamlWritesFloatsAsFloatsAndNullsAsNull) {

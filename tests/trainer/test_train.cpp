@@ -87,6 +87,7 @@ Config synthetic_job(const TempDir& dir) {
   config.training.log_interval = 4;
   config.lr_scheduler.warmup_steps = 2;
   config.parallel.threads_per_rank = 1;
+  config.checkpoint.enable = false;  // each test trains from scratch in its run_dir
   return config;
 }
 
