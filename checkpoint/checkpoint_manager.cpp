@@ -48,18 +48,25 @@ std::string read_latest(const fs::path& folder) {
   return name;
 }
 
-// Test hooks (environment): make one rank's write fail, or slow every write down, so that the
-// failure and crash paths can be exercised end to end.
-void apply_test_hooks(int rank) {
-  if (const char* delay = std::getenv("STRATA_TEST_SAVE_DELAY_S")) {
-    std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(delay)));
+// Test hooks (environment), so that the failure and crash paths run end to end:
+//   STRATA_TEST_FAIL_SAVE=RANK[@STEP]    that rank's write fails (at that step only)
+//   STRATA_TEST_SLOW_SAVE=SECONDS[@STEP] every rank's write first sleeps (at that step only)
+bool hook_applies(const char* spec, int64_t step, double* value) {
+  if (!spec || !*spec) return false;
+  const std::string text(spec);
+  const size_t at = text.find('@');
+  *value = std::atof(text.substr(0, at).c_str());
+  return at == std::string::npos || std::atoll(text.c_str() + at + 1) == step;
+}
+
+void apply_test_hooks(int rank, int64_t step) {
+  double value = 0;
+  if (hook_applies(std::getenv("STRATA_TEST_SLOW_SAVE"), step, &value)) {
+    std::this_thread::sleep_for(std::chrono::duration<double>(value));
   }
-  if (const char* fail = std::getenv("STRATA_TEST_FAIL_SAVE_RANK")) {
-    if (std::atoi(fail) == rank) {
-      throw IoError(fmt::format("cannot write rank {} file: injected failure "
-                                "(STRATA_TEST_FAIL_SAVE_RANK={})",
-                                rank, fail));
-    }
+  if (hook_applies(std::getenv("STRATA_TEST_FAIL_SAVE"), step, &value) && static_cast<int>(value) == rank) {
+    throw IoError(fmt::format("cannot write rank {} file: injected failure (STRATA_TEST_FAIL_SAVE={})",
+                              rank, std::getenv("STRATA_TEST_FAIL_SAVE")));
   }
 }
 
@@ -142,7 +149,7 @@ void CheckpointManager::prepare(InFlight& save) {
 
 void CheckpointManager::write(InFlight& save) {
   try {
-    apply_test_hooks(comm_.rank());
+    apply_test_hooks(comm_.rank(), save.request.step);
     save.report = write_rank_file(save.incomplete_dir, comm_.rank(), save.request.pieces);
     save.report["ok"] = true;
   } catch (const std::exception& e) {

@@ -27,7 +27,8 @@ expect_error "bad.yaml:2" "$STRATA_BIN" train --config bad.yaml
 expect_error "error: " "$STRATA_BIN" train --config bad.yaml
 expect_error "does not exist" "$STRATA_BIN" train --config missing.yaml
 expect_error "data/none_*.bin" "$STRATA_BIN" train --config job.yaml --set 'data.train=data/none_*.bin'
-expect_error "checkpoint.enable" "$STRATA_BIN" train --config job.yaml --set checkpoint.enable=true
+expect_error "checkpoint.last_save_in_hf = true is not supported yet" "$STRATA_BIN" train --config job.yaml --set checkpoint.last_save_in_hf=true
+expect_error "checkpoint.async_mode = 'later' is not one of: disabled, async" "$STRATA_BIN" train --config job.yaml --set checkpoint.async_mode=later
 expect_error "model.vocab_size" "$STRATA_BIN" train --config job.yaml --set model.vocab_size=100
 
 # --print-config prints the resolved YAML with overrides applied, and trains nothing.
@@ -45,6 +46,9 @@ grep -q "val_loss" train.txt || fail "no eval line"
 [ -s run/samples.txt ] || fail "no run/samples.txt"
 [ "$(grep -c '"loss"' run/metrics.jsonl)" -eq 5 ] || fail "expected 5 step rows (1,5,10,15,20)"
 [ "$(grep -c '"val_loss"' run/metrics.jsonl)" -eq 2 ] || fail "expected 2 eval rows"
+# Checkpointing is on by default: the final step saves the weights and `latest` names it.
+[ "$(cat run/checkpoints/latest)" = step-0000020 ] || fail "no final checkpoint"
+"$STRATA_BIN" inspect run/checkpoints --verify | grep -q "model only" || fail "final save is not model-only"
 # The written config is a complete config: it runs as is.
 "$STRATA_BIN" train --config run/config.yaml --print-config >/dev/null
 # The plot script renders it.
