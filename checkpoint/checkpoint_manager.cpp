@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -132,6 +133,9 @@ void CheckpointManager::prepare(InFlight& save) {
   save.incomplete_dir = (fs::path(options_.folder) / (step_dir_name(save.request.step) + ".incomplete")).string();
   run_on_all_ranks(comm_, fmt::format("checkpoint save at step {}", save.request.step), [&] {
     if (comm_.rank() != 0) return;
+    // The purge of the previous commit deletes stale .incomplete dirs: it must be over before
+    // this save's directory exists.
+    if (purge_.joinable()) purge_.join();
     std::error_code ec;
     fs::create_directories(options_.folder, ec);
     if (ec) {
@@ -150,7 +154,9 @@ void CheckpointManager::prepare(InFlight& save) {
 void CheckpointManager::write(InFlight& save) {
   try {
     apply_test_hooks(comm_.rank(), save.request.step);
-    save.report = write_rank_file(save.incomplete_dir, comm_.rank(), save.request.pieces);
+    // A background save hashes on its own thread: it should take one core, not two.
+    save.report = write_rank_file(save.incomplete_dir, comm_.rank(), save.request.pieces,
+                                  /*hash_thread=*/!options_.async);
     save.report["ok"] = true;
   } catch (const std::exception& e) {
     save.report = {{"ok", false}, {"error", e.what()}};
@@ -211,11 +217,16 @@ void CheckpointManager::commit(InFlight& save) {
     throw CheckpointError(fmt::format("checkpoint commit at step {} failed on rank 0: {}{}", step,
                                       error, keep_hint));
   }
-  const double seconds = seconds_since(save.started) ;
+  const double seconds = seconds_since(save.started);
+  if (options_.async) last_stall_seconds_ = save.stall_seconds;
   log_(fmt::format("checkpoint: committed {} ({}{:.1f} MB on {} rank(s), {:.2f} s{}, commit {:.3f} s)",
                    final_dir.string(), save.request.model_only ? "model only, " : "", bytes / 1e6,
                    reports.size(), seconds,
-                   options_.async ? fmt::format(", foreground {:.3f} s", save.stall_seconds) : "",
+                   options_.async ? fmt::format(", foreground {:.3f} s: previous save {:.3f} s, "
+                                                "staging wait {:.3f} s",
+                                                save.stall_seconds, save.previous_wait_seconds,
+                                                save.staging_wait_seconds)
+                                  : "",
                    seconds_since(start)));
   start_purge();
 }
@@ -235,46 +246,93 @@ void CheckpointManager::start_purge() {
   });
 }
 
+// Copies every piece into its staging buffer (allocated on first use, reused while the piece
+// layout stays the same) and points the piece at it. CPU pieces are copied with memcpy, which
+// is safe on a background thread; device pieces go to pinned host memory.
+void CheckpointManager::stage(InFlight& save) {
+  std::vector<TensorPiece>& pieces = save.request.pieces;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    at::Tensor& buffer = staging_[i];
+    const at::Tensor source = pieces[i].local.detach().reshape({-1});
+    if (source.device().is_cpu() && source.is_contiguous()) {
+      if (source.nbytes() > 0) std::memcpy(buffer.data_ptr(), source.data_ptr(), source.nbytes());
+    } else {
+      buffer.copy_(source);
+    }
+    pieces[i].local = buffer;
+  }
+  {
+    std::lock_guard<std::mutex> lock(staged_mutex_);
+    save.staged = true;
+  }
+  staged_cv_.notify_all();
+}
+
 void CheckpointManager::save(SaveRequest request) {
   const auto start = Clock::now();
   finish();  // one save in flight at a time
+  const double previous_wait = seconds_since(start);
   in_flight_ = std::make_unique<InFlight>();
   InFlight& save = *in_flight_;
   save.started = start;
+  save.previous_wait_seconds = previous_wait;
   save.request = std::move(request);
   prepare(save);
   std::vector<TensorPiece>& pieces = save.request.pieces;
-  bool needs_staging = options_.async;
-  for (const TensorPiece& p : pieces) needs_staging = needs_staging || !p.local.device().is_cpu();
-  if (needs_staging) {
-    bool reuse = staging_.size() == pieces.size();
-    for (size_t i = 0; reuse && i < pieces.size(); ++i) {
-      reuse = staging_[i].numel() == pieces[i].local.numel() &&
-              staging_[i].scalar_type() == pieces[i].local.scalar_type();
-    }
-    if (!reuse) {
-      staging_.clear();
-      for (const TensorPiece& p : pieces) {
-        staging_.push_back(at::empty({p.local.numel()}, at::TensorOptions()
-                                                            .dtype(p.local.scalar_type())
-                                                            .pinned_memory(!p.local.device().is_cpu())));
-      }
-    }
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      staging_[i].copy_(pieces[i].local.detach().reshape({-1}));
-      pieces[i].local = staging_[i];
-    }
-  }
+  bool on_device = false;
+  for (const TensorPiece& p : pieces) on_device = on_device || !p.local.device().is_cpu();
+  if (options_.async || on_device) reserve_staging(pieces);
   if (options_.async) {
+    // Device pieces are copied here (the copy engine is fast and streams are per thread);
+    // CPU pieces are copied by the background thread while training computes.
+    if (on_device) stage(save);
     save.stall_seconds = seconds_since(start);
-    last_stall_seconds_ = save.stall_seconds;
-    save.writer = std::thread([this, &save] { write(save); });
+    save.writer = std::thread([this, &save] {
+      try {
+        if (!save.staged) stage(save);
+      } catch (const std::exception& e) {  // reported at the commit, on every rank
+        save.report = {{"ok", false}, {"error", fmt::format("staging failed: {}", e.what())}};
+        {
+          std::lock_guard<std::mutex> lock(staged_mutex_);
+          save.staged = true;
+        }
+        staged_cv_.notify_all();
+        save.done = true;
+        return;
+      }
+      write(save);
+    });
     return;
   }
+  if (on_device) stage(save);
   write(save);
   std::unique_ptr<InFlight> done = std::move(in_flight_);
   commit(*done);
   last_stall_seconds_ = seconds_since(start);
+}
+
+void CheckpointManager::reserve_staging(const std::vector<TensorPiece>& pieces) {
+  bool reuse = staging_.size() == pieces.size();
+  for (size_t i = 0; reuse && i < pieces.size(); ++i) {
+    reuse = staging_[i].numel() == pieces[i].local.numel() &&
+            staging_[i].scalar_type() == pieces[i].local.scalar_type();
+  }
+  if (reuse) return;
+  staging_.clear();
+  for (const TensorPiece& p : pieces) {
+    const bool pinned = !p.local.device().is_cpu();
+    staging_.push_back(at::zeros({p.local.numel()},
+                                 at::TensorOptions().dtype(p.local.scalar_type()).pinned_memory(pinned)));
+  }
+}
+
+void CheckpointManager::wait_until_staged() {
+  if (!in_flight_ || in_flight_->staged) return;
+  const auto start = Clock::now();
+  std::unique_lock<std::mutex> lock(staged_mutex_);
+  staged_cv_.wait(lock, [this] { return in_flight_->staged.load(); });
+  in_flight_->stall_seconds += seconds_since(start);
+  in_flight_->staging_wait_seconds += seconds_since(start);
 }
 
 bool CheckpointManager::poll(bool stop_requested) {

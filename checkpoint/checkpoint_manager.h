@@ -11,6 +11,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -63,9 +65,17 @@ class CheckpointManager {
   CheckpointManager& operator=(const CheckpointManager&) = delete;
 
   // Collective. Sync: returns once step N is committed. Async: waits for (and commits) a save
-  // still in flight, copies the pieces into reusable staging buffers, starts the background
-  // write and returns; `poll` or `finish` commit it.
+  // still in flight, starts the background thread and returns; that thread copies the pieces
+  // into reusable staging buffers (allocated once), then writes them. `poll` or `finish`
+  // commit it. Until `wait_until_staged` returns, the caller must not modify the saved
+  // tensors (reading them, e.g. forward and backward, is fine).
   void save(SaveRequest request);
+  // Async: allocates (and touches) the staging buffers for pieces of this layout now, so that
+  // the first save does not pay for fresh memory while training waits.
+  void reserve_staging(const std::vector<TensorPiece>& pieces);
+  // Blocks until the save in flight no longer reads the live tensors. Call before modifying
+  // them (the optimizer step). Cheap when there is nothing to wait for.
+  void wait_until_staged();
 
   // Collective, cheap (one small all-reduce when a save is in flight, nothing otherwise):
   // commits the save in flight when every rank's write has finished; surfaces its error.
@@ -75,6 +85,8 @@ class CheckpointManager {
   void finish();
 
   bool in_flight() const { return static_cast<bool>(in_flight_); }
+  // This rank's background thread is still staging or writing.
+  bool writing() const { return in_flight_ && !in_flight_->done; }
   double last_stall_seconds() const { return last_stall_seconds_; }  // foreground time of the last save
   const std::string& folder() const { return options_.folder; }
 
@@ -83,12 +95,16 @@ class CheckpointManager {
     SaveRequest request;
     std::string incomplete_dir;
     std::thread writer;
+    std::atomic<bool> staged{false};  // the pieces are in the staging buffers
     std::atomic<bool> done{false};
     nlohmann::json report;  // written by the writer before `done`
     std::chrono::steady_clock::time_point started;
-    double stall_seconds = 0.0;
+    double stall_seconds = 0.0;      // foreground time in all: the parts below and the rest
+    double previous_wait_seconds = 0.0;  // waiting for the previous save to commit
+    double staging_wait_seconds = 0.0;   // wait_until_staged
   };
   void prepare(InFlight& save);
+  void stage(InFlight& save);
   void write(InFlight& save);
   void commit(InFlight& save);
   void start_purge();
@@ -98,6 +114,8 @@ class CheckpointManager {
   Log log_;
   std::unique_ptr<InFlight> in_flight_;
   std::vector<at::Tensor> staging_;  // async: reused while the piece layout stays the same
+  std::mutex staged_mutex_;
+  std::condition_variable staged_cv_;
   std::thread purge_;
   double last_stall_seconds_ = 0.0;
 };

@@ -47,7 +47,7 @@ std::string Sha256::hex_digest() {
 
 std::string xxh3_hex(const void* data, size_t bytes) { return hex64(XXH3_64bits(data, bytes)); }
 
-HashingFileWriter::HashingFileWriter(std::string path)
+HashingFileWriter::HashingFileWriter(std::string path, bool hash_thread)
     : path_(std::move(path)), block_state_(XXH3_createState()) {
   XXH3_64bits_reset(as_state(block_state_));
   fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -56,9 +56,16 @@ HashingFileWriter::HashingFileWriter(std::string path)
     XXH3_freeState(as_state(block_state_));
     throw IoError(fmt::format("cannot create {}: {}", path_, reason));
   }
+  if (hash_thread) worker_ = std::thread([this] { hash_worker(); });
 }
 
 HashingFileWriter::~HashingFileWriter() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
   if (fd_ >= 0) {  // not finished: the file is incomplete
     ::close(fd_);
     ::unlink(path_.c_str());
@@ -66,12 +73,11 @@ HashingFileWriter::~HashingFileWriter() {
   XXH3_freeState(as_state(block_state_));
 }
 
-void HashingFileWriter::write(const void* data, size_t bytes) {
-  const auto* p = static_cast<const uint8_t*>(data);
+void HashingFileWriter::hash(const uint8_t* p, size_t bytes) {
   sha_.update(p, bytes);
   // Block checksums: cut the input at block boundaries of the file offset.
   for (size_t done = 0; done < bytes;) {
-    const uint64_t in_block = (size_ + done) % kChecksumBlockBytes;
+    const uint64_t in_block = (hashed_ + done) % kChecksumBlockBytes;
     const size_t take = std::min<uint64_t>(bytes - done, kChecksumBlockBytes - in_block);
     XXH3_64bits_update(as_state(block_state_), p + done, take);
     done += take;
@@ -80,14 +86,51 @@ void HashingFileWriter::write(const void* data, size_t bytes) {
       XXH3_64bits_reset(as_state(block_state_));
     }
   }
+  hashed_ += bytes;
+}
+
+void HashingFileWriter::hash_worker() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    cv_.wait(lock, [this] { return job_pending_ || stop_; });
+    if (!job_pending_) return;
+    const uint8_t* data = job_data_;
+    const size_t bytes = job_bytes_;
+    lock.unlock();
+    hash(data, bytes);
+    lock.lock();
+    job_pending_ = false;
+    cv_.notify_all();
+  }
+}
+
+void HashingFileWriter::write(const void* data, size_t bytes) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  const bool parallel = worker_.joinable() && bytes >= (size_t{1} << 20);
+  if (parallel) {  // hash on the helper while this thread writes; both only read `data`
+    std::lock_guard<std::mutex> lock(mutex_);
+    job_data_ = p;
+    job_bytes_ = bytes;
+    job_pending_ = true;
+    cv_.notify_all();
+  } else {
+    hash(p, bytes);
+  }
+  std::string error;
   for (size_t done = 0; done < bytes;) {
     const ssize_t n = ::write(fd_, p + done, std::min<size_t>(bytes - done, size_t{1} << 30));
     if (n < 0) {
       if (errno == EINTR) continue;
-      throw IoError(fmt::format("cannot write {}: {}", path_, errno_text()));
+      error = fmt::format("cannot write {}: {}", path_, errno_text());
+      break;
     }
     done += static_cast<size_t>(n);
   }
+  if (parallel) {  // `data` must stay untouched until the helper is done with it
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [this] { return !job_pending_; });
+  }
+  if (!error.empty()) throw IoError(error);
   size_ += bytes;
 }
 

@@ -4,7 +4,10 @@
 #pragma once
 
 #include <cstddef>
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
+#include <thread>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -46,11 +49,15 @@ struct FileDigest {
   std::string block_xxh3;
 };
 
-// Creates (truncates) `path` and writes to it, hashing as it goes. `finish` flushes, fsyncs
-// and closes; a writer destroyed without `finish` removes the file. Throws IoError.
+// Creates (truncates) `path` and writes to it, hashing as it goes: large writes are hashed on
+// a helper thread while the calling thread copies them to the kernel, so a save costs about
+// max(hash, write) rather than their sum. `finish` fsyncs and closes; a writer destroyed
+// without `finish` removes the file. Throws IoError.
 class HashingFileWriter {
  public:
-  explicit HashingFileWriter(std::string path);
+  // `hash_thread` false: hash on the calling thread (when the caller is itself a background
+  // thread and cores are scarce).
+  explicit HashingFileWriter(std::string path, bool hash_thread = true);
   ~HashingFileWriter();
   HashingFileWriter(const HashingFileWriter&) = delete;
   HashingFileWriter& operator=(const HashingFileWriter&) = delete;
@@ -60,12 +67,23 @@ class HashingFileWriter {
   const std::string& path() const { return path_; }
 
  private:
+  void hash(const uint8_t* data, size_t bytes);  // SHA-256 + block XXH3, in file order
+  void hash_worker();
+
   std::string path_;
   int fd_ = -1;
   Sha256 sha_;
   void* block_state_;          // XXH3 state of the current checksum block
   std::string block_xxh3_;
-  uint64_t size_ = 0;
+  uint64_t size_ = 0;          // bytes written
+  uint64_t hashed_ = 0;        // bytes hashed
+  // The helper thread: one job at a time, handed over under `mutex_`.
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  const uint8_t* job_data_ = nullptr;
+  size_t job_bytes_ = 0;
+  bool job_pending_ = false, stop_ = false;
+  std::thread worker_;
 };
 
 // SHA-256 and block XXH3 of an existing file, read sequentially.

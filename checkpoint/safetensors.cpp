@@ -269,6 +269,15 @@ std::pair<uint64_t, uint64_t> SafetensorsFile::element_bytes(const std::string& 
   return {first, first + static_cast<uint64_t>(count * element)};
 }
 
+void SafetensorsFile::prefetch(uint64_t first, uint64_t last) const {
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  first = first / page * page;
+  last = std::min<uint64_t>(last, size_);
+  if (map_ && last > first) {
+    madvise(const_cast<uint8_t*>(map_) + first, last - first, MADV_WILLNEED);
+  }
+}
+
 void SafetensorsFile::copy_elements(const std::string& name, int64_t begin, int64_t count,
                                     void* dest) const {
   const auto [first, last] = element_bytes(name, begin, count);
@@ -276,7 +285,7 @@ void SafetensorsFile::copy_elements(const std::string& name, int64_t begin, int6
 }
 
 FileDigest write_safetensors_file(const std::string& path, std::vector<SafetensorsItem> items,
-                                  std::map<std::string, std::string> metadata) {
+                                  std::map<std::string, std::string> metadata, bool hash_thread) {
   metadata.emplace("format", "pt");
   std::set<std::string> names;
   for (const SafetensorsItem& item : items) {
@@ -311,7 +320,7 @@ FileDigest write_safetensors_file(const std::string& path, std::vector<Safetenso
   text.append((8 - text.size() % 8) % 8, ' ');
   const uint64_t n = text.size();
   try {
-    HashingFileWriter out(path);
+    HashingFileWriter out(path, hash_thread);
     out.write(&n, 8);
     out.write(text.data(), n);
     for (const SafetensorsItem& item : items) {

@@ -62,6 +62,9 @@ class SafetensorsFile {
   // The file byte range [first, last) of those elements (throws when out of range).
   std::pair<uint64_t, uint64_t> element_bytes(const std::string& name, int64_t begin,
                                               int64_t count) const;
+  // Asks the kernel to read bytes [first, last) ahead (asynchronous readahead of a range that
+  // is about to be read).
+  void prefetch(uint64_t first, uint64_t last) const;
   // The whole file image, memory-mapped.
   const uint8_t* data() const { return map_; }
   size_t size() const { return size_; }
@@ -85,7 +88,8 @@ struct SafetensorsItem {
 // Writes `items` to `path` in the reference layout, in place (not atomic): the caller owns the
 // directory protocol. fsyncs the file and returns its checksums.
 FileDigest write_safetensors_file(const std::string& path, std::vector<SafetensorsItem> items,
-                                  std::map<std::string, std::string> metadata = {});
+                                  std::map<std::string, std::string> metadata = {},
+                                  bool hash_thread = true);
 
 // Writes `tensors` (any order; names unique) with `metadata` (string -> string; "format": "pt"
 // is added when absent) to `path`, atomically.

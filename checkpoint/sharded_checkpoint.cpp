@@ -39,7 +39,8 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 
 std::string rank_file_name(int rank) { return fmt::format("rank-{:05d}.safetensors", rank); }
 
-json write_rank_file(const std::string& dir, int rank, const std::vector<TensorPiece>& pieces) {
+json write_rank_file(const std::string& dir, int rank, const std::vector<TensorPiece>& pieces,
+                     bool hash_thread) {
   std::vector<SafetensorsItem> items;
   json chunks = json::array();
   for (const TensorPiece& piece : pieces) {
@@ -51,7 +52,8 @@ json write_rank_file(const std::string& dir, int rank, const std::vector<TensorP
     chunks.push_back({{"key", piece.key}, {"begin", piece.begin}, {"end", piece.begin + piece.local.numel()}});
   }
   const std::string name = rank_file_name(rank);
-  const FileDigest digest = write_safetensors_file((fs::path(dir) / name).string(), std::move(items));
+  const FileDigest digest = write_safetensors_file((fs::path(dir) / name).string(), std::move(items), {},
+                                                   hash_thread);
   return {{"file", name},
           {"size", digest.size},
           {"sha256", digest.sha256},
@@ -260,6 +262,7 @@ void CheckpointReader::load(std::vector<TensorPiece>& pieces) const {
                                           shape_text(entry.shape), t.dtype, chunk.end - chunk.begin));
       }
       const auto [first, last] = file.element_bytes(chunk.key, lo - chunk.begin, hi - lo);
+      file.prefetch(first, last);
       verify_range(file, first, last);
       at::Tensor dest = piece.local.narrow(0, lo - want_begin, hi - lo);
       if (stored == piece.local.scalar_type()) {

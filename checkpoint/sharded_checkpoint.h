@@ -33,8 +33,9 @@ std::string rank_file_name(int rank);  // "rank-00003.safetensors"
 
 // Writes this rank's non-empty pieces to `dir`/rank_file_name(rank) (fsynced) and returns its
 // report: file name, size, checksums and the chunk of every piece. Throws CheckpointError.
+// `hash_thread`: see HashingFileWriter.
 nlohmann::json write_rank_file(const std::string& dir, int rank,
-                               const std::vector<TensorPiece>& pieces);
+                               const std::vector<TensorPiece>& pieces, bool hash_thread = true);
 
 // metadata.json from every rank's report (rank order); `extra` fields are merged at top level.
 nlohmann::json build_metadata(const std::vector<nlohmann::json>& rank_reports,

@@ -286,10 +286,12 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     std::vector<std::string> restored;
     // A model-only checkpoint gives the weights (and, from the run's own folder, the step and
     // data position); resume_model_only gives the weights only.
-    nlohmann::json state;
     bool model_only_checkpoint = false;
-    int64_t checkpoint_step = 0;
+    int64_t checkpoint_step = 0, saved_data_step = 0;
+    uint64_t saved_data_seed = 0, saved_sample_seed = 0;
+    double load_seconds = 0.0, load_bytes = 0.0;
     run_on_all_ranks(*comm, fmt::format("loading checkpoint {}", plan.dir), [&] {
+      const auto load_start = Clock::now();
       const CheckpointReader reader(plan.dir);
       model_only_checkpoint = reader.model_only();
       checkpoint_step = reader.step();
@@ -299,14 +301,22 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
         at::NoGradGuard no_grad;
         reader.load(pieces);
       }
-      std::ifstream in(fs::path(plan.dir) / "train_state.json");
-      if (!in) throw CheckpointError(fmt::format("{}/train_state.json is missing", plan.dir));
+      for (const TensorPiece& piece : pieces) load_bytes += static_cast<double>(piece.local.nbytes());
+      load_seconds = seconds_since(load_start);
+      const fs::path state_path = fs::path(plan.dir) / "train_state.json";
+      std::ifstream in(state_path);
+      if (!in) throw CheckpointError(fmt::format("{} is missing", state_path.string()));
       try {
-        state = nlohmann::json::parse(in);
+        const nlohmann::json state = nlohmann::json::parse(in);
+        if (want_optimizer) optimizer.set_steps_taken(state.at("optimizer").at("steps_taken").get<int64_t>());
+        saved_data_seed = state.at("dataloader").at("seed").get<uint64_t>();
+        saved_data_step = state.at("dataloader").at("step").get<int64_t>();
+        saved_sample_seed = state.at("rng").at("sample_seed").get<uint64_t>();
       } catch (const nlohmann::json::exception& e) {
-        throw CheckpointError(fmt::format("{}/train_state.json is not valid JSON: {}", plan.dir, e.what()));
+        throw CheckpointError(fmt::format("{} is damaged: {}\nHINT: resume from another step "
+                                          "(checkpoint.load_step)",
+                                          state_path.string(), e.what()));
       }
-      if (want_optimizer) optimizer.set_steps_taken(state.at("optimizer").at("steps_taken").get<int64_t>());
     });
     for (const auto& [fqn, param] : Llama(mc).parameters()) loaded.insert(fqn);
     restored.push_back("model");
@@ -322,13 +332,12 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       if (excluded(kc, "dataloader")) {
         data_step_offset = start_step;
       } else {
-        const nlohmann::json& d = state.at("dataloader");
-        data_seed = d.at("seed").get<uint64_t>();
-        data_step_offset = start_step - d.at("step").get<int64_t>();
+        data_seed = saved_data_seed;
+        data_step_offset = start_step - saved_data_step;
         restored.push_back("dataloader");
       }
       if (!excluded(kc, "rng")) {
-        sample_seed = state.at("rng").at("sample_seed").get<uint64_t>();
+        sample_seed = saved_sample_seed;
         restored.push_back("rng");
       }
     }
@@ -336,6 +345,8 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
         checkpoint_step, plan.reason,
         full ? fmt::format("; training continues at step {}", start_step + 1)
              : "; weights only, training starts at step 1");
+    log("resume: rank 0 read {:.1f} MB in {:.3f} s ({:.0f} MB/s)", load_bytes / 1e6, load_seconds,
+        load_bytes / 1e6 / std::max(load_seconds, 1e-9));
     if (model_only_checkpoint && full && start_step < tc.steps) {
       log("resume: warning: {} is a model-only checkpoint: AdamW moments start from zero", plan.dir);
     }
@@ -391,6 +402,19 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   CheckpointManager checkpoints(checkpoint_options, *comm,
                                 [&log](const std::string& line) { log("{}", line); });
   install_stop_signal_handlers();
+  // While an async save is in flight, its writer needs a core: with every core running an
+  // intra-op thread, OpenMP regions would wait on a descheduled thread at every op. One
+  // intra-op thread fewer while this rank's writer runs keeps the step time predictable.
+  const bool async_saves = kc.enable && kc.async_mode == "async";
+  bool fewer_threads = false;
+  auto fit_threads = [&] {
+    const bool want = async_saves && threads > 1 && checkpoints.writing();
+    if (want != fewer_threads) {
+      at::set_num_threads(want ? threads - 1 : threads);
+      fewer_threads = want;
+    }
+  };
+  if (async_saves) checkpoints.reserve_staging(pieces_of(&optimizer, PieceUse::kSave));
   const std::string config_yaml = to_yaml(config);
   auto save = [&](int64_t step, bool model_only) {
     SaveRequest request;
@@ -416,6 +440,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
                  {"note", "every random draw is a pure function of (seed, position)"}}}};
     request.config_yaml = config_yaml;
     checkpoints.save(std::move(request));
+    fit_threads();
   };
 
   auto run_eval = [&](int64_t step, TrainSummary& summary) {
@@ -462,6 +487,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     }
     const double grad_norm = clip_grad_norm(params, tc.grad_clip, sharded ? comm.get() : nullptr);
     const double lr = schedule.at(step - lr_step_offset);
+    checkpoints.wait_until_staged();  // an async save may still be copying the state
     optimizer.step(lr);
     optimizer.zero_grad();
     if (group.world_size() > 1) {  // the loss of the global batch, as one rank would see it
@@ -511,6 +537,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
 
     // Step boundary: commit a finished background save, agree on stop signals, save.
     const bool stop = checkpoints.poll(stop_requested());
+    fit_threads();
     if (step == tc.steps) {
       if (kc.enable) save(step, kc.last_save_model_only);
     } else if (stop) {
