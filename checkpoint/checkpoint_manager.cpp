@@ -133,9 +133,6 @@ void CheckpointManager::prepare(InFlight& save) {
   save.incomplete_dir = (fs::path(options_.folder) / (step_dir_name(save.request.step) + ".incomplete")).string();
   run_on_all_ranks(comm_, fmt::format("checkpoint save at step {}", save.request.step), [&] {
     if (comm_.rank() != 0) return;
-    // The purge of the previous commit deletes stale .incomplete dirs: it must be over before
-    // this save's directory exists.
-    if (purge_.joinable()) purge_.join();
     std::error_code ec;
     fs::create_directories(options_.folder, ec);
     if (ec) {
@@ -228,15 +225,16 @@ void CheckpointManager::commit(InFlight& save) {
                                                 save.staging_wait_seconds)
                                   : "",
                    seconds_since(start)));
-  start_purge();
+  start_purge(step);
 }
 
-void CheckpointManager::start_purge() {
+void CheckpointManager::start_purge(int64_t committed_step) {
   if (comm_.rank() != 0) return;
   if (purge_.joinable()) purge_.join();
-  purge_ = std::thread([folder = options_.folder, keep = options_.keep_latest_k, log = log_] {
+  purge_ = std::thread([folder = options_.folder, keep = options_.keep_latest_k, log = log_,
+                        committed_step] {
     try {
-      const std::vector<std::string> removed = purge_checkpoints(folder, keep);
+      const std::vector<std::string> removed = purge_checkpoints(folder, keep, committed_step);
       if (!removed.empty()) {
         log(fmt::format("checkpoint: removed {} (keep_latest_k {})", fmt::join(removed, ", "), keep));
       }
@@ -358,7 +356,7 @@ void CheckpointManager::finish() {
 }
 
 std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t keep,
-                                           const std::string& keep_incomplete) {
+                                           int64_t stale_below) {
   std::vector<std::string> removed;
   const fs::path root(folder);
   std::error_code ec;
@@ -371,11 +369,11 @@ std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t ke
       if (!ec) removed.push_back(steps[i].second);
     }
   }
+  static const std::regex leftover("step-([0-9]+)\\.(incomplete|replaced)");
   for (const auto& entry : fs::directory_iterator(root, ec)) {
     const std::string name = entry.path().filename().string();
-    const bool stale = (name.size() > 11 && name.compare(name.size() - 11, 11, ".incomplete") == 0) ||
-                       (name.size() > 9 && name.compare(name.size() - 9, 9, ".replaced") == 0);
-    if (stale && name != keep_incomplete && name.rfind("step-", 0) == 0) {
+    std::smatch m;
+    if (std::regex_match(name, m, leftover) && std::stoll(m[1]) < stale_below) {
       std::error_code remove_ec;
       fs::remove_all(entry.path(), remove_ec);
       if (!remove_ec) removed.push_back(name);

@@ -107,7 +107,7 @@ class CheckpointManager {
   void stage(InFlight& save);
   void write(InFlight& save);
   void commit(InFlight& save);
-  void start_purge();
+  void start_purge(int64_t committed_step);
 
   CheckpointOptions options_;
   Communicator& comm_;
@@ -121,9 +121,10 @@ class CheckpointManager {
 };
 
 // Removes committed step dirs beyond the newest `keep` (never the one `latest` names) and
-// every `.incomplete` dir except `keep_incomplete`. Returns the names removed.
+// every `.incomplete` (or `.replaced`) dir of a step below `stale_below` (a later save may be
+// writing its own). Returns the names removed.
 std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t keep,
-                                           const std::string& keep_incomplete = "");
+                                           int64_t stale_below);
 
 // A human-readable listing of a step directory: metadata summary and every tensor.
 std::string describe_checkpoint(const CheckpointReader& reader);

@@ -106,32 +106,39 @@ void HashingFileWriter::hash_worker() {
 
 void HashingFileWriter::write(const void* data, size_t bytes) {
   const auto* p = static_cast<const uint8_t*>(data);
-  const bool parallel = worker_.joinable() && bytes >= (size_t{1} << 20);
-  if (parallel) {  // hash on the helper while this thread writes; both only read `data`
-    std::lock_guard<std::mutex> lock(mutex_);
-    job_data_ = p;
-    job_bytes_ = bytes;
-    job_pending_ = true;
-    cv_.notify_all();
-  } else {
-    hash(p, bytes);
-  }
-  std::string error;
+  // In chunks, each hashed on the helper while this thread copies it to the kernel: both
+  // threads read the same few MiB at about the same time, so it comes from memory once.
+  constexpr size_t kChunk = size_t{4} << 20;
   for (size_t done = 0; done < bytes;) {
-    const ssize_t n = ::write(fd_, p + done, std::min<size_t>(bytes - done, size_t{1} << 30));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      error = fmt::format("cannot write {}: {}", path_, errno_text());
-      break;
+    const size_t n = std::min(kChunk, bytes - done);
+    const bool parallel = worker_.joinable() && n >= (size_t{256} << 10);
+    if (parallel) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_data_ = p + done;
+      job_bytes_ = n;
+      job_pending_ = true;
+      cv_.notify_all();
+    } else {
+      hash(p + done, n);
     }
-    done += static_cast<size_t>(n);
+    std::string error;
+    for (size_t written = 0; written < n;) {
+      const ssize_t w = ::write(fd_, p + done + written, n - written);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        error = fmt::format("cannot write {}: {}", path_, errno_text());
+        break;
+      }
+      written += static_cast<size_t>(w);
+    }
+    if (parallel) {  // the chunk must stay untouched until the helper is done with it
+      std::unique_lock<std::mutex> lock(mutex_);
+      cv_.wait(lock, [this] { return !job_pending_; });
+    }
+    if (!error.empty()) throw IoError(error);
+    size_ += n;
+    done += n;
   }
-  if (parallel) {  // `data` must stay untouched until the helper is done with it
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [this] { return !job_pending_; });
-  }
-  if (!error.empty()) throw IoError(error);
-  size_ += bytes;
 }
 
 FileDigest HashingFileWriter::finish() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: install dependencies, build, tokenize the fortunes
 # corpus, train configs/tiny.yaml on CPU with two FSDP ranks (one per core; one rank on a
-# one-core machine), and say where everything is.
+# one-core machine), checkpointing every 100 steps, and say where everything is.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -38,7 +38,9 @@ Outputs
   resolved config  $run_dir/config.yaml
   metrics          $run_dir/metrics.jsonl  (plot: scripts/plot_metrics.py $run_dir/metrics.jsonl)
   samples          $run_dir/samples.txt
-  checkpoints      none: checkpointing is not built yet (checkpoint.enable: false)
+  checkpoints      $run_dir/checkpoints (latest: $(cat "$run_dir/checkpoints/latest" 2>/dev/null || echo none); list one with: $strata inspect $run_dir/checkpoints)
   data             data/tiny/ (tokenizer.model, train/val shards, meta.json)
 Training took $((end - train_start)) s; the whole demo $((end - start)) s.
+Running the demo again resumes this run from its latest checkpoint (a finished run has nothing
+left to train): remove $run_dir to train from scratch.
 MSG

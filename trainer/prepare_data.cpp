@@ -7,6 +7,8 @@
 // the whole run succeeded: a failed run leaves an earlier output directory as it was.
 #include "trainer/prepare_data.h"
 
+#include "checkpoint/file_io.h"
+
 #include <fmt/format.h>
 #include <glob.h>
 
@@ -338,16 +340,11 @@ void remove_stale_shards(const fs::path& dir, const std::set<std::string>& keep)
 }
 
 void write_json_atomically(const fs::path& path, const nlohmann::json& value) {
-  const fs::path temp = path.string() + ".tmp";
-  {
-    std::ofstream out(temp, std::ios::trunc);
-    out << value.dump(2) << '\n';
-    if (!out)
-      throw DataError(fmt::format("cannot write {}: {}", temp.string(), std::strerror(errno)));
+  try {
+    write_file_atomic(path.string(), value.dump(2) + "\n");
+  } catch (const IoError& e) {
+    throw DataError(e.what());
   }
-  std::error_code ec;
-  fs::rename(temp, path, ec);
-  if (ec) throw DataError(fmt::format("cannot write {}: {}", path.string(), ec.message()));
 }
 
 void copy_file_to(const fs::path& from, const fs::path& to) {

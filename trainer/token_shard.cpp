@@ -1,6 +1,8 @@
 // llm.c token shards: writing (atomic) and memory-mapped reading with header validation.
 #include "trainer/token_shard.h"
 
+#include "checkpoint/file_io.h"
+
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <glob.h>
@@ -40,20 +42,11 @@ void write_token_shard(const std::string& path, const std::vector<uint32_t>& tok
   header[1] = wide ? kShardVersionU32 : kShardVersionU16;
   header[2] = static_cast<int32_t>(tokens.size());
 
-  const std::string temp = path + ".tmp";
-  FILE* f = std::fopen(temp.c_str(), "wb");
-  if (!f) {
-    throw DataError(fmt::format("cannot create {}: {}", temp, std::strerror(errno)));
-  }
-  bool ok = std::fwrite(header, sizeof(header), 1, f) == 1;
-  if (wide) {
-    ok = ok && std::fwrite(tokens.data(), sizeof(uint32_t), tokens.size(), f) == tokens.size();
-  } else {
-    std::vector<uint16_t> narrow(tokens.size());
+  std::vector<uint16_t> narrow;
+  if (!wide) {
+    narrow.resize(tokens.size());
     for (size_t i = 0; i < tokens.size(); ++i) {
       if (tokens[i] > 0xFFFF) {
-        std::fclose(f);
-        std::remove(temp.c_str());
         throw DataError(
             fmt::format("cannot write {}: token {} does not fit uint16 although the "
                         "vocabulary has {} entries",
@@ -61,18 +54,25 @@ void write_token_shard(const std::string& path, const std::vector<uint32_t>& tok
       }
       narrow[i] = static_cast<uint16_t>(tokens[i]);
     }
-    ok = ok && std::fwrite(narrow.data(), sizeof(uint16_t), narrow.size(), f) == narrow.size();
   }
-  ok = (std::fflush(f) == 0) && ok;
-  ok = (fsync(fileno(f)) == 0) && ok;
-  ok = (std::fclose(f) == 0) && ok;
-  if (!ok || std::rename(temp.c_str(), path.c_str()) != 0) {
-    const std::string reason = std::strerror(errno);
+  const std::string temp = path + ".tmp";
+  try {
+    {
+      HashingFileWriter out(temp, /*hash_thread=*/false);
+      out.write(header, sizeof(header));
+      if (wide) {
+        out.write(tokens.data(), tokens.size() * sizeof(uint32_t));
+      } else {
+        out.write(narrow.data(), narrow.size() * sizeof(uint16_t));
+      }
+      out.finish();
+    }
+    rename_durable(temp, path);
+  } catch (const IoError& e) {
     std::remove(temp.c_str());
-    throw DataError(
-        fmt::format("cannot write token shard {}: {}\nHINT: check free disk space "
-                    "and permissions of the output directory",
-                    path, reason));
+    throw DataError(fmt::format("cannot write token shard {}: {}\nHINT: check free disk space "
+                                "and permissions of the output directory",
+                                path, e.what()));
   }
 }
 

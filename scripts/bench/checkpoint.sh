@@ -91,8 +91,8 @@ print(f"| async save: foreground stall, saves 2-3 [{' / '.join(f'{x:.3f}' for x 
 def step_ms(name):
     return {int(a): float(b) for a, b in re.findall(r'"step":(\d+),.*?"step_ms":([\d.]+)', open(f"{out}/{name}/metrics.jsonl").read())}
 a = step_ms("async")
-busy = [a[s] for s in (5, 6, 9, 10) if s in a]   # steps right after a save: the writer runs
-quiet = [a[s] for s in (3, 4, 7, 8, 11) if s in a]
-if busy and quiet:
-    print(f"| async: step time right after a save / otherwise | {med(busy)/1000:.2f} / {med(quiet)/1000:.2f} | | {med(busy)/med(quiet):.2f}x |")
+before = [a[s] for s in (2, 3, 4) if s in a]               # no save yet: every intra-op thread
+after = [a[s] for s in range(5, 13) if s in a]             # saves of steps 4 and 8 in flight
+if before and after:
+    print(f"| async: step time, steps 5-12 (saves writing) / steps 2-4 (none yet) | {med(after):.0f} / {med(before):.0f} ms | | {med(after)/med(before):.2f}x |")
 PY

@@ -279,7 +279,7 @@ TEST(PurgeCheckpoints, KeepsTheNewestKAndLatestAndDropsIncompleteDirs) {
   fs::create_directories(folder + "/step-0000006.incomplete");
   fs::create_directories(folder + "/step-0000007.incomplete");
   write_file_atomic(folder + "/latest", "step-0000001\n");
-  const auto removed = purge_checkpoints(folder, 2, "step-0000007.incomplete");
+  const auto removed = purge_checkpoints(folder, 2, /*stale_below=*/7);
   EXPECT_EQ(removed.size(), 3u);  // steps 2 and 3, and step 6's incomplete dir
   EXPECT_TRUE(fs::exists(folder + "/step-0000001"));  // named by latest
   EXPECT_FALSE(fs::exists(folder + "/step-0000002"));
@@ -288,7 +288,7 @@ TEST(PurgeCheckpoints, KeepsTheNewestKAndLatestAndDropsIncompleteDirs) {
   EXPECT_TRUE(fs::exists(folder + "/step-0000005"));
   EXPECT_FALSE(fs::exists(folder + "/step-0000006.incomplete"));
   EXPECT_TRUE(fs::exists(folder + "/step-0000007.incomplete"));
-  EXPECT_TRUE(purge_checkpoints(folder, 0).size() == 1);  // keep all: only the incomplete dir
+  EXPECT_EQ(purge_checkpoints(folder, 0, 8).size(), 1u);  // keep all: only the incomplete dir
 }
 
 }  // namespace
