@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 
@@ -189,6 +190,97 @@ bool excluded(const CheckpointConfig& k, const std::string& what) {
          k.exclude_from_loading.end();
 }
 
+// Loads what `plan` names (on every rank, agreeing on failures) and returns where training
+// continues. A model-only checkpoint gives the weights (and, from the run's own folder, the
+// step and data position); resume_model_only gives the weights only.
+struct Resumed {
+  int64_t step = 0, data_step_offset = 0, lr_step_offset = 0;
+  uint64_t data_seed = 0, sample_seed = 0;
+  std::set<std::string> loaded;  // parameter FQNs filled from the checkpoint
+};
+
+using PiecesOf = std::function<std::vector<TensorPiece>(const AdamW*, PieceUse)>;
+
+Resumed load_resume_source(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_seed,
+                           int64_t total_steps, Communicator& comm, AdamW& optimizer,
+                           const PiecesOf& pieces_of, const RunLog& log) {
+  Resumed r;
+  r.data_seed = static_cast<uint64_t>(job_seed);
+  r.sample_seed = derive_seed(static_cast<uint64_t>(job_seed), "sample");
+  if (!plan.dir.empty()) {
+    std::vector<std::string> restored;
+    // A model-only checkpoint gives the weights (and, from the run's own folder, the step and
+    // data position); resume_model_only gives the weights only.
+    bool model_only_checkpoint = false;
+    int64_t checkpoint_step = 0, saved_data_step = 0;
+    uint64_t saved_data_seed = 0, saved_sample_seed = 0;
+    double load_seconds = 0.0, load_bytes = 0.0;
+    run_on_all_ranks(comm, fmt::format("loading checkpoint {}", plan.dir), [&] {
+      const auto load_start = Clock::now();
+      const CheckpointReader reader(plan.dir);
+      model_only_checkpoint = reader.model_only();
+      checkpoint_step = reader.step();
+      const bool want_optimizer = !plan.weights_only && !model_only_checkpoint && !excluded(kc, "optimizer");
+      std::vector<TensorPiece> pieces = pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad);
+      {
+        at::NoGradGuard no_grad;
+        reader.load(pieces);
+      }
+      for (const TensorPiece& piece : pieces) load_bytes += static_cast<double>(piece.local.nbytes());
+      load_seconds = seconds_since(load_start);
+      const fs::path state_path = fs::path(plan.dir) / "train_state.json";
+      std::ifstream in(state_path);
+      if (!in) throw CheckpointError(fmt::format("{} is missing", state_path.string()));
+      try {
+        const nlohmann::json state = nlohmann::json::parse(in);
+        if (want_optimizer) optimizer.set_steps_taken(state.at("optimizer").at("steps_taken").get<int64_t>());
+        saved_data_seed = state.at("dataloader").at("seed").get<uint64_t>();
+        saved_data_step = state.at("dataloader").at("step").get<int64_t>();
+        saved_sample_seed = state.at("rng").at("sample_seed").get<uint64_t>();
+      } catch (const nlohmann::json::exception& e) {
+        throw CheckpointError(fmt::format("{} is damaged: {}\nHINT: resume from another step "
+                                          "(checkpoint.load_step)",
+                                          state_path.string(), e.what()));
+      }
+    });
+    for (const TensorPiece& piece : pieces_of(nullptr, PieceUse::kLoad)) r.loaded.insert(piece.key);
+    restored.push_back("model");
+    const bool full = !plan.weights_only && (!model_only_checkpoint || plan.own);
+    if (full) {
+      r.step = checkpoint_step;
+      if (!model_only_checkpoint && !excluded(kc, "optimizer")) restored.push_back("optimizer");
+      if (excluded(kc, "lr_scheduler")) {
+        r.lr_step_offset = r.step;
+      } else {
+        restored.push_back("lr_scheduler");
+      }
+      if (excluded(kc, "dataloader")) {
+        r.data_step_offset = r.step;
+      } else {
+        r.data_seed = saved_data_seed;
+        r.data_step_offset = r.step - saved_data_step;
+        restored.push_back("dataloader");
+      }
+      if (!excluded(kc, "rng")) {
+        r.sample_seed = saved_sample_seed;
+        restored.push_back("rng");
+      }
+    }
+    log("resume: loaded {} from {} (step {}) because {}{}", fmt::join(restored, ", "), plan.dir,
+        checkpoint_step, plan.reason,
+        full ? fmt::format("; training continues at step {}", r.step + 1)
+             : "; weights only, training starts at step 1");
+    log("resume: rank 0 read {:.1f} MB in {:.3f} s ({:.0f} MB/s)", load_bytes / 1e6, load_seconds,
+        load_bytes / 1e6 / std::max(load_seconds, 1e-9));
+    if (model_only_checkpoint && full && r.step < total_steps) {
+      log("resume: warning: {} is a model-only checkpoint: AdamW moments start from zero", plan.dir);
+    }
+  } else {
+    log("resume: none, training from scratch because {}", plan.reason);
+  }
+  return r;
+}
+
 }  // namespace
 
 TrainSummary train(const Config& config, const ProcessGroup& group) {
@@ -279,80 +371,13 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
         0));
     plan = {shared["dir"], shared["reason"], shared["weights_only"], shared["own"]};
   }
-  int64_t start_step = 0, data_step_offset = 0, lr_step_offset = 0;
-  uint64_t data_seed = seed, sample_seed = derive_seed(seed, "sample");
-  std::set<std::string> loaded;
-  if (!plan.dir.empty()) {
-    std::vector<std::string> restored;
-    // A model-only checkpoint gives the weights (and, from the run's own folder, the step and
-    // data position); resume_model_only gives the weights only.
-    bool model_only_checkpoint = false;
-    int64_t checkpoint_step = 0, saved_data_step = 0;
-    uint64_t saved_data_seed = 0, saved_sample_seed = 0;
-    double load_seconds = 0.0, load_bytes = 0.0;
-    run_on_all_ranks(*comm, fmt::format("loading checkpoint {}", plan.dir), [&] {
-      const auto load_start = Clock::now();
-      const CheckpointReader reader(plan.dir);
-      model_only_checkpoint = reader.model_only();
-      checkpoint_step = reader.step();
-      const bool want_optimizer = !plan.weights_only && !model_only_checkpoint && !excluded(kc, "optimizer");
-      std::vector<TensorPiece> pieces = pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad);
-      {
-        at::NoGradGuard no_grad;
-        reader.load(pieces);
-      }
-      for (const TensorPiece& piece : pieces) load_bytes += static_cast<double>(piece.local.nbytes());
-      load_seconds = seconds_since(load_start);
-      const fs::path state_path = fs::path(plan.dir) / "train_state.json";
-      std::ifstream in(state_path);
-      if (!in) throw CheckpointError(fmt::format("{} is missing", state_path.string()));
-      try {
-        const nlohmann::json state = nlohmann::json::parse(in);
-        if (want_optimizer) optimizer.set_steps_taken(state.at("optimizer").at("steps_taken").get<int64_t>());
-        saved_data_seed = state.at("dataloader").at("seed").get<uint64_t>();
-        saved_data_step = state.at("dataloader").at("step").get<int64_t>();
-        saved_sample_seed = state.at("rng").at("sample_seed").get<uint64_t>();
-      } catch (const nlohmann::json::exception& e) {
-        throw CheckpointError(fmt::format("{} is damaged: {}\nHINT: resume from another step "
-                                          "(checkpoint.load_step)",
-                                          state_path.string(), e.what()));
-      }
-    });
-    for (const auto& [fqn, param] : Llama(mc).parameters()) loaded.insert(fqn);
-    restored.push_back("model");
-    const bool full = !plan.weights_only && (!model_only_checkpoint || plan.own);
-    if (full) {
-      start_step = checkpoint_step;
-      if (!model_only_checkpoint && !excluded(kc, "optimizer")) restored.push_back("optimizer");
-      if (excluded(kc, "lr_scheduler")) {
-        lr_step_offset = start_step;
-      } else {
-        restored.push_back("lr_scheduler");
-      }
-      if (excluded(kc, "dataloader")) {
-        data_step_offset = start_step;
-      } else {
-        data_seed = saved_data_seed;
-        data_step_offset = start_step - saved_data_step;
-        restored.push_back("dataloader");
-      }
-      if (!excluded(kc, "rng")) {
-        sample_seed = saved_sample_seed;
-        restored.push_back("rng");
-      }
-    }
-    log("resume: loaded {} from {} (step {}) because {}{}", fmt::join(restored, ", "), plan.dir,
-        checkpoint_step, plan.reason,
-        full ? fmt::format("; training continues at step {}", start_step + 1)
-             : "; weights only, training starts at step 1");
-    log("resume: rank 0 read {:.1f} MB in {:.3f} s ({:.0f} MB/s)", load_bytes / 1e6, load_seconds,
-        load_bytes / 1e6 / std::max(load_seconds, 1e-9));
-    if (model_only_checkpoint && full && start_step < tc.steps) {
-      log("resume: warning: {} is a model-only checkpoint: AdamW moments start from zero", plan.dir);
-    }
-  } else {
-    log("resume: none, training from scratch because {}", plan.reason);
-  }
+  const Resumed resumed_state = load_resume_source(plan, kc, config.job.seed, tc.steps, *comm, optimizer,
+                                                   pieces_of, log);
+  const int64_t start_step = resumed_state.step;
+  const int64_t data_step_offset = resumed_state.data_step_offset;
+  const int64_t lr_step_offset = resumed_state.lr_step_offset;
+  const uint64_t data_seed = resumed_state.data_seed, sample_seed = resumed_state.sample_seed;
+  const std::set<std::string>& loaded = resumed_state.loaded;
   const std::vector<std::string> initialised =
       sharded ? sharded_model->initialize(seed, loaded) : plain_model->initialize(seed, loaded);
   const int64_t n_params = Llama::count_parameters(mc);
