@@ -25,15 +25,19 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// Committed step directories of `folder` (name step-<digits>, metadata.json inside), by step.
-std::vector<std::pair<int64_t, std::string>> committed_steps(const fs::path& folder) {
-  static const std::regex pattern("step-([0-9]+)");
+// Committed directories "<prefix>-<digits>" of `folder` (with `marker` inside when given), by
+// step.
+std::vector<std::pair<int64_t, std::string>> committed_steps(const fs::path& folder,
+                                                             const std::string& prefix = "step",
+                                                             const std::string& marker = "metadata.json") {
+  const std::regex pattern(prefix + "-([0-9]+)");
   std::vector<std::pair<int64_t, std::string>> out;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(folder, ec)) {
     const std::string name = entry.path().filename().string();
     std::smatch m;
-    if (std::regex_match(name, m, pattern) && fs::exists(entry.path() / "metadata.json")) {
+    if (std::regex_match(name, m, pattern) && entry.is_directory() &&
+        (marker.empty() || fs::exists(entry.path() / marker))) {
       out.emplace_back(std::stoll(m[1]), name);
     }
   }
@@ -41,8 +45,11 @@ std::vector<std::pair<int64_t, std::string>> committed_steps(const fs::path& fol
   return out;
 }
 
-std::string read_latest(const fs::path& folder) {
-  std::ifstream in(folder / "latest");
+// The directory a series' pointer names ("" when none).
+std::string read_pointer(const fs::path& folder, const DirectorySeries& series) {
+  std::error_code ec;
+  if (series.symlink) return fs::read_symlink(folder / series.pointer, ec).filename().string();
+  std::ifstream in(folder / series.pointer);
   std::string name;
   if (in) std::getline(in, name);
   while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
@@ -81,6 +88,22 @@ void write_durable(const fs::path& path, const std::string& content) {
 
 std::string step_dir_name(int64_t step) { return fmt::format("step-{:07d}", step); }
 
+const DirectorySeries& checkpoint_series() {
+  static const DirectorySeries series{"step", "latest", false, "checkpoint save"};
+  return series;
+}
+
+const DirectorySeries& hf_series() {
+  static const DirectorySeries series{"hf", "hf-latest", true, "HF export"};
+  return series;
+}
+
+namespace {
+std::string dir_name(const DirectorySeries& series, int64_t step) {
+  return fmt::format("{}-{:07d}", series.prefix, step);
+}
+}  // namespace
+
 std::optional<std::string> find_checkpoint(const std::string& path, std::optional<int64_t> step) {
   const fs::path root(path);
   if (!fs::exists(root)) {
@@ -100,7 +123,7 @@ std::optional<std::string> find_checkpoint(const std::string& path, std::optiona
                                       "remove it to load the latest",
                                       path, *step, names.empty() ? "none" : fmt::format("{}", fmt::join(names, ", "))));
   }
-  const std::string latest = read_latest(root);
+  const std::string latest = read_pointer(root, checkpoint_series());
   if (!latest.empty() && fs::exists(root / latest / "metadata.json")) return (root / latest).string();
   if (steps.empty()) return std::nullopt;
   return (root / steps.back().second).string();
@@ -130,8 +153,9 @@ CheckpointManager::~CheckpointManager() {
 }
 
 void CheckpointManager::prepare(InFlight& save) {
-  save.incomplete_dir = (fs::path(options_.folder) / (step_dir_name(save.request.step) + ".incomplete")).string();
-  run_on_all_ranks(comm_, fmt::format("checkpoint save at step {}", save.request.step), [&] {
+  save.incomplete_dir =
+      (fs::path(options_.folder) / (dir_name(*save.series, save.job.step) + ".incomplete")).string();
+  run_on_all_ranks(comm_, fmt::format("{} at step {}", save.series->what, save.job.step), [&] {
     if (comm_.rank() != 0) return;
     std::error_code ec;
     fs::create_directories(options_.folder, ec);
@@ -150,10 +174,8 @@ void CheckpointManager::prepare(InFlight& save) {
 
 void CheckpointManager::write(InFlight& save) {
   try {
-    apply_test_hooks(comm_.rank(), save.request.step);
-    // A background save hashes on its own thread: it should take one core, not two.
-    save.report = write_rank_file(save.incomplete_dir, comm_.rank(), save.request.pieces,
-                                  /*hash_thread=*/!options_.async);
+    apply_test_hooks(comm_.rank(), save.job.step);
+    save.report = save.job.write_rank(save.incomplete_dir);
     save.report["ok"] = true;
   } catch (const std::exception& e) {
     save.report = {{"ok", false}, {"error", e.what()}};
@@ -164,39 +186,36 @@ void CheckpointManager::write(InFlight& save) {
 void CheckpointManager::commit(InFlight& save) {
   const auto start = Clock::now();
   if (save.writer.joinable()) save.writer.join();
-  const int64_t step = save.request.step;
+  const DirectorySeries& series = *save.series;
+  const int64_t step = save.job.step;
   const std::vector<std::string> texts = all_gather_strings(comm_, save.report.dump());
   std::vector<json> reports;
   for (const std::string& text : texts) reports.push_back(json::parse(text));
-  const std::string keep_hint = "\nHINT: the previous checkpoint is still the latest; fix the cause "
-                                "(disk space, permissions) and relaunch to resume from it";
+  const std::string keep_hint = fmt::format(
+      "\nHINT: the previous {} is still the newest ({}); fix the cause (disk space, "
+      "permissions) and relaunch to resume",
+      series.prefix == "hf" ? "export" : "checkpoint", series.pointer);
   for (size_t r = 0; r < reports.size(); ++r) {
     if (reports[r].at("ok").get<bool>()) continue;
     if (comm_.rank() == 0) {
       std::error_code ec;
       fs::remove_all(save.incomplete_dir, ec);
     }
-    throw CheckpointError(fmt::format("checkpoint save at step {} failed on rank {}: {}{}", step, r,
+    throw CheckpointError(fmt::format("{} at step {} failed on rank {}: {}{}", series.what, step, r,
                                       reports[r].at("error").get<std::string>(), keep_hint));
   }
   const fs::path folder(options_.folder);
-  const fs::path final_dir = folder / step_dir_name(step);
+  const fs::path final_dir = folder / dir_name(series, step);
   uint64_t bytes = 0;
   for (const json& report : reports) bytes += report.at("size").get<uint64_t>();
   std::string error;
   if (comm_.rank() == 0) {
     try {
-      json extra = save.request.metadata;
-      extra["step"] = step;
-      extra["model_only"] = save.request.model_only;
-      const json meta = build_metadata(reports, save.request.pieces, extra);
       const fs::path dir(save.incomplete_dir);
-      write_durable(dir / "metadata.json", meta.dump(1));
-      write_durable(dir / "train_state.json", save.request.train_state.dump(1));
-      write_durable(dir / "config.yaml", save.request.config_yaml);
+      save.job.finalize(dir.string(), reports);
       fsync_directory(dir.string());
       // A committed directory of the same step (an earlier timeline) is replaced.
-      const fs::path replaced = folder / (step_dir_name(step) + ".replaced");
+      const fs::path replaced = folder / (dir_name(series, step) + ".replaced");
       std::error_code ec;
       if (fs::exists(final_dir)) {
         fs::remove_all(replaced, ec);
@@ -204,39 +223,48 @@ void CheckpointManager::commit(InFlight& save) {
       }
       rename_durable(dir.string(), final_dir.string());
       fs::remove_all(replaced, ec);
-      write_file_atomic((folder / "latest").string(), step_dir_name(step) + "\n");
+      if (series.symlink) {  // relative, replaced by rename
+        const fs::path temp = folder / (series.pointer + ".tmp");
+        fs::remove(temp, ec);
+        fs::create_directory_symlink(final_dir.filename(), temp);
+        rename_durable(temp.string(), (folder / series.pointer).string());
+      } else {
+        write_file_atomic((folder / series.pointer).string(), dir_name(series, step) + "\n");
+      }
     } catch (const std::exception& e) {
       error = e.what();
     }
   }
   error = broadcast_string(comm_, error, 0);
   if (!error.empty()) {
-    throw CheckpointError(fmt::format("checkpoint commit at step {} failed on rank 0: {}{}", step,
-                                      error, keep_hint));
+    throw CheckpointError(fmt::format("{} commit at step {} failed on rank 0: {}{}", series.what,
+                                      step, error, keep_hint));
   }
   const double seconds = seconds_since(save.started);
   if (options_.async) last_stall_seconds_ = save.stall_seconds;
-  log_(fmt::format("checkpoint: committed {} ({}{:.1f} MB on {} rank(s), {:.2f} s{}, commit {:.3f} s)",
-                   final_dir.string(), save.request.model_only ? "model only, " : "", bytes / 1e6,
-                   reports.size(), seconds,
+  log_(fmt::format("{}: committed {} ({}{:.1f} MB on {} rank(s), {:.2f} s{}, commit {:.3f} s)",
+                   series.prefix == "hf" ? "hf export" : "checkpoint", final_dir.string(),
+                   save.request.model_only ? "model only, " : "", bytes / 1e6, reports.size(),
+                   seconds,
                    options_.async ? fmt::format(", foreground {:.3f} s: previous save {:.3f} s, "
                                                 "staging wait {:.3f} s",
                                                 save.stall_seconds, save.previous_wait_seconds,
                                                 save.staging_wait_seconds)
                                   : "",
                    seconds_since(start)));
-  start_purge(step);
+  start_purge(series, series.prefix == "hf" ? options_.hf_max_keep : options_.keep_latest_k, step);
 }
 
-void CheckpointManager::start_purge(int64_t committed_step) {
+void CheckpointManager::start_purge(const DirectorySeries& series, int64_t keep,
+                                    int64_t committed_step) {
   if (comm_.rank() != 0) return;
   if (purge_.joinable()) purge_.join();
-  purge_ = std::thread([folder = options_.folder, keep = options_.keep_latest_k, log = log_,
-                        committed_step] {
+  purge_ = std::thread([folder = options_.folder, keep, log = log_, committed_step, &series] {
     try {
-      const std::vector<std::string> removed = purge_checkpoints(folder, keep, committed_step);
+      const std::vector<std::string> removed = purge_checkpoints(folder, keep, committed_step, series);
       if (!removed.empty()) {
-        log(fmt::format("checkpoint: removed {} (keep_latest_k {})", fmt::join(removed, ", "), keep));
+        log(fmt::format("checkpoint: removed {} ({} {})", fmt::join(removed, ", "),
+                        series.prefix == "hf" ? "hf_max_keep" : "keep_latest_k", keep));
       }
     } catch (const std::exception& e) {
       log(fmt::format("checkpoint: warning: cleaning up {} failed: {}", folder, e.what()));
@@ -267,24 +295,60 @@ void CheckpointManager::stage(InFlight& save) {
 }
 
 void CheckpointManager::save(SaveRequest request) {
-  const auto start = Clock::now();
+  const auto began = Clock::now();
   finish();  // one save in flight at a time
-  const double previous_wait = seconds_since(start);
-  in_flight_ = std::make_unique<InFlight>();
+  auto save = std::make_unique<InFlight>();
+  save->series = &checkpoint_series();
+  save->request = std::move(request);
+  save->job.step = save->request.step;
+  InFlight* raw = save.get();
+  // A background save hashes on its own thread: it should take one core, not two.
+  save->job.write_rank = [this, raw](const std::string& dir) {
+    return write_rank_file(dir, comm_.rank(), raw->request.pieces, /*hash_thread=*/!options_.async);
+  };
+  save->job.finalize = [raw](const std::string& dir, const std::vector<json>& reports) {
+    json extra = raw->request.metadata;
+    extra["step"] = raw->request.step;
+    extra["model_only"] = raw->request.model_only;
+    const json meta = build_metadata(reports, raw->request.pieces, extra);
+    write_durable(fs::path(dir) / "metadata.json", meta.dump(1));
+    write_durable(fs::path(dir) / "train_state.json", raw->request.train_state.dump(1));
+    write_durable(fs::path(dir) / "config.yaml", raw->request.config_yaml);
+  };
+  start(std::move(save), began, seconds_since(began));
+}
+
+void CheckpointManager::export_hf(CommitJob job) {
+  const auto began = Clock::now();
+  finish();
+  auto save = std::make_unique<InFlight>();
+  save->series = &hf_series();
+  save->job = std::move(job);
+  save->staged = true;  // the job owns its tensors: nothing to stage
+  start(std::move(save), began, seconds_since(began));
+}
+
+void CheckpointManager::start(std::unique_ptr<InFlight> owned, Clock::time_point started,
+                              double previous_wait) {
+  in_flight_ = std::move(owned);
   InFlight& save = *in_flight_;
-  save.started = start;
+  save.started = started;
   save.previous_wait_seconds = previous_wait;
-  save.request = std::move(request);
-  prepare(save);
+  try {
+    prepare(save);
+  } catch (...) {
+    in_flight_.reset();
+    throw;
+  }
   std::vector<TensorPiece>& pieces = save.request.pieces;
   bool on_device = false;
   for (const TensorPiece& p : pieces) on_device = on_device || !p.local.device().is_cpu();
-  if (options_.async || on_device) reserve_staging(pieces);
+  if ((options_.async || on_device) && !pieces.empty()) reserve_staging(pieces);
   if (options_.async) {
     // Device pieces are copied here (the copy engine is fast and streams are per thread);
     // CPU pieces are copied by the background thread while training computes.
     if (on_device) stage(save);
-    save.stall_seconds = seconds_since(start);
+    save.stall_seconds = seconds_since(started);
     save.writer = std::thread([this, &save] {
       try {
         if (!save.staged) stage(save);
@@ -306,7 +370,7 @@ void CheckpointManager::save(SaveRequest request) {
   write(save);
   std::unique_ptr<InFlight> done = std::move(in_flight_);
   commit(*done);
-  last_stall_seconds_ = seconds_since(start);
+  last_stall_seconds_ = seconds_since(started);
 }
 
 void CheckpointManager::reserve_staging(const std::vector<TensorPiece>& pieces) {
@@ -356,20 +420,20 @@ void CheckpointManager::finish() {
 }
 
 std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t keep,
-                                           int64_t stale_below) {
+                                           int64_t stale_below, const DirectorySeries& series) {
   std::vector<std::string> removed;
   const fs::path root(folder);
   std::error_code ec;
-  const std::string latest = read_latest(root);
+  const std::string pointed = read_pointer(root, series);
   if (keep > 0) {
-    const auto steps = committed_steps(root);
+    const auto steps = committed_steps(root, series.prefix, "");
     for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) {
-      if (steps[i].second == latest) continue;
+      if (steps[i].second == pointed) continue;
       fs::remove_all(root / steps[i].second, ec);
       if (!ec) removed.push_back(steps[i].second);
     }
   }
-  static const std::regex leftover("step-([0-9]+)\\.(incomplete|replaced)");
+  const std::regex leftover(series.prefix + "-([0-9]+)\\.(incomplete|replaced)");
   for (const auto& entry : fs::directory_iterator(root, ec)) {
     const std::string name = entry.path().filename().string();
     std::smatch m;

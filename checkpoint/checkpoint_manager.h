@@ -31,6 +31,30 @@ struct CheckpointOptions {
   std::string folder;        // absolute, or relative to the working directory
   bool async = false;        // stage in the foreground, write in a background thread
   int64_t keep_latest_k = 0; // committed step dirs to keep (0: all)
+  int64_t hf_max_keep = 0;   // committed hf-* exports to keep (0: all)
+};
+
+// A directory series in the folder: committed directories are "<prefix>-NNNNNNN" (the rename
+// is the commit), in flight "<prefix>-NNNNNNN.incomplete"; `pointer` names the newest.
+struct DirectorySeries {
+  std::string prefix;   // "step" | "hf"
+  std::string pointer;  // "latest" (a text file) | "hf-latest" (a relative symlink)
+  bool symlink = false;
+  std::string what;     // "checkpoint save" | "HF export", for messages
+};
+const DirectorySeries& checkpoint_series();
+const DirectorySeries& hf_series();
+
+// A directory the manager commits besides checkpoints (the HF export): what each rank writes
+// and what rank 0 adds once all succeeded.
+struct CommitJob {
+  int64_t step = 0;
+  // This rank's files, written into `dir`; returns the rank's report, which must hold "size"
+  // (bytes written). Runs on the writer thread for async saves, so it must not touch live
+  // training state or call collectives.
+  std::function<nlohmann::json(const std::string& dir)> write_rank;
+  // Rank 0, after every rank succeeded: the shared files of the directory.
+  std::function<void(const std::string& dir, const std::vector<nlohmann::json>& reports)> finalize;
 };
 
 struct SaveRequest {
@@ -70,6 +94,8 @@ class CheckpointManager {
   // commit it. Until `wait_until_staged` returns, the caller must not modify the saved
   // tensors (reading them, e.g. forward and backward, is fine).
   void save(SaveRequest request);
+  // The same protocol for an HF export (series hf): sync or async as configured.
+  void export_hf(CommitJob job);
   // Async: allocates (and touches) the staging buffers for pieces of this layout now, so that
   // the first save does not pay for fresh memory while training waits.
   void reserve_staging(const std::vector<TensorPiece>& pieces);
@@ -92,7 +118,9 @@ class CheckpointManager {
 
  private:
   struct InFlight {
-    SaveRequest request;
+    const DirectorySeries* series = nullptr;
+    SaveRequest request;  // checkpoint saves: the pieces and documents
+    CommitJob job;        // every save: the rank's writer and rank 0's finalizer
     std::string incomplete_dir;
     std::thread writer;
     std::atomic<bool> staged{false};  // the pieces are in the staging buffers
@@ -103,11 +131,13 @@ class CheckpointManager {
     double previous_wait_seconds = 0.0;  // waiting for the previous save to commit
     double staging_wait_seconds = 0.0;   // wait_until_staged
   };
+  void start(std::unique_ptr<InFlight> save, std::chrono::steady_clock::time_point started,
+             double previous_wait);
   void prepare(InFlight& save);
   void stage(InFlight& save);
   void write(InFlight& save);
   void commit(InFlight& save);
-  void start_purge(int64_t committed_step);
+  void start_purge(const DirectorySeries& series, int64_t keep, int64_t committed_step);
 
   CheckpointOptions options_;
   Communicator& comm_;
@@ -120,11 +150,12 @@ class CheckpointManager {
   double last_stall_seconds_ = 0.0;
 };
 
-// Removes committed step dirs beyond the newest `keep` (never the one `latest` names) and
-// every `.incomplete` (or `.replaced`) dir of a step below `stale_below` (a later save may be
-// writing its own). Returns the names removed.
+// Removes committed dirs of `series` beyond the newest `keep` (never the one its pointer
+// names) and every `.incomplete` (or `.replaced`) dir of the series below step `stale_below`
+// (a later save may be writing its own). Returns the names removed.
 std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t keep,
-                                           int64_t stale_below);
+                                           int64_t stale_below,
+                                           const DirectorySeries& series = checkpoint_series());
 
 // A human-readable listing of a step directory: metadata summary and every tensor.
 std::string describe_checkpoint(const CheckpointReader& reader);
