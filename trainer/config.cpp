@@ -128,8 +128,10 @@ void visit(V& v, CheckpointConfig& c) {
   v.field("last_save_model_only", c.last_save_model_only);
   v.field("last_save_in_hf", c.last_save_in_hf);
   v.field("export_dtype", c.export_dtype);
+  v.field("export_fp32_keys", c.export_fp32_keys);
   v.field("hf_export_interval", c.hf_export_interval);
   v.field("hf_max_keep", c.hf_max_keep);
+  v.field("hf_max_shard_size", c.hf_max_shard_size);
   v.field("resume_path", c.resume_path);
   v.field("resume_model_only", c.resume_model_only);
   v.field("load_step", c.load_step);

@@ -100,10 +100,12 @@ struct CheckpointConfig {
   int64_t keep_latest_k = 3;           // committed step dirs kept (0: all)
   bool model_only = false;             // interval saves hold weights only
   bool last_save_model_only = true;    // the final step's save: weights only, in export_dtype
-  bool last_save_in_hf = false;        // HF export at the last step (arrives with HF export)
-  std::string export_dtype = "float32";
-  int64_t hf_export_interval = 0;
-  int64_t hf_max_keep = 2;
+  bool last_save_in_hf = true;         // HF export (hf-NNNNNNN/) at the last step
+  std::string export_dtype = "float32";  // model-only saves and HF exports
+  std::vector<std::string> export_fp32_keys;  // HF key patterns (fnmatch) kept in float32
+  int64_t hf_export_interval = 0;      // 0: HF exports only at the last step
+  int64_t hf_max_keep = 2;             // committed hf-* dirs kept (0: all)
+  std::string hf_max_shard_size = "5GB";
   std::optional<std::string> resume_path;
   bool resume_model_only = false;
   std::optional<int64_t> load_step;    // null: the latest committed step

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "checkpoint/hf_export.h"
 #include "trainer/config_detail.h"
 
 namespace strata::config_detail {
@@ -126,7 +127,15 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
   v.check(k.keep_latest_k >= 0, "checkpoint.keep_latest_k",
           fmt::format("= {} must be >= 0 (0 keeps every checkpoint)", k.keep_latest_k));
   v.check(k.hf_export_interval >= 0, "checkpoint.hf_export_interval", "must be >= 0");
-  v.positive("checkpoint.hf_max_keep", k.hf_max_keep);
+  v.check(k.hf_max_keep >= 0, "checkpoint.hf_max_keep",
+          fmt::format("= {} must be >= 0 (0 keeps every export)", k.hf_max_keep));
+  try {
+    parse_byte_size(k.hf_max_shard_size);
+  } catch (const std::invalid_argument& e) {
+    v.check(false, "checkpoint.hf_max_shard_size",
+            fmt::format("= '{}' is not a size: {}", k.hf_max_shard_size, e.what()),
+            "write e.g. 5GB, 500MB or a number of bytes");
+  }
   v.one_of("checkpoint.async_mode", k.async_mode, {"disabled", "async"});
   v.one_of("checkpoint.export_dtype", k.export_dtype, dtypes);
   if (k.load_step) {
@@ -136,10 +145,6 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
     v.one_of("checkpoint.exclude_from_loading", k.exclude_from_loading[i],
              {"optimizer", "lr_scheduler", "dataloader", "rng"});
   }
-  v.not_yet(!k.last_save_in_hf, "checkpoint.last_save_in_hf", "true",
-            "false (the Hugging Face export is not built yet)");
-  v.not_yet(k.hf_export_interval == 0, "checkpoint.hf_export_interval",
-            std::to_string(k.hf_export_interval), "0 (the Hugging Face export is not built yet)");
   v.not_yet(k.additional_load_paths.empty(), "checkpoint.additional_load_paths", "a non-empty list",
             "[]");
 

@@ -32,6 +32,8 @@ class ShardedLlama : public LanguageModel {
   std::vector<std::string> initialize(uint64_t seed, const std::set<std::string>& loaded = {});
 
   const std::vector<std::unique_ptr<FsdpUnit>>& units() const { return units_; }
+  // The model on the meta device: parameter names, shapes and order (no values).
+  const Llama& meta_model() const { return model_; }
   // Every parameter at full size, by FQN (a collective: all ranks must call it).
   StateDict gather_parameters() const;
 

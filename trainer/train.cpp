@@ -19,6 +19,7 @@
 #include "checkpoint/checkpoint_manager.h"
 #include "trainer/data_loader.h"
 #include "trainer/generate.h"
+#include "trainer/hf_io.h"
 #include "trainer/llama.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/metrics.h"
@@ -424,6 +425,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   checkpoint_options.folder = folder.string();
   checkpoint_options.async = kc.async_mode == "async";
   checkpoint_options.keep_latest_k = kc.keep_latest_k;
+  checkpoint_options.hf_max_keep = kc.hf_max_keep;
   CheckpointManager checkpoints(checkpoint_options, *comm,
                                 [&log](const std::string& line) { log("{}", line); });
   install_stop_signal_handlers();
@@ -465,6 +467,12 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
                  {"note", "every random draw is a pure function of (seed, position)"}}}};
     request.config_yaml = config_yaml;
     checkpoints.save(std::move(request));
+    fit_threads();
+  };
+  auto export_hf = [&](int64_t step) {
+    checkpoints.export_hf(hf_export_job(step, plain_model.get(), sharded_model.get(), config,
+                                        tokenizer ? &*tokenizer : nullptr, group.rank(),
+                                        group.world_size(), /*hash_thread=*/!async_saves));
     fit_threads();
   };
 
@@ -565,6 +573,9 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     fit_threads();
     if (step == tc.steps) {
       if (kc.enable) save(step, kc.last_save_model_only);
+      if (kc.enable && (kc.last_save_in_hf || (kc.hf_export_interval > 0 && step % kc.hf_export_interval == 0))) {
+        export_hf(step);
+      }
     } else if (stop) {
       log("stop: {} received; {}", *stop_signal_name() ? stop_signal_name() : "a stop signal on another rank",
           kc.enable ? fmt::format("saving a full checkpoint at step {}", step)
@@ -572,8 +583,9 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       if (kc.enable) save(step, /*model_only=*/false);
       summary.stopped = true;
       break;
-    } else if (kc.enable && step % kc.interval == 0) {
-      save(step, kc.model_only);
+    } else {
+      if (kc.enable && step % kc.interval == 0) save(step, kc.model_only);
+      if (kc.enable && kc.hf_export_interval > 0 && step % kc.hf_export_interval == 0) export_hf(step);
     }
     window_comm = comm->stats();  // evaluation and saving are not training step time
   }

@@ -164,8 +164,8 @@ expect_error "'layers.0.attention.wq.weight' has shape [32, 32] in the checkpoin
 expect_error "has no committed checkpoint for step 7 (committed steps: 10, 20)" \
   "$STRATA_BIN" train --config job.yaml --set job.run_dir=e4 --set checkpoint.resume_path=straight1/checkpoints \
   --set checkpoint.load_step=7
-expect_error "checkpoint.last_save_in_hf = true is not supported yet" \
-  "$STRATA_BIN" train --config job.yaml --set checkpoint.last_save_in_hf=true
+expect_error "checkpoint.hf_max_shard_size = '5XB' is not a size" \
+  "$STRATA_BIN" train --config job.yaml --set checkpoint.hf_max_shard_size=5XB
 echo "user errors: ok"
 
 # --- Stop signals: SIGUSR1 to one rank of two, SIGTERM to a single process. All ranks agree,

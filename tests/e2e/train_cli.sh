@@ -27,7 +27,7 @@ expect_error "bad.yaml:2" "$STRATA_BIN" train --config bad.yaml
 expect_error "error: " "$STRATA_BIN" train --config bad.yaml
 expect_error "does not exist" "$STRATA_BIN" train --config missing.yaml
 expect_error "data/none_*.bin" "$STRATA_BIN" train --config job.yaml --set 'data.train=data/none_*.bin'
-expect_error "checkpoint.last_save_in_hf = true is not supported yet" "$STRATA_BIN" train --config job.yaml --set checkpoint.last_save_in_hf=true
+expect_error "checkpoint.keep_latest_k = -2 must be >= 0" "$STRATA_BIN" train --config job.yaml --set checkpoint.keep_latest_k=-2
 expect_error "checkpoint.async_mode = 'later' is not one of: disabled, async" "$STRATA_BIN" train --config job.yaml --set checkpoint.async_mode=later
 expect_error "model.vocab_size" "$STRATA_BIN" train --config job.yaml --set model.vocab_size=100
 

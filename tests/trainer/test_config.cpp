@@ -441,8 +441,6 @@ TEST(Config, FeaturesNotBuiltYetAcceptOnlyTheirDefault) {
   struct Case {
     std::string override_text, expected;
   } cases[] = {
-      {"checkpoint.last_save_in_hf=true", "checkpoint.last_save_in_hf = true is not supported yet"},
-      {"checkpoint.hf_export_interval=5", "checkpoint.hf_export_interval = 5 is not supported yet"},
       {"checkpoint.additional_load_paths=[a]",
        "checkpoint.additional_load_paths = a non-empty list is not supported yet"},
       {"converters=[{type: lora, rank: 4}]", "converters = a non-empty list is not supported yet"},
@@ -458,7 +456,7 @@ TEST(Config, FeaturesNotBuiltYetAcceptOnlyTheirDefault) {
     EXPECT_HAS(e, "HINT: this build accepts only");
   }
   EXPECT_NO_THROW(parse(
-      kMinimal, {"checkpoint.enable=false", "checkpoint.last_save_in_hf=false",
+      kMinimal, {"checkpoint.enable=false", "checkpoint.last_save_in_hf=true",
                  "checkpoint.additional_load_paths=[]", "converters=[]", "parallel.backend=mpi"}));
 }
 
@@ -475,6 +473,12 @@ TEST(Config, CheckpointValuesAreChecked) {
   EXPECT_HAS(error_of(kMinimal, {"checkpoint.model_only=maybe"}),
              "checkpoint.model_only must be true or false");
   EXPECT_EQ(parse(kMinimal, {"checkpoint.keep_latest_k=0"}).checkpoint.keep_latest_k, 0);
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.hf_max_shard_size=5XB"}),
+             "checkpoint.hf_max_shard_size = '5XB' is not a size: unknown unit 'XB'");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.hf_max_shard_size=big"}),
+             "checkpoint.hf_max_shard_size = 'big' is not a size");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.hf_max_keep=-1"}), "checkpoint.hf_max_keep = -1 must be >= 0");
+  EXPECT_EQ(parse(kMinimal, {"checkpoint.hf_max_shard_size=500MB"}).checkpoint.hf_max_shard_size, "500MB");
   EXPECT_EQ(parse(kMinimal, {"checkpoint.resume_path=runs/x"}).checkpoint.resume_path, "runs/x");
 }
 
