@@ -36,15 +36,16 @@ const std::vector<std::pair<std::string, std::string>>& global_names() {
   return names;
 }
 
-// Rows of each head: interleaved pairs (2i, 2i+1) <-> rotate-half halves (i, i + d/2).
-at::Tensor interleaved_to_half(const at::Tensor& w, int64_t heads) {
+// Rows of each head (head_dim rows): interleaved pairs (2i, 2i+1) <-> rotate-half halves
+// (i, i + d/2). Works on any block of whole heads.
+at::Tensor interleaved_to_half(const at::Tensor& w, int64_t head_dim) {
   const int64_t rows = w.size(0), cols = w.size(1);
-  return w.reshape({heads, rows / heads / 2, 2, cols}).transpose(1, 2).reshape({rows, cols}).contiguous();
+  return w.reshape({rows / head_dim, head_dim / 2, 2, cols}).transpose(1, 2).reshape({rows, cols}).contiguous();
 }
 
-at::Tensor half_to_interleaved(const at::Tensor& w, int64_t heads) {
+at::Tensor half_to_interleaved(const at::Tensor& w, int64_t head_dim) {
   const int64_t rows = w.size(0), cols = w.size(1);
-  return w.reshape({heads, 2, rows / heads / 2, cols}).transpose(1, 2).reshape({rows, cols}).contiguous();
+  return w.reshape({rows / head_dim, 2, head_dim / 2, cols}).transpose(1, 2).reshape({rows, cols}).contiguous();
 }
 
 }  // namespace
@@ -85,16 +86,16 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 }  // namespace
 
+bool LlamaStateDictAdapter::permuted(const std::string& fqn) {
+  return ends_with(fqn, "attention.wq.weight") || ends_with(fqn, "attention.wk.weight");
+}
+
 at::Tensor LlamaStateDictAdapter::to_hf(const std::string& fqn, const at::Tensor& t) const {
-  if (ends_with(fqn, "attention.wq.weight")) return interleaved_to_half(t, shape_.n_heads);
-  if (ends_with(fqn, "attention.wk.weight")) return interleaved_to_half(t, shape_.n_kv_heads);
-  return t;
+  return permuted(fqn) ? interleaved_to_half(t, shape_.head_dim()) : t;
 }
 
 at::Tensor LlamaStateDictAdapter::from_hf(const std::string& fqn, const at::Tensor& t) const {
-  if (ends_with(fqn, "attention.wq.weight")) return half_to_interleaved(t, shape_.n_heads);
-  if (ends_with(fqn, "attention.wk.weight")) return half_to_interleaved(t, shape_.n_kv_heads);
-  return t;
+  return permuted(fqn) ? half_to_interleaved(t, shape_.head_dim()) : t;
 }
 
 StateDict LlamaStateDictAdapter::to_hf(const StateDict& internal) const {

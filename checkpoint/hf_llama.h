@@ -32,7 +32,9 @@ class LlamaStateDictAdapter {
   std::string hf_key(const std::string& fqn) const;
   std::string internal_key(const std::string& hf_key) const;
 
-  // One tensor in the other layout (wq / wk rows permuted per head; others unchanged).
+  // One tensor in the other layout (wq / wk rows permuted per head; others unchanged). For
+  // wq / wk any block of whole heads (a multiple of head_dim rows) converts on its own.
+  static bool permuted(const std::string& fqn);
   at::Tensor to_hf(const std::string& fqn, const at::Tensor& tensor) const;
   at::Tensor from_hf(const std::string& fqn, const at::Tensor& tensor) const;
 

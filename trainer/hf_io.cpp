@@ -5,10 +5,14 @@
 #include <fmt/format.h>
 #include <fnmatch.h>
 
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
+#include <set>
 
 #include "checkpoint/hf_export.h"
+#include "checkpoint/safetensors.h"
 
 namespace strata {
 namespace {
@@ -115,6 +119,125 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
                           LlamaStateDictAdapter::generation_config_json(bos, eos), text_files, copy_files);
   };
   return job;
+}
+
+bool is_hf_model_dir(const std::string& path) {
+  namespace fs = std::filesystem;
+  return fs::exists(fs::path(path) / "config.json") &&
+         (fs::exists(fs::path(path) / "model.safetensors") ||
+          fs::exists(fs::path(path) / "model.safetensors.index.json"));
+}
+
+void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector<TensorPiece>& pieces) {
+  namespace fs = std::filesystem;
+  const fs::path root(dir);
+  auto read_json = [&](const fs::path& path) {
+    std::ifstream in(path);
+    if (!in) throw CheckpointError(fmt::format("cannot read {}", path.string()));
+    try {
+      return nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+      throw CheckpointError(fmt::format("{} is not valid JSON: {}", path.string(), e.what()));
+    }
+  };
+  const LlamaShape theirs = LlamaStateDictAdapter::shape_from_config(read_json(root / "config.json"),
+                                                                     (root / "config.json").string());
+  const LlamaShape ours = llama_shape(model);
+  std::vector<std::string> differences;
+  auto compare = [&](const char* name, auto a, auto b, const char* hf_name) {
+    if (a != b) differences.push_back(fmt::format("model.{} = {} but {} = {}", name, a, hf_name, b));
+  };
+  compare("vocab_size", ours.vocab_size, theirs.vocab_size, "vocab_size");
+  compare("dim", ours.dim, theirs.dim, "hidden_size");
+  compare("n_layers", ours.n_layers, theirs.n_layers, "num_hidden_layers");
+  compare("n_heads", ours.n_heads, theirs.n_heads, "num_attention_heads");
+  compare("n_kv_heads", ours.n_kv_heads, theirs.n_kv_heads, "num_key_value_heads");
+  compare("ffn_hidden_dim()", ours.ffn_hidden_dim, theirs.ffn_hidden_dim, "intermediate_size");
+  compare("norm_eps", ours.norm_eps, theirs.norm_eps, "rms_norm_eps");
+  compare("rope_theta", ours.rope_theta, theirs.rope_theta, "rope_theta");
+  if (ours.tie_embeddings && !theirs.tie_embeddings) {
+    differences.push_back("model.tie_embeddings = true but tie_word_embeddings = false");
+  }
+  if (!differences.empty()) {
+    throw CheckpointError(fmt::format("{} holds another model shape than this run's:\n  {}\nHINT: set "
+                                      "the model keys to match its config.json",
+                                      dir, fmt::join(differences, "\n  ")));
+  }
+
+  // Which file holds each tensor.
+  std::map<std::string, std::string> file_of;
+  if (fs::exists(root / "model.safetensors.index.json")) {
+    const nlohmann::json index = read_json(root / "model.safetensors.index.json");
+    try {
+      for (const auto& [key, file] : index.at("weight_map").items()) file_of[key] = file.get<std::string>();
+    } catch (const nlohmann::json::exception& e) {
+      throw CheckpointError(fmt::format("{}/model.safetensors.index.json has no valid weight_map: {}", dir, e.what()));
+    }
+  } else {
+    const SafetensorsFile single((root / "model.safetensors").string());
+    for (const SafetensorsEntry& e : single.header().entries) file_of[e.name] = "model.safetensors";
+  }
+  std::map<std::string, std::unique_ptr<SafetensorsFile>> files;
+  auto open = [&](const std::string& key) -> const SafetensorsFile& {
+    const std::string& name = file_of.at(key);
+    auto& f = files[name];
+    if (!f) f = std::make_unique<SafetensorsFile>((root / name).string());
+    return *f;
+  };
+
+  const LlamaStateDictAdapter adapter(ours);
+  std::vector<std::string> missing, mismatched, unexpected;
+  std::set<std::string> used;
+  for (const TensorPiece& piece : pieces) {
+    std::string key = adapter.hf_key(piece.key);
+    if (!file_of.count(key) && piece.key == "output.weight" && theirs.tie_embeddings) {
+      key = "model.embed_tokens.weight";  // a tied source: the embedding is the output
+    }
+    if (!file_of.count(key)) {
+      missing.push_back(key);
+      continue;
+    }
+    used.insert(key);
+    const SafetensorsEntry& entry = open(key).entry(key);
+    if (entry.shape != piece.shape) {
+      mismatched.push_back(fmt::format("{} is [{}] in the directory, [{}] in the model", key,
+                                       fmt::join(entry.shape, ", "), fmt::join(piece.shape, ", ")));
+    }
+  }
+  for (const auto& [key, file] : file_of) {
+    if (used.count(key) || key.find("rotary_emb.inv_freq") != std::string::npos) continue;
+    if (key == "lm_head.weight" && ours.tie_embeddings) continue;
+    unexpected.push_back(key);
+  }
+  if (!missing.empty() || !mismatched.empty() || !unexpected.empty()) {
+    std::string text;
+    if (!missing.empty()) text += fmt::format("\n  missing: {}", fmt::join(missing, ", "));
+    if (!unexpected.empty()) text += fmt::format("\n  unexpected: {}", fmt::join(unexpected, ", "));
+    if (!mismatched.empty()) text += fmt::format("\n  mismatched: {}", fmt::join(mismatched, "; "));
+    throw CheckpointError(fmt::format("{} does not fit the model:{}\nHINT: check that the directory "
+                                      "holds a LlamaForCausalLM of this shape",
+                                      dir, text));
+  }
+
+  at::NoGradGuard no_grad;
+  for (TensorPiece& piece : pieces) {
+    const int64_t count = piece.local.numel();
+    if (count == 0) continue;
+    std::string key = adapter.hf_key(piece.key);
+    if (!file_of.count(key)) key = "model.embed_tokens.weight";
+    const SafetensorsFile& file = open(key);
+    if (!LlamaStateDictAdapter::permuted(piece.key)) {
+      piece.local.copy_(file.read_elements(key, piece.begin, count));
+      continue;
+    }
+    // wq / wk: read the whole heads the range lies in, convert them, keep the range.
+    const int64_t cols = piece.shape[1], head_elems = ours.head_dim() * cols;
+    const int64_t first_head = piece.begin / head_elems;
+    const int64_t end_head = (piece.begin + count + head_elems - 1) / head_elems;
+    const at::Tensor slab = file.read_elements(key, first_head * head_elems, (end_head - first_head) * head_elems)
+                                .view({(end_head - first_head) * ours.head_dim(), cols});
+    piece.local.copy_(adapter.from_hf(piece.key, slab).reshape({-1}).narrow(0, piece.begin - first_head * head_elems, count));
+  }
 }
 
 }  // namespace strata

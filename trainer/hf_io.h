@@ -23,4 +23,13 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
                         const Config& config, const Tokenizer* tokenizer, int rank, int world,
                         bool hash_thread);
 
+// A Hugging Face model directory: config.json and model.safetensors or its sharded index.
+bool is_hf_model_dir(const std::string& path);
+
+// Fills `pieces` (model parameters, keys = FQNs, any flat ranges) from the HF directory `dir`:
+// each piece reads only the rows it needs (for wq / wk the heads it lies in), converting to
+// Strata's layout and dtype. The directory's config.json must describe `model`; differing
+// fields, and missing, unexpected and mismatched tensors, are errors naming every one.
+void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector<TensorPiece>& pieces);
+
 }  // namespace strata

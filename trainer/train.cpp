@@ -153,6 +153,7 @@ struct ResumePlan {
   std::string reason;        // why, for the start-up log
   bool weights_only = false; // parameters only: step 0, fresh optimizer, data and schedule
   bool own = false;          // from the run's own checkpoint folder
+  bool hf = false;           // a Hugging Face model directory (weights only)
 };
 
 ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
@@ -166,13 +167,21 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
       return plan;
     }
   }
+  if (k.resume_path && is_hf_model_dir(*k.resume_path)) {
+    plan.dir = *k.resume_path;
+    plan.hf = true;
+    plan.weights_only = true;
+    plan.reason = "checkpoint.resume_path is a Hugging Face model directory";
+    return plan;
+  }
   if (k.resume_path) {
     auto found = find_checkpoint(*k.resume_path, k.load_step);
     if (!found) {
       throw CheckpointError(fmt::format(
           "checkpoint.resume_path {} holds no committed Strata checkpoint (no metadata.json, no "
-          "step-NNNNNNN directory)\nHINT: point it at a Strata checkpoint folder or step "
-          "directory; Hugging Face model directories are not supported yet",
+          "step-NNNNNNN directory) and is no Hugging Face model directory (config.json with "
+          "model.safetensors or model.safetensors.index.json)\nHINT: point it at a Strata "
+          "checkpoint folder or step directory, or at a Hugging Face model directory",
           *k.resume_path));
     }
     plan.dir = *found;
@@ -202,12 +211,24 @@ struct Resumed {
 
 using PiecesOf = std::function<std::vector<TensorPiece>(const AdamW*, PieceUse)>;
 
-Resumed load_resume_source(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_seed,
-                           int64_t total_steps, Communicator& comm, AdamW& optimizer,
-                           const PiecesOf& pieces_of, const RunLog& log) {
+Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const CheckpointConfig& kc,
+                           int64_t job_seed, int64_t total_steps, Communicator& comm,
+                           AdamW& optimizer, const PiecesOf& pieces_of, const RunLog& log) {
   Resumed r;
   r.data_seed = static_cast<uint64_t>(job_seed);
   r.sample_seed = derive_seed(static_cast<uint64_t>(job_seed), "sample");
+  if (plan.hf) {
+    const auto load_start = Clock::now();
+    run_on_all_ranks(comm, fmt::format("loading Hugging Face model {}", plan.dir), [&] {
+      std::vector<TensorPiece> pieces = pieces_of(nullptr, PieceUse::kLoad);
+      load_hf_model(plan.dir, mc, pieces);
+      for (const TensorPiece& piece : pieces) r.loaded.insert(piece.key);
+    });
+    log("resume: loaded model from {} because {}; weights only, training starts at step 1 "
+        "({:.3f} s)",
+        plan.dir, plan.reason, seconds_since(load_start));
+    return r;
+  }
   if (!plan.dir.empty()) {
     std::vector<std::string> restored;
     // A model-only checkpoint gives the weights (and, from the run's own folder, the step and
@@ -368,12 +389,12 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     const nlohmann::json shared = nlohmann::json::parse(broadcast_string(
         *comm,
         nlohmann::json{{"dir", plan.dir}, {"reason", plan.reason}, {"own", plan.own},
-                       {"weights_only", plan.weights_only}}.dump(),
+                       {"weights_only", plan.weights_only}, {"hf", plan.hf}}.dump(),
         0));
-    plan = {shared["dir"], shared["reason"], shared["weights_only"], shared["own"]};
+    plan = {shared["dir"], shared["reason"], shared["weights_only"], shared["own"], shared["hf"]};
   }
-  const Resumed resumed_state = load_resume_source(plan, kc, config.job.seed, tc.steps, *comm, optimizer,
-                                                   pieces_of, log);
+  const Resumed resumed_state = load_resume_source(plan, mc, kc, config.job.seed, tc.steps, *comm,
+                                                   optimizer, pieces_of, log);
   const int64_t start_step = resumed_state.step;
   const int64_t data_step_offset = resumed_state.data_step_offset;
   const int64_t lr_step_offset = resumed_state.lr_step_offset;
