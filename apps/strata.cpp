@@ -1,8 +1,9 @@
-// strata: the one binary. Subcommands: train, prepare-data, inspect. Errors of any kind end here:
+// strata: the one binary. Subcommands: train, prepare-data, eval, generate, convert, inspect. Errors of any kind end here:
 // one message on every rank (rank-prefixed when there are several), exit code 1.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <memory>
@@ -12,7 +13,19 @@
 
 #include "checkpoint/checkpoint_manager.h"
 #include "parallel/process_group.h"
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+
+#include "checkpoint/file_io.h"
+#include "parallel/communicator.h"
 #include "trainer/config.h"
+#include "trainer/generate.h"
+#include "trainer/hf_io.h"
+#include "trainer/model_source.h"
+#include "trainer/tokenizer.h"
+#include "trainer/train_state.h"
 #include "trainer/prepare_data.h"
 #include "trainer/train.h"
 
@@ -47,6 +60,107 @@ int run_prepare_data(const strata::PrepareDataOptions& options) {
       "  output     {}\n",
       r.documents, r.train_tokens, r.train_shards.size(), r.val_tokens, r.val_shards.size(),
       r.tokenizer_path, r.vocab_size, r.unigram_entropy_nats, options.out_dir);
+  return 0;
+}
+
+struct EvalArgs {
+  std::string from, data;
+  int64_t seq_len = 0;  // 0: the model's max_seq_len
+  int64_t max_tokens = 0;
+};
+
+int run_eval(const EvalArgs& args) {
+  const strata::ModelSource source = strata::load_model_source(args.from);
+  const int64_t seq_len = args.seq_len > 0 ? args.seq_len : source.config.max_seq_len;
+  if (seq_len > source.config.max_seq_len) {
+    throw strata::ConfigError(fmt::format("--seq-len {} exceeds the model's max_seq_len {}", seq_len,
+                                          source.config.max_seq_len));
+  }
+  const auto [loss, tokens] = strata::evaluate_tokens(*source.model, args.data, seq_len, args.max_tokens);
+  fmt::print("eval: {} on {} ({} windows of {} tokens): loss {:.6f}, perplexity {:.3f}\n",
+             source.description, args.data, tokens / seq_len, seq_len, loss, std::exp(loss));
+  fmt::print("{}\n", nlohmann::json{{"loss", loss}, {"tokens", tokens}}.dump());
+  return 0;
+}
+
+struct GenerateArgs {
+  std::string from, prompt;
+  std::string tokenizer;  // overrides the source's
+  strata::SamplingOptions sampling;
+};
+
+int run_generate(GenerateArgs args) {
+  const strata::ModelSource source = strata::load_model_source(args.from);
+  const std::string tokenizer_path = !args.tokenizer.empty() ? args.tokenizer : source.tokenizer.value_or("");
+  if (tokenizer_path.empty()) {
+    throw strata::CheckpointError(fmt::format("{} names no tokenizer that still exists\nHINT: pass "
+                                              "--tokenizer tokenizer.model",
+                                              source.description));
+  }
+  const strata::Tokenizer tokenizer(tokenizer_path);
+  std::vector<int64_t> prompt = {tokenizer.bos_id()};
+  for (uint32_t id : tokenizer.encode(args.prompt)) prompt.push_back(id);
+  args.sampling.stop_token = tokenizer.eos_id();
+  const std::vector<int64_t> ids = strata::generate(*source.model, prompt, args.sampling);
+  std::vector<int64_t> all(prompt.begin() + 1, prompt.end());
+  all.insert(all.end(), ids.begin(), ids.end());
+  fmt::print("{}\n", tokenizer.decode(all));
+  return 0;
+}
+
+struct ConvertArgs {
+  std::string from, to_hf, to_strata, dtype = "float32";
+};
+
+int run_convert(const ConvertArgs& args, int* argc, char*** argv,
+                std::unique_ptr<strata::ProcessGroup>& group) {
+  namespace fs = std::filesystem;
+  const std::string out = !args.to_hf.empty() ? args.to_hf : args.to_strata;
+  if (fs::exists(out) && !fs::is_empty(out)) {
+    throw strata::CheckpointError(fmt::format("{} exists and is not empty\nHINT: choose a new "
+                                              "output directory",
+                                              out));
+  }
+  const strata::ModelSource source = strata::load_model_source(args.from);
+  strata::Config config;
+  config.model = source.config;
+  config.data.tokenizer = source.tokenizer;
+  config.checkpoint.export_dtype = args.dtype;
+  if (!args.to_hf.empty()) {
+    std::optional<strata::Tokenizer> tokenizer;
+    if (source.tokenizer) tokenizer.emplace(*source.tokenizer);
+    const strata::CommitJob job = strata::hf_export_job(source.step, source.model.get(), nullptr, config,
+                                                        tokenizer ? &*tokenizer : nullptr, 0, 1, true);
+    // Written beside the target and renamed: a failed conversion leaves no half directory.
+    const std::string temp = out + ".incomplete";
+    fs::remove_all(temp);
+    fs::create_directories(temp);
+    job.finalize(temp, {job.write_rank(temp)});
+    if (fs::exists(out)) fs::remove(out);
+    strata::rename_durable(temp, out);
+    fmt::print("convert: {} -> Hugging Face model {} ({})\n", source.description, out, args.dtype);
+    return 0;
+  }
+  // A model-only Strata checkpoint: a checkpoint folder with one committed step directory.
+  group = std::make_unique<strata::ProcessGroup>(argc, argv);
+  std::unique_ptr<strata::Communicator> comm = strata::make_mpi_communicator(*group);
+  strata::CheckpointOptions options;
+  options.folder = out;
+  strata::CheckpointManager manager(options, *comm, [](const std::string& line) { fmt::print("{}\n", line); });
+  strata::SaveRequest request;
+  request.step = source.step;
+  request.model_only = true;
+  request.pieces = strata::state_pieces(*source.model, nullptr, 0, 1, strata::PieceUse::kSave);
+  const at::ScalarType dtype = args.dtype == "bfloat16" ? at::kBFloat16 : args.dtype == "float16" ? at::kHalf : at::kFloat;
+  for (strata::TensorPiece& piece : request.pieces) piece.local = piece.local.to(dtype);
+  request.metadata = {{"model", strata::model_config_json(source.config)}, {"converted_from", args.from}};
+  request.train_state = {{"step", source.step},
+                         {"optimizer", {{"name", "adamw"}, {"steps_taken", 0}}},
+                         {"dataloader", {{"seed", 0}, {"step", 0}}},
+                         {"rng", {{"sample_seed", 0}}}};
+  request.config_yaml = strata::to_yaml(config);
+  manager.save(std::move(request));
+  fmt::print("convert: {} -> Strata checkpoint folder {} ({})\n", source.description, out, args.dtype);
   return 0;
 }
 
@@ -120,6 +234,37 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   prepare->add_option("--seed", prep.seed, "Seed of the train/val split")->capture_default_str();
 
+  EvalArgs eval_args;
+  CLI::App* eval = app.add_subcommand(
+      "eval", "Mean token cross-entropy of a model on a token file: consecutive windows from the "
+              "file start; the last line is JSON {\"loss\": .., \"tokens\": ..}.");
+  eval->add_option("--from", eval_args.from, "Strata checkpoint (folder or step dir) or HF model dir")->required();
+  eval->add_option("--data", eval_args.data, "Token file(s) in llm.c's .bin format (glob)")->required();
+  eval->add_option("--seq-len", eval_args.seq_len, "Window length (default: the model's max_seq_len)");
+  eval->add_option("--max-tokens", eval_args.max_tokens, "Score at most this many tokens (0: all)");
+
+  GenerateArgs gen_args;
+  CLI::App* gen = app.add_subcommand("generate", "Sample text from a model.");
+  gen->add_option("--from", gen_args.from, "Strata checkpoint (folder or step dir) or HF model dir")->required();
+  gen->add_option("--prompt", gen_args.prompt, "Text to continue")->required();
+  gen->add_option("--max-new-tokens", gen_args.sampling.max_new_tokens, "Tokens to sample")->capture_default_str();
+  gen->add_option("--temperature", gen_args.sampling.temperature, "0: greedy")->capture_default_str();
+  gen->add_option("--top-k", gen_args.sampling.top_k, "Sample among the k most likely (0: all)")->capture_default_str();
+  gen->add_option("--seed", gen_args.sampling.seed, "Sampling seed")->capture_default_str();
+  gen->add_option("--tokenizer", gen_args.tokenizer, "tokenizer.model (default: the source's)");
+
+  ConvertArgs convert_args;
+  CLI::App* convert = app.add_subcommand(
+      "convert", "Convert a model between a Strata checkpoint and a Hugging Face directory.");
+  convert->add_option("--from", convert_args.from, "Strata checkpoint (folder or step dir) or HF model dir")->required();
+  auto* to_hf = convert->add_option("--to-hf", convert_args.to_hf, "Write a Hugging Face model directory");
+  auto* to_strata = convert->add_option("--to-strata", convert_args.to_strata,
+                                        "Write a model-only Strata checkpoint folder");
+  to_hf->excludes(to_strata);
+  convert->add_option("--dtype", convert_args.dtype, "Output dtype")
+      ->check(CLI::IsMember({"float32", "bfloat16", "float16"}))
+      ->capture_default_str();
+
   std::string inspect_path;
   bool inspect_verify = false;
   CLI::App* inspect = app.add_subcommand(
@@ -143,6 +288,14 @@ int main(int argc, char** argv) {
       return run_train(train_args, &argc, &argv, group);
     }
     if (*inspect) return run_inspect(inspect_path, inspect_verify);
+    if (*eval) return run_eval(eval_args);
+    if (*gen) return run_generate(gen_args);
+    if (*convert) {
+      if (convert_args.to_hf.empty() && convert_args.to_strata.empty()) {
+        throw strata::ConfigError("convert needs --to-hf DIR or --to-strata DIR");
+      }
+      return run_convert(convert_args, &argc, &argv, group);
+    }
     if (!tokenizer_path.empty()) prep.tokenizer = tokenizer_path;
     if (!separator.empty()) prep.separator = separator;
     return run_prepare_data(prep);

@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace strata {
 
@@ -22,7 +23,12 @@ std::vector<int64_t> generate(const LanguageModel& model, const std::vector<int6
     if (options.temperature <= 0.0) {
       next = logits.argmax().item<int64_t>();
     } else {
-      at::Tensor probs = at::softmax(logits.div(options.temperature).to(at::kDouble), -1);
+      at::Tensor scaled = logits.div(options.temperature).to(at::kDouble);
+      if (options.top_k > 0 && options.top_k < scaled.numel()) {
+        const double kth = std::get<0>(scaled.topk(options.top_k)).min().item<double>();
+        scaled = scaled.masked_fill(scaled < kth, -std::numeric_limits<double>::infinity());
+      }
+      at::Tensor probs = at::softmax(scaled, -1);
       next = at::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
     }
     produced.push_back(next);

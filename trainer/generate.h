@@ -12,6 +12,7 @@ namespace strata {
 struct SamplingOptions {
   int64_t max_new_tokens = 48;
   double temperature = 0.8;  // 0: greedy
+  int64_t top_k = 0;         // > 0: sample among the k most likely tokens only
   uint64_t seed = 0;
   int64_t stop_token = -1;   // stop after sampling this token (e.g. BOS/EOS), -1: never
 };

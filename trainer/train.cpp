@@ -23,6 +23,7 @@
 #include "trainer/llama.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/metrics.h"
+#include "trainer/model_source.h"
 #include "trainer/optimizer.h"
 #include "trainer/seed.h"
 #include "trainer/sharded_llama.h"
@@ -124,22 +125,6 @@ std::string memory_report(const std::vector<at::Tensor>& params, const ShardedLl
   return report;
 }
 
-
-nlohmann::json model_config_json(const ModelConfig& m) {
-  return {{"name", m.name},
-          {"vocab_size", m.vocab_size},
-          {"dim", m.dim},
-          {"n_layers", m.n_layers},
-          {"n_heads", m.n_heads},
-          {"n_kv_heads", m.n_kv_heads},
-          {"multiple_of", m.multiple_of},
-          {"ffn_dim_multiplier", m.ffn_dim_multiplier ? nlohmann::json(*m.ffn_dim_multiplier) : nlohmann::json()},
-          {"ffn_hidden_dim", m.ffn_hidden_dim()},
-          {"norm_eps", m.norm_eps},
-          {"rope_theta", m.rope_theta},
-          {"max_seq_len", m.max_seq_len},
-          {"tie_embeddings", m.tie_embeddings}};
-}
 
 at::ScalarType dtype_named(const std::string& name) {
   if (name == "bfloat16") return at::kBFloat16;

@@ -1,0 +1,152 @@
+// Loading a model for inference from a checkpoint or an HF directory; file evaluation.
+#include "trainer/model_source.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "checkpoint/checkpoint_manager.h"
+#include "trainer/data_loader.h"
+#include "trainer/hf_io.h"
+#include "trainer/train_state.h"
+
+namespace strata {
+namespace {
+
+namespace fs = std::filesystem;
+
+}  // namespace
+
+nlohmann::json model_config_json(const ModelConfig& m) {
+  return {{"name", m.name},
+          {"vocab_size", m.vocab_size},
+          {"dim", m.dim},
+          {"n_layers", m.n_layers},
+          {"n_heads", m.n_heads},
+          {"n_kv_heads", m.n_kv_heads},
+          {"multiple_of", m.multiple_of},
+          {"ffn_dim_multiplier", m.ffn_dim_multiplier ? nlohmann::json(*m.ffn_dim_multiplier) : nlohmann::json()},
+          {"ffn_hidden_dim", m.ffn_hidden_dim()},
+          {"norm_eps", m.norm_eps},
+          {"rope_theta", m.rope_theta},
+          {"max_seq_len", m.max_seq_len},
+          {"tie_embeddings", m.tie_embeddings}};
+}
+
+ModelConfig model_config_from_json(const nlohmann::json& m, const std::string& where) {
+  try {
+    ModelConfig c;
+    c.name = m.at("name").get<std::string>();
+    c.vocab_size = m.at("vocab_size").get<int64_t>();
+    c.dim = m.at("dim").get<int64_t>();
+    c.n_layers = m.at("n_layers").get<int64_t>();
+    c.n_heads = m.at("n_heads").get<int64_t>();
+    c.n_kv_heads = m.at("n_kv_heads").get<int64_t>();
+    c.multiple_of = m.at("multiple_of").get<int64_t>();
+    if (!m.at("ffn_dim_multiplier").is_null()) c.ffn_dim_multiplier = m.at("ffn_dim_multiplier").get<double>();
+    c.norm_eps = m.at("norm_eps").get<double>();
+    c.rope_theta = m.at("rope_theta").get<double>();
+    c.max_seq_len = m.at("max_seq_len").get<int64_t>();
+    c.tie_embeddings = m.at("tie_embeddings").get<bool>();
+    return c;
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{}: the \"model\" entry is incomplete ({})", where, e.what()));
+  }
+}
+
+ModelConfig model_config_from(const LlamaShape& s) {
+  ModelConfig c;
+  c.vocab_size = s.vocab_size;
+  c.dim = s.dim;
+  c.n_layers = s.n_layers;
+  c.n_heads = s.n_heads;
+  c.n_kv_heads = s.n_kv_heads;
+  c.norm_eps = s.norm_eps;
+  c.rope_theta = s.rope_theta;
+  c.max_seq_len = s.max_seq_len;
+  c.tie_embeddings = s.tie_embeddings;
+  // Meta's width: multiple_of * ceil(m * int(8 dim / 3) / multiple_of). multiple_of = the HF
+  // width reproduces it exactly; a width below int(8 dim / 3) also needs the multiplier.
+  c.multiple_of = s.ffn_hidden_dim;
+  const int64_t base = 2 * (4 * s.dim) / 3;
+  if (s.ffn_hidden_dim < base) c.ffn_dim_multiplier = static_cast<double>(s.ffn_hidden_dim) / base;
+  if (c.ffn_hidden_dim() != s.ffn_hidden_dim) {
+    throw CheckpointError(fmt::format("intermediate_size {} cannot be expressed as a SwiGLU width "
+                                      "of dim {}",
+                                      s.ffn_hidden_dim, s.dim));
+  }
+  return c;
+}
+
+ModelSource load_model_source(const std::string& path) {
+  ModelSource source;
+  std::vector<TensorPiece> pieces;
+  if (is_hf_model_dir(path)) {
+    std::ifstream in(fs::path(path) / "config.json");
+    const LlamaShape shape = LlamaStateDictAdapter::shape_from_config(
+        nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false), (fs::path(path) / "config.json").string());
+    source.config = model_config_from(shape);
+    source.model = std::make_unique<Llama>(source.config);
+    source.model->materialize(at::kCPU);
+    pieces = state_pieces(*source.model, nullptr, 0, 1, PieceUse::kLoad);
+    load_hf_model(path, source.config, pieces);
+    if (fs::exists(fs::path(path) / "tokenizer.model")) source.tokenizer = (fs::path(path) / "tokenizer.model").string();
+    source.description = fmt::format("Hugging Face model {}", path);
+  } else {
+    const std::optional<std::string> dir = find_checkpoint(path);
+    if (!dir) {
+      throw CheckpointError(fmt::format("{} holds no committed Strata checkpoint and is no Hugging "
+                                        "Face model directory\nHINT: give a checkpoint folder, a "
+                                        "step-NNNNNNN directory or an HF model directory",
+                                        path));
+    }
+    const CheckpointReader reader(*dir);
+    source.config = model_config_from_json(reader.metadata().value("model", nlohmann::json()),
+                                           *dir + "/metadata.json");
+    source.model = std::make_unique<Llama>(source.config);
+    source.model->materialize(at::kCPU);
+    pieces = state_pieces(*source.model, nullptr, 0, 1, PieceUse::kLoad);
+    reader.load(pieces);
+    source.step = reader.step();
+    // The run's tokenizer, as its config names it (when it still exists).
+    const fs::path config_yaml = fs::path(*dir) / "config.yaml";
+    if (fs::exists(config_yaml)) {
+      try {
+        const Config run = load_config(config_yaml.string(), {});
+        if (run.data.tokenizer && fs::exists(*run.data.tokenizer)) source.tokenizer = run.data.tokenizer;
+      } catch (const ConfigError&) {
+      }
+    }
+    source.description = fmt::format("Strata checkpoint {} (step {})", *dir, source.step);
+  }
+  std::set<std::string> loaded;
+  for (const TensorPiece& p : pieces) loaded.insert(p.key);
+  source.model->initialize(0, loaded);  // only the RoPE tables: every parameter was loaded
+  return source;
+}
+
+std::pair<double, int64_t> evaluate_tokens(const LanguageModel& model, const std::string& pattern,
+                                           int64_t seq_len, int64_t max_tokens, int64_t batch) {
+  at::NoGradGuard no_grad;
+  const TokenDataset data(pattern, seq_len, model.config().vocab_size);
+  int64_t windows = data.num_sequential_windows();
+  if (max_tokens > 0) windows = std::min(windows, max_tokens / seq_len);
+  double sum = 0.0;
+  int64_t tokens = 0;
+  for (int64_t first = 0; first < windows; first += batch) {
+    const TokenBatch b = data.sequential_batch(first, std::min(batch, windows - first));
+    at::Tensor inputs = at::from_blob(const_cast<int64_t*>(b.inputs.data()), {b.batch, b.seq_len}, at::kLong);
+    at::Tensor targets = at::from_blob(const_cast<int64_t*>(b.targets.data()), {b.batch, b.seq_len}, at::kLong);
+    at::Tensor logits = model.forward(inputs.clone());
+    at::Tensor losses = at::cross_entropy_loss(logits.flatten(0, 1).to(at::kDouble), targets.flatten(),
+                                               {}, at::Reduction::Sum);
+    sum += losses.item<double>();
+    tokens += b.batch * b.seq_len;
+  }
+  return {tokens > 0 ? sum / static_cast<double>(tokens) : 0.0, tokens};
+}
+
+}  // namespace strata
