@@ -15,32 +15,9 @@
 #include <vector>
 
 #include "checkpoint/file_io.h"
+#include "checkpoint/safetensors_header.h"
 
 namespace strata {
-
-// A checkpoint or model file is missing, malformed, or does not fit the model.
-class CheckpointError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-struct SafetensorsEntry {
-  std::string name;
-  std::string dtype;            // "F32", "BF16", ...
-  std::vector<int64_t> shape;
-  uint64_t begin = 0, end = 0;  // byte range within the data section
-};
-
-struct SafetensorsHeader {
-  std::map<std::string, std::string> metadata;  // __metadata__
-  std::vector<SafetensorsEntry> entries;        // in data order
-  uint64_t data_offset = 0;                     // 8 + N: where the data section starts
-};
-
-// Parses and validates the header of a whole file image (`size` bytes at `data`). `file`
-// names it in errors. Pure function, no I/O: the parser the fuzz target exercises.
-SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
-                                           const std::string& file);
 
 class SafetensorsFile {
  public:

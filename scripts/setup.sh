@@ -16,8 +16,8 @@ packages=(
   libsentencepiece-dev sentencepiece libcurl4-openssl-dev
   # checkpoint checksums (SHA-256, XXH3)
   libssl-dev libxxhash-dev
-  # tests
-  libgtest-dev libgmock-dev
+  # tests (clang's libFuzzer runtime: the safetensors header fuzz run)
+  libgtest-dev libgmock-dev clang libclang-rt-14-dev
   # default corpus (plain-text English) and the metrics plot script
   fortunes python3-matplotlib
 )
