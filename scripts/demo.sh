@@ -39,6 +39,7 @@ Outputs
   metrics          $run_dir/metrics.jsonl  (plot: scripts/plot_metrics.py $run_dir/metrics.jsonl)
   samples          $run_dir/samples.txt
   checkpoints      $run_dir/checkpoints (latest: $(cat "$run_dir/checkpoints/latest" 2>/dev/null || echo none); list one with: $strata inspect $run_dir/checkpoints)
+  HF export        $run_dir/checkpoints/hf-latest (a LlamaForCausalLM directory; try: $strata generate --from $run_dir/checkpoints/hf-latest --prompt "The")
   data             data/tiny/ (tokenizer.model, train/val shards, meta.json)
 Training took $((end - train_start)) s; the whole demo $((end - start)) s.
 Running the demo again resumes this run from its latest checkpoint (a finished run has nothing

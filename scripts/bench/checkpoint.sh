@@ -54,14 +54,24 @@ for i in 1 2 3 4; do
   dd_write+=("$(seconds_of bash -c "for f in ${files[*]}; do dd if=\$f of=$out/dd-\$(basename \$f) bs=1M conv=fsync status=none; done")")
   [ "$i" = 4 ] || rm -f "$out"/dd-*
 done
+# The HF export (fp32 weights: a third of the state) of the sync run's last steps, and dd of
+# the same shard files.
+hf_files=("$out/sync/checkpoints/hf-latest/"*.safetensors)
+hf_bytes=$(cat "${hf_files[@]}" | wc -c)
+dd_hf=()
+for i in 1 2 3; do
+  dd_hf+=("$(seconds_of bash -c "for f in ${hf_files[*]}; do dd if=\$f of=$out/ddhf-\$(basename \$f) bs=1M conv=fsync status=none; done")")
+  rm -f "$out"/ddhf-*
+done
 for i in 1 2; do
   drop_cache "$out"/dd-*
   dd_read+=("$(seconds_of bash -c "for f in $out/dd-*; do dd if=\$f of=/dev/null bs=1M status=none; done")")
 done
 
-python3 - "$out" "$bytes" "$ranks" "${dd_write[*]}" "${dd_read[*]}" <<'PY'
+python3 - "$out" "$bytes" "$ranks" "${dd_write[*]}" "${dd_read[*]}" "$hf_bytes" "${dd_hf[*]}" <<'PY'
 import re, statistics, sys
 out, nbytes, ranks = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+hf_bytes, dd_hf = int(sys.argv[6]), [float(x) for x in sys.argv[7].split()]
 dd_write = [float(x) for x in sys.argv[4].split()]
 dd_read = [float(x) for x in sys.argv[5].split()]
 def saves(name):
@@ -88,6 +98,11 @@ print(f"| sync save, steps 3-6 [{fmt(save_all)}] | {save_s:.2f} | {gb/save_s:.2f
 print(f"| dd read, cold cache [{fmt(dd_read)}] | {r:.2f} | {gb/r:.2f} | 1.00 |")
 print(f"| load, cold cache, checksums verified [{fmt(load_all)}] | {load_s:.2f} | {gb/load_s:.2f} | {r/load_s:.2f} of dd |")
 print(f"| async save: foreground stall, saves 2-3 [{' / '.join(f'{x:.3f}' for x in stall_all)}] | {stall_s:.3f} | | {stall_s/save_s:.3f} of sync save |")
+hf = [float(x) for x in re.findall(r"hf export: committed \S+ \([\d.]+ MB on \d+ rank\(s\), ([\d.]+) s", open(f"{out}/sync.log").read())]
+if hf:
+    hgb, hs, hd = hf_bytes / 1e9, med(hf), med(dd_hf)
+    print(f"| dd copy of the HF shards + fsync [{fmt(dd_hf)}] | {hd:.2f} | {hgb/hd:.2f} | 1.00 |")
+    print(f"| HF export, {hgb:.3f} GB fp32 weights incl. q/k permutation [{fmt(hf)}] | {hs:.2f} | {hgb/hs:.2f} | {hd/hs:.2f} of dd |")
 def step_ms(name):
     return {int(a): float(b) for a, b in re.findall(r'"step":(\d+),.*?"step_ms":([\d.]+)', open(f"{out}/{name}/metrics.jsonl").read())}
 a = step_ms("async")
