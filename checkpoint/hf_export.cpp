@@ -54,6 +54,28 @@ HfShardPlan plan_hf_shards(const std::vector<HfTensorSpec>& tensors, uint64_t ma
   return plan;
 }
 
+HfShardPlan plan_from_weight_map(const std::map<std::string, std::string>& weight_map,
+                                 const std::vector<HfTensorSpec>& tensors) {
+  HfShardPlan plan;
+  std::map<std::string, size_t> index_of;
+  for (const auto& [key, file] : weight_map) index_of.emplace(file, 0);
+  for (auto& [file, index] : index_of) {
+    index = plan.files.size();
+    plan.files.push_back(file);
+  }
+  if (weight_map.size() != tensors.size()) {
+    throw CheckpointError(fmt::format("the source layout has {} tensors, the export {}",
+                                      weight_map.size(), tensors.size()));
+  }
+  for (const HfTensorSpec& t : tensors) {
+    auto it = weight_map.find(t.key);
+    if (it == weight_map.end()) throw CheckpointError("the source layout has no " + t.key);
+    plan.file_of[t.key] = index_of.at(it->second);
+    plan.total_size += bytes_of(t);
+  }
+  return plan;
+}
+
 uint64_t parse_byte_size(const std::string& text) {
   size_t digits = 0;
   while (digits < text.size() && (std::isdigit(static_cast<unsigned char>(text[digits])) || text[digits] == '.')) {

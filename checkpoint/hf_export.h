@@ -32,6 +32,11 @@ struct HfShardPlan {
 // Fills shards in the given order; a tensor larger than the limit gets a shard of its own.
 HfShardPlan plan_hf_shards(const std::vector<HfTensorSpec>& tensors, uint64_t max_shard_bytes);
 
+// The shard layout of an existing HF directory (its index's weight_map: key -> file), for the
+// same tensors. Throws CheckpointError when the keys differ.
+HfShardPlan plan_from_weight_map(const std::map<std::string, std::string>& weight_map,
+                                 const std::vector<HfTensorSpec>& tensors);
+
 // "5GB", "500MB", "64KB", "1000" (bytes; decimal units as huggingface_hub). Throws
 // std::invalid_argument with the reason.
 uint64_t parse_byte_size(const std::string& text);

@@ -49,7 +49,7 @@ LlamaShape llama_shape(const ModelConfig& c) {
 
 CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sharded,
                         const Config& config, const Tokenizer* tokenizer, int rank, int world,
-                        bool hash_thread) {
+                        bool hash_thread, const std::map<std::string, std::string>* source_layout) {
   const CheckpointConfig& kc = config.checkpoint;
   const LlamaStateDictAdapter adapter(llama_shape(config.model));
   const at::ScalarType export_dtype = dtype_named(kc.export_dtype);
@@ -64,7 +64,13 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     const std::string key = adapter.hf_key(fqn);
     specs.push_back({key, param.sizes().vec(), dtype_of(key)});
   }
-  auto plan = std::make_shared<HfShardPlan>(plan_hf_shards(specs, parse_byte_size(kc.hf_max_shard_size)));
+  auto plan = std::make_shared<HfShardPlan>();
+  try {
+    if (!source_layout || source_layout->empty()) throw CheckpointError("no source layout");
+    *plan = plan_from_weight_map(*source_layout, specs);
+  } catch (const CheckpointError&) {  // none, or other keys (e.g. a tied source): fresh shards
+    *plan = plan_hf_shards(specs, parse_byte_size(kc.hf_max_shard_size));
+  }
 
   // This rank's tensors: converted, cast, and only those of the files it writes.
   auto tensors = std::make_shared<std::map<std::string, at::Tensor>>();
@@ -119,6 +125,19 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
                           LlamaStateDictAdapter::generation_config_json(bos, eos), text_files, copy_files);
   };
   return job;
+}
+
+std::map<std::string, std::string> hf_weight_map(const std::string& dir) {
+  std::map<std::string, std::string> out;
+  std::ifstream in(std::filesystem::path(dir) / "model.safetensors.index.json");
+  if (!in) return out;
+  try {
+    const nlohmann::json index = nlohmann::json::parse(in);
+    for (const auto& [key, file] : index.at("weight_map").items()) out[key] = file.get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{}/model.safetensors.index.json has no valid weight_map: {}", dir, e.what()));
+  }
+  return out;
 }
 
 bool is_hf_model_dir(const std::string& path) {

@@ -3,6 +3,7 @@
 // LlamaShape.
 #pragma once
 
+#include <map>
 #include <string>
 
 #include "checkpoint/checkpoint_manager.h"
@@ -19,9 +20,15 @@ LlamaShape llama_shape(const ModelConfig& config);
 // The HF export of the model's current weights at `step`: collective (FSDP ranks gather one
 // unit at a time and keep the converted tensors of the shard files they write). Exactly one
 // of `plain` / `sharded` is set. `tokenizer` (may be null) gives bos/eos and tokenizer files.
+// `source_layout` (may be null): the weight_map of the HF directory the run started from;
+// the export then keeps its file layout instead of max_shard_size shards.
 CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sharded,
                         const Config& config, const Tokenizer* tokenizer, int rank, int world,
-                        bool hash_thread);
+                        bool hash_thread,
+                        const std::map<std::string, std::string>* source_layout = nullptr);
+
+// The weight_map of an HF directory's index (key -> file); empty for a single model.safetensors.
+std::map<std::string, std::string> hf_weight_map(const std::string& dir);
 
 // A Hugging Face model directory: config.json and model.safetensors or its sharded index.
 bool is_hf_model_dir(const std::string& path);

@@ -385,6 +385,9 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   const int64_t lr_step_offset = resumed_state.lr_step_offset;
   const uint64_t data_seed = resumed_state.data_seed, sample_seed = resumed_state.sample_seed;
   const std::set<std::string>& loaded = resumed_state.loaded;
+  // An export of a run that started from an HF directory keeps that directory's shard layout.
+  const std::map<std::string, std::string> source_layout =
+      plan.hf ? hf_weight_map(plan.dir) : std::map<std::string, std::string>();
   const std::vector<std::string> initialised =
       sharded ? sharded_model->initialize(seed, loaded) : plain_model->initialize(seed, loaded);
   const int64_t n_params = Llama::count_parameters(mc);
@@ -478,7 +481,8 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   auto export_hf = [&](int64_t step) {
     checkpoints.export_hf(hf_export_job(step, plain_model.get(), sharded_model.get(), config,
                                         tokenizer ? &*tokenizer : nullptr, group.rank(),
-                                        group.world_size(), /*hash_thread=*/!async_saves));
+                                        group.world_size(), /*hash_thread=*/!async_saves,
+                                        &source_layout));
     fit_threads();
   };
 

@@ -9,6 +9,7 @@
 #include <functional>
 #include <set>
 
+#include "checkpoint/hf_export.h"
 #include "checkpoint/hf_llama.h"
 #include "checkpoint/safetensors.h"
 #include "tests/trainer/micro_model.h"
@@ -206,6 +207,45 @@ TEST(HfLlama, UnsupportedConfigsAreRefusedWithTheReason) {
   EXPECT_HAS(error_for([](auto& c) { c["head_dim"] = 64; }), "head_dim 64 differs");
   EXPECT_HAS(error_for([](auto& c) { c.erase("hidden_size"); }), "invalid or missing field");
   EXPECT_HAS(error_for([](auto& c) { c["num_key_value_heads"] = 3; }), "not a multiple of num_key_value_heads");
+}
+
+}  // namespace
+}  // namespace strata
+
+namespace strata {
+namespace {
+
+TEST(HfShards, PlanFillsShardsInOrderAndKeepsBigTensorsAlone) {
+  const std::vector<HfTensorSpec> specs = {{"a", {10}, at::kFloat},   // 40 bytes
+                                           {"b", {5}, at::kFloat},    // 20
+                                           {"c", {100}, at::kFloat},  // 400: over the limit
+                                           {"d", {2}, at::kBFloat16}};  // 4
+  const HfShardPlan plan = plan_hf_shards(specs, 64);
+  EXPECT_EQ(plan.files, (std::vector<std::string>{"model-00001-of-00003.safetensors",
+                                                  "model-00002-of-00003.safetensors",
+                                                  "model-00003-of-00003.safetensors"}));
+  EXPECT_EQ(plan.file_of.at("a"), 0u);
+  EXPECT_EQ(plan.file_of.at("b"), 0u);
+  EXPECT_EQ(plan.file_of.at("c"), 1u);
+  EXPECT_EQ(plan.file_of.at("d"), 2u);
+  EXPECT_EQ(plan.total_size, 464u);
+  EXPECT_EQ(plan.owner(2, 2), 0);
+  const HfShardPlan same = plan_from_weight_map(
+      {{"a", "x.safetensors"}, {"b", "y.safetensors"}, {"c", "x.safetensors"}, {"d", "y.safetensors"}}, specs);
+  EXPECT_EQ(same.files, (std::vector<std::string>{"x.safetensors", "y.safetensors"}));
+  EXPECT_EQ(same.file_of.at("c"), 0u);
+  EXPECT_EQ(same.total_size, 464u);
+  EXPECT_THROW(plan_from_weight_map({{"a", "x.safetensors"}}, specs), CheckpointError);
+}
+
+TEST(HfShards, ByteSizesUseDecimalUnits) {
+  EXPECT_EQ(parse_byte_size("5GB"), 5'000'000'000u);
+  EXPECT_EQ(parse_byte_size("500MB"), 500'000'000u);
+  EXPECT_EQ(parse_byte_size("1.5kb"), 1500u);
+  EXPECT_EQ(parse_byte_size("4096"), 4096u);
+  EXPECT_THROW(parse_byte_size("5XB"), std::invalid_argument);
+  EXPECT_THROW(parse_byte_size("GB"), std::invalid_argument);
+  EXPECT_THROW(parse_byte_size("0"), std::invalid_argument);
 }
 
 }  // namespace

@@ -134,6 +134,15 @@ assert abs(c - a) <= 1e-6 * abs(a), (a, c) # 3 ranks: another summation order
 print(f"import: val_loss {a!r} (checkpoint) == {b!r} (HF, 1 rank) ~ {c!r} (HF, 3 ranks)")
 PY
 
+# --- A run started from an HF directory exports in that directory's shard layout.
+train 1 relayout --set checkpoint.resume_path=bf1/checkpoints/hf-latest "${probe[@]}"
+python3 - <<'PY' || fail "the export does not keep the source's shard layout"
+import json
+a = json.load(open("bf1/checkpoints/hf-latest/model.safetensors.index.json"))["weight_map"]
+b = json.load(open("relayout/checkpoints/hf-latest/model.safetensors.index.json"))["weight_map"]
+assert a == b and len(set(b.values())) > 3, (len(set(a.values())), len(set(b.values())))
+PY
+
 # --- Import errors: another shape, missing and unexpected tensors.
 expect_error "model.dim = 64 but hidden_size = 32" \
   "$STRATA_BIN" train --config job.yaml --set job.run_dir=e1 --set model.dim=64 --set checkpoint.resume_path=run/checkpoints/hf-latest
