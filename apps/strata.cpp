@@ -40,8 +40,18 @@ struct TrainArgs {
 int run_train(const TrainArgs& args, int* argc, char*** argv,
               std::unique_ptr<strata::ProcessGroup>& group) {
   group = std::make_unique<strata::ProcessGroup>(argc, argv);
-  const strata::Config config =
-      strata::load_config(args.config_path, args.overrides, group->world_size());
+  strata::Config config = strata::load_config(args.config_path, args.overrides, group->world_size());
+  // No model keys and an HF resume_path: the model is the one in its config.json.
+  if (!config.model_given && config.checkpoint.resume_path &&
+      strata::is_hf_model_dir(*config.checkpoint.resume_path)) {
+    std::vector<std::string> overrides = strata::hf_model_overrides(*config.checkpoint.resume_path);
+    overrides.insert(overrides.end(), args.overrides.begin(), args.overrides.end());
+    config = strata::load_config(args.config_path, overrides, group->world_size());
+    if (group->is_main()) {
+      fmt::print("model: from {}/config.json (the config sets no model keys)\n",
+                 *config.checkpoint.resume_path);
+    }
+  }
   if (args.print_config) {
     if (group->is_main()) fmt::print("{}", strata::to_yaml(config));
     return 0;

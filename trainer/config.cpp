@@ -628,6 +628,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source_name
   visit(reader, config);
   reader.reject_unknown_keys();
   config_detail::validate(config, where, sources.file(), world_size);
+  for (const auto& [path, source] : where) config.model_given = config.model_given || path.rfind("model.", 0) == 0;
   return config;
 }
 

@@ -129,6 +129,9 @@ struct LoggingConfig {
 };
 
 struct Config {
+  // True when the YAML or an override set any model.* key (not a config key itself: an HF
+  // resume_path then supplies the model shape).
+  bool model_given = false;
   JobConfig job;
   ModelConfig model;
   DataConfig data;

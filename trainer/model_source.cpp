@@ -81,6 +81,24 @@ ModelConfig model_config_from(const LlamaShape& s) {
   return c;
 }
 
+std::vector<std::string> hf_model_overrides(const std::string& dir) {
+  const fs::path path = fs::path(dir) / "config.json";
+  std::ifstream in(path);
+  const LlamaShape shape = LlamaStateDictAdapter::shape_from_config(
+      nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false), path.string());
+  const ModelConfig c = model_config_from(shape);
+  std::vector<std::string> out = {
+      fmt::format("model.vocab_size={}", c.vocab_size), fmt::format("model.dim={}", c.dim),
+      fmt::format("model.n_layers={}", c.n_layers),     fmt::format("model.n_heads={}", c.n_heads),
+      fmt::format("model.n_kv_heads={}", c.n_kv_heads), fmt::format("model.multiple_of={}", c.multiple_of),
+      fmt::format("model.norm_eps={}", c.norm_eps),     fmt::format("model.rope_theta={}", c.rope_theta),
+      fmt::format("model.max_seq_len={}", c.max_seq_len),
+      fmt::format("model.tie_embeddings={}", c.tie_embeddings ? "true" : "false")};
+  out.push_back(c.ffn_dim_multiplier ? fmt::format("model.ffn_dim_multiplier={}", *c.ffn_dim_multiplier)
+                                     : "model.ffn_dim_multiplier=null");
+  return out;
+}
+
 ModelSource load_model_source(const std::string& path) {
   ModelSource source;
   std::vector<TensorPiece> pieces;

@@ -31,6 +31,9 @@ ModelConfig model_config_from_json(const nlohmann::json& model, const std::strin
 // The ModelConfig an HF config.json shape describes (SwiGLU width reproduced exactly).
 ModelConfig model_config_from(const LlamaShape& shape);
 
+// `--set` overrides giving the model shape of the HF directory `dir` (its config.json).
+std::vector<std::string> hf_model_overrides(const std::string& dir);
+
 // Mean next-token cross-entropy (fp64 accumulation) over consecutive, non-overlapping windows
 // from the start of the token file(s) `pattern`: inputs t[kT:(k+1)T], targets
 // t[kT+1:(k+1)T+1], up to `max_tokens` scored tokens (0: all). Returns {loss, tokens}.

@@ -143,6 +143,14 @@ b = json.load(open("relayout/checkpoints/hf-latest/model.safetensors.index.json"
 assert a == b and len(set(b.values())) > 3, (len(set(a.values())), len(set(b.values())))
 PY
 
+# --- A config without model keys takes the shape from the HF directory's config.json.
+grep -v '^model:' job.yaml >nomodel.yaml
+"$STRATA_BIN" train --config nomodel.yaml --set job.run_dir=nomodel --set checkpoint.resume_path=run/checkpoints/hf-latest \
+  "${probe[@]}" >nomodel.log 2>&1 || { cat nomodel.log; fail "training from an HF dir without model keys"; }
+grep -q "model: from run/checkpoints/hf-latest/config.json (the config sets no model keys)" nomodel.log ||
+  { cat nomodel.log; fail "model shape not taken from config.json"; }
+grep -q "21 tensors loaded, 0 initialised" nomodel.log || fail "not every tensor was loaded"
+
 # --- Import errors: another shape, missing and unexpected tensors.
 expect_error "model.dim = 64 but hidden_size = 32" \
   "$STRATA_BIN" train --config job.yaml --set job.run_dir=e1 --set model.dim=64 --set checkpoint.resume_path=run/checkpoints/hf-latest
