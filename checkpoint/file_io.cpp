@@ -10,7 +10,9 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 
 namespace strata {
@@ -47,10 +49,24 @@ std::string Sha256::hex_digest() {
 
 std::string xxh3_hex(const void* data, size_t bytes) { return hex64(XXH3_64bits(data, bytes)); }
 
-HashingFileWriter::HashingFileWriter(std::string path, bool hash_thread)
+constexpr size_t kBounceBytes = size_t{4} << 20;
+constexpr size_t kDirectAlign = 4096;
+
+HashingFileWriter::HashingFileWriter(std::string path, bool hash_thread, bool direct)
     : path_(std::move(path)), block_state_(XXH3_createState()) {
   XXH3_64bits_reset(as_state(block_state_));
-  fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  const int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+  fd_ = direct ? ::open(path_.c_str(), flags | O_DIRECT, 0644) : -1;
+  if (fd_ >= 0) {
+    void* buffer = nullptr;
+    if (posix_memalign(&buffer, kDirectAlign, kBounceBytes) == 0) {
+      bounce_ = static_cast<uint8_t*>(buffer);
+    } else {
+      ::close(fd_);
+      fd_ = -1;
+    }
+  }
+  if (fd_ < 0) fd_ = ::open(path_.c_str(), flags, 0644);  // buffered (or O_DIRECT refused)
   if (fd_ < 0) {
     const std::string reason = errno_text();
     XXH3_freeState(as_state(block_state_));
@@ -70,6 +86,7 @@ HashingFileWriter::~HashingFileWriter() {
     ::close(fd_);
     ::unlink(path_.c_str());
   }
+  std::free(bounce_);
   XXH3_freeState(as_state(block_state_));
 }
 
@@ -104,44 +121,82 @@ void HashingFileWriter::hash_worker() {
   }
 }
 
+void HashingFileWriter::hash_while(const uint8_t* data, size_t bytes, const std::function<void()>& io) {
+  const bool parallel = worker_.joinable() && bytes >= (size_t{256} << 10);
+  if (parallel) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    job_data_ = data;
+    job_bytes_ = bytes;
+    job_pending_ = true;
+    cv_.notify_all();
+  } else {
+    hash(data, bytes);
+  }
+  std::exception_ptr error;
+  try {
+    io();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  if (parallel) {  // the data must stay untouched until the helper is done with it
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [this] { return !job_pending_; });
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+void HashingFileWriter::write_all(const uint8_t* data, size_t bytes) {
+  for (size_t written = 0; written < bytes;) {
+    const ssize_t w = ::write(fd_, data + written, bytes - written);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && errno == EINVAL && bounce_) {
+      // The file system takes O_DIRECT at open but not for this write: go on buffered.
+      const int flags = ::fcntl(fd_, F_GETFL);
+      if (flags >= 0 && (flags & O_DIRECT) && ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) == 0) continue;
+    }
+    if (w < 0) throw IoError(fmt::format("cannot write {}: {}", path_, errno_text()));
+    written += static_cast<size_t>(w);
+  }
+}
+
+void HashingFileWriter::flush_direct(size_t length) {
+  hash_while(bounce_, filled_, [&] { write_all(bounce_, length); });
+  size_ += filled_;
+  filled_ = 0;
+}
+
 void HashingFileWriter::write(const void* data, size_t bytes) {
   const auto* p = static_cast<const uint8_t*>(data);
+  if (bounce_) {  // O_DIRECT: one copy into the aligned buffer, whole-buffer writes
+    while (bytes > 0) {
+      const size_t n = std::min(bytes, kBounceBytes - filled_);
+      std::memcpy(bounce_ + filled_, p, n);
+      filled_ += n;
+      p += n;
+      bytes -= n;
+      if (filled_ == kBounceBytes) flush_direct(kBounceBytes);
+    }
+    return;
+  }
   // In chunks, each hashed on the helper while this thread copies it to the kernel: both
   // threads read the same few MiB at about the same time, so it comes from memory once.
-  constexpr size_t kChunk = size_t{4} << 20;
   for (size_t done = 0; done < bytes;) {
-    const size_t n = std::min(kChunk, bytes - done);
-    const bool parallel = worker_.joinable() && n >= (size_t{256} << 10);
-    if (parallel) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_data_ = p + done;
-      job_bytes_ = n;
-      job_pending_ = true;
-      cv_.notify_all();
-    } else {
-      hash(p + done, n);
-    }
-    std::string error;
-    for (size_t written = 0; written < n;) {
-      const ssize_t w = ::write(fd_, p + done + written, n - written);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        error = fmt::format("cannot write {}: {}", path_, errno_text());
-        break;
-      }
-      written += static_cast<size_t>(w);
-    }
-    if (parallel) {  // the chunk must stay untouched until the helper is done with it
-      std::unique_lock<std::mutex> lock(mutex_);
-      cv_.wait(lock, [this] { return !job_pending_; });
-    }
-    if (!error.empty()) throw IoError(error);
+    const size_t n = std::min(kBounceBytes, bytes - done);
+    hash_while(p + done, n, [&] { write_all(p + done, n); });
     size_ += n;
     done += n;
   }
 }
 
 FileDigest HashingFileWriter::finish() {
+  if (bounce_ && filled_ > 0) {  // the tail, padded to the alignment, then cut to size
+    const size_t padded = (filled_ + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    std::memset(bounce_ + filled_, 0, padded - filled_);
+    flush_direct(padded);
+    if (::ftruncate(fd_, static_cast<off_t>(size_)) != 0) {
+      throw IoError(fmt::format("cannot truncate {}: {}", path_, errno_text()));
+    }
+  }
   if (size_ % kChecksumBlockBytes != 0 || size_ == 0) {
     block_xxh3_ += hex64(XXH3_64bits_digest(as_state(block_state_)));
   }

@@ -175,7 +175,10 @@ FileDigest write_safetensors_file(const std::string& path, std::vector<Safetenso
   text.append((8 - text.size() % 8) % 8, ' ');
   const uint64_t n = text.size();
   try {
-    HashingFileWriter out(path, hash_thread);
+    // Large files bypass the page cache (O_DIRECT): on the machines measured this writes at
+    // the disk's speed instead of the page-cache copy's (BENCHMARKS.md).
+    const bool direct = 8 + n + offset >= (uint64_t{16} << 20);
+    HashingFileWriter out(path, hash_thread, direct);
     out.write(&n, 8);
     out.write(text.data(), n);
     for (const SafetensorsItem& item : items) {

@@ -28,14 +28,19 @@ TEST(Sha256, MatchesPublishedTestVectors) {
             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
 }
 
-TEST(HashingFileWriter, DigestEqualsReReadAtEveryBlockBoundary) {
+class HashingFileWriterModes : public ::testing::TestWithParam<bool> {};
+
+// Buffered and O_DIRECT writers (the latter on a temp dir that may refuse O_DIRECT, which
+// exercises the fallback) give the same bytes and checksums.
+TEST_P(HashingFileWriterModes, DigestEqualsReReadAtEveryBlockBoundary) {
   TempDir dir;
   const uint64_t block = kChecksumBlockBytes;
-  for (uint64_t size : {uint64_t{0}, uint64_t{1}, block - 1, block, block + 1, 2 * block + 3}) {
+  for (uint64_t size : {uint64_t{0}, uint64_t{1}, uint64_t{4095}, uint64_t{4097}, block - 1, block,
+                        block + 1, 2 * block + 3}) {
     std::string data(size, '\0');
     for (uint64_t i = 0; i < size; ++i) data[i] = static_cast<char>((i * 131 + size) & 0xff);
     const std::string path = dir / ("f" + std::to_string(size));
-    HashingFileWriter out(path);
+    HashingFileWriter out(path, /*hash_thread=*/true, /*direct=*/GetParam());
     // Uneven write sizes, crossing block boundaries mid-write.
     for (uint64_t done = 0; done < size;) {
       const uint64_t n = std::min<uint64_t>(size - done, 1000003);
@@ -45,6 +50,7 @@ TEST(HashingFileWriter, DigestEqualsReReadAtEveryBlockBoundary) {
     const FileDigest written = out.finish();
     const FileDigest reread = digest_file(path);
     EXPECT_EQ(written.size, size);
+    EXPECT_EQ(std::filesystem::file_size(path), size);
     EXPECT_EQ(written.sha256, sha256_of(data)) << size;
     EXPECT_EQ(written.sha256, reread.sha256) << size;
     EXPECT_EQ(written.block_xxh3, reread.block_xxh3) << size;
@@ -57,6 +63,8 @@ TEST(HashingFileWriter, DigestEqualsReReadAtEveryBlockBoundary) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(BufferedAndDirect, HashingFileWriterModes, ::testing::Bool());
 
 TEST(HashingFileWriter, AnUnfinishedFileIsRemoved) {
   TempDir dir;
