@@ -241,7 +241,6 @@ void CheckpointManager::commit(InFlight& save) {
                                       step, error, keep_hint));
   }
   const double seconds = seconds_since(save.started);
-  if (options_.async) last_stall_seconds_ = save.stall_seconds;
   log_(fmt::format("{}: committed {} ({}{:.1f} MB on {} rank(s), {:.2f} s{}, commit {:.3f} s)",
                    series.prefix == "hf" ? "hf export" : "checkpoint", final_dir.string(),
                    save.request.model_only ? "model only, " : "", bytes / 1e6, reports.size(),
@@ -370,7 +369,6 @@ void CheckpointManager::start(std::unique_ptr<InFlight> owned, Clock::time_point
   write(save);
   std::unique_ptr<InFlight> done = std::move(in_flight_);
   commit(*done);
-  last_stall_seconds_ = seconds_since(started);
 }
 
 void CheckpointManager::reserve_staging(const std::vector<TensorPiece>& pieces) {

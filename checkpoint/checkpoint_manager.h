@@ -6,7 +6,8 @@
 // rank writes and fsyncs rank-<r>.safetensors there; all reports are gathered; only if every
 // rank succeeded does rank 0 write metadata.json, train_state.json and config.yaml, rename the
 // directory to `step-N/`, fsync the folder and replace `latest` (temp + rename). Any failure
-// raises the same CheckpointError on every rank and leaves `latest` as it was.
+// raises the same CheckpointError on every rank and leaves `latest` as it was. HF exports
+// (`hf-N/`, pointer `hf-latest`, a relative symlink) go through the same protocol.
 #pragma once
 
 #include <atomic>
@@ -29,7 +30,7 @@ namespace strata {
 
 struct CheckpointOptions {
   std::string folder;        // absolute, or relative to the working directory
-  bool async = false;        // stage in the foreground, write in a background thread
+  bool async = false;        // stage and write in a background thread
   int64_t keep_latest_k = 0; // committed step dirs to keep (0: all)
   int64_t hf_max_keep = 0;   // committed hf-* exports to keep (0: all)
 };
@@ -110,11 +111,8 @@ class CheckpointManager {
   // Collective: waits for the save in flight and commits it.
   void finish();
 
-  bool in_flight() const { return static_cast<bool>(in_flight_); }
   // This rank's background thread is still staging or writing.
   bool writing() const { return in_flight_ && !in_flight_->done; }
-  double last_stall_seconds() const { return last_stall_seconds_; }  // foreground time of the last save
-  const std::string& folder() const { return options_.folder; }
 
  private:
   struct InFlight {
@@ -147,7 +145,6 @@ class CheckpointManager {
   std::mutex staged_mutex_;
   std::condition_variable staged_cv_;
   std::thread purge_;
-  double last_stall_seconds_ = 0.0;
 };
 
 // Removes committed dirs of `series` beyond the newest `keep` (never the one its pointer
