@@ -9,6 +9,7 @@
 #include <set>
 
 #include "checkpoint/checkpoint_manager.h"
+#include "checkpoint/hub_spec.h"
 #include "trainer/data_loader.h"
 #include "trainer/hf_io.h"
 #include "trainer/train_state.h"
@@ -100,6 +101,7 @@ std::vector<std::string> hf_model_overrides(const std::string& dir) {
 }
 
 ModelSource load_model_source(const std::string& path) {
+  reject_hub_spec(path, fs::exists(path));
   ModelSource source;
   std::vector<TensorPiece> pieces;
   if (is_hf_model_dir(path)) {

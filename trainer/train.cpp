@@ -17,6 +17,7 @@
 #include <set>
 
 #include "checkpoint/checkpoint_manager.h"
+#include "checkpoint/hub_spec.h"
 #include "trainer/data_loader.h"
 #include "trainer/generate.h"
 #include "trainer/hf_io.h"
@@ -152,6 +153,7 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
       return plan;
     }
   }
+  if (k.resume_path) reject_hub_spec(*k.resume_path, fs::exists(*k.resume_path));
   if (k.resume_path && is_hf_model_dir(*k.resume_path)) {
     plan.dir = *k.resume_path;
     plan.hf = true;

@@ -204,4 +204,10 @@ expect_error "no_such_*.bin" "$STRATA_BIN" eval --from back --data 'no_such_*.bi
 "$STRATA_BIN" generate --from run/checkpoints --prompt "The" --temperature 0 --max-new-tokens 8 >g2.txt
 [ -s g1.txt ] && cmp g1.txt g2.txt || fail "greedy generation differs between the export and the checkpoint"
 echo "eval, convert, generate: consistent across Strata checkpoints and HF directories"
+
+# --- Hub specs are parsed (and refused until downloads exist) with what was understood.
+expect_error "'hf://owner/repo/sub@v1' is a Hugging Face Hub spec (repo owner/repo, subfolder sub, revision v1)" \
+  "$STRATA_BIN" train --config job.yaml --set job.run_dir=hub --set checkpoint.resume_path=hf://owner/repo/sub@v1
+expect_error "Hub spec 'hf://owner/repo/../x': path segment '..' is not allowed" \
+  "$STRATA_BIN" eval --from 'hf://owner/repo/../x' --data 'data/val_*.bin'
 echo "hf_interop: all checks passed"

@@ -1,0 +1,31 @@
+// Hub specs for `resume_path` and `--from` (hf_formats.md §4.6): `hf://owner/repo[/subdir][@rev]`,
+// the official placement `hf://owner/repo@rev[/subdir]`, an optional `models/` type prefix,
+// and the bare `owner/repo[/subdir][@rev]`, which means the Hub only when no local path of
+// that name exists. Revisions: a branch, a tag, a 40-hex commit, `refs/pr/N` or
+// `refs/convert/NAME` (right after the repo id, or percent-encoded). Downloads and the cache
+// build on this (not built yet).
+#pragma once
+
+#include <optional>
+#include <string>
+
+namespace strata {
+
+struct HubSpec {
+  std::string text;       // as the user wrote it
+  std::string repo_id;    // owner/repo
+  std::string subfolder;  // "" or "a/b"
+  std::string revision;   // "" means the default branch (main)
+};
+
+// The Hub spec `text` names, or nullopt when it names a local path (`local_path_exists`, or a
+// bare name that does not look like owner/repo). Throws CheckpointError, quoting `text`, for
+// an `hf://` spec that is invalid, and for a bare owner/repo-like text that is neither an
+// existing path nor a valid spec.
+std::optional<HubSpec> parse_hub_spec(const std::string& text, bool local_path_exists);
+
+// Throws CheckpointError when `path` is a Hub spec: resolving specs (cache, downloads) is not
+// built yet, and the message says what was parsed and how to proceed. No-op for local paths.
+void reject_hub_spec(const std::string& path, bool local_path_exists);
+
+}  // namespace strata
