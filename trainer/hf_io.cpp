@@ -129,8 +129,9 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
 
 std::map<std::string, std::string> hf_weight_map(const std::string& dir) {
   std::map<std::string, std::string> out;
-  std::ifstream in(std::filesystem::path(dir) / "model.safetensors.index.json");
-  if (!in) return out;
+  const std::filesystem::path path = std::filesystem::path(dir) / "model.safetensors.index.json";
+  if (!std::filesystem::exists(path)) return out;
+  std::ifstream in(path);
   try {
     const nlohmann::json index = nlohmann::json::parse(in);
     for (const auto& [key, file] : index.at("weight_map").items()) out[key] = file.get<std::string>();
@@ -138,6 +139,19 @@ std::map<std::string, std::string> hf_weight_map(const std::string& dir) {
     throw CheckpointError(fmt::format("{}/model.safetensors.index.json has no valid weight_map: {}", dir, e.what()));
   }
   return out;
+}
+
+LlamaShape hf_shape(const std::string& dir) {
+  const std::string path = (std::filesystem::path(dir) / "config.json").string();
+  std::ifstream in(path);
+  if (!in) throw CheckpointError(fmt::format("cannot read {}", path));
+  nlohmann::json config;
+  try {
+    config = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{} is not valid JSON: {}", path, e.what()));
+  }
+  return LlamaStateDictAdapter::shape_from_config(config, path);
 }
 
 bool is_hf_model_dir(const std::string& path) {
@@ -150,17 +164,7 @@ bool is_hf_model_dir(const std::string& path) {
 void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector<TensorPiece>& pieces) {
   namespace fs = std::filesystem;
   const fs::path root(dir);
-  auto read_json = [&](const fs::path& path) {
-    std::ifstream in(path);
-    if (!in) throw CheckpointError(fmt::format("cannot read {}", path.string()));
-    try {
-      return nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      throw CheckpointError(fmt::format("{} is not valid JSON: {}", path.string(), e.what()));
-    }
-  };
-  const LlamaShape theirs = LlamaStateDictAdapter::shape_from_config(read_json(root / "config.json"),
-                                                                     (root / "config.json").string());
+  const LlamaShape theirs = hf_shape(dir);
   const LlamaShape ours = llama_shape(model);
   std::vector<std::string> differences;
   auto compare = [&](const char* name, auto a, auto b, const char* hf_name) {
@@ -184,15 +188,8 @@ void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector
   }
 
   // Which file holds each tensor.
-  std::map<std::string, std::string> file_of;
-  if (fs::exists(root / "model.safetensors.index.json")) {
-    const nlohmann::json index = read_json(root / "model.safetensors.index.json");
-    try {
-      for (const auto& [key, file] : index.at("weight_map").items()) file_of[key] = file.get<std::string>();
-    } catch (const nlohmann::json::exception& e) {
-      throw CheckpointError(fmt::format("{}/model.safetensors.index.json has no valid weight_map: {}", dir, e.what()));
-    }
-  } else {
+  std::map<std::string, std::string> file_of = hf_weight_map(dir);
+  if (!fs::exists(root / "model.safetensors.index.json")) {
     const SafetensorsFile single((root / "model.safetensors").string());
     for (const SafetensorsEntry& e : single.header().entries) file_of[e.name] = "model.safetensors";
   }

@@ -30,6 +30,9 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
 // The weight_map of an HF directory's index (key -> file); empty for a single model.safetensors.
 std::map<std::string, std::string> hf_weight_map(const std::string& dir);
 
+// The model shape of an HF directory's config.json (errors name the file).
+LlamaShape hf_shape(const std::string& dir);
+
 // A Hugging Face model directory: config.json and model.safetensors or its sharded index.
 bool is_hf_model_dir(const std::string& path);
 

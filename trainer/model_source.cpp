@@ -83,11 +83,7 @@ ModelConfig model_config_from(const LlamaShape& s) {
 }
 
 std::vector<std::string> hf_model_overrides(const std::string& dir) {
-  const fs::path path = fs::path(dir) / "config.json";
-  std::ifstream in(path);
-  const LlamaShape shape = LlamaStateDictAdapter::shape_from_config(
-      nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false), path.string());
-  const ModelConfig c = model_config_from(shape);
+  const ModelConfig c = model_config_from(hf_shape(dir));
   std::vector<std::string> out = {
       fmt::format("model.vocab_size={}", c.vocab_size), fmt::format("model.dim={}", c.dim),
       fmt::format("model.n_layers={}", c.n_layers),     fmt::format("model.n_heads={}", c.n_heads),
@@ -105,10 +101,7 @@ ModelSource load_model_source(const std::string& path) {
   ModelSource source;
   std::vector<TensorPiece> pieces;
   if (is_hf_model_dir(path)) {
-    std::ifstream in(fs::path(path) / "config.json");
-    const LlamaShape shape = LlamaStateDictAdapter::shape_from_config(
-        nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false), (fs::path(path) / "config.json").string());
-    source.config = model_config_from(shape);
+    source.config = model_config_from(hf_shape(path));
     source.model = std::make_unique<Llama>(source.config);
     source.model->materialize(at::kCPU);
     pieces = state_pieces(*source.model, nullptr, 0, 1, PieceUse::kLoad);
