@@ -161,7 +161,7 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
   request.step = source.step;
   request.model_only = true;
   request.pieces = strata::state_pieces(*source.model, nullptr, 0, 1, strata::PieceUse::kSave);
-  const at::ScalarType dtype = args.dtype == "bfloat16" ? at::kBFloat16 : args.dtype == "float16" ? at::kHalf : at::kFloat;
+  const at::ScalarType dtype = strata::dtype_named(args.dtype);
   for (strata::TensorPiece& piece : request.pieces) piece.local = piece.local.to(dtype);
   request.metadata = {{"model", strata::model_config_json(source.config)}, {"converted_from", args.from}};
   request.train_state = {{"step", source.step},

@@ -17,11 +17,6 @@
 namespace strata {
 namespace {
 
-at::ScalarType dtype_named(const std::string& name) {
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "float16") return at::kHalf;
-  return at::kFloat;
-}
 
 bool matches_any(const std::string& key, const std::vector<std::string>& patterns) {
   for (const std::string& p : patterns) {
@@ -31,6 +26,12 @@ bool matches_any(const std::string& key, const std::vector<std::string>& pattern
 }
 
 }  // namespace
+
+at::ScalarType dtype_named(const std::string& name) {
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  return at::kFloat;
+}
 
 LlamaShape llama_shape(const ModelConfig& c) {
   LlamaShape s;

@@ -17,6 +17,9 @@ namespace strata {
 
 LlamaShape llama_shape(const ModelConfig& config);
 
+// The tensor dtype of a config dtype name: float32 | bfloat16 | float16.
+at::ScalarType dtype_named(const std::string& name);
+
 // The HF export of the model's current weights at `step`: collective (FSDP ranks gather one
 // unit at a time and keep the converted tensors of the shard files they write). Exactly one
 // of `plain` / `sharded` is set. `tokenizer` (may be null) gives bos/eos and tokenizer files.

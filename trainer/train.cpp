@@ -17,7 +17,6 @@
 #include <set>
 
 #include "checkpoint/checkpoint_manager.h"
-#include "checkpoint/hub_spec.h"
 #include "trainer/data_loader.h"
 #include "trainer/generate.h"
 #include "trainer/hf_io.h"
@@ -25,6 +24,7 @@
 #include "trainer/lr_schedule.h"
 #include "trainer/metrics.h"
 #include "trainer/model_source.h"
+#include "trainer/resume.h"
 #include "trainer/optimizer.h"
 #include "trainer/seed.h"
 #include "trainer/sharded_llama.h"
@@ -127,168 +127,6 @@ std::string memory_report(const std::vector<at::Tensor>& params, const ShardedLl
 }
 
 
-at::ScalarType dtype_named(const std::string& name) {
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "float16") return at::kHalf;
-  return at::kFloat;
-}
-
-// Where the run's state comes from (decided by rank 0, the same on every rank).
-struct ResumePlan {
-  std::string dir;           // step directory; empty: from scratch
-  std::string reason;        // why, for the start-up log
-  bool weights_only = false; // parameters only: step 0, fresh optimizer, data and schedule
-  bool own = false;          // from the run's own checkpoint folder
-  bool hf = false;           // a Hugging Face model directory (weights only)
-};
-
-ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
-  ResumePlan plan;
-  if (k.enable && fs::exists(folder)) {
-    if (auto own = find_checkpoint(folder.string(), k.load_step)) {
-      plan.dir = *own;
-      plan.own = true;
-      plan.reason = fmt::format("the run's own checkpoint folder {} has committed checkpoints ({})",
-                                folder.string(), k.load_step ? "checkpoint.load_step" : "latest");
-      return plan;
-    }
-  }
-  if (k.resume_path) reject_hub_spec(*k.resume_path, fs::exists(*k.resume_path));
-  if (k.resume_path && is_hf_model_dir(*k.resume_path)) {
-    plan.dir = *k.resume_path;
-    plan.hf = true;
-    plan.weights_only = true;
-    plan.reason = "checkpoint.resume_path is a Hugging Face model directory";
-    return plan;
-  }
-  if (k.resume_path) {
-    auto found = find_checkpoint(*k.resume_path, k.load_step);
-    if (!found) {
-      throw CheckpointError(fmt::format(
-          "checkpoint.resume_path {} holds no committed Strata checkpoint (no metadata.json, no "
-          "step-NNNNNNN directory) and is no Hugging Face model directory (config.json with "
-          "model.safetensors or model.safetensors.index.json)\nHINT: point it at a Strata "
-          "checkpoint folder or step directory, or at a Hugging Face model directory",
-          *k.resume_path));
-    }
-    plan.dir = *found;
-    plan.weights_only = k.resume_model_only;
-    plan.reason = fmt::format("checkpoint.resume_path{}", k.resume_model_only ? " with resume_model_only" : "");
-    return plan;
-  }
-  plan.reason = k.enable ? fmt::format("no committed checkpoint in {} and no checkpoint.resume_path",
-                                       folder.string())
-                         : "checkpoint.enable is false and no checkpoint.resume_path";
-  return plan;
-}
-
-bool excluded(const CheckpointConfig& k, const std::string& what) {
-  return std::find(k.exclude_from_loading.begin(), k.exclude_from_loading.end(), what) !=
-         k.exclude_from_loading.end();
-}
-
-// Loads what `plan` names (on every rank, agreeing on failures) and returns where training
-// continues. A model-only checkpoint gives the weights (and, from the run's own folder, the
-// step and data position); resume_model_only gives the weights only.
-struct Resumed {
-  int64_t step = 0, data_step_offset = 0, lr_step_offset = 0;
-  uint64_t data_seed = 0, sample_seed = 0;
-  std::set<std::string> loaded;  // parameter FQNs filled from the checkpoint
-};
-
-using PiecesOf = std::function<std::vector<TensorPiece>(const AdamW*, PieceUse)>;
-
-Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const CheckpointConfig& kc,
-                           int64_t job_seed, int64_t total_steps, Communicator& comm,
-                           AdamW& optimizer, const PiecesOf& pieces_of, const RunLog& log) {
-  Resumed r;
-  r.data_seed = static_cast<uint64_t>(job_seed);
-  r.sample_seed = derive_seed(static_cast<uint64_t>(job_seed), "sample");
-  if (plan.hf) {
-    const auto load_start = Clock::now();
-    run_on_all_ranks(comm, fmt::format("loading Hugging Face model {}", plan.dir), [&] {
-      std::vector<TensorPiece> pieces = pieces_of(nullptr, PieceUse::kLoad);
-      load_hf_model(plan.dir, mc, pieces);
-      for (const TensorPiece& piece : pieces) r.loaded.insert(piece.key);
-    });
-    log("resume: loaded model from {} because {}; weights only, training starts at step 1 "
-        "({:.3f} s)",
-        plan.dir, plan.reason, seconds_since(load_start));
-    return r;
-  }
-  if (!plan.dir.empty()) {
-    std::vector<std::string> restored;
-    // A model-only checkpoint gives the weights (and, from the run's own folder, the step and
-    // data position); resume_model_only gives the weights only.
-    bool model_only_checkpoint = false;
-    int64_t checkpoint_step = 0, saved_data_step = 0;
-    uint64_t saved_data_seed = 0, saved_sample_seed = 0;
-    double load_seconds = 0.0, load_bytes = 0.0;
-    run_on_all_ranks(comm, fmt::format("loading checkpoint {}", plan.dir), [&] {
-      const auto load_start = Clock::now();
-      const CheckpointReader reader(plan.dir);
-      model_only_checkpoint = reader.model_only();
-      checkpoint_step = reader.step();
-      const bool want_optimizer = !plan.weights_only && !model_only_checkpoint && !excluded(kc, "optimizer");
-      std::vector<TensorPiece> pieces = pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad);
-      {
-        at::NoGradGuard no_grad;
-        reader.load(pieces);
-      }
-      for (const TensorPiece& piece : pieces) load_bytes += static_cast<double>(piece.local.nbytes());
-      load_seconds = seconds_since(load_start);
-      const fs::path state_path = fs::path(plan.dir) / "train_state.json";
-      std::ifstream in(state_path);
-      if (!in) throw CheckpointError(fmt::format("{} is missing", state_path.string()));
-      try {
-        const nlohmann::json state = nlohmann::json::parse(in);
-        if (want_optimizer) optimizer.set_steps_taken(state.at("optimizer").at("steps_taken").get<int64_t>());
-        saved_data_seed = state.at("dataloader").at("seed").get<uint64_t>();
-        saved_data_step = state.at("dataloader").at("step").get<int64_t>();
-        saved_sample_seed = state.at("rng").at("sample_seed").get<uint64_t>();
-      } catch (const nlohmann::json::exception& e) {
-        throw CheckpointError(fmt::format("{} is damaged: {}\nHINT: resume from another step "
-                                          "(checkpoint.load_step)",
-                                          state_path.string(), e.what()));
-      }
-    });
-    for (const TensorPiece& piece : pieces_of(nullptr, PieceUse::kLoad)) r.loaded.insert(piece.key);
-    restored.push_back("model");
-    const bool full = !plan.weights_only && (!model_only_checkpoint || plan.own);
-    if (full) {
-      r.step = checkpoint_step;
-      if (!model_only_checkpoint && !excluded(kc, "optimizer")) restored.push_back("optimizer");
-      if (excluded(kc, "lr_scheduler")) {
-        r.lr_step_offset = r.step;
-      } else {
-        restored.push_back("lr_scheduler");
-      }
-      if (excluded(kc, "dataloader")) {
-        r.data_step_offset = r.step;
-      } else {
-        r.data_seed = saved_data_seed;
-        r.data_step_offset = r.step - saved_data_step;
-        restored.push_back("dataloader");
-      }
-      if (!excluded(kc, "rng")) {
-        r.sample_seed = saved_sample_seed;
-        restored.push_back("rng");
-      }
-    }
-    log("resume: loaded {} from {} (step {}) because {}{}", fmt::join(restored, ", "), plan.dir,
-        checkpoint_step, plan.reason,
-        full ? fmt::format("; training continues at step {}", r.step + 1)
-             : "; weights only, training starts at step 1");
-    log("resume: rank 0 read {:.1f} MB in {:.3f} s ({:.0f} MB/s)", load_bytes / 1e6, load_seconds,
-        load_bytes / 1e6 / std::max(load_seconds, 1e-9));
-    if (model_only_checkpoint && full && r.step < total_steps) {
-      log("resume: warning: {} is a model-only checkpoint: AdamW moments start from zero", plan.dir);
-    }
-  } else {
-    log("resume: none, training from scratch because {}", plan.reason);
-  }
-  return r;
-}
 
 }  // namespace
 
@@ -380,8 +218,9 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
         0));
     plan = {shared["dir"], shared["reason"], shared["weights_only"], shared["own"], shared["hf"]};
   }
-  const Resumed resumed_state = load_resume_source(plan, mc, kc, config.job.seed, tc.steps, *comm,
-                                                   optimizer, pieces_of, log);
+  const Resumed resumed_state =
+      load_resume_source(plan, mc, kc, config.job.seed, tc.steps, *comm, optimizer, pieces_of,
+                         [&log](const std::string& line) { log("{}", line); });
   const int64_t start_step = resumed_state.step;
   const int64_t data_step_offset = resumed_state.data_step_offset;
   const int64_t lr_step_offset = resumed_state.lr_step_offset;

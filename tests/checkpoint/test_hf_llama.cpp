@@ -13,6 +13,7 @@
 #include "checkpoint/hf_llama.h"
 #include "checkpoint/safetensors.h"
 #include "tests/trainer/micro_model.h"
+#include "trainer/hf_io.h"
 #include "trainer/llama.h"
 
 namespace strata {
@@ -20,20 +21,6 @@ namespace {
 
 #define EXPECT_HAS(text, part) EXPECT_NE(std::string(text).find(part), std::string::npos) << (text)
 
-LlamaShape shape_of(const ModelConfig& c) {
-  LlamaShape s;
-  s.vocab_size = c.vocab_size;
-  s.dim = c.dim;
-  s.n_layers = c.n_layers;
-  s.n_heads = c.n_heads;
-  s.n_kv_heads = c.n_kv_heads;
-  s.ffn_hidden_dim = c.ffn_hidden_dim();
-  s.max_seq_len = c.max_seq_len;
-  s.norm_eps = c.norm_eps;
-  s.rope_theta = c.rope_theta;
-  s.tie_embeddings = c.tie_embeddings;
-  return s;
-}
 
 StateDict initialised(const ModelConfig& c) {
   Llama model(c);
@@ -47,7 +34,7 @@ StateDict initialised(const ModelConfig& c) {
 TEST(HfLlama, NamesAndShapesFollowLlamaForCausalLM) {
   for (bool tied : {false, true}) {
     const ModelConfig c = testing::micro_model(97, 16, tied);
-    const LlamaStateDictAdapter adapter(shape_of(c));
+    const LlamaStateDictAdapter adapter(llama_shape(c));
     const StateDict hf = adapter.to_hf(initialised(c));
     const int64_t H = c.dim, I = c.ffn_hidden_dim(), V = c.vocab_size, d = c.head_dim();
     const std::vector<std::pair<std::string, std::vector<int64_t>>> expected_layer = {
@@ -80,7 +67,7 @@ TEST(HfLlama, NamesAndShapesFollowLlamaForCausalLM) {
 
 TEST(HfLlama, RoundTripIsBitIdenticalAndOnlyQAndKMove) {
   const ModelConfig c = testing::micro_model(97, 16);
-  const LlamaStateDictAdapter adapter(shape_of(c));
+  const LlamaStateDictAdapter adapter(llama_shape(c));
   const StateDict sd = initialised(c);
   const StateDict hf = adapter.to_hf(sd);
   const StateDict back = adapter.from_hf(hf);
@@ -115,7 +102,7 @@ at::Tensor rope_rotate_half(const at::Tensor& x, int64_t d, double theta) {
 
 TEST(HfLlama, PermutedWeightsUnderRotateHalfGiveTheSameAttentionScores) {
   const ModelConfig c = testing::micro_model(97, 16);
-  const LlamaStateDictAdapter adapter(shape_of(c));
+  const LlamaStateDictAdapter adapter(llama_shape(c));
   const StateDict sd = initialised(c);
   const int64_t T = 9, d = c.head_dim();
   at::manual_seed(5);
@@ -138,27 +125,27 @@ TEST(HfLlama, PermutedWeightsUnderRotateHalfGiveTheSameAttentionScores) {
 TEST(HfLlama, TiedSourcesUnexpectedKeysAndBuffers) {
   const ModelConfig untied = testing::micro_model(97, 16, false);
   const ModelConfig tied = testing::micro_model(97, 16, true);
-  StateDict hf = LlamaStateDictAdapter(shape_of(tied)).to_hf(initialised(tied));
+  StateDict hf = LlamaStateDictAdapter(llama_shape(tied)).to_hf(initialised(tied));
   hf.insert("model.layers.0.self_attn.rotary_emb.inv_freq", at::ones({4}));
-  const StateDict loaded = LlamaStateDictAdapter(shape_of(untied)).from_hf(hf);
+  const StateDict loaded = LlamaStateDictAdapter(llama_shape(untied)).from_hf(hf);
   ASSERT_TRUE(loaded.contains("output.weight"));  // copied from the tied embedding
   EXPECT_TRUE(at::equal(loaded.at("output.weight"), loaded.at("tok_embeddings.weight")));
   EXPECT_FALSE(loaded.contains("layers.0.attention.rotary_emb.inv_freq"));
   hf.insert("model.layers.0.self_attn.q_proj.bias", at::zeros({32}));
   try {
-    LlamaStateDictAdapter(shape_of(untied)).from_hf(hf);
+    LlamaStateDictAdapter(llama_shape(untied)).from_hf(hf);
     FAIL();
   } catch (const CheckpointError& e) {
     EXPECT_HAS(e.what(), "unexpected keys for a Llama: model.layers.0.self_attn.q_proj.bias");
   }
-  EXPECT_THROW(LlamaStateDictAdapter(shape_of(untied)).hf_key("layers.0.attention.wz.weight"), CheckpointError);
+  EXPECT_THROW(LlamaStateDictAdapter(llama_shape(untied)).hf_key("layers.0.attention.wz.weight"), CheckpointError);
 }
 
 TEST(HfLlama, ConfigJsonHasTheFieldsOfBothTransformersLines) {
   ModelConfig c = testing::micro_model(97, 16);
   c.rope_theta = 10000.0;
   c.norm_eps = 1e-5;
-  const LlamaStateDictAdapter adapter(shape_of(c));
+  const LlamaStateDictAdapter adapter(llama_shape(c));
   const nlohmann::ordered_json j = adapter.config_json("bfloat16", 1, 2);
   const std::string text = j.dump();
   EXPECT_EQ(j["architectures"].dump(), "[\"LlamaForCausalLM\"]");
@@ -188,7 +175,7 @@ TEST(HfLlama, ConfigJsonHasTheFieldsOfBothTransformersLines) {
 }
 
 TEST(HfLlama, UnsupportedConfigsAreRefusedWithTheReason) {
-  const LlamaStateDictAdapter adapter(shape_of(testing::micro_model(97, 16)));
+  const LlamaStateDictAdapter adapter(llama_shape(testing::micro_model(97, 16)));
   const nlohmann::json good = nlohmann::json::parse(adapter.config_json("float32", 1, 2).dump());
   auto error_for = [&](const std::function<void(nlohmann::json&)>& edit) {
     nlohmann::json c = good;
