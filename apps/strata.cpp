@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "checkpoint/checkpoint_manager.h"
+#include "checkpoint/hub_download.h"
 #include "parallel/process_group.h"
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -41,17 +42,23 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
               std::unique_ptr<strata::ProcessGroup>& group) {
   group = std::make_unique<strata::ProcessGroup>(argc, argv);
   strata::Config config = strata::load_config(args.config_path, args.overrides, group->world_size());
+  // A Hub spec in resume_path: one rank per node fills the HF cache, every rank agrees.
+  std::optional<std::string> resume_dir;
+  if (config.checkpoint.resume_path) {
+    const int rank = group->rank();
+    resume_dir = strata::resolve_model_path(*config.checkpoint.resume_path, group.get(), [rank](const std::string& line) {
+      fmt::print("{}{}\n", rank == 0 ? "" : fmt::format("[rank {}] ", rank), line);
+      std::fflush(stdout);
+    });
+  }
   // No model keys and an HF resume_path: the model is the one in its config.json.
-  if (!config.model_given && config.checkpoint.resume_path &&
-      strata::is_hf_model_dir(*config.checkpoint.resume_path)) {
-    std::vector<std::string> overrides = strata::hf_model_overrides(*config.checkpoint.resume_path);
+  if (!config.model_given && resume_dir && strata::is_hf_model_dir(*resume_dir)) {
+    std::vector<std::string> overrides = strata::hf_model_overrides(*resume_dir);
     overrides.insert(overrides.end(), args.overrides.begin(), args.overrides.end());
     config = strata::load_config(args.config_path, overrides, group->world_size());
-    if (group->is_main()) {
-      fmt::print("model: from {}/config.json (the config sets no model keys)\n",
-                 *config.checkpoint.resume_path);
-    }
+    if (group->is_main()) fmt::print("model: from {}/config.json (the config sets no model keys)\n", *resume_dir);
   }
+  config.checkpoint.resume_dir = resume_dir;
   if (args.print_config) {
     if (group->is_main()) fmt::print("{}", strata::to_yaml(config));
     return 0;

@@ -26,19 +26,20 @@ XXH3_state_t* as_state(void* p) { return static_cast<XXH3_state_t*>(p); }
 
 }  // namespace
 
-Sha256::Sha256() : context_(EVP_MD_CTX_new()) {
-  if (!context_ || EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(context_), EVP_sha256(), nullptr) != 1) {
-    throw std::runtime_error("OpenSSL: cannot initialise SHA-256");
+MessageDigest::MessageDigest(Algorithm algorithm) : context_(EVP_MD_CTX_new()) {
+  const EVP_MD* md = algorithm == Algorithm::kSha1 ? EVP_sha1() : EVP_sha256();
+  if (!context_ || EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(context_), md, nullptr) != 1) {
+    throw std::runtime_error("OpenSSL: cannot initialise a message digest");
   }
 }
 
-Sha256::~Sha256() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(context_)); }
+MessageDigest::~MessageDigest() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(context_)); }
 
-void Sha256::update(const void* data, size_t bytes) {
+void MessageDigest::update(const void* data, size_t bytes) {
   EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(context_), data, bytes);
 }
 
-std::string Sha256::hex_digest() {
+std::string MessageDigest::hex_digest() {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int length = 0;
   EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(context_), digest, &length);

@@ -25,18 +25,25 @@ class IoError : public std::runtime_error {
 // Bytes per block of the block checksums: a reader verifies the blocks it touches.
 constexpr uint64_t kChecksumBlockBytes = 4u << 20;
 
-// Incremental SHA-256 (OpenSSL).
-class Sha256 {
+// Incremental message digest (OpenSSL): SHA-256 for checkpoint files and LFS blobs, SHA-1
+// for git blob ids (the Hub names regular files by them).
+class MessageDigest {
  public:
-  Sha256();
-  ~Sha256();
-  Sha256(const Sha256&) = delete;
-  Sha256& operator=(const Sha256&) = delete;
+  enum class Algorithm { kSha1, kSha256 };
+  explicit MessageDigest(Algorithm algorithm);
+  ~MessageDigest();
+  MessageDigest(const MessageDigest&) = delete;
+  MessageDigest& operator=(const MessageDigest&) = delete;
   void update(const void* data, size_t bytes);
   std::string hex_digest();  // finishes the hash: call once
 
  private:
   void* context_;
+};
+
+class Sha256 : public MessageDigest {
+ public:
+  Sha256() : MessageDigest(Algorithm::kSha256) {}
 };
 
 // XXH3-64 of `bytes` bytes at `data`, as 16 lower-case hex digits.

@@ -132,15 +132,4 @@ std::optional<HubSpec> parse_hub_spec(const std::string& text, bool local_path_e
   }
 }
 
-void reject_hub_spec(const std::string& path, bool local_path_exists) {
-  const std::optional<HubSpec> spec = parse_hub_spec(path, local_path_exists);
-  if (!spec) return;
-  throw CheckpointError(fmt::format(
-      "'{}' is a Hugging Face Hub spec (repo {}{}{}), and loading from the Hub is not built yet\n"
-      "HINT: download the repository (for example with huggingface_hub's snapshot_download) and "
-      "give its local directory instead",
-      path, spec->repo_id, spec->subfolder.empty() ? "" : ", subfolder " + spec->subfolder,
-      spec->revision.empty() ? "" : ", revision " + spec->revision));
-}
-
 }  // namespace strata

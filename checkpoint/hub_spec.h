@@ -2,8 +2,8 @@
 // the official placement `hf://owner/repo@rev[/subdir]`, an optional `models/` type prefix,
 // and the bare `owner/repo[/subdir][@rev]`, which means the Hub only when no local path of
 // that name exists. Revisions: a branch, a tag, a 40-hex commit, `refs/pr/N` or
-// `refs/convert/NAME` (right after the repo id, or percent-encoded). Downloads and the cache
-// build on this (not built yet).
+// `refs/convert/NAME` (right after the repo id, or percent-encoded). hub_download resolves a
+// spec to a directory of the HF cache.
 #pragma once
 
 #include <optional>
@@ -23,9 +23,5 @@ struct HubSpec {
 // an `hf://` spec that is invalid, and for a bare owner/repo-like text that is neither an
 // existing path nor a valid spec.
 std::optional<HubSpec> parse_hub_spec(const std::string& text, bool local_path_exists);
-
-// Throws CheckpointError when `path` is a Hub spec: resolving specs (cache, downloads) is not
-// built yet, and the message says what was parsed and how to proceed. No-op for local paths.
-void reject_hub_spec(const std::string& path, bool local_path_exists);
 
 }  // namespace strata

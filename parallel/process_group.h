@@ -44,6 +44,10 @@ class ProcessGroup {
 
   void barrier() const;
 
+  // Every rank's `text`, in rank order, on every rank (MPI over the world communicator,
+  // whatever backend training uses). Used for start-up agreements such as Hub downloads.
+  std::vector<std::string> all_gather_strings(const std::string& text) const;
+
  private:
   bool owns_mpi_ = false;
   int rank_ = 0;

@@ -107,6 +107,9 @@ struct CheckpointConfig {
   int64_t hf_max_keep = 2;             // committed hf-* dirs kept (0: all)
   std::string hf_max_shard_size = "5GB";
   std::optional<std::string> resume_path;
+  // resume_path as a local directory: itself, or a Hub spec's snapshot in the HF cache. Set at
+  // start-up by resolve_model_path; not a YAML key.
+  std::optional<std::string> resume_dir;
   bool resume_model_only = false;
   std::optional<int64_t> load_step;    // null: the latest committed step
   std::vector<std::string> additional_load_paths;

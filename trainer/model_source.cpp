@@ -4,12 +4,13 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <set>
 
 #include "checkpoint/checkpoint_manager.h"
-#include "checkpoint/hub_spec.h"
+#include "checkpoint/hub_download.h"
 #include "trainer/data_loader.h"
 #include "trainer/hf_io.h"
 #include "trainer/train_state.h"
@@ -96,8 +97,14 @@ std::vector<std::string> hf_model_overrides(const std::string& dir) {
   return out;
 }
 
-ModelSource load_model_source(const std::string& path) {
-  reject_hub_spec(path, fs::exists(path));
+ModelSource load_model_source(const std::string& given) {
+  // A Hub spec is resolved to its snapshot in the HF cache; progress goes to stderr, so that
+  // stdout carries only the command's own output.
+  const std::string path = resolve_model_path(given, nullptr, [](const std::string& line) {
+    fmt::print(stderr, "{}\n", line);
+    std::fflush(stderr);
+  });
+  const std::string named = path == given ? path : fmt::format("{} ({})", given, path);
   ModelSource source;
   std::vector<TensorPiece> pieces;
   if (is_hf_model_dir(path)) {
@@ -107,14 +114,14 @@ ModelSource load_model_source(const std::string& path) {
     pieces = state_pieces(*source.model, nullptr, 0, 1, PieceUse::kLoad);
     load_hf_model(path, source.config, pieces);
     if (fs::exists(fs::path(path) / "tokenizer.model")) source.tokenizer = (fs::path(path) / "tokenizer.model").string();
-    source.description = fmt::format("Hugging Face model {}", path);
+    source.description = fmt::format("Hugging Face model {}", named);
   } else {
     const std::optional<std::string> dir = find_checkpoint(path);
     if (!dir) {
       throw CheckpointError(fmt::format("{} holds no committed Strata checkpoint and is no Hugging "
                                         "Face model directory\nHINT: give a checkpoint folder, a "
                                         "step-NNNNNNN directory or an HF model directory",
-                                        path));
+                                        named));
     }
     const CheckpointReader reader(*dir);
     source.config = model_config_from_json(reader.metadata().value("model", nlohmann::json()),

@@ -1,6 +1,7 @@
 // A model to run (eval, generate, convert) from anything `resume_path` accepts: a Strata
 // checkpoint (folder or step directory; the model config is in its metadata.json) or a Hugging
-// Face model directory (the shape is in its config.json). One process, whole tensors.
+// Face model directory (the shape is in its config.json), also as a Hub spec resolved through
+// the HF cache. One process, whole tensors.
 #pragma once
 
 #include <cstdint>

@@ -10,7 +10,6 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint_manager.h"
-#include "checkpoint/hub_spec.h"
 #include "trainer/hf_io.h"
 #include "trainer/seed.h"
 
@@ -47,27 +46,29 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
       return plan;
     }
   }
-  if (k.resume_path) reject_hub_spec(*k.resume_path, fs::exists(*k.resume_path));
-  if (k.resume_path && is_hf_model_dir(*k.resume_path)) {
-    plan.dir = *k.resume_path;
-    plan.hf = true;
-    plan.weights_only = true;
-    plan.reason = "checkpoint.resume_path is a Hugging Face model directory";
-    return plan;
-  }
   if (k.resume_path) {
-    auto found = find_checkpoint(*k.resume_path, k.load_step);
+    // A Hub spec was resolved at start-up to its snapshot directory in the HF cache.
+    const std::string path = k.resume_dir.value_or(*k.resume_path);
+    const std::string named = path == *k.resume_path ? path : fmt::format("{} ({})", *k.resume_path, path);
+    if (is_hf_model_dir(path)) {
+      plan.dir = path;
+      plan.hf = true;
+      plan.weights_only = true;
+      plan.reason = fmt::format("checkpoint.resume_path {} is a Hugging Face model directory", named);
+      return plan;
+    }
+    auto found = find_checkpoint(path, k.load_step);
     if (!found) {
       throw CheckpointError(fmt::format(
           "checkpoint.resume_path {} holds no committed Strata checkpoint (no metadata.json, no "
           "step-NNNNNNN directory) and is no Hugging Face model directory (config.json with "
           "model.safetensors or model.safetensors.index.json)\nHINT: point it at a Strata "
           "checkpoint folder or step directory, or at a Hugging Face model directory",
-          *k.resume_path));
+          named));
     }
     plan.dir = *found;
     plan.weights_only = k.resume_model_only;
-    plan.reason = fmt::format("checkpoint.resume_path{}", k.resume_model_only ? " with resume_model_only" : "");
+    plan.reason = fmt::format("checkpoint.resume_path {}{}", named, k.resume_model_only ? " with resume_model_only" : "");
     return plan;
   }
   plan.reason = k.enable ? fmt::format("no committed checkpoint in {} and no checkpoint.resume_path",
