@@ -144,8 +144,10 @@ void visit(V& v, ConverterConfig& c) {
   v.field("rank", c.rank);
   v.field("alpha", c.alpha);
   v.field("dropout", c.dropout);
+  v.field("use_rslora", c.use_rslora);
   v.field("target_modules", c.target_modules);
   v.field("export", c.export_mode);
+  v.field("save", c.save);
 }
 template <class V>
 void visit(V& v, LoggingConfig& c) {

@@ -116,14 +116,17 @@ struct CheckpointConfig {
   std::vector<std::string> exclude_from_loading;  // optimizer, lr_scheduler, dataloader, rng
 };
 
-// One entry of `converters:`. Only the keys of the LoRA converter exist so far.
+// One entry of `converters:`: `lora` (low-rank adapters on the block linears, base frozen)
+// or `int8_qat` (weight-only int8 fake quantisation of the block linears).
 struct ConverterConfig {
   std::string type;
-  int64_t rank = 8;
-  double alpha = 16.0;
-  double dropout = 0.0;
-  std::vector<std::string> target_modules = {"wq", "wv"};
-  std::string export_mode = "adapter";  // YAML key: export
+  int64_t rank = 8;                 // lora: r
+  double alpha = 16.0;              // lora: scaling alpha / r (alpha / sqrt(r) with use_rslora)
+  double dropout = 0.0;             // lora: dropout on the adapter's input while training
+  bool use_rslora = false;
+  std::vector<std::string> target_modules = {"wq", "wv"};  // block linears: wq wk wv wo w1 w2 w3
+  std::string export_mode = "adapter";  // YAML key: export. lora: adapter | merged | both
+  std::string save = "full";            // lora: interval checkpoints hold full | adapter_only
 };
 
 struct LoggingConfig {

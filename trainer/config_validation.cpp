@@ -148,13 +148,25 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
   v.not_yet(k.additional_load_paths.empty(), "checkpoint.additional_load_paths", "a non-empty list",
             "[]");
 
+  int lora_converters = 0;
   for (size_t i = 0; i < c.converters.size(); ++i) {
+    const ConverterConfig& cc = c.converters[i];
     const std::string base = fmt::format("converters.{}", i);
-    v.one_of(base + ".type", c.converters[i].type, {"lora"});
-    v.positive(base + ".rank", c.converters[i].rank);
-    v.one_of(base + ".export", c.converters[i].export_mode, {"adapter", "merged", "both"});
+    v.one_of(base + ".type", cc.type, {"lora", "int8_qat"});
+    v.positive(base + ".rank", cc.rank);
+    v.check(cc.alpha > 0, base + ".alpha", fmt::format("= {} must be positive", cc.alpha));
+    v.check(cc.dropout >= 0 && cc.dropout < 1, base + ".dropout", fmt::format("= {} must be in [0, 1)", cc.dropout));
+    v.one_of(base + ".export", cc.export_mode, {"adapter", "merged", "both"});
+    v.one_of(base + ".save", cc.save, {"full", "adapter_only"});
+    v.check(!cc.target_modules.empty(), base + ".target_modules", "must name at least one of wq wk wv wo w1 w2 w3");
+    for (const std::string& m : cc.target_modules) {
+      v.one_of(base + ".target_modules", m, {"wq", "wk", "wv", "wo", "w1", "w2", "w3"});
+    }
+    if (cc.type == "lora" && ++lora_converters == 2) {
+      v.check(false, base + ".type", "= 'lora' appears twice: one LoRA converter per run",
+              "list every target in one entry's target_modules");
+    }
   }
-  v.not_yet(c.converters.empty(), "converters", "a non-empty list", "[] (no converters)");
 
   v.check(c.logging.peak_tflops >= 0, "logging.peak_tflops", "must be >= 0 (0: no MFU)");
 }

@@ -82,7 +82,7 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   };
   if (sharded) {
     for (const auto& unit : sharded->units()) {  // collective: every rank gathers every unit
-      const std::vector<at::Tensor> views = unit->views(unit->gather());
+      const std::vector<at::Tensor> views = unit->gather_views();
       for (size_t i = 0; i < views.size(); ++i) keep(unit->params()[i].fqn, views[i]);
     }
   } else {

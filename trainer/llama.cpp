@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "trainer/converter.h"
 #include "trainer/seed.h"
 #include "trainer/torch_compat.h"
 
@@ -21,7 +22,12 @@ void trunc_normal_(at::Tensor& t, double std, double lo, double hi, at::Generato
 
 }  // namespace
 
-Llama::Llama(const ModelConfig& config) : config_(config) {
+const at::Tensor& LlamaLayer::linear(size_t index) const {
+  const at::Tensor* weights[] = {&wq, &wk, &wv, &wo, &w1, &w2, &w3};
+  return *weights[index];
+}
+
+Llama::Llama(const ModelConfig& config, const Converters* converters) : config_(config), converters_(converters) {
   const auto meta = at::TensorOptions().device(at::kMeta).dtype(at::kFloat);
   const int64_t d = config.dim, v = config.vocab_size, hd = config.head_dim();
   const int64_t f = config.ffn_hidden_dim();
@@ -37,6 +43,17 @@ Llama::Llama(const ModelConfig& config) : config_(config) {
     layer.w1 = at::empty({f, d}, meta);
     layer.w2 = at::empty({d, f}, meta);
     layer.w3 = at::empty({f, d}, meta);
+    std::vector<std::vector<std::pair<std::string, std::vector<int64_t>>>> specs;
+    for (size_t j = 0; j < block_linears().size(); ++j) {
+      const std::string& name = block_linears()[j];
+      const std::string prefix = fmt::format("layers.{}.{}.{}", i, j < 4 ? "attention" : "feed_forward", name);
+      const at::Tensor& w = layer.linear(j);
+      specs.push_back(converters ? converters->extra_parameters(prefix, name, w.size(0), w.size(1))
+                                 : std::vector<std::pair<std::string, std::vector<int64_t>>>());
+      layer.extras.emplace_back();
+      for (const auto& spec : specs.back()) layer.extras.back().push_back(at::empty(spec.second, meta));
+    }
+    extra_specs_.push_back(std::move(specs));
     layers_.push_back(std::move(layer));
   }
   norm_ = at::empty({d}, meta);
@@ -57,6 +74,9 @@ void Llama::for_each_parameter(const std::function<void(const std::string&, at::
     fn(p + "feed_forward.w1.weight", l.w1);
     fn(p + "feed_forward.w2.weight", l.w2);
     fn(p + "feed_forward.w3.weight", l.w3);
+    for (size_t j = 0; j < l.extras.size(); ++j) {
+      for (size_t e = 0; e < l.extras[j].size(); ++e) fn(extra_specs_[i][j][e].first, l.extras[j][e]);
+    }
   }
   fn("norm.weight", norm_);
   if (output_.defined()) fn("output.weight", output_);
@@ -69,10 +89,22 @@ StateDict Llama::parameters() const {
   return sd;
 }
 
+bool Llama::trainable(const std::string& fqn) const { return !converters_ || converters_->trainable(fqn); }
+
+LlamaLayer Llama::layer_from(size_t index, const std::vector<at::Tensor>& p) const {
+  LlamaLayer layer{p.at(0), p.at(1), p.at(2), p.at(3), p.at(4), p.at(5), p.at(6), p.at(7), p.at(8), {}};
+  size_t next = 9;
+  for (const auto& specs : extra_specs_.at(index)) {
+    layer.extras.emplace_back();
+    for (size_t e = 0; e < specs.size(); ++e) layer.extras.back().push_back(p.at(next++));
+  }
+  return layer;
+}
+
 void Llama::materialize(const at::Device& device) {
   const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
-  for_each_parameter([&](const std::string&, at::Tensor& t) {
-    t = at::empty(t.sizes(), options).requires_grad_(true);
+  for_each_parameter([&](const std::string& fqn, at::Tensor& t) {
+    t = at::empty(t.sizes(), options).requires_grad_(trainable(fqn));
   });
   prepare_buffers(device);
 }
@@ -84,7 +116,7 @@ void Llama::prepare_buffers(const at::Device& device) {
 }
 
 void initialize_parameter(const ModelConfig& config, const std::string& fqn, at::Tensor& param,
-                          uint64_t seed) {
+                          uint64_t seed, const Converters* converters) {
   // torchtitan's scheme: N(0, 1) embeddings, N(0, 0.02) input projections, depth-scaled
   // output projections, ones for norms, and dim^-0.5 truncated at 3 sigma for the output.
   const double depth_base = 0.02;
@@ -92,7 +124,9 @@ void initialize_parameter(const ModelConfig& config, const std::string& fqn, at:
   at::NoGradGuard no_grad;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(derive_seed(seed, fqn));
   at::Tensor value = at::empty(param.sizes(), at::TensorOptions().dtype(at::kFloat));
-  if (fqn.find("norm.weight") != std::string::npos) {
+  if (const ModelConverter* owner = converters ? converters->owner(fqn) : nullptr) {
+    owner->initialize(fqn, value, gen);
+  } else if (fqn.find("norm.weight") != std::string::npos) {
     value.fill_(1.0);
   } else if (fqn == "tok_embeddings.weight") {
     // A tied embedding doubles as the output projection, so it takes the output's scale.
@@ -121,7 +155,7 @@ std::vector<std::string> Llama::initialize(uint64_t seed, const std::set<std::st
     if (param.device().is_meta()) {
       throw std::logic_error("Llama::initialize before materialize: " + fqn);
     }
-    initialize_parameter(config_, fqn, param, seed);
+    initialize_parameter(config_, fqn, param, seed, converters_);
     initialised.push_back(fqn);
   });
   prepare_buffers(rope_cos_.defined() ? rope_cos_.device() : at::Device(at::kCPU));
@@ -153,23 +187,28 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_table,
   return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
 }
 
+at::Tensor Llama::linear(const LlamaLayer& layer, size_t index, const at::Tensor& x) const {
+  if (!converters_ || converters_->empty()) return at::linear(x, layer.linear(index));
+  return converters_->linear(block_linears()[index], x, layer.linear(index), layer.extras.at(index));
+}
+
 at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const {
   const int64_t b = x.size(0), t = x.size(1), hd = config_.head_dim();
   const int64_t h = config_.n_heads, kv = config_.n_kv_heads;
-  at::Tensor q = apply_rope(at::linear(x, layer.wq).view({b, t, h, hd}), rope_cos_, rope_sin_);
-  at::Tensor k = apply_rope(at::linear(x, layer.wk).view({b, t, kv, hd}), rope_cos_, rope_sin_);
-  at::Tensor v = at::linear(x, layer.wv).view({b, t, kv, hd});
+  at::Tensor q = apply_rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
+  at::Tensor k = apply_rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
+  at::Tensor v = linear(layer, 2, x).view({b, t, kv, hd});
   if (kv != h) {  // GQA: query head j uses key/value head j / (h / kv)
     k = k.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});
     v = v.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});
   }
   at::Tensor y = compat::causal_attention(q.transpose(1, 2), k.transpose(1, 2),
                                           v.transpose(1, 2));  // (B, H, T, hd)
-  return at::linear(y.transpose(1, 2).reshape({b, t, h * hd}), layer.wo);
+  return linear(layer, 3, y.transpose(1, 2).reshape({b, t, h * hd}));
 }
 
 at::Tensor Llama::feed_forward(const LlamaLayer& layer, const at::Tensor& x) const {
-  return at::linear(at::silu(at::linear(x, layer.w1)) * at::linear(x, layer.w3), layer.w2);
+  return linear(layer, 5, at::silu(linear(layer, 4, x)) * linear(layer, 6, x));
 }
 
 at::Tensor Llama::embed(const at::Tensor& tok_embeddings, const at::Tensor& tokens) const {

@@ -21,11 +21,18 @@
 
 namespace strata {
 
+class Converters;
+
 struct LlamaLayer {
   at::Tensor attention_norm;           // (D)
   at::Tensor wq, wk, wv, wo;           // (H*hd, D), (KV*hd, D), (KV*hd, D), (D, H*hd)
   at::Tensor ffn_norm;                 // (D)
   at::Tensor w1, w2, w3;               // (F, D), (D, F), (F, D)
+  // Converter parameters of each block linear (block_linears() order: wq wk wv wo w1 w2 w3),
+  // e.g. LoRA's A and B; empty without converters.
+  std::vector<std::vector<at::Tensor>> extras;
+
+  const at::Tensor& linear(size_t index) const;  // wq, wk, wv, wo, w1, w2, w3 by index
 };
 
 // Anything that maps tokens (B, T) to next-token logits (B, T, V): the plain model, or the
@@ -39,7 +46,9 @@ class LanguageModel {
 
 class Llama : public LanguageModel {
  public:
-  explicit Llama(const ModelConfig& config);  // parameters on the meta device
+  // Parameters on the meta device. `converters` (may be null; must outlive the model) add
+  // their parameters to the block linears and change how those compute.
+  explicit Llama(const ModelConfig& config, const Converters* converters = nullptr);
 
   const ModelConfig& config() const override { return config_; }
 
@@ -61,6 +70,11 @@ class Llama : public LanguageModel {
   // gathered FSDP unit): embedding, one transformer block, final norm + output projection.
   at::Tensor embed(const at::Tensor& tok_embeddings, const at::Tensor& tokens) const;
   at::Tensor block(const LlamaLayer& layer, const at::Tensor& h) const;
+  // The LlamaLayer of block `index` from its parameters in FQN order (an FSDP unit's views).
+  LlamaLayer layer_from(size_t index, const std::vector<at::Tensor>& params) const;
+  const Converters* converters() const { return converters_; }
+  // Whether `fqn` trains (false for base weights a converter freezes).
+  bool trainable(const std::string& fqn) const;
   at::Tensor head(const at::Tensor& norm, const at::Tensor& output, const at::Tensor& h) const;
 
   // Visits every parameter in FQN order; the callback may replace the tensor handle.
@@ -76,11 +90,15 @@ class Llama : public LanguageModel {
   static double training_flops_per_token(const ModelConfig& config, int64_t seq_len);
 
  private:
+  at::Tensor linear(const LlamaLayer& layer, size_t index, const at::Tensor& x) const;
   at::Tensor attention(const LlamaLayer& layer, const at::Tensor& x) const;
   at::Tensor feed_forward(const LlamaLayer& layer, const at::Tensor& x) const;
   at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight) const;
 
   ModelConfig config_;
+  const Converters* converters_ = nullptr;
+  // Per block linear: the FQN prefix ("layers.0.attention.wq") and the converters' extras.
+  std::vector<std::vector<std::vector<std::pair<std::string, std::vector<int64_t>>>>> extra_specs_;
   at::Tensor tok_embeddings_;  // (V, D)
   std::vector<LlamaLayer> layers_;
   at::Tensor norm_;            // (D)
@@ -89,9 +107,10 @@ class Llama : public LanguageModel {
 };
 
 // Initialises one parameter in place from a generator seeded by (seed, fqn): the same values
-// whether the tensor is the model's own or a temporary that is then sharded.
+// whether the tensor is the model's own or a temporary that is then sharded. A converter's
+// parameter is initialised by its converter.
 void initialize_parameter(const ModelConfig& config, const std::string& fqn, at::Tensor& param,
-                          uint64_t seed);
+                          uint64_t seed, const Converters* converters = nullptr);
 
 // RoPE tables (max_seq_len, head_dim/2): angle(t, i) = t * theta^(-2i / head_dim), computed
 // in fp64 and returned in fp32.

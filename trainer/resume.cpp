@@ -49,12 +49,14 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
   if (k.resume_path) {
     // A Hub spec was resolved at start-up to its snapshot directory in the HF cache.
     const std::string path = k.resume_dir.value_or(*k.resume_path);
+    // The log names the directory; the reason names the spec when it was a Hub spec.
+    const std::string spec = path == *k.resume_path ? "" : " " + *k.resume_path;
     const std::string named = path == *k.resume_path ? path : fmt::format("{} ({})", *k.resume_path, path);
     if (is_hf_model_dir(path)) {
       plan.dir = path;
       plan.hf = true;
       plan.weights_only = true;
-      plan.reason = fmt::format("checkpoint.resume_path {} is a Hugging Face model directory", named);
+      plan.reason = fmt::format("checkpoint.resume_path{} is a Hugging Face model directory", spec);
       return plan;
     }
     auto found = find_checkpoint(path, k.load_step);
@@ -68,7 +70,7 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
     }
     plan.dir = *found;
     plan.weights_only = k.resume_model_only;
-    plan.reason = fmt::format("checkpoint.resume_path {}{}", named, k.resume_model_only ? " with resume_model_only" : "");
+    plan.reason = fmt::format("checkpoint.resume_path{}{}", spec, k.resume_model_only ? " with resume_model_only" : "");
     return plan;
   }
   plan.reason = k.enable ? fmt::format("no committed checkpoint in {} and no checkpoint.resume_path",

@@ -4,17 +4,10 @@
 #include <fmt/format.h>
 
 namespace strata {
-namespace {
 
-LlamaLayer layer_from(const std::vector<at::Tensor>& p) {
-  // Spec order is the model's parameter order within a block.
-  return LlamaLayer{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
-}
-
-}  // namespace
-
-ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool recompute)
-    : model_(config), recompute_(recompute) {
+ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool recompute,
+                           const Converters* converters)
+    : model_(config, converters), recompute_(recompute) {
   model_.prepare_buffers(at::kCPU);
   const bool tied = config.tie_embeddings;
 
@@ -22,7 +15,7 @@ ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool r
   std::vector<ParamSpec> embedding, head;
   std::vector<std::vector<ParamSpec>> blocks(config.n_layers);
   model_.for_each_parameter([&](const std::string& fqn, at::Tensor& meta) {
-    ParamSpec spec{fqn, meta.sizes().vec()};
+    ParamSpec spec{fqn, meta.sizes().vec(), model_.trainable(fqn)};
     if (fqn.rfind("layers.", 0) == 0) {
       blocks[std::stoll(fqn.substr(7))].push_back(spec);
     } else if (fqn == "tok_embeddings.weight" || (tied && fqn == "norm.weight")) {
@@ -41,8 +34,8 @@ ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool r
     return model_.embed(p[0], tokens);
   };
   for (int64_t i = 0; i < config.n_layers; ++i) {
-    block_bodies_.push_back([this](const std::vector<at::Tensor>& p, const at::Tensor& h) {
-      return model_.block(layer_from(p), h);
+    block_bodies_.push_back([this, i](const std::vector<at::Tensor>& p, const at::Tensor& h) {
+      return model_.block(model_.layer_from(static_cast<size_t>(i), p), h);
     });
   }
   // Untied: the head unit holds [norm, output]. Tied: the embedding unit holds
@@ -73,7 +66,7 @@ std::vector<std::string> ShardedLlama::initialize(uint64_t seed, const std::set<
       // One full parameter at a time: every rank draws it (the generator is per (seed, fqn))
       // and keeps its slice.
       at::Tensor full = at::empty(spec.shape, at::kFloat);
-      initialize_parameter(config(), spec.fqn, full, seed);
+      initialize_parameter(config(), spec.fqn, full, seed, model_.converters());
       unit->load_param(i, full);
       initialised.push_back(spec.fqn);
     }
@@ -84,7 +77,7 @@ std::vector<std::string> ShardedLlama::initialize(uint64_t seed, const std::set<
 StateDict ShardedLlama::gather_parameters() const {
   StateDict sd;
   for (const auto& unit : units_) {
-    const std::vector<at::Tensor> views = unit->views(unit->gather());
+    const std::vector<at::Tensor> views = unit->gather_views();
     for (size_t i = 0; i < views.size(); ++i) sd.insert(unit->params()[i].fqn, views[i]);
   }
   // Keep the model's FQN order.
@@ -100,6 +93,7 @@ namespace strata {
 std::vector<at::Tensor> ShardedLlama::add_to_optimizer(AdamW& optimizer) const {
   std::vector<at::Tensor> shards;
   for (const auto& unit : units_) {
+    if (unit->shard_numel() == 0) continue;  // frozen throughout: no optimizer state
     std::vector<float> decay;
     for (const ParamSpec& p : unit->params()) {
       decay.push_back(uses_weight_decay(p.fqn, static_cast<int64_t>(p.shape.size())) ? 1.f : 0.f);

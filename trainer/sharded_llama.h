@@ -20,8 +20,11 @@ namespace strata {
 
 class ShardedLlama : public LanguageModel {
  public:
-  // `recompute`: activation checkpointing per unit (see FsdpUnit::run).
-  ShardedLlama(const ModelConfig& config, Communicator& comm, bool recompute = true);
+  // `recompute`: activation checkpointing per unit (see FsdpUnit::run). `converters` (may be
+  // null; must outlive the model): parameters they add are sharded like the others, and the
+  // parameters they freeze go to each unit's frozen buffer.
+  ShardedLlama(const ModelConfig& config, Communicator& comm, bool recompute = true,
+               const Converters* converters = nullptr);
   ShardedLlama(const ShardedLlama&) = delete;  // the unit bodies capture `this`
   ShardedLlama& operator=(const ShardedLlama&) = delete;
 
@@ -37,8 +40,8 @@ class ShardedLlama : public LanguageModel {
   // Every parameter at full size, by FQN (a collective: all ranks must call it).
   StateDict gather_parameters() const;
 
-  // Hands every unit's shard to `optimizer`, with the per-element weight-decay mask of the
-  // parameters it holds; returns the shards (what gradient clipping looks at).
+  // Hands every unit's trainable shard to `optimizer`, with the per-element weight-decay mask
+  // of the parameters it holds; returns the shards (what gradient clipping looks at).
   std::vector<at::Tensor> add_to_optimizer(AdamW& optimizer) const;
 
  private:

@@ -17,6 +17,7 @@
 #include <set>
 
 #include "checkpoint/checkpoint_manager.h"
+#include "trainer/converter.h"
 #include "trainer/data_loader.h"
 #include "trainer/generate.h"
 #include "trainer/hf_io.h"
@@ -183,15 +184,18 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   std::unique_ptr<Llama> plain_model;
   std::unique_ptr<ShardedLlama> sharded_model;
   AdamW optimizer(config.optimizer);
+  Converters converters(config.converters);
+  for (const auto& c : converters.list()) log("converter: {}", c->describe());
   std::vector<at::Tensor> params;  // what the optimizer steps: whole tensors or flat shards
   if (sharded) {
     const bool recompute = config.parallel.fsdp.activation_checkpointing == "full";
-    sharded_model = std::make_unique<ShardedLlama>(mc, *comm, recompute);
+    sharded_model = std::make_unique<ShardedLlama>(mc, *comm, recompute, &converters);
     params = sharded_model->add_to_optimizer(optimizer);
   } else {
-    plain_model = std::make_unique<Llama>(mc);
+    plain_model = std::make_unique<Llama>(mc, &converters);
     plain_model->materialize(at::kCPU);
     for (const auto& [fqn, param] : plain_model->parameters()) {
+      if (!plain_model->trainable(fqn)) continue;  // frozen: no gradient, no optimizer state
       optimizer.add_parameter(fqn, param, uses_weight_decay(fqn, param.dim()));
       params.push_back(param);
     }
@@ -329,6 +333,11 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
 
   auto run_eval = [&](int64_t step, TrainSummary& summary) {
     if (!val_data) return;
+    converters.set_training(false);
+    struct Training {
+      Converters& c;
+      ~Training() { c.set_training(true); }
+    } back_to_training{converters};
     const auto [val_loss, val_tokens] =
         evaluate(model, *val_data, tc.eval_batches * tc.global_batch_size, micro, *comm);
     summary.val_losses.emplace_back(step, val_loss);

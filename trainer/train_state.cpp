@@ -16,18 +16,18 @@ std::vector<TensorPiece> state_pieces(const ShardedLlama& model, const AdamW* op
   std::vector<TensorPiece> model_pieces, moment_pieces;
   const StateDict moments = optimizer ? optimizer->state() : StateDict();
   for (const auto& unit : model.units()) {
-    const int64_t shard_begin = unit->comm().rank() * unit->shard_numel();
-    const int64_t shard_end = shard_begin + unit->shard_numel();
     for (size_t i = 0; i < unit->params().size(); ++i) {
+      // The parameter's range in its group's flat layout, intersected with this rank's shard.
       const ParamSpec& spec = unit->params()[i];
-      const int64_t begin = unit->offset(i);
-      const int64_t end = i + 1 < unit->params().size() ? unit->offset(i + 1) : unit->numel();
+      const int64_t shard_begin = unit->comm().rank() * unit->shard_numel_of(i);
+      const int64_t shard_end = shard_begin + unit->shard_numel_of(i);
+      const int64_t begin = unit->offset(i), end = begin + unit->numel_of(i);
       const int64_t lo = std::max(begin, shard_begin), hi = std::max(lo, std::min(end, shard_end));
       // An empty intersection still lists the key (every rank names the same tensors).
       const int64_t at = lo < hi ? lo - shard_begin : 0, count = hi - lo;
       model_pieces.push_back({spec.fqn, spec.shape, lo < hi ? lo - begin : 0,
-                              unit->shard().detach().narrow(0, at, count)});
-      if (optimizer) {
+                              unit->shard_of(i).detach().narrow(0, at, count)});
+      if (optimizer && unit->trainable(i)) {  // frozen parameters have no optimizer state
         for (const char* moment : {"exp_avg", "exp_avg_sq"}) {
           const at::Tensor& state = moments.at(unit->name() + "." + moment);
           moment_pieces.push_back({moment_key(spec.fqn, moment), spec.shape,
@@ -57,7 +57,7 @@ std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer
   };
   for (const auto& [fqn, param] : model.parameters()) {
     model_pieces.push_back(piece(fqn, param));
-    if (optimizer) {
+    if (optimizer && model.trainable(fqn)) {
       for (const char* moment : {"exp_avg", "exp_avg_sq"}) {
         moment_pieces.push_back(piece(moment_key(fqn, moment),
                                       moments.at(fqn + "." + moment).view(param.sizes())));

@@ -211,14 +211,18 @@ TEST(Config, ConverterEntriesCanBeOverriddenByIndex) {
   EXPECT_HAS(error_of(one, {"converters.0.rank=0"}),
              "converters.0.rank = 0 must be positive (--set converters.0.rank=0)");
   EXPECT_HAS(error_of(one, {"converters.0.type=prune"}),
-             "converters.0.type = 'prune' is not one of: lora (--set converters.0.type=prune)");
+             "converters.0.type = 'prune' is not one of: lora, int8_qat (--set converters.0.type=prune)");
   EXPECT_HAS(
       error_of(one, {"converters.0={type: lora, rank: y}"}),
       "converters.0.rank must be an integer, got 'y' (--set converters.0={type: lora, rank: y})");
   EXPECT_HAS(error_of(one, {"converters.0.rnk=4"}),
              "unknown key converters.0.rnk (--set converters.0.rnk=4)");
-  EXPECT_HAS(error_of(one, {"converters.0.rank=4"}),
-             "converters = a non-empty list is not supported yet");
+  EXPECT_HAS(error_of(one, {"converters.0.target_modules=[wq, lm_head]"}),
+             "converters.0.target_modules = 'lm_head' is not one of: wq, wk, wv, wo, w1, w2, w3");
+  EXPECT_HAS(error_of(one, {"converters.0.dropout=1"}), "converters.0.dropout = 1 must be in [0, 1)");
+  EXPECT_HAS(error_of(one, {"converters.0.save=some"}),
+             "converters.0.save = 'some' is not one of: full, adapter_only");
+  EXPECT_HAS(error_of(one, {"converters=[{type: lora}, {type: lora}]"}), "converters.1.type = 'lora' appears twice");
   const std::string e = error_of(one, {"converters.3.rank=4"});
   EXPECT_HAS(e, "converters has 1 entry, '3' is not an index of it (--set converters.3.rank=4)");
   EXPECT_HAS(e, "HINT: to replace the whole list: --set converters=[...]");
@@ -443,7 +447,6 @@ TEST(Config, FeaturesNotBuiltYetAcceptOnlyTheirDefault) {
   } cases[] = {
       {"checkpoint.additional_load_paths=[a]",
        "checkpoint.additional_load_paths = a non-empty list is not supported yet"},
-      {"converters=[{type: lora, rank: 4}]", "converters = a non-empty list is not supported yet"},
       {"parallel.backend=nccl", "parallel.backend = nccl is not supported yet"},
       {"parallel.mixed_precision.param_dtype=bfloat16",
        "parallel.mixed_precision.param_dtype = bfloat16 is not supported yet"},
@@ -494,7 +497,7 @@ TEST(Config, DisabledCheckpointKeysAreStillChecked) {
   EXPECT_EQ(c.checkpoint.interval, 50);
 }
 
-TEST(Config, ConverterEntriesAreCheckedBeforeTheListIsRejected) {
+TEST(Config, ConverterEntriesAreChecked) {
   EXPECT_HAS(error_of(kMinimal, {"converters=[{type: lora, rank: x}]"}),
              "converters.0.rank must be an integer");
   EXPECT_HAS(error_of(kMinimal, {"converters=[{type: prune}]"}),
@@ -503,10 +506,12 @@ TEST(Config, ConverterEntriesAreCheckedBeforeTheListIsRejected) {
              "converters.0.target_modules must be a list");
   EXPECT_HAS(error_of(kMinimal, {"converters=[{type: lora, export: fused}]"}),
              "converters.0.export = 'fused' is not one of");
-  const std::string e =
-      error_of(with_minimal("converters:\n  - type: lora\n    rank: 4\n    export: merged\n"));
-  EXPECT_HAS(e, "converters = a non-empty list is not supported yet (job.yaml:3:1)");
-  EXPECT_HAS(e, "HINT: this build accepts only []");
+  const Config c = parse(with_minimal("converters:\n  - type: lora\n    rank: 4\n    export: merged\n"
+                                      "  - {type: int8_qat, target_modules: [w1, w2, w3]}\n"));
+  ASSERT_EQ(c.converters.size(), 2u);
+  EXPECT_EQ(c.converters[0].export_mode, "merged");
+  EXPECT_EQ(c.converters[0].target_modules, (std::vector<std::string>{"wq", "wv"}));
+  EXPECT_EQ(c.converters[1].type, "int8_qat");
 }
 
 // ---- errors from YAML and files ---------------------------------------------------------
@@ -617,13 +622,24 @@ TEST(Config, ResolvedYamlQuotesStringsThatWouldReadAsSomethingElse) {
 
 TEST(Config, ConvertersAreWrittenAsABlockListThatReadsBack) {
   Config c = parse(kMinimal);
-  c.converters.push_back(ConverterConfig{"lora", 4, 8.0, 0.1, {"wq", "wk"}, "merged"});
+  ConverterConfig lora;
+  lora.type = "lora";
+  lora.rank = 4;
+  lora.alpha = 8.0;
+  lora.dropout = 0.1;
+  lora.target_modules = {"wq", "wk"};
+  lora.export_mode = "merged";
+  lora.save = "adapter_only";
+  c.converters.push_back(lora);
   const std::string yaml = to_yaml(c);
   EXPECT_HAS(yaml,
              "converters:\n  - type: lora\n    rank: 4\n    alpha: 8.0\n    dropout: 0.1\n"
-             "    target_modules: [wq, wk]\n    export: merged\nlogging:");
-  // Reading back fails only on the not-yet-supported check, after parsing every field.
-  EXPECT_HAS(error_of(yaml), "converters = a non-empty list is not supported yet");
+             "    use_rslora: false\n    target_modules: [wq, wk]\n    export: merged\n    save: adapter_only\nlogging:");
+  const Config again = parse(yaml);
+  ASSERT_EQ(again.converters.size(), 1u);
+  EXPECT_EQ(again.converters[0].rank, 4);
+  EXPECT_EQ(again.converters[0].target_modules, (std::vector<std::string>{"wq", "wk"}));
+  EXPECT_EQ(again.converters[0].save, "adapter_only");
 }
 
 // ---- model arithmetic -------------------------------------------------------------------
