@@ -60,6 +60,16 @@ ProcessGroup::ProcessGroup(int* argc, char*** argv) {
     node_hostnames_.emplace_back(all_names.data() + static_cast<size_t>(n) * MPI_MAX_PROCESSOR_NAME);
   }
 
+  // Every rank's node and local rank, for the start-up report.
+  int placement[2] = {node_index_, local_rank_};
+  std::vector<int> placements(2 * static_cast<size_t>(world_size_));
+  check_mpi(MPI_Allgather(placement, 2, MPI_INT, placements.data(), 2, MPI_INT, MPI_COMM_WORLD),
+            "MPI_Allgather(rank placement)");
+  for (int r = 0; r < world_size_; ++r) {
+    rank_nodes_.push_back(placements[2 * static_cast<size_t>(r)]);
+    rank_local_ranks_.push_back(placements[2 * static_cast<size_t>(r) + 1]);
+  }
+
   // How many ranks of this node may run on exactly the CPUs this rank may run on: they share
   // those cores (e.g. no binding), so the default thread count divides them.
   cpu_set_t mine;
@@ -86,14 +96,45 @@ int ProcessGroup::threads_per_rank(int requested) const {
   return std::max(1, cpus_ / std::max(1, ranks_sharing_cpus_));
 }
 
+namespace {
+// "0-3,6,8-9": runs of consecutive numbers as ranges, in the order given.
+std::string compact_list(const std::vector<int>& values) {
+  std::string out;
+  for (size_t i = 0; i < values.size();) {
+    size_t j = i;
+    while (j + 1 < values.size() && values[j + 1] == values[j] + 1) ++j;
+    out += fmt::format("{}{}", out.empty() ? "" : ",", values[i]);
+    if (j > i) out += fmt::format("-{}", values[j]);
+    i = j + 1;
+  }
+  return out;
+}
+}  // namespace
+
 std::string ProcessGroup::describe() const {
   std::string hosts;
   for (size_t i = 0; i < node_hostnames_.size(); ++i) {
     hosts += fmt::format("{}{}", i ? ", " : "", node_hostnames_[i]);
   }
-  return fmt::format("world {} rank(s) on {} node(s) [{}]; rank {} is local rank {}/{} on {}",
-                     world_size_, num_nodes_, hosts, rank_, local_rank_, local_world_size_,
-                     hostname_);
+  // Each node's world ranks and their local ranks, in world-rank order (a long list is cut).
+  constexpr int kMaxNodesListed = 32;
+  std::string by_node;
+  for (int n = 0; n < num_nodes_ && n < kMaxNodesListed; ++n) {
+    std::vector<int> ranks, locals;
+    for (int r = 0; r < static_cast<int>(rank_nodes_.size()); ++r) {
+      if (rank_nodes_[r] != n) continue;
+      ranks.push_back(r);
+      locals.push_back(rank_local_ranks_[r]);
+    }
+    by_node += fmt::format("{}{} = {} (local {})", n ? ", " : "", node_hostnames_.at(n),
+                           compact_list(ranks), compact_list(locals));
+  }
+  if (num_nodes_ > kMaxNodesListed) {
+    by_node += fmt::format(", and {} more node(s)", num_nodes_ - kMaxNodesListed);
+  }
+  return fmt::format(
+      "world {} rank(s) on {} node(s) [{}]; rank {} is local rank {}/{} on {}; ranks by node: {}",
+      world_size_, num_nodes_, hosts, rank_, local_rank_, local_world_size_, hostname_, by_node);
 }
 
 void ProcessGroup::barrier() const { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }

@@ -39,7 +39,8 @@ class ProcessGroup {
   // on, divided among the ranks of this node that share them.
   int threads_per_rank(int requested) const;
 
-  // One line for the start-up log: world, nodes, hosts, local ranks.
+  // One line for the start-up log: world, nodes, hosts, this rank's local rank, and every
+  // node's world ranks with their local ranks, as MPI reported them on each rank.
   std::string describe() const;
 
   void barrier() const;
@@ -58,6 +59,8 @@ class ProcessGroup {
   int num_nodes_ = 1;
   std::string hostname_;
   std::vector<std::string> node_hostnames_;
+  std::vector<int> rank_nodes_;        // node index of every world rank
+  std::vector<int> rank_local_ranks_;  // local rank of every world rank
   int cpus_ = 1;                 // CPUs this process may run on
   int ranks_sharing_cpus_ = 1;   // local ranks (this one included) allowed on the same CPUs
 };
