@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -13,6 +14,7 @@
 
 #include "checkpoint/checkpoint_manager.h"
 #include "checkpoint/hub_download.h"
+#include "trainer/resume.h"
 #include "parallel/process_group.h"
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -42,23 +44,34 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
               std::unique_ptr<strata::ProcessGroup>& group) {
   group = std::make_unique<strata::ProcessGroup>(argc, argv);
   strata::Config config = strata::load_config(args.config_path, args.overrides, group->world_size());
-  // A Hub spec in resume_path: one rank per node fills the HF cache, every rank agrees.
-  std::optional<std::string> resume_dir;
+  // Hub specs among the load paths: one rank per node fills the HF cache, every rank agrees.
+  const int rank = group->rank();
+  const std::map<std::string, std::string> local_dirs =
+      strata::resolve_load_paths(config.checkpoint, [&](const std::string& path) {
+        return strata::resolve_model_path(path, group.get(), [rank](const std::string& line) {
+          fmt::print("{}{}\n", rank == 0 ? "" : fmt::format("[rank {}] ", rank), line);
+          std::fflush(stdout);
+        });
+      });
+  // No model keys: the model is the one in the config.json of resume_path (an HF directory,
+  // or the base of a PEFT adapter).
+  std::optional<std::string> shape_dir;
   if (config.checkpoint.resume_path) {
-    const int rank = group->rank();
-    resume_dir = strata::resolve_model_path(*config.checkpoint.resume_path, group.get(), [rank](const std::string& line) {
-      fmt::print("{}{}\n", rank == 0 ? "" : fmt::format("[rank {}] ", rank), line);
-      std::fflush(stdout);
-    });
+    const std::string dir = local_dirs.at(*config.checkpoint.resume_path);
+    if (strata::is_peft_adapter_dir(dir)) {
+      const std::string base = strata::peft_base(dir);
+      if (local_dirs.count(base) && strata::is_hf_model_dir(local_dirs.at(base))) shape_dir = local_dirs.at(base);
+    } else if (strata::is_hf_model_dir(dir)) {
+      shape_dir = dir;
+    }
   }
-  // No model keys and an HF resume_path: the model is the one in its config.json.
-  if (!config.model_given && resume_dir && strata::is_hf_model_dir(*resume_dir)) {
-    std::vector<std::string> overrides = strata::hf_model_overrides(*resume_dir);
+  if (!config.model_given && shape_dir) {
+    std::vector<std::string> overrides = strata::hf_model_overrides(*shape_dir);
     overrides.insert(overrides.end(), args.overrides.begin(), args.overrides.end());
     config = strata::load_config(args.config_path, overrides, group->world_size());
-    if (group->is_main()) fmt::print("model: from {}/config.json (the config sets no model keys)\n", *resume_dir);
+    if (group->is_main()) fmt::print("model: from {}/config.json (the config sets no model keys)\n", *shape_dir);
   }
-  config.checkpoint.resume_dir = resume_dir;
+  config.checkpoint.local_dirs = local_dirs;
   if (args.print_config) {
     if (group->is_main()) fmt::print("{}", strata::to_yaml(config));
     return 0;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -107,9 +108,10 @@ struct CheckpointConfig {
   int64_t hf_max_keep = 2;             // committed hf-* dirs kept (0: all)
   std::string hf_max_shard_size = "5GB";
   std::optional<std::string> resume_path;
-  // resume_path as a local directory: itself, or a Hub spec's snapshot in the HF cache. Set at
-  // start-up by resolve_model_path; not a YAML key.
-  std::optional<std::string> resume_dir;
+  // resume_path, additional_load_paths and a PEFT adapter's base as local directories
+  // (themselves, or a Hub spec's snapshot in the HF cache), by the text the config gives. Set
+  // at start-up; not a YAML key.
+  std::map<std::string, std::string> local_dirs;
   bool resume_model_only = false;
   std::optional<int64_t> load_step;    // null: the latest committed step
   std::vector<std::string> additional_load_paths;

@@ -145,8 +145,6 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
     v.one_of("checkpoint.exclude_from_loading", k.exclude_from_loading[i],
              {"optimizer", "lr_scheduler", "dataloader", "rng"});
   }
-  v.not_yet(k.additional_load_paths.empty(), "checkpoint.additional_load_paths", "a non-empty list",
-            "[]");
 
   int lora_converters = 0;
   for (size_t i = 0; i < c.converters.size(); ++i) {

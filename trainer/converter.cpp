@@ -83,6 +83,16 @@ class PeftLoraAdapter : public ConverterAdapter {
     return std::nullopt;
   }
 
+  at::Tensor to_file(const std::string& fqn, const at::Tensor& tensor, const LlamaStateDictAdapter& model) const override {
+    const std::string weight = permuted_weight(fqn);
+    return weight.empty() ? tensor : model.to_hf(weight, tensor);
+  }
+  at::Tensor from_file(const std::string& fqn, const at::Tensor& tensor, const LlamaStateDictAdapter& model) const override {
+    const std::string weight = permuted_weight(fqn);
+    return weight.empty() ? tensor : model.from_hf(weight, tensor);
+  }
+  std::string subdirectory() const override { return config_.export_mode == "both" ? "adapter" : ""; }
+
   nlohmann::json config_json(const std::string& base) const override {
     std::vector<std::string> targets;
     for (const std::string& t : config_.target_modules) targets.push_back(hf_module(t).substr(hf_module(t).find('.') + 1));
@@ -109,6 +119,14 @@ class PeftLoraAdapter : public ConverterAdapter {
   }
 
  private:
+  // B of wq / wk has the weight's output rows, which HF orders rotate-half: the weight's FQN
+  // whose row permutation applies, or "".
+  static std::string permuted_weight(const std::string& fqn) {
+    if (!ends_with(fqn, ".lora_b")) return "";
+    const std::string weight = fqn.substr(0, fqn.size() - 7) + ".weight";
+    return LlamaStateDictAdapter::permuted(weight) ? weight : "";
+  }
+
   ConverterConfig config_;
 };
 
@@ -152,13 +170,17 @@ class LoraConverter : public ModelConverter {
     return ends_with(fqn, ".lora_a") || ends_with(fqn, ".lora_b");
   }
 
-  // `merged` and `both`: W + scale·(B @ A) in fp32, LoRA keys dropped. `adapter`: unchanged
-  // (the LoRA keys leave through the PEFT adapter).
+  // `merged`: W + scale·(B @ A) in fp32, LoRA keys dropped. `both`: the same, the LoRA keys
+  // kept for the PEFT adapter (in its subdirectory). `adapter`: unchanged (the LoRA keys leave
+  // through the PEFT adapter, beside the base weights).
   StateDict state_dict_transform(const StateDict& sd) const override {
     if (config_.export_mode == "adapter") return sd;
     StateDict out;
     for (const auto& [fqn, tensor] : sd) {
-      if (key_filter(fqn)) continue;
+      if (key_filter(fqn)) {
+        if (config_.export_mode == "both") out.insert(fqn, tensor);
+        continue;
+      }
       const std::string prefix = ends_with(fqn, ".weight") ? fqn.substr(0, fqn.size() - 7) : "";
       if (!prefix.empty() && sd.contains(prefix + ".lora_a") && sd.contains(prefix + ".lora_b")) {
         out.insert(fqn, merge(tensor, sd.at(prefix + ".lora_a"), sd.at(prefix + ".lora_b")));

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/hf_llama.h"
 #include "trainer/config.h"
 #include "trainer/state_dict.h"
 
@@ -34,8 +35,17 @@ class ConverterAdapter {
   // The file key of an owned FQN and back (nullopt: not one of this adapter's keys).
   virtual std::string to_file_key(const std::string& fqn) const = 0;
   virtual std::optional<std::string> from_file_key(const std::string& key) const = 0;
-  // The adapter's config file; `base` names the base model (path or Hub id).
+  // A tensor in the file's layout and back (PEFT: B of wq / wk gets the HF q/k row order).
+  virtual at::Tensor to_file(const std::string& fqn, const at::Tensor& tensor,
+                             const LlamaStateDictAdapter& model) const = 0;
+  virtual at::Tensor from_file(const std::string& fqn, const at::Tensor& tensor,
+                               const LlamaStateDictAdapter& model) const = 0;
+  // The adapter's config file; `base` names the base model (path or Hub id; "" for none).
   virtual nlohmann::json config_json(const std::string& base) const = 0;
+  // Where the files go in an HF export: "" beside the model (whose weights are then the base
+  // the adapter applies to), or a subdirectory (the model there is merged; the adapter's base
+  // is the run's source model).
+  virtual std::string subdirectory() const = 0;
 };
 
 class ModelConverter {

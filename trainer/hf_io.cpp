@@ -11,8 +11,11 @@
 #include <memory>
 #include <set>
 
+#include "checkpoint/file_io.h"
 #include "checkpoint/hf_export.h"
+#include "checkpoint/hub_spec.h"
 #include "checkpoint/safetensors.h"
+#include "trainer/converter.h"
 
 namespace strata {
 namespace {
@@ -58,10 +61,24 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     return matches_any(hf_key, kc.export_fp32_keys) ? at::kFloat : export_dtype;
   };
 
-  // The plan from names and shapes alone, in HF order (the model's parameter order).
+  // The export view (DESIGN.md: every converter's state_dict_transform, last first): its
+  // converter-owned keys leave through their converter's adapter, the rest through the Llama
+  // adapter. The plan comes from names and shapes alone (the view of the meta parameters), in
+  // HF order (the model's parameter order).
   const Llama& names = sharded ? sharded->meta_model() : *plain;
+  const Converters* converters = names.converters();
+  auto export_view = [&](const StateDict& sd) { return converters ? converters->export_view(sd) : sd; };
   std::vector<HfTensorSpec> specs;
-  for (const auto& [fqn, param] : names.parameters()) {
+  std::map<std::string, const ConverterAdapter*> adapter_of;  // owned key -> its adapter
+  for (const auto& [fqn, param] : export_view(names.parameters())) {
+    if (const ModelConverter* owner = converters ? converters->owner(fqn) : nullptr) {
+      if (!owner->state_dict_adapter()) {
+        throw CheckpointError(fmt::format("converter {} leaves {} in the export and has no state_dict_adapter to "
+                                          "write it", owner->name(), fqn));
+      }
+      adapter_of[fqn] = owner->state_dict_adapter();
+      continue;
+    }
     const std::string key = adapter.hf_key(fqn);
     specs.push_back({key, param.sizes().vec(), dtype_of(key)});
   }
@@ -73,20 +90,43 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     *plan = plan_hf_shards(specs, parse_byte_size(kc.hf_max_shard_size));
   }
 
-  // This rank's tensors: converted, cast, and only those of the files it writes.
+  // This rank's tensors: converted, cast, and only those of the files it writes (converter
+  // adapters' files: rank 0).
   auto tensors = std::make_shared<std::map<std::string, at::Tensor>>();
+  // adapter -> its file's tensors, by file key
+  auto adapter_tensors = std::make_shared<std::map<const ConverterAdapter*, std::map<std::string, at::Tensor>>>();
   auto keep = [&](const std::string& fqn, const at::Tensor& value) {
+    if (const auto owned = adapter_of.find(fqn); owned != adapter_of.end()) {
+      if (rank != 0) return;
+      (*adapter_tensors)[owned->second][owned->second->to_file_key(fqn)] =
+          owned->second->to_file(fqn, value.detach(), adapter).to(export_dtype).contiguous().clone();
+      return;
+    }
     const std::string key = adapter.hf_key(fqn);
     if (plan->owner(plan->file_of.at(key), world) != rank) return;
     (*tensors)[key] = adapter.to_hf(fqn, value.detach()).to(dtype_of(key)).contiguous().clone();
   };
   if (sharded) {
     for (const auto& unit : sharded->units()) {  // collective: every rank gathers every unit
+      // A unit holds whole block linears, so the converters' transforms apply unit by unit.
       const std::vector<at::Tensor> views = unit->gather_views();
-      for (size_t i = 0; i < views.size(); ++i) keep(unit->params()[i].fqn, views[i]);
+      StateDict sd;
+      for (size_t i = 0; i < views.size(); ++i) sd.insert(unit->params()[i].fqn, views[i]);
+      for (const auto& [fqn, value] : export_view(sd)) keep(fqn, value);
     }
   } else {
-    for (const auto& [fqn, param] : plain->parameters()) keep(fqn, param);
+    for (const auto& [fqn, value] : export_view(plain->parameters())) keep(fqn, value);
+  }
+  // The base an adapter in a subdirectory applies to: the run's source model.
+  std::string source_base;
+  if (kc.resume_path) {
+    const std::optional<HubSpec> spec = parse_hub_spec(*kc.resume_path, std::filesystem::exists(*kc.resume_path));
+    source_base = spec && spec->subfolder.empty() && spec->revision.empty()
+                      ? spec->repo_id
+                      : std::filesystem::weakly_canonical(kc.local_dirs.count(*kc.resume_path)
+                                                              ? kc.local_dirs.at(*kc.resume_path)
+                                                              : *kc.resume_path)
+                            .string();  // symlinks resolved: hf-latest moves on
   }
 
   const int64_t bos = tokenizer ? tokenizer->bos_id() : 1;
@@ -117,13 +157,42 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   }
   CommitJob job;
   job.step = step;
-  job.write_rank = [plan, tensors, rank, world, hash_thread](const std::string& dir) {
-    return write_hf_shards(dir, *plan, rank, world, *tensors, hash_thread);
+  job.write_rank = [plan, tensors, adapter_tensors, rank, world, hash_thread](const std::string& dir) {
+    nlohmann::json report = write_hf_shards(dir, *plan, rank, world, *tensors, hash_thread);
+    for (const auto& [converter_adapter, files] : *adapter_tensors) {
+      const std::filesystem::path sub = std::filesystem::path(dir) / converter_adapter->subdirectory();
+      std::filesystem::create_directories(sub);
+      std::vector<SafetensorsItem> items;
+      for (const auto& [key, t] : files) items.push_back({key, t.scalar_type(), t.sizes().vec(), t.data_ptr()});
+      write_safetensors_file((sub / converter_adapter->weights_file()).string(), items, {{"format", "pt"}}, hash_thread);
+    }
+    return report;
   };
-  job.finalize = [plan, model_config, bos, eos, text_files, copy_files](
+  // Adapters' configs name their base: the export itself when beside it, else the source.
+  std::vector<std::pair<std::string, std::string>> adapter_configs;  // relative path, content
+  for (const auto& [converter_adapter, files] : *adapter_tensors) {
+    const std::string sub = converter_adapter->subdirectory();
+    adapter_configs.emplace_back((std::filesystem::path(sub) / converter_adapter->config_file()).string(),
+                                 sub.empty() ? "" : converter_adapter->config_json(source_base).dump(2) + "\n");
+  }
+  std::vector<const ConverterAdapter*> beside;
+  for (const auto& [converter_adapter, files] : *adapter_tensors) beside.push_back(converter_adapter);
+  job.finalize = [plan, model_config, bos, eos, text_files, copy_files, adapter_configs, beside](
                      const std::string& dir, const std::vector<nlohmann::json>&) {
     write_hf_shared_files(dir, *plan, *model_config,
                           LlamaStateDictAdapter::generation_config_json(bos, eos), text_files, copy_files);
+    // `dir` is the export's .incomplete directory; the adapter names the committed one.
+    std::string final_dir = std::filesystem::absolute(dir).lexically_normal().string();
+    const std::string suffix = ".incomplete";
+    if (final_dir.size() > suffix.size() && final_dir.compare(final_dir.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      final_dir.resize(final_dir.size() - suffix.size());
+    }
+    for (size_t i = 0; i < adapter_configs.size(); ++i) {
+      const std::string content = !adapter_configs[i].second.empty()
+                                      ? adapter_configs[i].second
+                                      : beside[i]->config_json(final_dir).dump(2) + "\n";
+      write_file_atomic((std::filesystem::path(dir) / adapter_configs[i].first).string(), content);
+    }
   };
   return job;
 }
@@ -255,6 +324,150 @@ void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector
                                 .view({(end_head - first_head) * ours.head_dim(), cols});
     piece.local.copy_(adapter.from_hf(piece.key, slab).reshape({-1}).narrow(0, piece.begin - first_head * head_elems, count));
   }
+}
+
+}  // namespace strata
+
+namespace strata {
+namespace {
+
+nlohmann::json read_adapter_config(const std::string& dir) {
+  const std::string path = (std::filesystem::path(dir) / "adapter_config.json").string();
+  std::ifstream in(path);
+  if (!in) throw CheckpointError(fmt::format("cannot read {}", path));
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{} is not valid JSON: {}", path, e.what()));
+  }
+}
+
+}  // namespace
+
+bool is_peft_adapter_dir(const std::string& path) {
+  namespace fs = std::filesystem;
+  return fs::exists(fs::path(path) / "adapter_config.json") && fs::exists(fs::path(path) / "adapter_model.safetensors");
+}
+
+std::string peft_base(const std::string& dir) {
+  const nlohmann::json config = read_adapter_config(dir);
+  const nlohmann::json base = config.value("base_model_name_or_path", nlohmann::json());
+  return base.is_string() ? base.get<std::string>() : "";
+}
+
+ConverterConfig peft_converter_config(const std::string& dir) {
+  const std::string where = (std::filesystem::path(dir) / "adapter_config.json").string();
+  const nlohmann::json c = read_adapter_config(dir);
+  auto fail = [&](const std::string& what) -> ConverterConfig {
+    throw CheckpointError(fmt::format("{}: {}\nHINT: Strata loads plain LoRA adapters (no DoRA, biases, "
+                                      "rank/alpha patterns or regex targets)",
+                                      where, what));
+  };
+  if (c.value("peft_type", "") != "LORA") return fail(fmt::format("peft_type is {}, not LORA", c.value("peft_type", nlohmann::json()).dump()));
+  if (c.value("use_dora", false)) return fail("use_dora is true");
+  if (c.value("bias", "none") != "none") return fail(fmt::format("bias is '{}'", c.value("bias", "")));
+  if (c.value("fan_in_fan_out", false)) return fail("fan_in_fan_out is true");
+  for (const char* pattern : {"rank_pattern", "alpha_pattern"}) {
+    if (c.contains(pattern) && !c[pattern].is_null() && !c[pattern].empty()) return fail(fmt::format("{} is not empty", pattern));
+  }
+  ConverterConfig out;
+  out.type = "lora";
+  out.export_mode = "merged";
+  try {
+    out.rank = c.value("r", int64_t{8});
+    out.alpha = c.value("lora_alpha", 8.0);
+    out.dropout = c.value("lora_dropout", 0.0);
+    out.use_rslora = c.value("use_rslora", false);
+  } catch (const nlohmann::json::exception& e) {
+    return fail(fmt::format("r, lora_alpha, lora_dropout or use_rslora has the wrong type: {}", e.what()));
+  }
+  static const std::map<std::string, std::string> ours = {{"q_proj", "wq"}, {"k_proj", "wk"},    {"v_proj", "wv"},
+                                                          {"o_proj", "wo"}, {"gate_proj", "w1"}, {"down_proj", "w2"},
+                                                          {"up_proj", "w3"}};
+  const nlohmann::json targets = c.value("target_modules", nlohmann::json());
+  out.target_modules.clear();
+  if (targets.is_string() && targets.get<std::string>() == "all-linear") {
+    out.target_modules = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+  } else if (targets.is_array()) {
+    for (const nlohmann::json& t : targets) {
+      std::string name = t.is_string() ? t.get<std::string>() : "";
+      if (const size_t dot = name.rfind('.'); dot != std::string::npos) name = name.substr(dot + 1);
+      const auto it = ours.find(name);
+      if (it == ours.end()) return fail(fmt::format("target module {} is not a Llama block linear", t.dump()));
+      if (std::find(out.target_modules.begin(), out.target_modules.end(), it->second) == out.target_modules.end()) {
+        out.target_modules.push_back(it->second);
+      }
+    }
+  } else {
+    return fail(fmt::format("target_modules {} is neither a list nor \"all-linear\"", targets.dump()));
+  }
+  if (out.target_modules.empty()) return fail("target_modules is empty");
+  return out;
+}
+
+std::set<std::string> load_peft_adapter(const std::string& dir, const ModelConfig& model,
+                                        const Converters& converters, const ConverterConfig& run,
+                                        std::vector<TensorPiece>& pieces) {
+  const ConverterConfig theirs = peft_converter_config(dir);
+  std::vector<std::string> differences;
+  if (theirs.rank != run.rank) differences.push_back(fmt::format("r = {} but the run's LoRA rank is {}", theirs.rank, run.rank));
+  if (theirs.alpha != run.alpha) differences.push_back(fmt::format("lora_alpha = {} but the run's alpha is {}", theirs.alpha, run.alpha));
+  if (theirs.use_rslora != run.use_rslora) {
+    differences.push_back(fmt::format("use_rslora = {} but the run's is {}", theirs.use_rslora, run.use_rslora));
+  }
+  for (const std::string& t : theirs.target_modules) {
+    if (std::find(run.target_modules.begin(), run.target_modules.end(), t) == run.target_modules.end()) {
+      differences.push_back(fmt::format("it targets {} but the run's target_modules do not", t));
+    }
+  }
+  if (!differences.empty()) {
+    throw CheckpointError(fmt::format("PEFT adapter {} does not match the run's LoRA converter:\n  {}\nHINT: set "
+                                      "the converter's rank, alpha, use_rslora and target_modules to the "
+                                      "adapter's",
+                                      dir, fmt::join(differences, "\n  ")));
+  }
+  const SafetensorsFile file((std::filesystem::path(dir) / "adapter_model.safetensors").string());
+  const ModelConverter* lora = nullptr;
+  for (const auto& c : converters.list()) {
+    if (c->state_dict_adapter() && c->name() == "lora") lora = c.get();
+  }
+  if (!lora) throw CheckpointError(fmt::format("{} is a LoRA adapter, but the run has no LoRA converter", dir));
+  const ConverterAdapter& peft = *lora->state_dict_adapter();
+  const LlamaStateDictAdapter llama(llama_shape(model));
+  std::map<std::string, TensorPiece*> by_key;
+  for (TensorPiece& piece : pieces) {
+    if (converters.owner(piece.key) == lora) by_key[piece.key] = &piece;
+  }
+  std::vector<std::string> unexpected, mismatched;
+  std::map<std::string, std::string> fqn_of;  // file key -> fqn
+  for (const SafetensorsEntry& e : file.header().entries) {
+    const std::optional<std::string> fqn = peft.from_file_key(e.name);
+    if (!fqn || !by_key.count(*fqn)) {
+      unexpected.push_back(e.name);
+    } else if (e.shape != by_key.at(*fqn)->shape) {
+      mismatched.push_back(fmt::format("{} is [{}] in the adapter, [{}] in the model", e.name, fmt::join(e.shape, ", "),
+                                       fmt::join(by_key.at(*fqn)->shape, ", ")));
+    } else {
+      fqn_of[e.name] = *fqn;
+    }
+  }
+  if (!unexpected.empty() || !mismatched.empty()) {
+    std::string text;
+    if (!unexpected.empty()) text += fmt::format("\n  unexpected: {}", fmt::join(unexpected, ", "));
+    if (!mismatched.empty()) text += fmt::format("\n  mismatched: {}", fmt::join(mismatched, "; "));
+    throw CheckpointError(fmt::format("PEFT adapter {} does not fit the model:{}\nHINT: check that the adapter "
+                                      "was trained on a Llama of this shape",
+                                      dir, text));
+  }
+  at::NoGradGuard no_grad;
+  std::set<std::string> filled;
+  for (const auto& [key, fqn] : fqn_of) {
+    TensorPiece& piece = *by_key.at(fqn);
+    const at::Tensor full = peft.from_file(fqn, file.tensor(key).to(at::kFloat), llama).reshape({-1});
+    piece.local.copy_(full.narrow(0, piece.begin, piece.local.numel()));
+    filled.insert(fqn);
+  }
+  return filled;
 }
 
 }  // namespace strata

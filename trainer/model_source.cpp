@@ -11,6 +11,7 @@
 
 #include "checkpoint/checkpoint_manager.h"
 #include "checkpoint/hub_download.h"
+#include "trainer/converter.h"
 #include "trainer/data_loader.h"
 #include "trainer/hf_io.h"
 #include "trainer/train_state.h"
@@ -107,7 +108,48 @@ ModelSource load_model_source(const std::string& given) {
   const std::string named = path == given ? path : fmt::format("{} ({})", given, path);
   ModelSource source;
   std::vector<TensorPiece> pieces;
-  if (is_hf_model_dir(path)) {
+  if (is_peft_adapter_dir(path)) {
+    // base_model_name_or_path (a directory or a Hub spec) with the adapter merged in, as PEFT's
+    // merge_and_unload computes it: W + scale·(B @ A), the same as a merged export.
+    const std::string base_given = peft_base(path);
+    if (base_given.empty()) {
+      throw CheckpointError(fmt::format("PEFT adapter {}: adapter_config.json names no base_model_name_or_path\n"
+                                        "HINT: write the base model's directory or Hub id there",
+                                        named));
+    }
+    const std::string base = resolve_model_path(base_given, nullptr, [](const std::string& line) {
+      fmt::print(stderr, "{}\n", line);
+      std::fflush(stderr);
+    });
+    if (!is_hf_model_dir(base)) {
+      throw CheckpointError(fmt::format("PEFT adapter {}: its base {} is no Hugging Face model directory",
+                                        named, base_given));
+    }
+    ConverterConfig lora = peft_converter_config(path);
+    const Converters converters({lora});
+    source.config = model_config_from(hf_shape(base));
+    Llama adapted(source.config, &converters);
+    adapted.materialize(at::kCPU);
+    std::vector<TensorPiece> all = state_pieces(adapted, nullptr, 0, 1, PieceUse::kLoad);
+    std::vector<TensorPiece> base_pieces;
+    for (const TensorPiece& p : all) {
+      if (!converters.owned(p.key)) base_pieces.push_back(p);
+    }
+    load_hf_model(base, source.config, base_pieces);
+    std::set<std::string> loaded = load_peft_adapter(path, source.config, converters, lora, all);
+    for (const TensorPiece& p : base_pieces) loaded.insert(p.key);
+    adapted.initialize(0, loaded);  // adapter keys it lacks: B = 0, no effect
+    const StateDict merged = converters.export_view(adapted.parameters());
+    source.model = std::make_unique<Llama>(source.config);
+    source.model->materialize(at::kCPU);
+    {
+      at::NoGradGuard no_grad;
+      for (const auto& [fqn, t] : merged) source.model->parameters().at(fqn).copy_(t);
+    }
+    pieces = state_pieces(*source.model, nullptr, 0, 1, PieceUse::kLoad);
+    if (fs::exists(fs::path(base) / "tokenizer.model")) source.tokenizer = (fs::path(base) / "tokenizer.model").string();
+    source.description = fmt::format("PEFT adapter {} on {}", named, base_given);
+  } else if (is_hf_model_dir(path)) {
     source.config = model_config_from(hf_shape(path));
     source.model = std::make_unique<Llama>(source.config);
     source.model->materialize(at::kCPU);
@@ -126,20 +168,40 @@ ModelSource load_model_source(const std::string& given) {
     const CheckpointReader reader(*dir);
     source.config = model_config_from_json(reader.metadata().value("model", nlohmann::json()),
                                            *dir + "/metadata.json");
-    source.model = std::make_unique<Llama>(source.config);
-    source.model->materialize(at::kCPU);
-    pieces = state_pieces(*source.model, nullptr, 0, 1, PieceUse::kLoad);
-    reader.load(pieces);
     source.step = reader.step();
-    // The run's tokenizer, as its config names it (when it still exists).
+    // The run's config (saved with the checkpoint) names its tokenizer and its converters.
+    std::optional<Config> run;
     const fs::path config_yaml = fs::path(*dir) / "config.yaml";
     if (fs::exists(config_yaml)) {
       try {
-        const Config run = load_config(config_yaml.string(), {});
-        if (run.data.tokenizer && fs::exists(*run.data.tokenizer)) source.tokenizer = run.data.tokenizer;
+        run = load_config(config_yaml.string(), {});
       } catch (const ConfigError&) {
       }
     }
+    if (run && run->data.tokenizer && fs::exists(*run->data.tokenizer)) source.tokenizer = run->data.tokenizer;
+    // A converter run's checkpoint holds its keys too (LoRA factors): the model as it trained,
+    // with every converter's transform applied (LoRA merged in).
+    std::vector<ConverterConfig> saved = run ? run->converters : std::vector<ConverterConfig>();
+    for (ConverterConfig& c : saved) c.export_mode = "merged";
+    const Converters converters(saved);
+    Llama trained(source.config, &converters);
+    trained.materialize(at::kCPU);
+    std::vector<TensorPiece> all = state_pieces(trained, nullptr, 0, 1, PieceUse::kLoad);
+    std::vector<TensorPiece> present;
+    for (const TensorPiece& p : all) {
+      if (!converters.owned(p.key) || reader.contains(p.key)) present.push_back(p);
+    }
+    reader.load(present);
+    std::set<std::string> filled;
+    for (const TensorPiece& p : present) filled.insert(p.key);
+    trained.initialize(0, filled);
+    source.model = std::make_unique<Llama>(source.config);
+    source.model->materialize(at::kCPU);
+    {
+      at::NoGradGuard no_grad;
+      for (const auto& [fqn, t] : converters.export_view(trained.parameters())) source.model->parameters().at(fqn).copy_(t);
+    }
+    pieces = state_pieces(*source.model, nullptr, 0, 1, PieceUse::kLoad);
     source.description = fmt::format("Strata checkpoint {} (step {})", *dir, source.step);
   }
   std::set<std::string> loaded;

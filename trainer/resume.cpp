@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint_manager.h"
@@ -33,9 +35,82 @@ bool excluded(const CheckpointConfig& k, const std::string& what) {
          k.exclude_from_loading.end();
 }
 
+const char* kind_name(LoadSource::Kind kind) {
+  switch (kind) {
+    case LoadSource::Kind::kStrata: return "Strata checkpoint";
+    case LoadSource::Kind::kHf: return "Hugging Face model";
+    case LoadSource::Kind::kPeft: return "PEFT adapter";
+  }
+  return "";
+}
+
+// The parameter a piece belongs to ("optimizer.<fqn>.exp_avg" -> fqn).
+std::string parameter_of(const std::string& key) {
+  if (key.rfind("optimizer.", 0) != 0) return key;
+  const std::string rest = key.substr(10);
+  return rest.substr(0, rest.rfind('.'));
+}
+
+std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces, const std::function<bool(const std::string&)>& keep) {
+  pieces.erase(std::remove_if(pieces.begin(), pieces.end(), [&](const TensorPiece& p) { return !keep(p.key); }),
+               pieces.end());
+  return pieces;
+}
+
+// What a directory holds, for loading: a PEFT adapter (checked first: an export with the
+// adapter beside its base is both), an HF model, or a Strata checkpoint (its step directory).
+LoadSource classify(const std::string& given, const std::string& dir, std::optional<int64_t> load_step,
+                    const std::string& role) {
+  if (is_peft_adapter_dir(dir)) return {given, dir, LoadSource::Kind::kPeft};
+  if (is_hf_model_dir(dir)) return {given, dir, LoadSource::Kind::kHf};
+  if (auto found = find_checkpoint(dir, load_step)) return {given, *found, LoadSource::Kind::kStrata};
+  const std::string named = given == dir ? dir : fmt::format("{} ({})", given, dir);
+  throw CheckpointError(fmt::format(
+      "{} {} holds no committed Strata checkpoint (no metadata.json, no step-NNNNNNN directory), is no "
+      "Hugging Face model directory (config.json with model.safetensors or model.safetensors.index.json) "
+      "and no PEFT adapter (adapter_config.json with adapter_model.safetensors)\nHINT: point it at a Strata "
+      "checkpoint folder or step directory, a Hugging Face model directory or a PEFT adapter directory",
+      role, named));
+}
+
 }  // namespace
 
-ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
+std::string ResumePlan::to_json() const {
+  nlohmann::json extras = nlohmann::json::array();
+  for (const LoadSource& s : extra) extras.push_back({s.given, s.dir, static_cast<int>(s.kind)});
+  return nlohmann::json{{"dir", dir},   {"reason", reason}, {"weights_only", weights_only},
+                        {"own", own},   {"hf", hf},         {"extra", extras}}
+      .dump();
+}
+
+ResumePlan ResumePlan::from_json(const std::string& text) {
+  const nlohmann::json j = nlohmann::json::parse(text);
+  ResumePlan plan{j["dir"], j["reason"], j["weights_only"], j["own"], j["hf"], {}};
+  for (const nlohmann::json& s : j["extra"]) {
+    plan.extra.push_back({s[0], s[1], static_cast<LoadSource::Kind>(s[2].get<int>())});
+  }
+  return plan;
+}
+
+std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k,
+                                                      const std::function<std::string(const std::string&)>& resolve) {
+  std::map<std::string, std::string> local;
+  std::vector<std::string> paths = k.additional_load_paths;
+  if (k.resume_path) paths.insert(paths.begin(), *k.resume_path);
+  for (const std::string& path : paths) {
+    if (local.count(path)) continue;
+    local[path] = resolve(path);
+    // A PEFT adapter as resume_path brings its base: resolve that too.
+    if (k.resume_path && path == *k.resume_path && is_peft_adapter_dir(local[path])) {
+      const std::string base = peft_base(local[path]);
+      if (!base.empty() && !local.count(base)) local[base] = resolve(base);
+    }
+  }
+  return local;
+}
+
+ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder,
+                       const std::function<std::string(const std::string&)>& local_dir) {
   ResumePlan plan;
   if (k.enable && fs::exists(folder)) {
     if (auto own = find_checkpoint(folder.string(), k.load_step)) {
@@ -46,32 +121,54 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
       return plan;
     }
   }
+  // Merged after the primary source, in order: additional_load_paths (weights only; a PEFT
+  // adapter gives its LoRA factors).
+  for (const std::string& path : k.additional_load_paths) {
+    LoadSource source = classify(path, local_dir(path), std::nullopt, "checkpoint.additional_load_paths entry");
+    plan.extra.push_back(source);
+  }
   if (k.resume_path) {
-    // A Hub spec was resolved at start-up to its snapshot directory in the HF cache.
-    const std::string path = k.resume_dir.value_or(*k.resume_path);
+    const std::string path = local_dir(*k.resume_path);
     // The log names the directory; the reason names the spec when it was a Hub spec.
     const std::string spec = path == *k.resume_path ? "" : " " + *k.resume_path;
-    const std::string named = path == *k.resume_path ? path : fmt::format("{} ({})", *k.resume_path, path);
-    if (is_hf_model_dir(path)) {
-      plan.dir = path;
-      plan.hf = true;
+    LoadSource source = classify(*k.resume_path, path, k.load_step, "checkpoint.resume_path");
+    if (source.kind == LoadSource::Kind::kPeft) {
+      // An adapter: its base first (what base_model_name_or_path names), the adapter on top.
+      const std::string base = peft_base(path);
+      if (base.empty()) {
+        throw CheckpointError(fmt::format("checkpoint.resume_path {} is a PEFT adapter whose adapter_config.json "
+                                          "names no base_model_name_or_path\nHINT: set resume_path to the base "
+                                          "model and list the adapter in checkpoint.additional_load_paths",
+                                          *k.resume_path));
+      }
+      plan.extra.insert(plan.extra.begin(), source);
+      source = classify(base, local_dir(base), std::nullopt, fmt::format("the base of PEFT adapter {}", *k.resume_path));
+      if (source.kind == LoadSource::Kind::kPeft) {
+        source.kind = LoadSource::Kind::kHf;  // an export with the adapter beside its base: the base
+      }
+      plan.reason = fmt::format("checkpoint.resume_path{} is a PEFT adapter on base {}", spec, base);
       plan.weights_only = true;
-      plan.reason = fmt::format("checkpoint.resume_path{} is a Hugging Face model directory", spec);
+    } else {
+      plan.reason = fmt::format("checkpoint.resume_path{}{}", spec,
+                                source.kind == LoadSource::Kind::kHf ? " is a Hugging Face model directory"
+                                : k.resume_model_only               ? " with resume_model_only"
+                                                                    : "");
+      plan.weights_only = source.kind == LoadSource::Kind::kHf || k.resume_model_only;
+    }
+    plan.dir = source.dir;
+    plan.hf = source.kind == LoadSource::Kind::kHf;
+    return plan;
+  }
+  if (!plan.extra.empty()) {  // additional_load_paths alone: the first is the primary source
+    const LoadSource first = plan.extra.front();
+    if (first.kind != LoadSource::Kind::kPeft) {
+      plan.extra.erase(plan.extra.begin());
+      plan.dir = first.dir;
+      plan.hf = first.kind == LoadSource::Kind::kHf;
+      plan.weights_only = true;
+      plan.reason = "checkpoint.additional_load_paths (weights only)";
       return plan;
     }
-    auto found = find_checkpoint(path, k.load_step);
-    if (!found) {
-      throw CheckpointError(fmt::format(
-          "checkpoint.resume_path {} holds no committed Strata checkpoint (no metadata.json, no "
-          "step-NNNNNNN directory) and is no Hugging Face model directory (config.json with "
-          "model.safetensors or model.safetensors.index.json)\nHINT: point it at a Strata "
-          "checkpoint folder or step directory, or at a Hugging Face model directory",
-          named));
-    }
-    plan.dir = *found;
-    plan.weights_only = k.resume_model_only;
-    plan.reason = fmt::format("checkpoint.resume_path{}{}", spec, k.resume_model_only ? " with resume_model_only" : "");
-    return plan;
   }
   plan.reason = k.enable ? fmt::format("no committed checkpoint in {} and no checkpoint.resume_path",
                                        folder.string())
@@ -80,24 +177,25 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder) {
 }
 
 Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const CheckpointConfig& kc,
+                           const Converters& converters, const std::vector<ConverterConfig>& converter_configs,
                            int64_t job_seed, int64_t total_steps, Communicator& comm,
                            AdamW& optimizer, const PiecesOf& pieces_of, const ResumeLog& log) {
   Resumed r;
   r.data_seed = static_cast<uint64_t>(job_seed);
   r.sample_seed = derive_seed(static_cast<uint64_t>(job_seed), "sample");
+  // Converter-owned keys (LoRA factors) come from a source that has them, else the initialiser.
+  auto owned = [&](const std::string& key) { return converters.owned(parameter_of(key)); };
   if (plan.hf) {
     const auto load_start = Clock::now();
     run_on_all_ranks(comm, fmt::format("loading Hugging Face model {}", plan.dir), [&] {
-      std::vector<TensorPiece> pieces = pieces_of(nullptr, PieceUse::kLoad);
+      std::vector<TensorPiece> pieces = keep_if(pieces_of(nullptr, PieceUse::kLoad), [&](const std::string& k) { return !owned(k); });
       load_hf_model(plan.dir, mc, pieces);
       for (const TensorPiece& piece : pieces) r.loaded.insert(piece.key);
     });
     say(log, "resume: loaded model from {} because {}; weights only, training starts at step 1 "
         "({:.3f} s)",
         plan.dir, plan.reason, seconds_since(load_start));
-    return r;
-  }
-  if (!plan.dir.empty()) {
+  } else if (!plan.dir.empty()) {
     std::vector<std::string> restored;
     // A model-only checkpoint gives the weights (and, from the run's own folder, the step and
     // data position); resume_model_only gives the weights only.
@@ -111,10 +209,15 @@ Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const 
       model_only_checkpoint = reader.model_only();
       checkpoint_step = reader.step();
       const bool want_optimizer = !plan.weights_only && !model_only_checkpoint && !excluded(kc, "optimizer");
-      std::vector<TensorPiece> pieces = pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad);
+      // A checkpoint without a converter's keys (a base model for LoRA) gives the rest.
+      std::vector<TensorPiece> pieces = keep_if(pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad),
+                                                [&](const std::string& k) { return !owned(k) || reader.contains(k); });
       {
         at::NoGradGuard no_grad;
         reader.load(pieces);
+      }
+      for (const TensorPiece& piece : pieces) {
+        if (piece.key.rfind("optimizer.", 0) != 0) r.loaded.insert(piece.key);
       }
       for (const TensorPiece& piece : pieces) load_bytes += static_cast<double>(piece.local.nbytes());
       load_seconds = seconds_since(load_start);
@@ -133,7 +236,6 @@ Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const 
                                           state_path.string(), e.what()));
       }
     });
-    for (const TensorPiece& piece : pieces_of(nullptr, PieceUse::kLoad)) r.loaded.insert(piece.key);
     restored.push_back("model");
     const bool full = !plan.weights_only && (!model_only_checkpoint || plan.own);
     if (full) {
@@ -165,8 +267,65 @@ Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const 
     if (model_only_checkpoint && full && r.step < total_steps) {
       say(log, "resume: warning: {} is a model-only checkpoint: AdamW moments start from zero", plan.dir);
     }
-  } else {
+  } else if (plan.extra.empty()) {
     say(log, "resume: none, training from scratch because {}", plan.reason);
+  }
+
+  // Further sources, in order: each fills the keys it has; no key may come twice.
+  std::map<std::string, std::string> provider;  // parameter -> the source that gave it
+  for (const std::string& key : r.loaded) provider[key] = plan.dir;
+  for (const LoadSource& source : plan.extra) {
+    std::set<std::string> got;
+    const auto load_start = Clock::now();
+    run_on_all_ranks(comm, fmt::format("loading {} {}", kind_name(source.kind), source.given), [&] {
+      std::vector<TensorPiece> all = pieces_of(nullptr, PieceUse::kLoad);
+      auto check_twice = [&](const std::vector<std::string>& keys) {
+        for (const std::string& key : keys) {
+          if (provider.count(key)) {
+            throw CheckpointError(fmt::format(
+                "{} is provided by two sources: {} and {} ({})\nHINT: list each tensor in one source only "
+                "(e.g. the base model in resume_path, the adapter in additional_load_paths)",
+                key, provider.at(key), source.given, kind_name(source.kind)));
+          }
+        }
+      };
+      at::NoGradGuard no_grad;
+      std::vector<TensorPiece> pieces;
+      if (source.kind == LoadSource::Kind::kPeft) {
+        const auto lora = std::find_if(converter_configs.begin(), converter_configs.end(),
+                                       [](const ConverterConfig& c) { return c.type == "lora"; });
+        if (lora == converter_configs.end()) {
+          throw CheckpointError(fmt::format("{} is a PEFT LoRA adapter, but the run has no LoRA converter\nHINT: add "
+                                            "converters: [{{type: lora, ...}}] with the adapter's r, alpha and targets",
+                                            source.given));
+        }
+        const std::set<std::string> filled = load_peft_adapter(source.dir, mc, converters, *lora, all);
+        check_twice(std::vector<std::string>(filled.begin(), filled.end()));
+        got = filled;
+        return;
+      }
+      if (source.kind == LoadSource::Kind::kHf) {
+        pieces = keep_if(all, [&](const std::string& k) { return !owned(k); });
+        std::vector<std::string> keys;
+        for (const TensorPiece& p : pieces) keys.push_back(p.key);
+        check_twice(keys);
+        load_hf_model(source.dir, mc, pieces);
+      } else {
+        const CheckpointReader reader(source.dir);
+        pieces = keep_if(all, [&](const std::string& k) { return reader.contains(k); });
+        std::vector<std::string> keys;
+        for (const TensorPiece& p : pieces) keys.push_back(p.key);
+        check_twice(keys);
+        reader.load(pieces);
+      }
+      for (const TensorPiece& p : pieces) got.insert(p.key);
+    });
+    for (const std::string& key : got) {
+      provider[key] = source.given;
+      r.loaded.insert(key);
+    }
+    say(log, "load: {} ({}{}): {} tensors ({:.3f} s)", source.given, kind_name(source.kind),
+        source.dir == source.given ? "" : ", " + source.dir, got.size(), seconds_since(load_start));
   }
   return r;
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -13,10 +14,20 @@
 #include "checkpoint/sharded_checkpoint.h"
 #include "parallel/communicator.h"
 #include "trainer/config.h"
+#include "trainer/converter.h"
 #include "trainer/optimizer.h"
 #include "trainer/train_state.h"
 
 namespace strata {
+
+// A further source of weights (after the primary one): a PEFT adapter's LoRA factors, an HF
+// model directory's base weights, or a Strata checkpoint's parameters.
+struct LoadSource {
+  enum class Kind { kStrata, kHf, kPeft };
+  std::string given;  // as the config names it
+  std::string dir;    // local directory (a Strata step directory for kStrata)
+  Kind kind = Kind::kHf;
+};
 
 // Where the run's state comes from (decided by rank 0, the same on every rank).
 struct ResumePlan {
@@ -25,11 +36,24 @@ struct ResumePlan {
   bool weights_only = false; // parameters only: step 0, fresh optimizer, data and schedule
   bool own = false;          // from the run's own checkpoint folder
   bool hf = false;           // a Hugging Face model directory (weights only)
+  std::vector<LoadSource> extra;  // merged in order after `dir`: PEFT adapters, additional_load_paths
+
+  std::string to_json() const;
+  static ResumePlan from_json(const std::string& text);
 };
 
-// Decides on rank 0 (the caller broadcasts the plan). Throws CheckpointError for a bad
-// resume_path or load_step.
-ResumePlan plan_resume(const CheckpointConfig& k, const std::filesystem::path& folder);
+// Decides on rank 0 (the caller broadcasts the plan). `local_dir` maps a path as the config
+// writes it (resume_path, additional_load_paths, a PEFT adapter's base) to its local
+// directory (a Hub spec's snapshot). Throws CheckpointError for a bad resume_path, load_step
+// or additional_load_paths entry.
+ResumePlan plan_resume(const CheckpointConfig& k, const std::filesystem::path& folder,
+                       const std::function<std::string(const std::string&)>& local_dir);
+
+// The paths the run may load from, as the config writes them, for resolving Hub specs up front:
+// resume_path, additional_load_paths, and the base a PEFT adapter among them names.
+// `resolve` turns one into its local directory (collectively).
+std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k,
+                                                      const std::function<std::string(const std::string&)>& resolve);
 
 // Loads what `plan` names (on every rank, agreeing on failures) and returns where training
 // continues. A model-only checkpoint gives the weights (and, from the run's own folder, the
@@ -43,7 +67,10 @@ struct Resumed {
 using PiecesOf = std::function<std::vector<TensorPiece>(const AdamW*, PieceUse)>;
 using ResumeLog = std::function<void(const std::string&)>;
 
+// Each further source in plan.extra fills the keys it has; a key two sources provide is an
+// error naming both; one log line per source says how many tensors it gave.
 Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const CheckpointConfig& kc,
+                           const Converters& converters, const std::vector<ConverterConfig>& converter_configs,
                            int64_t job_seed, int64_t total_steps, Communicator& comm,
                            AdamW& optimizer, const PiecesOf& pieces_of, const ResumeLog& log);
 

@@ -212,19 +212,16 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   const fs::path folder = fs::path(kc.folder).is_absolute() ? fs::path(kc.folder) : run_dir / kc.folder;
   ResumePlan plan;
   run_on_all_ranks(*comm, "choosing the checkpoint to resume from", [&] {
-    if (group.is_main()) plan = plan_resume(kc, folder);
+    if (!group.is_main()) return;
+    plan = plan_resume(kc, folder, [&kc](const std::string& path) {
+      const auto it = kc.local_dirs.find(path);
+      return it != kc.local_dirs.end() ? it->second : path;
+    });
   });
-  {
-    const nlohmann::json shared = nlohmann::json::parse(broadcast_string(
-        *comm,
-        nlohmann::json{{"dir", plan.dir}, {"reason", plan.reason}, {"own", plan.own},
-                       {"weights_only", plan.weights_only}, {"hf", plan.hf}}.dump(),
-        0));
-    plan = {shared["dir"], shared["reason"], shared["weights_only"], shared["own"], shared["hf"]};
-  }
+  plan = ResumePlan::from_json(broadcast_string(*comm, plan.to_json(), 0));
   const Resumed resumed_state =
-      load_resume_source(plan, mc, kc, config.job.seed, tc.steps, *comm, optimizer, pieces_of,
-                         [&log](const std::string& line) { log("{}", line); });
+      load_resume_source(plan, mc, kc, converters, config.converters, config.job.seed, tc.steps, *comm, optimizer,
+                         pieces_of, [&log](const std::string& line) { log("{}", line); });
   const int64_t start_step = resumed_state.step;
   const int64_t data_step_offset = resumed_state.data_step_offset;
   const int64_t lr_step_offset = resumed_state.lr_step_offset;
@@ -367,6 +364,9 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   int64_t last_step = start_step;
   for (int64_t step = start_step + 1; step <= tc.steps; ++step) {
     const auto step_start = Clock::now();
+    // Random draws in training (LoRA dropout) are a pure function of (seed, step, rank), so a
+    // resumed run draws what the uninterrupted one did.
+    at::manual_seed(derive_seed(seed, fmt::format("train/{}/{}", step, group.rank())));
     double step_loss = 0.0;
     for (int64_t a = 0; a < accumulation; ++a) {
       const int64_t first = a * (group.world_size() * micro) + group.rank() * micro;

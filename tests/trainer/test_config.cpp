@@ -445,8 +445,6 @@ TEST(Config, FeaturesNotBuiltYetAcceptOnlyTheirDefault) {
   struct Case {
     std::string override_text, expected;
   } cases[] = {
-      {"checkpoint.additional_load_paths=[a]",
-       "checkpoint.additional_load_paths = a non-empty list is not supported yet"},
       {"parallel.backend=nccl", "parallel.backend = nccl is not supported yet"},
       {"parallel.mixed_precision.param_dtype=bfloat16",
        "parallel.mixed_precision.param_dtype = bfloat16 is not supported yet"},
