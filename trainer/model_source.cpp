@@ -14,6 +14,7 @@
 #include "trainer/converter.h"
 #include "trainer/data_loader.h"
 #include "trainer/hf_io.h"
+#include "trainer/resume.h"
 #include "trainer/train_state.h"
 
 namespace strata {
@@ -187,13 +188,41 @@ ModelSource load_model_source(const std::string& given) {
     Llama trained(source.config, &converters);
     trained.materialize(at::kCPU);
     std::vector<TensorPiece> all = state_pieces(trained, nullptr, 0, 1, PieceUse::kLoad);
-    std::vector<TensorPiece> present;
+    std::vector<TensorPiece> present, base;
     for (const TensorPiece& p : all) {
-      if (!converters.owned(p.key) || reader.contains(p.key)) present.push_back(p);
+      if (reader.contains(p.key)) {
+        present.push_back(p);
+      } else if (!converters.owned(p.key)) {
+        base.push_back(p);
+      }
     }
     reader.load(present);
     std::set<std::string> filled;
     for (const TensorPiece& p : present) filled.insert(p.key);
+    // An adapter-only checkpoint: the base weights come from the bases it recorded, verified.
+    if (reader.metadata().contains("adapter_only") && !base.empty()) {
+      for (const nlohmann::json& recorded : reader.metadata()["adapter_only"].at("bases")) {
+        const std::string given = recorded.at("source");
+        const std::string base_dir = resolve_model_path(given, nullptr, [](const std::string& line) {
+          fmt::print(stderr, "{}\n", line);
+        });
+        const std::optional<std::string> step_dir = is_hf_model_dir(base_dir) ? std::nullopt : find_checkpoint(base_dir);
+        if (source_fingerprint(step_dir.value_or(base_dir)) != recorded.at("fingerprint").get<std::string>()) {
+          throw CheckpointError(fmt::format("adapter-only checkpoint {} was saved on base {}, which has changed since "
+                                            "(another fingerprint)\nHINT: restore the original base model",
+                                            *dir, given));
+        }
+        if (is_hf_model_dir(base_dir)) {
+          load_hf_model(base_dir, source.config, base);
+        } else {
+          if (!step_dir) throw CheckpointError(fmt::format("base {} of {} is no model directory", given, *dir));
+          const CheckpointReader base_reader(*step_dir);
+          base_reader.load(base);
+        }
+        for (const TensorPiece& p : base) filled.insert(p.key);
+        break;  // the base keys come from one source
+      }
+    }
     trained.initialize(0, filled);
     source.model = std::make_unique<Llama>(source.config);
     source.model->materialize(at::kCPU);

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint_manager.h"
+#include "checkpoint/file_io.h"
 #include "trainer/hf_io.h"
 #include "trainer/seed.h"
 
@@ -44,13 +45,6 @@ const char* kind_name(LoadSource::Kind kind) {
   return "";
 }
 
-// The parameter a piece belongs to ("optimizer.<fqn>.exp_avg" -> fqn).
-std::string parameter_of(const std::string& key) {
-  if (key.rfind("optimizer.", 0) != 0) return key;
-  const std::string rest = key.substr(10);
-  return rest.substr(0, rest.rfind('.'));
-}
-
 std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces, const std::function<bool(const std::string&)>& keep) {
   pieces.erase(std::remove_if(pieces.begin(), pieces.end(), [&](const TensorPiece& p) { return !keep(p.key); }),
                pieces.end());
@@ -78,18 +72,60 @@ LoadSource classify(const std::string& given, const std::string& dir, std::optio
 std::string ResumePlan::to_json() const {
   nlohmann::json extras = nlohmann::json::array();
   for (const LoadSource& s : extra) extras.push_back({s.given, s.dir, static_cast<int>(s.kind)});
-  return nlohmann::json{{"dir", dir},   {"reason", reason}, {"weights_only", weights_only},
-                        {"own", own},   {"hf", hf},         {"extra", extras}}
+  return nlohmann::json{{"dir", dir}, {"given", given}, {"reason", reason}, {"weights_only", weights_only},
+                        {"own", own}, {"hf", hf},       {"extra", extras}}
       .dump();
 }
 
 ResumePlan ResumePlan::from_json(const std::string& text) {
   const nlohmann::json j = nlohmann::json::parse(text);
-  ResumePlan plan{j["dir"], j["reason"], j["weights_only"], j["own"], j["hf"], {}};
+  ResumePlan plan{j["dir"], j["given"], j["reason"], j["weights_only"], j["own"], j["hf"], {}};
   for (const nlohmann::json& s : j["extra"]) {
     plan.extra.push_back({s[0], s[1], static_cast<LoadSource::Kind>(s[2].get<int>())});
   }
   return plan;
+}
+
+std::string source_fingerprint(const std::string& dir) {
+  const fs::path root = fs::is_directory(dir) ? fs::path(dir) : fs::path(dir).parent_path();
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    const std::string name = entry.path().filename().string();
+    const bool weights_or_config = name.size() > 5 && (name.rfind(".json") == name.size() - 5 ||
+                                                       (name.size() > 12 && name.rfind(".safetensors") == name.size() - 12));
+    if (weights_or_config && name.rfind("adapter_", 0) != 0 && fs::is_regular_file(entry.path())) names.push_back(name);
+  }
+  std::sort(names.begin(), names.end());
+  Sha256 all;
+  for (const std::string& name : names) {
+    const FileDigest d = digest_file((root / name).string());
+    const std::string line = fmt::format("{} {} {}\n", name, d.size, d.sha256);
+    all.update(line.data(), line.size());
+  }
+  return all.hex_digest();
+}
+
+nlohmann::json adapter_only_bases(const ResumePlan& plan) {
+  nlohmann::json bases = nlohmann::json::array();
+  if (plan.own) {
+    const nlohmann::json meta = nlohmann::json::parse(std::ifstream(fs::path(plan.dir) / "metadata.json"));
+    if (meta.contains("adapter_only")) return meta["adapter_only"]["bases"];
+  } else if (!plan.dir.empty()) {
+    bases.push_back({{"source", plan.given}, {"fingerprint", source_fingerprint(plan.dir)}});
+  }
+  for (const LoadSource& s : plan.extra) {
+    if (s.kind != LoadSource::Kind::kPeft && !plan.own) {
+      bases.push_back({{"source", s.given}, {"fingerprint", source_fingerprint(s.dir)}});
+    }
+  }
+  if (bases.empty()) {
+    throw CheckpointError(fmt::format(
+        "converters: save: adapter_only keeps the converters' keys alone, so the run needs its base model from a "
+        "source to record and reload, and it has none ({})\nHINT: set checkpoint.resume_path to the base model, or "
+        "save: full",
+        plan.reason));
+  }
+  return bases;
 }
 
 std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k,
@@ -115,9 +151,31 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder,
   if (k.enable && fs::exists(folder)) {
     if (auto own = find_checkpoint(folder.string(), k.load_step)) {
       plan.dir = *own;
+      plan.given = *own;
       plan.own = true;
       plan.reason = fmt::format("the run's own checkpoint folder {} has committed checkpoints ({})",
                                 folder.string(), k.load_step ? "checkpoint.load_step" : "latest");
+      // An adapter-only checkpoint: its bases again, unchanged.
+      const nlohmann::json meta = nlohmann::json::parse(std::ifstream(fs::path(*own) / "metadata.json"));
+      if (meta.contains("adapter_only")) {
+        for (const nlohmann::json& base : meta["adapter_only"].at("bases")) {
+          const std::string given = base.at("source");
+          LoadSource source = classify(given, local_dir(given), std::nullopt,
+                                       fmt::format("the base recorded in adapter-only checkpoint {}", *own));
+          if (source.kind == LoadSource::Kind::kPeft) source.kind = LoadSource::Kind::kHf;
+          const std::string now = source_fingerprint(source.kind == LoadSource::Kind::kStrata ? source.dir : local_dir(given));
+          if (now != base.at("fingerprint").get<std::string>()) {
+            throw CheckpointError(fmt::format(
+                "adapter-only checkpoint {} was saved on base {} with fingerprint {}, but {} now has fingerprint {}: "
+                "the base model changed\nHINT: point the run at the original base, or resume from a full checkpoint "
+                "(converters.N.save: full)",
+                *own, given, base.at("fingerprint").get<std::string>(), local_dir(given), now));
+          }
+          plan.extra.push_back(source);
+        }
+        plan.reason += fmt::format("; adapter-only, its base{} reloaded and verified",
+                                   meta["adapter_only"]["bases"].size() == 1 ? "" : "s");
+      }
       return plan;
     }
   }
@@ -156,6 +214,7 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder,
       plan.weights_only = source.kind == LoadSource::Kind::kHf || k.resume_model_only;
     }
     plan.dir = source.dir;
+    plan.given = source.given;
     plan.hf = source.kind == LoadSource::Kind::kHf;
     return plan;
   }
@@ -164,6 +223,7 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder,
     if (first.kind != LoadSource::Kind::kPeft) {
       plan.extra.erase(plan.extra.begin());
       plan.dir = first.dir;
+      plan.given = first.given;
       plan.hf = first.kind == LoadSource::Kind::kHf;
       plan.weights_only = true;
       plan.reason = "checkpoint.additional_load_paths (weights only)";
@@ -210,8 +270,11 @@ Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const 
       checkpoint_step = reader.step();
       const bool want_optimizer = !plan.weights_only && !model_only_checkpoint && !excluded(kc, "optimizer");
       // A checkpoint without a converter's keys (a base model for LoRA) gives the rest.
-      std::vector<TensorPiece> pieces = keep_if(pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad),
-                                                [&](const std::string& k) { return !owned(k) || reader.contains(k); });
+      // An adapter-only checkpoint has the converters' keys alone (its bases follow as sources).
+      const bool adapter_only = reader.metadata().contains("adapter_only");
+      std::vector<TensorPiece> pieces =
+          keep_if(pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad),
+                  [&](const std::string& k) { return adapter_only ? reader.contains(k) : !owned(k) || reader.contains(k); });
       {
         at::NoGradGuard no_grad;
         reader.load(pieces);

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <vector>
@@ -32,6 +33,7 @@ struct LoadSource {
 // Where the run's state comes from (decided by rank 0, the same on every rank).
 struct ResumePlan {
   std::string dir;           // step directory; empty: from scratch
+  std::string given;         // the primary source as the config names it
   std::string reason;        // why, for the start-up log
   bool weights_only = false; // parameters only: step 0, fresh optimizer, data and schedule
   bool own = false;          // from the run's own checkpoint folder
@@ -48,6 +50,15 @@ struct ResumePlan {
 // or additional_load_paths entry.
 ResumePlan plan_resume(const CheckpointConfig& k, const std::filesystem::path& folder,
                        const std::function<std::string(const std::string&)>& local_dir);
+
+// adapter-only checkpoints (a converter with `save: adapter_only`) hold the converters' keys
+// and record the base they apply to: every base source with a fingerprint of its files
+// (SHA-256 over names, sizes and contents of its *.safetensors and *.json). Resuming one
+// reloads each base and refuses a changed one.
+std::string source_fingerprint(const std::string& dir);
+// The bases of a run about to train: recorded in its own adapter-only checkpoint, else the
+// plan's sources other than PEFT adapters. Throws when there is none.
+nlohmann::json adapter_only_bases(const ResumePlan& plan);
 
 // The paths the run may load from, as the config writes them, for resolving Hub specs up front:
 // resume_path, additional_load_paths, and the base a PEFT adapter among them names.

@@ -222,6 +222,16 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   const Resumed resumed_state =
       load_resume_source(plan, mc, kc, converters, config.converters, config.job.seed, tc.steps, *comm, optimizer,
                          pieces_of, [&log](const std::string& line) { log("{}", line); });
+  // adapter-only checkpoints record the bases they apply to (rank 0 writes the metadata).
+  const bool adapter_only = std::any_of(config.converters.begin(), config.converters.end(),
+                                        [](const ConverterConfig& c) { return c.save == "adapter_only"; });
+  nlohmann::json adapter_bases;
+  if (adapter_only) {
+    run_on_all_ranks(*comm, "fingerprinting the base model for adapter-only checkpoints", [&] {
+      if (group.is_main()) adapter_bases = adapter_only_bases(plan);
+    });
+    if (group.is_main()) log("checkpoints: adapter-only, on base {}", adapter_bases.dump());
+  }
   const int64_t start_step = resumed_state.step;
   const int64_t data_step_offset = resumed_state.data_step_offset;
   const int64_t lr_step_offset = resumed_state.lr_step_offset;
@@ -292,18 +302,29 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
       fewer_threads = want;
     }
   };
-  if (async_saves) checkpoints.reserve_staging(pieces_of(&optimizer, PieceUse::kSave));
+  // What a save writes: everything, or under adapter-only the converters' keys and their
+  // moments (the base is recorded, not saved).
+  auto save_pieces = [&](bool model_only) {
+    std::vector<TensorPiece> pieces = pieces_of(model_only ? nullptr : &optimizer, PieceUse::kSave);
+    if (!adapter_only) return pieces;
+    pieces.erase(std::remove_if(pieces.begin(), pieces.end(),
+                                [&](const TensorPiece& p) { return !converters.owned(parameter_of(p.key)); }),
+                 pieces.end());
+    return pieces;
+  };
+  if (async_saves) checkpoints.reserve_staging(save_pieces(/*model_only=*/false));
   const std::string config_yaml = to_yaml(config);
   auto save = [&](int64_t step, bool model_only) {
     SaveRequest request;
     request.step = step;
     request.model_only = model_only;
-    request.pieces = pieces_of(model_only ? nullptr : &optimizer, PieceUse::kSave);
+    request.pieces = save_pieces(model_only);
     const at::ScalarType export_dtype = dtype_named(kc.export_dtype);
     if (model_only && export_dtype != at::kFloat) {
       for (TensorPiece& piece : request.pieces) piece.local = piece.local.to(export_dtype);
     }
     request.metadata = {{"model", model_config_json(mc)}, {"saved_by", "strata"}};
+    if (adapter_only) request.metadata["adapter_only"] = {{"bases", adapter_bases}};
     request.train_state = {
         {"step", step},
         {"world_size", group.world_size()},

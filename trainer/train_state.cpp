@@ -12,6 +12,11 @@ std::string moment_key(const std::string& fqn, const char* moment) {
 
 }  // namespace
 
+std::string parameter_of(const std::string& key) {
+  if (key.rfind("optimizer.", 0) != 0) return key;
+  return key.substr(10, key.rfind('.') - 10);
+}
+
 std::vector<TensorPiece> state_pieces(const ShardedLlama& model, const AdamW* optimizer) {
   std::vector<TensorPiece> model_pieces, moment_pieces;
   const StateDict moments = optimizer ? optimizer->state() : StateDict();

@@ -23,6 +23,9 @@ std::vector<TensorPiece> state_pieces(const ShardedLlama& model, const AdamW* op
 // `world` writes the r-th 1/world slice of every tensor, so all ranks share the writing.
 // Loading: every rank fills whole tensors.
 enum class PieceUse { kSave, kLoad };
+
+// The parameter a piece key belongs to: the key itself, or <fqn> of "optimizer.<fqn>.exp_avg".
+std::string parameter_of(const std::string& key);
 std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer, int rank,
                                       int world, PieceUse use);
 

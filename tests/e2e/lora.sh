@@ -143,6 +143,35 @@ train 1 drop_straight --set converters.0.dropout=0.1
 [ "$(losses drop)" = "$(losses drop_straight)" ] || { losses drop; losses drop_straight; fail "resume with dropout is not exact"; }
 [ "$(losses drop)" != "$(losses lora)" ] || fail "dropout had no effect"
 
+# --- adapter_only: checkpoints hold A, B and their moments plus the base's identity; the
+# relaunch reloads and verifies the base and continues exactly; a changed base is refused.
+train 1 ao --set converters.0.save=adapter_only --set training.steps=3
+python3 - ao/checkpoints/step-0000003/metadata.json "$base_dir" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+keys = list(m["tensors"])
+assert len(keys) == 28 * 3 and all(k.split(".")[-1] in ("lora_a", "lora_b", "exp_avg", "exp_avg_sq") for k in keys), keys
+bases = m["adapter_only"]["bases"]
+assert len(bases) == 1 and bases[0]["source"] == sys.argv[2] and len(bases[0]["fingerprint"]) == 64, bases
+PY
+train 1 ao --set converters.0.save=adapter_only
+grep -q "adapter-only, its base reloaded and verified" ao.log || { cat ao.log; fail "adapter-only resume"; }
+[ "$(losses ao)" = "$(losses lora)" ] || { losses ao; losses lora; fail "adapter-only resume is not exact"; }
+[ "$(eval_loss ao/checkpoints)" = "$(eval_loss lora/checkpoints)" ] || fail "eval of an adapter-only checkpoint"
+cp -r "$base_dir" changed_base
+train 1 ao_changed --set converters.0.save=adapter_only --set training.steps=3 \
+  --set checkpoint.resume_path="$work/changed_base"
+python3 - changed_base/model*.safetensors <<'PY'
+import sys
+f = open(sys.argv[-1], "r+b")
+f.seek(-4, 2)
+f.write(b"\x00\x00\x80\x3f")  # the last float becomes 1.0
+PY
+expect_error "was saved on base $work/changed_base with fingerprint" \
+  "$STRATA_BIN" train --config lora.yaml --set job.run_dir=ao_changed --set converters.0.save=adapter_only \
+  --set checkpoint.resume_path="$work/changed_base"
+grep -qF "the base model changed" out.txt || { cat out.txt; fail "changed base not explained"; }
+
 # --- Loading the adapter: resume_path = the adapter (its base comes along), and
 # resume_path = base + additional_load_paths = [adapter]: both start from the fine-tuned model.
 probe=(--set training.steps=1 --set optimizer.lr=1e-12 --set checkpoint.enable=false)
