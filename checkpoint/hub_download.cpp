@@ -236,16 +236,23 @@ std::string hint_for(const HubError& e, const HubSpec& spec, const HubSettings& 
   return "HINT: check the spec, or download the repo and give its local directory";
 }
 
+// A resolution the cache alone answered: the loadable files the snapshot directory holds.
+HubResolution from_cache(const CachedSnapshot& cached, std::string how) {
+  HubResolution result;
+  result.dir = cached.dir;
+  result.commit = cached.commit;
+  result.how = std::move(how);
+  for (const auto& entry : fs::directory_iterator(cached.dir)) {
+    if (is_loadable_hub_file(entry.path().filename().string())) ++result.files;
+  }
+  return result;
+}
+
 }  // namespace
 
 HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings, const HubLog& log) {
   if (settings.offline) {
-    const CachedSnapshot cached = resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set");
-    HubResolution result;
-    result.dir = cached.dir;
-    result.commit = cached.commit;
-    result.how = "from the cache (HF_HUB_OFFLINE is set)";
-    return result;
+    return from_cache(resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set"), "from the cache (HF_HUB_OFFLINE is set)");
   }
   try {
     return SnapshotDownload(spec, settings, log).run();
@@ -258,12 +265,9 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
                                   e.error_code == "RepoNotFound" || e.error_code == "GatedRepo";
     if (cache_may_answer) {
       try {
-        const CachedSnapshot cached = resolve_from_cache(spec, settings, e.what());
-        HubResolution result;
-        result.dir = cached.dir;
-        result.commit = cached.commit;
-        result.how = fmt::format("from the cache, because the Hub failed: {}", e.what());
-        log(fmt::format("hub: WARNING: {}; using the cached snapshot {}", message, cached.dir));
+        HubResolution result = from_cache(resolve_from_cache(spec, settings, e.what()),
+                                          fmt::format("from the cache, because the Hub failed: {}", e.what()));
+        log(fmt::format("hub: WARNING: {}; using the cached snapshot {}", message, result.dir));
         return result;
       } catch (const CheckpointError&) {
         // Not cached either: report the Hub's error.

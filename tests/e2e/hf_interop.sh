@@ -205,8 +205,10 @@ expect_error "no_such_*.bin" "$STRATA_BIN" eval --from back --data 'no_such_*.bi
 [ -s g1.txt ] && cmp g1.txt g2.txt || fail "greedy generation differs between the export and the checkpoint"
 echo "eval, convert, generate: consistent across Strata checkpoints and HF directories"
 
-# --- Hub specs are parsed (and refused until downloads exist) with what was understood.
-expect_error "'hf://owner/repo/sub@v1' is a Hugging Face Hub spec (repo owner/repo, subfolder sub, revision v1)" \
+# --- Hub specs (downloads: tests/e2e/hub.sh): offline with an empty cache, the error says what
+# was parsed and what is missing, without touching the network.
+HF_HUB_OFFLINE=1 HF_HUB_CACHE="$work/empty-cache" expect_error \
+  "Hub spec 'hf://owner/repo/sub@v1' (repo owner/repo, subfolder sub, revision v1) is not available: HF_HUB_OFFLINE is set" \
   "$STRATA_BIN" train --config job.yaml --set job.run_dir=hub --set checkpoint.resume_path=hf://owner/repo/sub@v1
 expect_error "Hub spec 'hf://owner/repo/../x': path segment '..' is not allowed" \
   "$STRATA_BIN" eval --from 'hf://owner/repo/../x' --data 'data/val_*.bin'
