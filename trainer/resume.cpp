@@ -253,8 +253,8 @@ Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const 
       for (const TensorPiece& piece : pieces) r.loaded.insert(piece.key);
     });
     say(log, "resume: loaded model from {} because {}; weights only, training starts at step 1 "
-        "({:.3f} s)",
-        plan.dir, plan.reason, seconds_since(load_start));
+        "({} tensors, {:.3f} s)",
+        plan.dir, plan.reason, r.loaded.size(), seconds_since(load_start));
   } else if (!plan.dir.empty()) {
     std::vector<std::string> restored;
     // A model-only checkpoint gives the weights (and, from the run's own folder, the step and

@@ -243,10 +243,22 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   const std::vector<std::string> initialised =
       sharded ? sharded_model->initialize(seed, loaded) : plain_model->initialize(seed, loaded);
   const int64_t n_params = Llama::count_parameters(mc);
+  // With converters: how much of the model trains (LoRA: the factors alone).
+  std::string trainable;
+  if (!converters.empty()) {
+    int64_t total = 0, trained = 0;
+    const Llama& names = sharded ? sharded_model->meta_model() : *plain_model;
+    for (const auto& [fqn, p] : names.parameters()) {
+      total += p.numel();
+      if (names.trainable(fqn)) trained += p.numel();
+    }
+    trainable = fmt::format("; {:.3f}M of {:.2f}M parameters train ({:.2f}%)", trained / 1e6, total / 1e6,
+                            100.0 * static_cast<double>(trained) / static_cast<double>(std::max<int64_t>(total, 1)));
+  }
   log("model: llama, {:.2f}M parameters ({} layers, dim {}, {} heads / {} kv heads, ffn {}, "
-      "vocab {}); {} tensors loaded, {} initialised from seed {}",
+      "vocab {}); {} tensors loaded, {} initialised from seed {}{}",
       n_params / 1e6, mc.n_layers, mc.dim, mc.n_heads, mc.n_kv_heads, mc.ffn_hidden_dim(),
-      mc.vocab_size, loaded.size(), initialised.size(), config.job.seed);
+      mc.vocab_size, loaded.size(), initialised.size(), config.job.seed, trainable);
   log("{}", memory_report(params, sharded_model.get(), n_params,
                           sharded ? "FSDP" : replicated ? "replicated data parallel" : "one rank"));
 
