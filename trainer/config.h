@@ -78,7 +78,8 @@ struct LrSchedulerConfig {
 
 struct FsdpConfig {
   bool enabled = true;
-  std::string activation_checkpointing = "full";  // full | none
+  // auto: none when keeping activations fits comfortably in memory, else full | full | none
+  std::string activation_checkpointing = "auto";
 };
 
 struct MixedPrecisionConfig {

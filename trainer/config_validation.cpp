@@ -112,8 +112,7 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
   const ParallelConfig& p = c.parallel;
   v.one_of("parallel.backend", p.backend, {"auto", "mpi", "nccl"});
   v.not_yet(p.backend != "nccl", "parallel.backend", "nccl", "auto or mpi");
-  v.one_of("parallel.fsdp.activation_checkpointing", p.fsdp.activation_checkpointing,
-           {"full", "none"});
+  v.one_of("parallel.fsdp.activation_checkpointing", p.fsdp.activation_checkpointing, {"auto", "full", "none"});
   const std::vector<std::string> dtypes = {"float32", "bfloat16", "float16"};
   v.one_of("parallel.mixed_precision.param_dtype", p.mixed_precision.param_dtype, dtypes);
   v.one_of("parallel.mixed_precision.reduce_dtype", p.mixed_precision.reduce_dtype, dtypes);

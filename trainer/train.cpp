@@ -129,6 +129,37 @@ std::string memory_report(const std::vector<at::Tensor>& params, const ShardedLl
 
 
 
+// activation_checkpointing: recompute each FSDP unit in backward (full), or keep its gathered
+// parameters and activations until backward (none: a third fewer FLOPs, one gather fewer).
+// auto keeps them when the estimate for one rank stays under half of its share of the
+// machine's available memory: every unit's full parameters, plus per layer and micro batch
+// Megatron's activation estimate s·b·h·(34 + 5·a·s/h) bytes at 16 bits, times 2 for fp32 and
+// times 2 for unfused attention, plus the logits and their gradient.
+bool choose_recompute(const Config& config, const ProcessGroup& group, const RunLog& log) {
+  const std::string& mode = config.parallel.fsdp.activation_checkpointing;
+  if (mode != "auto") return mode == "full";
+  const ModelConfig& mc = config.model;
+  const double s = static_cast<double>(config.data.seq_len), b = static_cast<double>(config.training.micro_batch_size);
+  const double h = static_cast<double>(mc.dim), a = static_cast<double>(mc.n_heads);
+  const double keep = 4.0 * static_cast<double>(Llama::count_parameters(mc)) +
+                      static_cast<double>(mc.n_layers) * s * b * h * (34.0 + 5.0 * a * s / h) * 4.0 +
+                      3.0 * 4.0 * s * b * static_cast<double>(mc.vocab_size);
+  double available = 0.0;
+  std::ifstream meminfo("/proc/meminfo");
+  for (std::string key; meminfo >> key;) {
+    double kib = 0;
+    meminfo >> kib;
+    if (key == "MemAvailable:") available = kib * 1024.0;
+    meminfo.ignore(256, '\n');
+  }
+  const double share = available / std::max(1, group.local_world_size());
+  const bool recompute = available <= 0 || keep > 0.5 * share;
+  log("fsdp: activation_checkpointing auto -> {}: keeping activations needs about {:.0f} MiB per rank, {:.0f} MiB "
+      "available per rank",
+      recompute ? "full" : "none", keep / (1 << 20), share / (1 << 20));
+  return recompute;
+}
+
 }  // namespace
 
 TrainSummary train(const Config& config, const ProcessGroup& group) {
@@ -188,7 +219,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   for (const auto& c : converters.list()) log("converter: {}", c->describe());
   std::vector<at::Tensor> params;  // what the optimizer steps: whole tensors or flat shards
   if (sharded) {
-    const bool recompute = config.parallel.fsdp.activation_checkpointing == "full";
+    const bool recompute = choose_recompute(config, group, log);
     sharded_model = std::make_unique<ShardedLlama>(mc, *comm, recompute, &converters);
     params = sharded_model->add_to_optimizer(optimizer);
   } else {

@@ -64,7 +64,7 @@ TEST(Config, AbsentKeysTakeTheDesignDefaults) {
   EXPECT_EQ(c.parallel.backend, "auto");
   EXPECT_EQ(c.parallel.threads_per_rank, 0);
   EXPECT_TRUE(c.parallel.fsdp.enabled);
-  EXPECT_EQ(c.parallel.fsdp.activation_checkpointing, "full");
+  EXPECT_EQ(c.parallel.fsdp.activation_checkpointing, "auto");
   EXPECT_EQ(c.parallel.mixed_precision.param_dtype, "float32");
   EXPECT_TRUE(c.checkpoint.enable);
   EXPECT_EQ(c.checkpoint.keep_latest_k, 3);
@@ -396,7 +396,7 @@ TEST(Config, OutOfRangeAndInconsistentValuesAreRejected) {
       {{"parallel.mixed_precision.reduce_dtype=fp16"}, "is not one of: float32, bfloat16, float16"},
       {{"checkpoint.export_dtype=half"}, "checkpoint.export_dtype = 'half' is not one of"},
       {{"parallel.fsdp.activation_checkpointing=selective"},
-       "parallel.fsdp.activation_checkpointing = 'selective' is not one of: full, none"},
+       "parallel.fsdp.activation_checkpointing = 'selective' is not one of: auto, full, none"},
       {{"parallel.backend=gloo"}, "parallel.backend = 'gloo' is not one of: auto, mpi, nccl"},
   };
   for (const Case& c : cases) EXPECT_HAS(error_of(kMinimal, c.overrides), c.expected);
