@@ -9,9 +9,11 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <regex>
+#include <set>
 #include <sstream>
 
 #include "checkpoint/file_io.h"
@@ -35,6 +37,18 @@ std::string read_text(const fs::path& path) {
   std::stringstream buffer;
   buffer << in.rdbuf();
   return buffer.str();
+}
+
+// An API answer's JSON. Anything else (an HTML page from a proxy, a wrong HF_ENDPOINT) counts
+// as the Hub being unreachable: the cache may answer.
+json parse_answer(const HttpResponse& response) {
+  try {
+    return json::parse(response.body);
+  } catch (const json::exception&) {
+    throw HubError(fmt::format("GET {} answered {} with no JSON: '{}'", response.url, response.status,
+                               response.body.substr(0, 120)),
+                   response.status, "", true);
+  }
 }
 
 // The etag as huggingface_hub normalises it: no W/ prefix, no quotes.
@@ -88,9 +102,8 @@ class SnapshotDownload {
     const std::string api = fmt::format("{}/api/models/{}", settings_.endpoint, spec_.repo_id);
     result.commit = is_commit_hash(revision)
                         ? revision
-                        : json::parse(http_.call("GET", fmt::format("{}/revision/{}", api, url_quote(revision))).body)
-                              .at("sha")
-                              .get<std::string>();
+                        : parse_answer(http_.call("GET", fmt::format("{}/revision/{}", api, url_quote(revision))))
+                              .value("sha", std::string());
     if (!is_commit_hash(result.commit)) {
       throw HubError(fmt::format("the Hub answered commit '{}' for revision {}", result.commit, revision), 0, "", false);
     }
@@ -156,7 +169,9 @@ class SnapshotDownload {
         }
         throw;
       }
-      for (const json& entry : json::parse(response.body)) {
+      const json listing = parse_answer(response);
+      if (!listing.is_array()) throw HubError(fmt::format("GET {} answered no file list", response.url), 0, "", true);
+      for (const json& entry : listing) {
         if (entry.value("type", "") != "file") continue;
         files.push_back({entry.at("path").get<std::string>(), entry.value("size", uint64_t{0})});
       }
@@ -278,17 +293,43 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
 }
 
 std::string resolve_model_path(const std::string& path, const ProcessGroup* group, const HubLog& log) {
-  const std::optional<HubSpec> spec = parse_hub_spec(path, fs::exists(path));
+  const bool several = group && group->world_size() > 1;
+  std::optional<HubSpec> spec;
+  if (!several) {
+    spec = parse_hub_spec(path, fs::exists(path));
+  } else {
+    // Every rank must take the same branch (a bare owner/repo is a local path where it exists):
+    // agree first, so that no rank waits in a collective the others never reach.
+    json mine;
+    try {
+      spec = parse_hub_spec(path, fs::exists(path));
+      mine["spec"] = spec.has_value();
+    } catch (const std::exception& e) {
+      mine["error"] = e.what();
+    }
+    const std::vector<std::string> views = group->all_gather_strings(mine.dump());
+    std::set<bool> kinds;
+    for (size_t r = 0; r < views.size(); ++r) {
+      const json view = json::parse(views[r]);
+      if (view.contains("error")) throw CheckpointError(view["error"].get<std::string>());
+      kinds.insert(view["spec"].get<bool>());
+    }
+    if (kinds.size() > 1) {
+      throw CheckpointError(fmt::format("'{}' is a local path on some ranks and a Hub spec on others (it exists on "
+                                        "some nodes only)\nHINT: write hf://{} for the Hub, or ./{} or an absolute "
+                                        "path for a directory every node has",
+                                        path, path, path));
+    }
+  }
   if (!spec) return path;
   const auto start = Clock::now();
-  const HubSettings settings = HubSettings::from_environment();
   auto summary = [&](const HubResolution& r) {
     return fmt::format("hub: {} -> commit {} ({}; {} files, {} downloaded, {:.1f} MiB, {:.1f} s) at {}", path,
                        r.commit.substr(0, 12), r.how, r.files, r.downloaded, static_cast<double>(r.bytes) / (1 << 20),
                        std::chrono::duration<double>(Clock::now() - start).count(), r.dir);
   };
-  if (!group || group->world_size() == 1) {
-    const HubResolution r = resolve_hub_spec(*spec, settings, log);
+  if (!several) {
+    const HubResolution r = resolve_hub_spec(*spec, HubSettings::from_environment(), log);
     log(summary(r));
     return r.dir;
   }
@@ -297,8 +338,9 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
   json mine = {{"node", group->node_index()}, {"leader", group->local_rank() == 0}};
   if (group->local_rank() == 0) {
     try {
-      const HubResolution r = resolve_hub_spec(*spec, settings, log);
+      const HubResolution r = resolve_hub_spec(*spec, HubSettings::from_environment(), log);
       mine["dir"] = r.dir;
+      mine["commit"] = r.commit;
       mine["summary"] = summary(r);
     } catch (const std::exception& e) {
       mine["error"] = e.what();
@@ -318,6 +360,21 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
       throw CheckpointError(message);
     }
     if (outcome["leader"].get<bool>() && outcome["node"].get<int>() == group->node_index()) dir = outcome["dir"];
+  }
+  // Nodes resolving a branch at different moments may see different commits.
+  std::map<std::string, std::vector<std::string>> nodes_of;  // commit -> node hosts
+  for (const std::string& text : outcomes) {
+    const json outcome = json::parse(text);
+    if (outcome["leader"].get<bool>()) {
+      nodes_of[outcome["commit"]].push_back(group->node_hostnames().at(outcome["node"].get<size_t>()));
+    }
+  }
+  if (nodes_of.size() > 1) {
+    std::string list;
+    for (const auto& [commit, hosts] : nodes_of) list += fmt::format("\n  {}: {}", commit, fmt::join(hosts, ", "));
+    throw CheckpointError(fmt::format("Hub spec '{}' resolved to different commits on different nodes (the revision "
+                                      "moved during start-up):{}\nHINT: pin the commit: hf://{}@<40-hex commit>",
+                                      path, list, spec->repo_id + (spec->subfolder.empty() ? "" : "/" + spec->subfolder)));
   }
   if (group->is_main()) log(json::parse(outcomes[0])["summary"].get<std::string>());
   // Every rank must see its node's snapshot before any starts loading.

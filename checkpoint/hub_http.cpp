@@ -100,6 +100,12 @@ bool transient_curl(CURLcode code) {
   }
 }
 
+// A URL for messages: without its query, which for a CDN holds signatures.
+std::string shown(const std::string& url) {
+  const size_t query = url.find('?');
+  return query == std::string::npos ? url : url.substr(0, query) + "?...";
+}
+
 std::string human_bytes(double bytes) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int unit = 0;
@@ -126,7 +132,7 @@ std::string status_message(const std::string& method, const HttpResponse& respon
   if (!code.empty() || !detail.empty()) {
     paren = fmt::format(" ({}{}{})", code, !code.empty() && !detail.empty() ? ": " : "", trim(detail));
   }
-  return fmt::format("HTTP {}{} for {} {}", response.status, paren, method, response.url);
+  return fmt::format("HTTP {}{} for {} {}", response.status, paren, method, shown(response.url));
 }
 
 void sleep_backoff(int attempt) {
@@ -249,7 +255,14 @@ HttpResponse HubHttp::send(Request& request) {
                      long status = 0;
                      curl_easy_getinfo(static_cast<CURL*>(t->curl), CURLINFO_RESPONSE_CODE, &status);
                      const size_t bytes = size * count;
-                     if (status >= 200 && status < 300 && r->sink) return r->sink(data, bytes, status) ? bytes : 0;
+                     if (status >= 200 && status < 300 && r->sink) {
+                       try {  // no exception may cross libcurl's C frames
+                         return r->sink(data, bytes, status) ? bytes : 0;
+                       } catch (const std::exception& e) {
+                         r->sink_error = e.what();
+                         return 0;
+                       }
+                     }
                      if (r->response.body.size() < kMaxErrorBody) r->response.body.append(data, bytes);
                      return bytes;
                    });
@@ -258,17 +271,23 @@ HttpResponse HubHttp::send(Request& request) {
     curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &request);
     curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION,
                      +[](void* user, curl_off_t, curl_off_t now, curl_off_t, curl_off_t) -> int {
-                       static_cast<Request*>(user)->progress(static_cast<double>(now));
+                       try {  // no exception may cross libcurl's C frames
+                         static_cast<Request*>(user)->progress(static_cast<double>(now));
+                       } catch (...) {
+                       }
                        return 0;
                      });
   }
   const CURLcode code = curl_easy_perform(curl);
+  // Nothing the handle keeps may point at this frame or at freed lists.
+  curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, nullptr);
+  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, nullptr);
   curl_slist_free_all(headers);
   curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &request.response.status);
   if (code != CURLE_OK) {
     if (code == CURLE_WRITE_ERROR && !request.sink_error.empty()) throw IoError(request.sink_error);
     const std::string reason = error_buffer[0] ? error_buffer : curl_easy_strerror(code);
-    throw HubError(fmt::format("{} {} failed: {}", request.method, request.url, trim(reason)), 0, "",
+    throw HubError(fmt::format("{} {} failed: {}", request.method, shown(request.url), trim(reason)), 0, "",
                    transient_curl(code));
   }
   return request.response;
@@ -286,7 +305,7 @@ HttpResponse HubHttp::call(const std::string& method, const std::string& url) {
         HttpResponse response = send(request);
         const std::string location = response.header("location");
         if (response.status >= 300 && response.status < 400 && !location.empty() && !is_absolute_location(location)) {
-          if (hop == kMaxRedirects) throw HubError(fmt::format("too many redirects from {}", url), response.status, "", false);
+          if (hop == kMaxRedirects) throw HubError(fmt::format("too many redirects from {}", shown(url)), response.status, "", false);
           current = Url(location, current).part(CURLUPART_URL);
           continue;
         }
@@ -375,7 +394,7 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
         response = send(request);
         const std::string location = response.header("location");
         if (response.status >= 300 && response.status < 400 && !location.empty()) {
-          if (hop == kMaxRedirects) throw HubError(fmt::format("too many redirects from {}", url), response.status, "", false);
+          if (hop == kMaxRedirects) throw HubError(fmt::format("too many redirects from {}", shown(url)), response.status, "", false);
           current = Url(location, current).part(CURLUPART_URL);
           continue;
         }
@@ -391,7 +410,7 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
                        transient_status(response.status));
       }
       if (file_size_or_zero(path) < size && file_size_or_zero(path) <= before) {
-        throw HubError(fmt::format("GET {}: answered {} without data", current, response.status), response.status, "", true);
+        throw HubError(fmt::format("GET {}: answered {} without data", shown(current), response.status), response.status, "", true);
       }
     } catch (const HubError& e) {
       file.reset();

@@ -163,6 +163,15 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
       v.check(false, base + ".type", "= 'lora' appears twice: one LoRA converter per run",
               "list every target in one entry's target_modules");
     }
+    // adapter_only saves keep the keys a converter owns and freezes the rest: only LoRA does.
+    v.check(cc.save == "full" || cc.type == "lora", base + ".save",
+            fmt::format("= adapter_only needs a converter that owns the trained keys, and {} owns none", cc.type),
+            "use save: full");
+    // Forward computes Q(W)·x + scale·B·A·x whatever the order; the export applies transforms
+    // last converter first, which gives the same weights only when LoRA comes first.
+    v.check(cc.type != "lora" || i == 0 || c.converters[0].type != "int8_qat", base + ".type",
+            "= lora must come before int8_qat in converters (the merged export quantises the base, then adds B·A)",
+            "list lora first");
   }
 
   v.check(c.logging.peak_tflops >= 0, "logging.peak_tflops", "must be >= 0 (0: no MFU)");

@@ -91,7 +91,8 @@ class PeftLoraAdapter : public ConverterAdapter {
     const std::string weight = permuted_weight(fqn);
     return weight.empty() ? tensor : model.from_hf(weight, tensor);
   }
-  std::string subdirectory() const override { return config_.export_mode == "both" ? "adapter" : ""; }
+  std::string subdirectory() const override { return "adapter"; }
+  bool base_is_export() const override { return config_.export_mode == "adapter"; }
 
   nlohmann::json config_json(const std::string& base) const override {
     std::vector<std::string> targets;
@@ -171,8 +172,8 @@ class LoraConverter : public ModelConverter {
   }
 
   // `merged`: W + scale·(B @ A) in fp32, LoRA keys dropped. `both`: the same, the LoRA keys
-  // kept for the PEFT adapter (in its subdirectory). `adapter`: unchanged (the LoRA keys leave
-  // through the PEFT adapter, beside the base weights).
+  // kept for the PEFT adapter (adapter/, on the run's source model). `adapter`: unchanged (the
+  // base weights, with the PEFT adapter in adapter/ on them).
   StateDict state_dict_transform(const StateDict& sd) const override {
     if (config_.export_mode == "adapter") return sd;
     StateDict out;

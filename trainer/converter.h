@@ -42,10 +42,12 @@ class ConverterAdapter {
                                const LlamaStateDictAdapter& model) const = 0;
   // The adapter's config file; `base` names the base model (path or Hub id; "" for none).
   virtual nlohmann::json config_json(const std::string& base) const = 0;
-  // Where the files go in an HF export: "" beside the model (whose weights are then the base
-  // the adapter applies to), or a subdirectory (the model there is merged; the adapter's base
-  // is the run's source model).
+  // The subdirectory of an HF export its files go to (never beside the model, so that no
+  // loader applies them to a model that already holds them).
   virtual std::string subdirectory() const = 0;
+  // Whether the model beside it is its base (the export's weights untransformed by it), or the
+  // adapter applies to the run's source model.
+  virtual bool base_is_export() const = 0;
 };
 
 class ModelConverter {

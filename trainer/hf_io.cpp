@@ -53,7 +53,8 @@ LlamaShape llama_shape(const ModelConfig& c) {
 
 CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sharded,
                         const Config& config, const Tokenizer* tokenizer, int rank, int world,
-                        bool hash_thread, const std::map<std::string, std::string>* source_layout) {
+                        bool hash_thread, const std::map<std::string, std::string>* source_layout,
+                        const std::string& source_base) {
   const CheckpointConfig& kc = config.checkpoint;
   const LlamaStateDictAdapter adapter(llama_shape(config.model));
   const at::ScalarType export_dtype = dtype_named(kc.export_dtype);
@@ -117,17 +118,7 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   } else {
     for (const auto& [fqn, value] : export_view(plain->parameters())) keep(fqn, value);
   }
-  // The base an adapter in a subdirectory applies to: the run's source model.
-  std::string source_base;
-  if (kc.resume_path) {
-    const std::optional<HubSpec> spec = parse_hub_spec(*kc.resume_path, std::filesystem::exists(*kc.resume_path));
-    source_base = spec && spec->subfolder.empty() && spec->revision.empty()
-                      ? spec->repo_id
-                      : std::filesystem::weakly_canonical(kc.local_dirs.count(*kc.resume_path)
-                                                              ? kc.local_dirs.at(*kc.resume_path)
-                                                              : *kc.resume_path)
-                            .string();  // symlinks resolved: hf-latest moves on
-  }
+
 
   const int64_t bos = tokenizer ? tokenizer->bos_id() : 1;
   const int64_t eos = tokenizer ? tokenizer->eos_id() : 2;
@@ -168,16 +159,18 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     }
     return report;
   };
-  // Adapters' configs name their base: the export itself when beside it, else the source.
+  // Adapters' configs name their base: the export itself when its weights are the adapter's
+  // base, else the run's source model.
   std::vector<std::pair<std::string, std::string>> adapter_configs;  // relative path, content
+  std::vector<const ConverterAdapter*> on_export;
   for (const auto& [converter_adapter, files] : *adapter_tensors) {
-    const std::string sub = converter_adapter->subdirectory();
-    adapter_configs.emplace_back((std::filesystem::path(sub) / converter_adapter->config_file()).string(),
-                                 sub.empty() ? "" : converter_adapter->config_json(source_base).dump(2) + "\n");
+    const bool base_is_export = converter_adapter->base_is_export();
+    adapter_configs.emplace_back(
+        (std::filesystem::path(converter_adapter->subdirectory()) / converter_adapter->config_file()).string(),
+        base_is_export ? "" : converter_adapter->config_json(source_base).dump(2) + "\n");
+    on_export.push_back(converter_adapter);
   }
-  std::vector<const ConverterAdapter*> beside;
-  for (const auto& [converter_adapter, files] : *adapter_tensors) beside.push_back(converter_adapter);
-  job.finalize = [plan, model_config, bos, eos, text_files, copy_files, adapter_configs, beside](
+  job.finalize = [plan, model_config, bos, eos, text_files, copy_files, adapter_configs, on_export](
                      const std::string& dir, const std::vector<nlohmann::json>&) {
     write_hf_shared_files(dir, *plan, *model_config,
                           LlamaStateDictAdapter::generation_config_json(bos, eos), text_files, copy_files);
@@ -190,7 +183,7 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     for (size_t i = 0; i < adapter_configs.size(); ++i) {
       const std::string content = !adapter_configs[i].second.empty()
                                       ? adapter_configs[i].second
-                                      : beside[i]->config_json(final_dir).dump(2) + "\n";
+                                      : on_export[i]->config_json(final_dir).dump(2) + "\n";
       write_file_atomic((std::filesystem::path(dir) / adapter_configs[i].first).string(), content);
     }
   };

@@ -26,11 +26,14 @@ at::ScalarType dtype_named(const std::string& name);
 // unit at a time and keep the converted tensors of the shard files they write). Exactly one
 // of `plain` / `sharded` is set. `tokenizer` (may be null) gives bos/eos and tokenizer files.
 // `source_layout` (may be null): the weight_map of the HF directory the run started from;
-// the export then keeps its file layout instead of max_shard_size shards.
+// the export then keeps its file layout instead of max_shard_size shards. Converters' keys
+// leave through their adapters (LoRA: a PEFT adapter in adapter/); `source_base` names the
+// run's source model for an adapter whose base is not the export itself.
 CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sharded,
                         const Config& config, const Tokenizer* tokenizer, int rank, int world,
                         bool hash_thread,
-                        const std::map<std::string, std::string>* source_layout = nullptr);
+                        const std::map<std::string, std::string>* source_layout = nullptr,
+                        const std::string& source_base = "");
 
 // The weight_map of an HF directory's index (key -> file); empty for a single model.safetensors.
 std::map<std::string, std::string> hf_weight_map(const std::string& dir);

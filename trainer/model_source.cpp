@@ -172,11 +172,13 @@ ModelSource load_model_source(const std::string& given) {
     source.step = reader.step();
     // The run's config (saved with the checkpoint) names its tokenizer and its converters.
     std::optional<Config> run;
+    std::string config_problem = "it has no config.yaml";
     const fs::path config_yaml = fs::path(*dir) / "config.yaml";
     if (fs::exists(config_yaml)) {
       try {
         run = load_config(config_yaml.string(), {});
-      } catch (const ConfigError&) {
+      } catch (const ConfigError& e) {
+        config_problem = fmt::format("its config.yaml does not load: {}", e.what());
       }
     }
     if (run && run->data.tokenizer && fs::exists(*run->data.tokenizer)) source.tokenizer = run->data.tokenizer;
@@ -195,6 +197,25 @@ ModelSource load_model_source(const std::string& given) {
       } else if (!converters.owned(p.key)) {
         base.push_back(p);
       }
+    }
+    // Every tensor of the checkpoint has a place in the model, and every base tensor is there
+    // (an adapter-only checkpoint takes them from its recorded base below).
+    std::set<std::string> placed;
+    for (const TensorPiece& p : present) placed.insert(p.key);
+    std::vector<std::string> unplaced, absent;
+    for (const std::string& key : reader.keys()) {
+      if (key.rfind("optimizer.", 0) != 0 && !placed.count(key)) unplaced.push_back(key);
+    }
+    if (!reader.metadata().contains("adapter_only")) {
+      for (const TensorPiece& p : base) absent.push_back(p.key);
+    }
+    if (!unplaced.empty() || !absent.empty()) {
+      throw CheckpointError(fmt::format(
+          "Strata checkpoint {} does not fit the model its metadata describes{}{}\nHINT: {}",
+          *dir, unplaced.empty() ? "" : fmt::format("\n  tensors the model lacks: {}", fmt::join(unplaced, ", ")),
+          absent.empty() ? "" : fmt::format("\n  missing: {}", fmt::join(absent, ", ")),
+          run ? "the checkpoint may be damaged (strata inspect --verify)"
+              : "the converters that made these tensors are named in the run's config.yaml, and " + config_problem));
     }
     reader.load(present);
     std::set<std::string> filled;

@@ -128,6 +128,18 @@ nlohmann::json adapter_only_bases(const ResumePlan& plan) {
   return bases;
 }
 
+void ResumePlan::relocate(const std::map<std::string, std::string>& rank0_dirs,
+                          const std::map<std::string, std::string>& mine) {
+  auto move = [&](const std::string& given, std::string& path) {
+    const auto theirs = rank0_dirs.find(given), ours = mine.find(given);
+    if (theirs == rank0_dirs.end() || ours == mine.end() || theirs->second == ours->second) return;
+    const fs::path below = fs::path(path).lexically_relative(theirs->second);
+    path = below.empty() || below == "." ? ours->second : (fs::path(ours->second) / below).string();
+  };
+  if (!own) move(given, dir);
+  for (LoadSource& s : extra) move(s.given, s.dir);
+}
+
 std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k,
                                                       const std::function<std::string(const std::string&)>& resolve) {
   std::map<std::string, std::string> local;
@@ -260,6 +272,7 @@ Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const 
     // A model-only checkpoint gives the weights (and, from the run's own folder, the step and
     // data position); resume_model_only gives the weights only.
     bool model_only_checkpoint = false;
+    bool lacks_converter_keys = false;
     int64_t checkpoint_step = 0, saved_data_step = 0;
     uint64_t saved_data_seed = 0, saved_sample_seed = 0;
     double load_seconds = 0.0, load_bytes = 0.0;
@@ -268,7 +281,13 @@ Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const 
       const CheckpointReader reader(plan.dir);
       model_only_checkpoint = reader.model_only();
       checkpoint_step = reader.step();
-      const bool want_optimizer = !plan.weights_only && !model_only_checkpoint && !excluded(kc, "optimizer");
+      // A checkpoint of a run without this run's converters (a base for LoRA) gives weights:
+      // its step, schedule and optimizer belong to another training.
+      for (const TensorPiece& piece : pieces_of(nullptr, PieceUse::kLoad)) {
+        if (owned(piece.key) && !reader.contains(piece.key)) lacks_converter_keys = true;
+      }
+      const bool want_optimizer = !plan.weights_only && !lacks_converter_keys && !model_only_checkpoint &&
+                                  !excluded(kc, "optimizer");
       // A checkpoint without a converter's keys (a base model for LoRA) gives the rest.
       // An adapter-only checkpoint has the converters' keys alone (its bases follow as sources).
       const bool adapter_only = reader.metadata().contains("adapter_only");
@@ -300,7 +319,10 @@ Resumed load_resume_source(const ResumePlan& plan, const ModelConfig& mc, const 
       }
     });
     restored.push_back("model");
-    const bool full = !plan.weights_only && (!model_only_checkpoint || plan.own);
+    const bool full = !plan.weights_only && !lacks_converter_keys && (!model_only_checkpoint || plan.own);
+    if (lacks_converter_keys && !plan.weights_only) {
+      say(log, "resume: {} has none of the converters' tensors: weights only (they start fresh, at step 1)", plan.dir);
+    }
     if (full) {
       r.step = checkpoint_step;
       if (!model_only_checkpoint && !excluded(kc, "optimizer")) restored.push_back("optimizer");

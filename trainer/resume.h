@@ -42,6 +42,10 @@ struct ResumePlan {
 
   std::string to_json() const;
   static ResumePlan from_json(const std::string& text);
+  // Rank 0 planned with its own local directories; on another node a Hub snapshot may live
+  // elsewhere (another HF_HOME): every source named in `local_dirs` moves to this rank's
+  // directory, keeping the part below it (e.g. a step directory).
+  void relocate(const std::map<std::string, std::string>& rank0_dirs, const std::map<std::string, std::string>& mine);
 };
 
 // Decides on rank 0 (the caller broadcasts the plan). `local_dir` maps a path as the config

@@ -17,6 +17,7 @@
 #include <set>
 
 #include "checkpoint/checkpoint_manager.h"
+#include "checkpoint/hub_spec.h"
 #include "trainer/converter.h"
 #include "trainer/data_loader.h"
 #include "trainer/generate.h"
@@ -250,6 +251,10 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     });
   });
   plan = ResumePlan::from_json(broadcast_string(*comm, plan.to_json(), 0));
+  {
+    const nlohmann::json rank0 = nlohmann::json::parse(broadcast_string(*comm, nlohmann::json(kc.local_dirs).dump(), 0));
+    plan.relocate(rank0.get<std::map<std::string, std::string>>(), kc.local_dirs);
+  }
   const Resumed resumed_state =
       load_resume_source(plan, mc, kc, converters, config.converters, config.job.seed, tc.steps, *comm, optimizer,
                          pieces_of, [&log](const std::string& line) { log("{}", line); });
@@ -268,6 +273,25 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   const int64_t lr_step_offset = resumed_state.lr_step_offset;
   const uint64_t data_seed = resumed_state.data_seed, sample_seed = resumed_state.sample_seed;
   const std::set<std::string>& loaded = resumed_state.loaded;
+  // The base model a PEFT adapter exported on it names (base_model_name_or_path): the HF model
+  // the run loaded its base from, as a Hub repo id when it came from a whole repo at main,
+  // else its local directory.
+  std::string source_base;
+  {
+    std::string given;
+    if (plan.hf) given = plan.given;
+    for (const LoadSource& s : plan.extra) {
+      if (given.empty() && s.kind == LoadSource::Kind::kHf) given = s.given;
+    }
+    if (!given.empty()) {
+      const auto local = kc.local_dirs.find(given);
+      const std::string dir = local != kc.local_dirs.end() ? local->second : given;
+      const std::optional<HubSpec> spec = dir == given ? std::nullopt : parse_hub_spec(given, false);
+      source_base = spec && spec->subfolder.empty() && spec->revision.empty()
+                        ? spec->repo_id
+                        : fs::weakly_canonical(dir).string();  // symlinks resolved: hf-latest moves on
+    }
+  }
   // An export of a run that started from an HF directory keeps that directory's shard layout.
   const std::map<std::string, std::string> source_layout =
       plan.hf ? hf_weight_map(plan.dir) : std::map<std::string, std::string>();
@@ -388,7 +412,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
     checkpoints.export_hf(hf_export_job(step, plain_model.get(), sharded_model.get(), config,
                                         tokenizer ? &*tokenizer : nullptr, group.rank(),
                                         group.world_size(), /*hash_thread=*/!async_saves,
-                                        &source_layout));
+                                        &source_layout, source_base));
     fit_threads();
   };
 

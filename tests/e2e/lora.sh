@@ -109,8 +109,8 @@ PY
 [ "$(eval_loss "$export")" != "$(eval_loss "$base_dir")" ] || fail "LoRA changed nothing"
 echo "lora: export both: merged == base + adapter == checkpoint"
 
-# --- export: adapter: the unmerged base beside the adapter, bit-identical to the base export
-# after training (frozen), and the adapter naming its own directory as the base.
+# --- export: adapter: the unmerged base, bit-identical to the base export after training
+# (frozen), with the adapter in adapter/ naming the export as its base.
 train 1 beside --set converters.0.export=adapter --set training.steps=3
 python3 - "$(readlink -f beside/checkpoints/hf-latest)" "$base_dir" <<'PY'
 import json, os, sys
@@ -118,11 +118,12 @@ export, base = sys.argv[1:]
 for f in sorted(os.listdir(base)):
     if f.startswith("model") and f.endswith(".safetensors"):
         assert open(os.path.join(export, f), "rb").read() == open(os.path.join(base, f), "rb").read(), f
-config = json.load(open(os.path.join(export, "adapter_config.json")))
+config = json.load(open(os.path.join(export, "adapter", "adapter_config.json")))
 assert config["base_model_name_or_path"] == export, config["base_model_name_or_path"]
-assert os.path.exists(os.path.join(export, "adapter_model.safetensors"))
+assert not os.path.exists(os.path.join(export, "adapter_config.json")), "adapter files beside the model"
 PY
-[ "$(eval_loss beside/checkpoints/hf-latest)" = "$(eval_loss beside/checkpoints)" ] || fail "adapter export != checkpoint"
+[ "$(eval_loss beside/checkpoints/hf-latest/adapter)" = "$(eval_loss beside/checkpoints)" ] || fail "adapter export != checkpoint"
+[ "$(eval_loss beside/checkpoints/hf-latest)" = "$(eval_loss "$base_dir")" ] || fail "the export's model is not the base"
 
 # --- 2 and 3 ranks (FSDP: frozen base in each unit's second buffer) match 1 rank.
 train 2 lora2
@@ -195,6 +196,10 @@ expect_error "is a PEFT LoRA adapter, but the run has no LoRA converter" \
   --set "checkpoint.additional_load_paths=[$export/adapter]"
 expect_error "converters.0.target_modules = 'q_proj' is not one of: wq, wk, wv, wo, w1, w2, w3" \
   "$STRATA_BIN" train --config lora.yaml --set "converters.0.target_modules=[q_proj]"
+expect_error "converters.0.save = adapter_only needs a converter that owns the trained keys, and int8_qat owns none" \
+  "$STRATA_BIN" train --config lora.yaml --set "converters=[{type: int8_qat, save: adapter_only}]"
+expect_error "converters.1.type = lora must come before int8_qat" \
+  "$STRATA_BIN" train --config lora.yaml --set "converters=[{type: int8_qat}, {type: lora}]"
 
 # --- int8 QAT: the export holds the quantise-dequantised weights (each row an integer multiple
 # of max|row| / 127).
