@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# Training throughput, Strata vs PyTorch, all measurements in this invocation on this machine:
+# the same Llama (shapes, batch, sequence length, AdamW, grad clipping, fp32, intra-op threads)
+# trained by `strata train` and by scripts/bench/reference_llama.py (an ordinary PyTorch loop on
+# Debian's python3-torch, the same LibTorch 1.13 and BLAS), runs alternating A B A B, on
+#   micro  dim 64, 2 layers, vocab 512, seq 64, batch 8  (per-op overhead dominates)
+#   tiny   configs/tiny.yaml's model and batch           (3.1M parameters, seq 128)
+#   small  dim 512, 8 layers, vocab 4096, batch 2        (29.4M parameters, seq 512)
+# each on 1 rank x all cores and on 2 ranks x (cores / 2) threads: Strata FSDP (default
+# activation_checkpointing: full, and none) against DistributedDataParallel over gloo, same
+# global batch. Prints a Markdown table: tokens/s (median of the runs), Strata / reference, the
+# fp32 GEMM rate measured with the same layout on the model's matmul shapes, each trainer's
+# FLOP/s as a share of it, and peak RSS per rank (/usr/bin/time).
+#   scripts/bench/train_throughput.sh
+# Environment: RUNS (3: runs of each trainer), QUICK=1 (one short run each: a smoke test),
+# CONFIGS ("micro tiny small"), RANKS ("1 2"), REPLICATED=1 (also Strata with fsdp.enabled:
+# false), STRATA_BUILD_DIR (build); the rest of the environment (e.g. OPENBLAS_CORETYPE) reaches
+# both trainers alike, and the report names the OpenBLAS kernels in use. Needs no prepared data:
+# both trainers read the same shard of random tokens written here. Installs python3-torch when
+# /usr/bin/python3 cannot import torch. With QUICK=1 it takes about 2 minutes on an idle 2-core
+# machine, the default 10-15; other processes on the machine slow it and skew the figures
+# (the report gives their CPU share per run).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+strata="${STRATA_BUILD_DIR:-$root/build}/strata"
+py=/usr/bin/python3  # Debian's interpreter: the one python3-torch installs into
+reference="$root/scripts/bench/reference_llama.py"
+quick=${QUICK:-0}
+runs=${RUNS:-$([ "$quick" = 1 ] && echo 1 || echo 3)}
+configs=${CONFIGS:-micro tiny small}
+layouts=${RANKS:-1 2}
+cores=$(nproc)
+
+ensure_python_torch() {
+  if "$py" -c 'import torch, yaml, numpy' >/dev/null 2>&1; then return 0; fi
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 ||
+      { echo "train_throughput: python3-torch is missing; run as root or install sudo" >&2; exit 1; }
+    sudo=(sudo)
+  fi
+  echo "train_throughput: installing python3-torch" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mtime -1 2>/dev/null | head -1)" ]; then
+    "${sudo[@]}" apt-get update -q
+  fi
+  if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends python3-torch; then
+    "${sudo[@]}" apt-get update -q  # a stale list can name versions the mirror no longer has
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends python3-torch
+  fi
+  "$py" -c 'import torch, yaml, numpy' ||
+    { echo "train_throughput: $py cannot import torch after installing python3-torch" >&2; exit 1; }
+}
+ensure_python_torch
+[ -x "$strata" ] || { echo "train_throughput: $strata not found; build first (scripts/build.sh)" >&2; exit 1; }
+[ -x /usr/bin/time ] || { echo "train_throughput: /usr/bin/time is missing (apt-get install time)" >&2; exit 1; }
+
+out=$(mktemp -d "${TMPDIR:-/tmp}/bench-throughput-XXXXXX")
+trap 'rm -rf "$out"' EXIT
+if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+export GLOO_SOCKET_IFNAME=lo
+
+# Model and batch of each config (on top of configs/tiny.yaml), steps, and the warm-up steps
+# left out of the measurement. Small: global batch 2 keeps a step to a few seconds on 2 cores.
+declare -A model steps warmup
+model[micro]="model.vocab_size=512 model.dim=64 model.n_layers=2 model.n_heads=4 model.n_kv_heads=2 model.max_seq_len=64 data.seq_len=64 training.global_batch_size=8 training.micro_batch_size=4"
+model[tiny]=""
+model[small]="model.vocab_size=4096 model.dim=512 model.n_layers=8 model.n_heads=8 model.n_kv_heads=4 model.multiple_of=256 model.max_seq_len=512 data.seq_len=512 training.global_batch_size=2 training.micro_batch_size=1"
+if [ "$quick" = 1 ]; then
+  steps=([micro]=12 [tiny]=6 [small]=3) warmup=([micro]=4 [tiny]=2 [small]=1) gemm_seconds=0.1
+else
+  steps=([micro]=60 [tiny]=20 [small]=8) warmup=([micro]=10 [tiny]=5 [small]=3) gemm_seconds=0.5
+fi
+
+# Resolved configs: Strata prints what it will run and the reference reads the same file.
+resolve() {  # OUT.yaml CONFIG RANKS [key=value ...]
+  local file=$1 name=$2 ranks=$3; shift 3
+  local sets=() kv
+  for kv in ${model[$name]} "$@"; do sets+=(--set "$kv"); done
+  "$strata" train --config configs/tiny.yaml --print-config "${sets[@]}" \
+    --set data.train="$out/data-$name.bin" --set data.val=null --set data.tokenizer=null \
+    --set checkpoint.enable=false --set training.eval_interval=0 --set training.log_interval=1 \
+    --set training.steps="${steps[$name]}" --set parallel.threads_per_rank=$(( cores / ranks > 0 ? cores / ranks : 1 )) \
+    >"$file"
+}
+free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+busy_ticks() { awk -v t="$(date +%s.%N)" '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9, t; exit}' /proc/stat; }
+launch() {  # TAG RANKS CMD...: one process per rank under mpirun; each rank's peak RSS (KiB),
+            # wall, user and system seconds in TAG.time.R; the machine's busy CPU ticks around it
+  local tag=$1 ranks=$2; shift 2
+  busy_ticks >"$out/$tag.busy"
+  mpirun --bind-to none -np "$ranks" -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT="$(free_port)" \
+    -x GLOO_SOCKET_IFNAME sh -c 'exec /usr/bin/time -f "%M %e %U %S" -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
+    "$out/$tag.time" "$@" >"$out/$tag.log" 2>&1 ||
+    { echo "train_throughput: $tag failed:" >&2; tail -40 "$out/$tag.log" >&2; exit 1; }
+  busy_ticks >>"$out/$tag.busy"
+}
+
+launch baseline-strata 1 "$strata" train --config configs/tiny.yaml --print-config
+launch baseline-reference 1 "$py" -c 'import numpy, yaml, torch, torch.distributed, torch.nn.parallel'
+echo "train_throughput: $cores cores, runs $runs, configs: $configs, ranks: $layouts (results in $out while running)" >&2
+for name in $configs; do
+  [ -n "${model[$name]+x}" ] || { echo "train_throughput: unknown config $name" >&2; exit 1; }
+  resolve "$out/probe-$name.yaml" "$name" 1
+  vocab=$("$py" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["model"]["vocab_size"])' "$out/probe-$name.yaml")
+  "$py" "$reference" shard "$out/data-$name.bin" --vocab-size "$vocab" --tokens 1000000
+  for ranks in $layouts; do
+    key="$name-$ranks"
+    variants=(strata)
+    resolve "$out/$key-strata.yaml" "$name" "$ranks"
+    if [ "$ranks" -gt 1 ]; then
+      variants+=(strata_keep)
+      resolve "$out/$key-strata_keep.yaml" "$name" "$ranks" parallel.fsdp.activation_checkpointing=none
+      if [ "${REPLICATED:-0}" = 1 ]; then
+        variants+=(strata_replicated)
+        resolve "$out/$key-strata_replicated.yaml" "$name" "$ranks" parallel.fsdp.enabled=false
+      fi
+    fi
+    variants+=(reference)
+    echo "train_throughput: $key: GEMM rate, then ${variants[*]} x $runs" >&2
+    launch "$key-gemm" "$ranks" "$py" "$reference" gemm "$out/$key-strata.yaml" --out "$out/$key-gemm.json" --seconds "$gemm_seconds"
+    for run in $(seq 1 "$runs"); do
+      for v in "${variants[@]}"; do
+        tag="$key-$v-$run"
+        if [ "$v" = reference ]; then
+          launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl"
+        else
+          launch "$tag" "$ranks" "$strata" train --config "$out/$key-$v.yaml" --set job.run_dir="$out/$tag"
+          mv "$out/$tag/metrics.jsonl" "$out/$tag.jsonl"
+        fi
+      done
+    done
+  done
+done
+
+"$py" - "$out" "$runs" "$configs" "$layouts" "$cores" "${REPLICATED:-0}" \
+  "${warmup[micro]} ${warmup[tiny]} ${warmup[small]}" <<'PY'
+import glob, json, os, statistics, sys
+import yaml
+out, runs, configs, layouts, cores, replicated = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split(), int(sys.argv[5]), sys.argv[6] == "1"
+warmup = dict(zip(("micro", "tiny", "small"), map(int, sys.argv[7].split())))
+
+def ffn_hidden_dim(m):
+    hidden = 2 * (4 * m["dim"]) // 3
+    if m.get("ffn_dim_multiplier") is not None:
+        hidden = int(m["ffn_dim_multiplier"] * hidden)
+    return m["multiple_of"] * ((hidden + m["multiple_of"] - 1) // m["multiple_of"])
+
+def params_and_flops(c):
+    """Llama::count_parameters and Llama::training_flops_per_token (trainer/llama.cpp)."""
+    m, seq = c["model"], c["data"]["seq_len"]
+    hd, f = m["dim"] // m["n_heads"], ffn_hidden_dim(m)
+    per_layer = m["dim"] * m["n_heads"] * hd * 2 + m["dim"] * m["n_kv_heads"] * hd * 2 + 3 * m["dim"] * f + 2 * m["dim"]
+    params = m["vocab_size"] * m["dim"] * (1 if m["tie_embeddings"] else 2) + m["n_layers"] * per_layer + m["dim"]
+    matmul = params - (0 if m["tie_embeddings"] else m["vocab_size"] * m["dim"])
+    return params, 6.0 * matmul + 12.0 * m["n_layers"] * m["n_heads"] * hd * seq
+
+def tokens_per_s(path, tokens_per_step, skip):
+    """Steady state: tokens of steps after the warm-up over their summed step time."""
+    rows = [json.loads(l) for l in open(path)]
+    rows = [r for r in rows if "step_ms" in r and r["step"] > skip]
+    return tokens_per_step * len(rows) / (sum(r["step_ms"] for r in rows) / 1000.0)
+
+def peak_rss_mib(tag, ranks):
+    """Largest peak RSS of the ranks (/usr/bin/time %M, KiB)."""
+    return max(int(open(f"{out}/{tag}.time.{r}").read().split()[-4]) / 1024.0 for r in range(ranks))
+
+def foreign_load(tag, ranks):
+    """Share of the machine's CPU time during the launch not spent by the ranks themselves
+    (/proc/stat busy ticks minus the ranks' user + system time): other processes, mpirun."""
+    (b0, t0), (b1, t1) = [map(float, l.split()) for l in open(f"{out}/{tag}.busy")]
+    ours = sum(sum(map(float, open(f"{out}/{tag}.time.{r}").read().split()[-2:])) for r in range(ranks))
+    return max(0.0, (b1 - b0) / os.sysconf("SC_CLK_TCK") - ours) / ((t1 - t0) * cores)
+
+import ctypes, platform, re, torch
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+try:
+    blas = ctypes.CDLL("libopenblas.so.0")
+    blas.openblas_get_corename.restype = ctypes.c_char_p
+    blas = f"OpenBLAS ({blas.openblas_get_corename().decode()} kernels)"
+except (OSError, AttributeError):
+    blas = "BLAS: not OpenBLAS"
+print(f"Machine: {cores} cores, {cpu}; LibTorch {torch.__version__}, {blas}\n")
+
+rows, trials, gemm_lines, loads = [], [], [], []
+for name in configs:
+    for ranks in map(int, layouts):
+        key = f"{name}-{ranks}"
+        c = yaml.safe_load(open(f"{out}/{key}-strata.yaml"))
+        params, fpt = params_and_flops(c)
+        logged = re.search(r"([0-9.]+) MFLOP/token", open(f"{out}/{key}-strata-1.log").read())
+        if not logged or abs(float(logged.group(1)) - fpt / 1e6) > 0.06:
+            print(f"WARNING: {key}: FLOPs/token {fpt / 1e6:.2f}M here, Strata logs "
+                  f"{logged.group(1) if logged else 'none'} (trainer/llama.cpp changed?)", file=sys.stderr)
+        threads = c["parallel"]["threads_per_rank"]
+        tps = c["training"]["global_batch_size"] * c["data"]["seq_len"]
+        gemm = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/{key}-gemm.json.*"))]
+        per_shape = {s: sum(g["gflops"][s] for g in gemm) for s in gemm[0]["gflops"]}
+        peak = max(per_shape.values())
+        gemm_lines.append(f"{key} ({gemm[0]['rows']} rows, {ranks} x {threads}): "
+                          + ", ".join(f"{s} {v:.1f}" for s, v in per_shape.items()))
+        variants = ["strata"] + (["strata_keep"] + (["strata_replicated"] if replicated else []) if ranks > 1 else [])
+        res = {}
+        for v in variants + ["reference"]:
+            t = [tokens_per_s(f"{out}/{key}-{v}-{i}.jsonl", tps, warmup[name]) for i in range(1, runs + 1)]
+            rss = max(peak_rss_mib(f"{key}-{v}-{i}", ranks) for i in range(1, runs + 1))
+            load = [foreign_load(f"{key}-{v}-{i}", ranks) for i in range(1, runs + 1)]
+            loads += load
+            res[v] = (statistics.median(t), rss)
+            comm = ""
+            if v != "reference" and ranks > 1:
+                shares = [r["comm_fraction"] for i in range(1, runs + 1) for r in map(json.loads, open(f"{out}/{key}-{v}-{i}.jsonl"))
+                          if r["step"] > warmup[name] and "comm_fraction" in r]
+                comm = f", Strata's comm share {100 * statistics.median(shares):.1f}%"
+            trials.append(f"{key} {v}: " + " / ".join(f"{x:.0f}" for x in t) + " tok/s (other load "
+                          + " / ".join(f"{100 * x:.0f}%" for x in load) + comm + ")")
+        ref_tps, ref_rss = res["reference"]
+        for v in variants:
+            mode = {"strata": "FSDP, recompute (default)" if ranks > 1 else "one rank",
+                    "strata_keep": "FSDP, `activation_checkpointing: none`",
+                    "strata_replicated": "replicated (`fsdp.enabled: false`)"}[v]
+            s_tps, s_rss = res[v]
+            rows.append(f"| {name} ({params / 1e6:.2f}M, seq {c['data']['seq_len']}) | {ranks} x {threads} | {mode} "
+                        f"| {s_tps:.0f} | {ref_tps:.0f} | **{s_tps / ref_tps:.2f}** | {peak:.1f} "
+                        f"| {100 * s_tps * fpt / 1e9 / peak:.1f}% | {100 * ref_tps * fpt / 1e9 / peak:.1f}% "
+                        f"| {s_rss:.0f} | {ref_rss:.0f} |")
+print("| config | ranks x threads | Strata mode | Strata tok/s | reference tok/s | Strata / ref "
+      "| GEMM peak GFLOP/s | Strata % of peak | ref % of peak | Strata peak RSS/rank MiB | ref peak RSS/rank MiB |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("\n".join(rows))
+print(f"\nMedians of {runs} run(s) per trainer, runs alternating; tokens/s over the steps after the warm-up "
+      f"({', '.join(f'{k} {v}' for k, v in warmup.items() if k in configs)} steps left out). "
+      f"GEMM peak: the best fp32 rate (GFLOP/s, summed over the ranks running at once) over the forward, "
+      f"input-gradient and weight-gradient matmuls of the model's linear layers, measured before the runs; "
+      f"FLOP/s = tokens/s x Llama::training_flops_per_token.")
+print(f"\nCPU time of other processes during the runs: mean {100 * statistics.mean(loads):.0f}%, "
+      f"max {100 * max(loads):.0f}% of the {cores} cores (0% on an idle machine; more makes the runs slower "
+      f"and noisier, especially multi-threaded ranks).")
+base = {k: int(open(f"{out}/baseline-{k}.time.0").read().split()[-4]) / 1024.0 for k in ("strata", "reference")}
+print(f"\nPeak RSS of the processes alone (no model): Strata {base['strata']:.0f} MiB (`strata train --print-config`), "
+      f"Python with torch {base['reference']:.0f} MiB (`import torch`).")
+print("\nEvery run (tokens/s; other load = CPU share used by other processes, mpirun included):")
+for t in trials:
+    print(f"- {t}")
+print("\nGEMM GFLOP/s by matmul (micro batch x seq rows):")
+for g in gemm_lines:
+    print(f"- {g}")
+PY
