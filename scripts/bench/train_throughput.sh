@@ -7,7 +7,7 @@
 #   tiny   configs/tiny.yaml's model and batch           (3.1M parameters, seq 128)
 #   small  dim 512, 8 layers, vocab 4096, batch 2        (29.4M parameters, seq 512)
 # each on 1 rank x all cores and on 2 ranks x (cores / 2) threads: Strata FSDP (default
-# activation_checkpointing: full, and none) against DistributedDataParallel over gloo, same
+# activation_checkpointing: auto, and none) against DistributedDataParallel over gloo, same
 # global batch. Prints a Markdown table: tokens/s (median of the runs), Strata / reference, the
 # fp32 GEMM rate measured with the same layout on the model's matmul shapes, each trainer's
 # FLOP/s as a share of it, and peak RSS per rank (/usr/bin/time).
