@@ -299,6 +299,8 @@ def train(args):
             metrics.write(json.dumps({"step": step, "step_ms": step_ms, "loss": step_loss,
                                       "tokens_per_s": tokens_per_step / step_ms * 1000.0}) + "\n")
             metrics.flush()
+    if metrics:
+        metrics.close()
     if world > 1:
         dist.destroy_process_group()
 

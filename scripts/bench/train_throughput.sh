@@ -6,20 +6,20 @@
 #   micro  dim 64, 2 layers, vocab 512, seq 64, batch 8  (per-op overhead dominates)
 #   tiny   configs/tiny.yaml's model and batch           (3.1M parameters, seq 128)
 #   small  dim 512, 8 layers, vocab 4096, batch 2        (29.4M parameters, seq 512)
-# each on 1 rank x all cores and on 2 ranks x (cores / 2) threads: Strata FSDP (default
-# activation_checkpointing: auto, and none) against DistributedDataParallel over gloo, same
-# global batch. Prints a Markdown table: tokens/s (median of the runs), Strata / reference, the
+# each on 1 rank x all cores and on 2 ranks x (cores / 2) threads: Strata FSDP (the default
+# activation_checkpointing, auto, and the mode auto did not pick) against DistributedDataParallel
+# over gloo, same global batch. Prints a Markdown table: tokens/s (median of the runs), Strata / reference, the
 # fp32 GEMM rate measured with the same layout on the model's matmul shapes, each trainer's
 # FLOP/s as a share of it, and peak RSS per rank (/usr/bin/time).
 #   scripts/bench/train_throughput.sh
-# Environment: RUNS (3: runs of each trainer), QUICK=1 (one short run each: a smoke test),
-# CONFIGS ("micro tiny small"), RANKS ("1 2"), REPLICATED=1 (also Strata with fsdp.enabled:
+# Environment: RUNS (3: runs of each trainer), QUICK=1 (a smoke test: one short run each, micro
+# and tiny only), CONFIGS ("micro tiny small"), RANKS ("1 2"), REPLICATED=1 (also Strata with fsdp.enabled:
 # false), STRATA_BUILD_DIR (build); the rest of the environment (e.g. OPENBLAS_CORETYPE) reaches
 # both trainers alike, and the report names the OpenBLAS kernels in use. Needs no prepared data:
 # both trainers read the same shard of random tokens written here. Installs python3-torch when
-# /usr/bin/python3 cannot import torch. With QUICK=1 it takes about 2 minutes on an idle 2-core
-# machine, the default 10-15; other processes on the machine slow it and skew the figures
-# (the report gives their CPU share per run).
+# /usr/bin/python3 cannot import torch. On an idle 2-core machine QUICK=1 takes about 1.5 minutes
+# and the default about 14 (6 with OpenBLAS's AVX-512 kernels, see BENCHMARKS.md); other
+# processes on the machine slow it and skew the figures (the report gives their CPU share per run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -28,7 +28,7 @@ py=/usr/bin/python3  # Debian's interpreter: the one python3-torch installs into
 reference="$root/scripts/bench/reference_llama.py"
 quick=${QUICK:-0}
 runs=${RUNS:-$([ "$quick" = 1 ] && echo 1 || echo 3)}
-configs=${CONFIGS:-micro tiny small}
+configs=${CONFIGS:-$([ "$quick" = 1 ] && echo micro tiny || echo micro tiny small)}
 layouts=${RANKS:-1 2}
 cores=$(nproc)
 
@@ -70,7 +70,7 @@ model[small]="model.vocab_size=4096 model.dim=512 model.n_layers=8 model.n_heads
 if [ "$quick" = 1 ]; then
   steps=([micro]=12 [tiny]=6 [small]=3) warmup=([micro]=4 [tiny]=2 [small]=1) gemm_seconds=0.1
 else
-  steps=([micro]=60 [tiny]=20 [small]=8) warmup=([micro]=10 [tiny]=5 [small]=3) gemm_seconds=0.5
+  steps=([micro]=60 [tiny]=12 [small]=5) warmup=([micro]=10 [tiny]=4 [small]=2) gemm_seconds=0.3
 fi
 
 # Resolved configs: Strata prints what it will run and the reference reads the same file.
@@ -107,21 +107,27 @@ for name in $configs; do
   "$py" "$reference" shard "$out/data-$name.bin" --vocab-size "$vocab" --tokens 1000000
   for ranks in $layouts; do
     key="$name-$ranks"
-    variants=(strata)
     resolve "$out/$key-strata.yaml" "$name" "$ranks"
-    if [ "$ranks" -gt 1 ]; then
-      variants+=(strata_keep)
-      resolve "$out/$key-strata_keep.yaml" "$name" "$ranks" parallel.fsdp.activation_checkpointing=none
-      if [ "${REPLICATED:-0}" = 1 ]; then
-        variants+=(strata_replicated)
-        resolve "$out/$key-strata_replicated.yaml" "$name" "$ranks" parallel.fsdp.enabled=false
-      fi
+    extra=()  # Strata variants besides the default
+    if [ "$ranks" -gt 1 ] && [ "${REPLICATED:-0}" = 1 ]; then
+      extra+=(strata_replicated)
+      resolve "$out/$key-strata_replicated.yaml" "$name" "$ranks" parallel.fsdp.enabled=false
     fi
-    variants+=(reference)
-    echo "train_throughput: $key: GEMM rate, then ${variants[*]} x $runs" >&2
+    echo "train_throughput: $key: GEMM rate, then Strata (default${extra[*]:+, ${extra[*]}}$([ "$ranks" -gt 1 ] && echo ", the other activation_checkpointing mode")) and the reference x $runs" >&2
     launch "$key-gemm" "$ranks" "$py" "$reference" gemm "$out/$key-strata.yaml" --out "$out/$key-gemm.json" --seconds "$gemm_seconds"
     for run in $(seq 1 "$runs"); do
-      for v in "${variants[@]}"; do
+      launch "$key-strata-$run" "$ranks" "$strata" train --config "$out/$key-strata.yaml" --set job.run_dir="$out/$key-strata-$run"
+      mv "$out/$key-strata-$run/metrics.jsonl" "$out/$key-strata-$run.jsonl"
+      if [ "$ranks" -gt 1 ] && [ "$run" = 1 ]; then
+        # FSDP: also the activation_checkpointing mode the default did not pick (auto -> full | none).
+        chosen=$(sed -n 's/.*activation_checkpointing auto -> \([a-z]*\).*/\1/p' "$out/$key-strata-1.log" | head -1)
+        [ -n "$chosen" ] || chosen=$("$py" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["parallel"]["fsdp"]["activation_checkpointing"])' "$out/$key-strata.yaml")
+        other=$([ "$chosen" = none ] && echo full || echo none)
+        echo "$chosen" >"$out/$key-chosen"
+        extra=("strata_$other" "${extra[@]}")
+        resolve "$out/$key-strata_$other.yaml" "$name" "$ranks" parallel.fsdp.activation_checkpointing="$other"
+      fi
+      for v in "${extra[@]}" reference; do
         tag="$key-$v-$run"
         if [ "$v" = reference ]; then
           launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl"
@@ -131,6 +137,7 @@ for name in $configs; do
         fi
       done
     done
+    echo "${extra[*]}" >"$out/$key-variants"
   done
 done
 
@@ -200,7 +207,8 @@ for name in configs:
         peak = max(per_shape.values())
         gemm_lines.append(f"{key} ({gemm[0]['rows']} rows, {ranks} x {threads}): "
                           + ", ".join(f"{s} {v:.1f}" for s, v in per_shape.items()))
-        variants = ["strata"] + (["strata_keep"] + (["strata_replicated"] if replicated else []) if ranks > 1 else [])
+        variants = ["strata"] + open(f"{out}/{key}-variants").read().split()
+        chosen = open(f"{out}/{key}-chosen").read().strip() if ranks > 1 else None
         res = {}
         for v in variants + ["reference"]:
             t = [tokens_per_s(f"{out}/{key}-{v}-{i}.jsonl", tps, warmup[name]) for i in range(1, runs + 1)]
@@ -217,8 +225,9 @@ for name in configs:
                           + " / ".join(f"{100 * x:.0f}%" for x in load) + comm + ")")
         ref_tps, ref_rss = res["reference"]
         for v in variants:
-            mode = {"strata": "FSDP, recompute (default)" if ranks > 1 else "one rank",
-                    "strata_keep": "FSDP, `activation_checkpointing: none`",
+            mode = {"strata": f"FSDP, default (`{c['parallel']['fsdp']['activation_checkpointing']}` -> {chosen})" if ranks > 1 else "one rank",
+                    "strata_none": "FSDP, `activation_checkpointing: none` (keep)",
+                    "strata_full": "FSDP, `activation_checkpointing: full` (recompute)",
                     "strata_replicated": "replicated (`fsdp.enabled: false`)"}[v]
             s_tps, s_rss = res[v]
             rows.append(f"| {name} ({params / 1e6:.2f}M, seq {c['data']['seq_len']}) | {ranks} x {threads} | {mode} "
