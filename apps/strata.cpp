@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <map>
 #include <memory>
@@ -23,6 +24,7 @@
 
 #include "checkpoint/file_io.h"
 #include "parallel/communicator.h"
+#include "trainer/blas_kernels.h"
 #include "trainer/config.h"
 #include "trainer/generate.h"
 #include "trainer/hf_io.h"
@@ -222,10 +224,16 @@ int run_inspect(const std::string& path, bool verify) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Subcommands that compute: make sure OpenBLAS runs kernels this CPU supports (may re-exec).
+  // --version reports the kernels a run would use.
+  if (argc > 1 && (std::strcmp(argv[1], "train") == 0 || std::strcmp(argv[1], "eval") == 0 ||
+                   std::strcmp(argv[1], "generate") == 0 || std::strcmp(argv[1], "--version") == 0)) {
+    strata::ensure_blas_kernels(argv);
+  }
   CLI::App app{"strata: a distributed trainer for Llama-family language models.\n"
                "Launch alone, or with mpirun / srun for several ranks."};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "strata 0.1.0");
+  app.set_version_flag("--version", "strata 0.1.0\nBLAS: " + strata::blas_description());
 
   TrainArgs train_args;
   CLI::App* train = app.add_subcommand("train", "Train a model from a YAML config.");

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "trainer/converter.h"
+#include "trainer/fused_ops.h"
 #include "trainer/seed.h"
 #include "trainer/torch_compat.h"
 
@@ -163,6 +164,7 @@ std::vector<std::string> Llama::initialize(uint64_t seed, const std::set<std::st
 }
 
 at::Tensor Llama::rms_norm(const at::Tensor& x, const at::Tensor& weight) const {
+  if (fused::enabled(x)) return fused::rms_norm(x, weight, config_.norm_eps);
   at::Tensor rms = at::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true).add(config_.norm_eps));
   return x * rms * weight;
 }
@@ -195,6 +197,12 @@ at::Tensor Llama::linear(const LlamaLayer& layer, size_t index, const at::Tensor
 at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const {
   const int64_t b = x.size(0), t = x.size(1), hd = config_.head_dim();
   const int64_t h = config_.n_heads, kv = config_.n_kv_heads;
+  if (fused::enabled(x) && fused::has_blas()) {
+    at::Tensor q = fused::rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
+    at::Tensor k = fused::rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
+    at::Tensor v = linear(layer, 2, x).view({b, t, kv, hd});
+    return linear(layer, 3, fused::causal_attention(q, k, v).view({b, t, h * hd}));
+  }
   at::Tensor q = apply_rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
   at::Tensor k = apply_rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
   at::Tensor v = linear(layer, 2, x).view({b, t, kv, hd});
@@ -208,6 +216,7 @@ at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const 
 }
 
 at::Tensor Llama::feed_forward(const LlamaLayer& layer, const at::Tensor& x) const {
+  if (fused::enabled(x)) return linear(layer, 5, fused::swiglu(linear(layer, 4, x), linear(layer, 6, x)));
   return linear(layer, 5, at::silu(linear(layer, 4, x)) * linear(layer, 6, x));
 }
 

@@ -18,8 +18,10 @@
 
 #include "checkpoint/checkpoint_manager.h"
 #include "checkpoint/hub_spec.h"
+#include "trainer/blas_kernels.h"
 #include "trainer/converter.h"
 #include "trainer/data_loader.h"
+#include "trainer/fused_ops.h"
 #include "trainer/generate.h"
 #include "trainer/hf_io.h"
 #include "trainer/llama.h"
@@ -52,6 +54,7 @@ at::Tensor to_tensor(const std::vector<int64_t>& values, int64_t batch, int64_t 
 at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch) {
   at::Tensor logits = model.forward(to_tensor(batch.inputs, batch.batch, batch.seq_len));
   at::Tensor targets = to_tensor(batch.targets, batch.batch, batch.seq_len);
+  if (fused::enabled(logits)) return fused::cross_entropy(logits.flatten(0, 1), targets.flatten());
   return at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten());
 }
 
@@ -183,6 +186,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group) {
   }
   log("{}", to_yaml(config));
   log("world: {}; {} intra-op thread(s) per rank", group.describe(), threads);
+  log("BLAS: {}", blas_description());
 
   // Data.
   const ModelConfig& mc = config.model;

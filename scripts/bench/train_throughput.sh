@@ -12,6 +12,8 @@
 # fp32 GEMM rate measured with the same layout on the model's matmul shapes, each trainer's
 # FLOP/s as a share of it, and peak RSS per rank (/usr/bin/time).
 #   scripts/bench/train_throughput.sh
+# Both trainers compute with the same OpenBLAS kernels: those Strata picks when OpenBLAS falls
+# back to pre-AVX2 kernels on this CPU (BLAS_AS_IS=1: the reference keeps OpenBLAS's choice).
 # Environment: RUNS (3: runs of each trainer), QUICK=1 (a smoke test: one short run each, micro
 # and tiny only), CONFIGS ("micro tiny small"), RANKS ("1 2"), REPLICATED=1 (also Strata with fsdp.enabled:
 # false), STRATA_BUILD_DIR (build); the rest of the environment (e.g. OPENBLAS_CORETYPE) reaches
@@ -97,6 +99,18 @@ launch() {  # TAG RANKS CMD...: one process per rank under mpirun; each rank's p
   busy_ticks >>"$out/$tag.busy"
 }
 
+# The same BLAS kernels for both: where OpenBLAS falls back to old kernels on this CPU, Strata
+# restarts itself with OPENBLAS_CORETYPE set (trainer/blas_kernels.h); the reference gets the same
+# setting unless BLAS_AS_IS=1 (then it runs what OpenBLAS picked, as a plain PyTorch user would).
+blas=$("$strata" --version | sed -n 's/^BLAS: //p')
+chosen_core=$(sed -n 's/.*Strata set OPENBLAS_CORETYPE=\([A-Za-z0-9]*\).*/\1/p' <<<"$blas")
+if [ -n "$chosen_core" ] && [ "${BLAS_AS_IS:-0}" != 1 ]; then
+  export OPENBLAS_CORETYPE=$chosen_core
+  blas="$blas; the reference runs with the same OPENBLAS_CORETYPE"
+elif [ -n "$chosen_core" ]; then
+  blas="$blas; the reference runs with what OpenBLAS picked (BLAS_AS_IS=1)"
+fi
+echo "$blas" >"$out/blas"
 launch baseline-strata 1 "$strata" train --config configs/tiny.yaml --print-config
 launch baseline-reference 1 "$py" -c 'import numpy, yaml, torch, torch.distributed, torch.nn.parallel'
 echo "train_throughput: $cores cores, runs $runs, configs: $configs, ranks: $layouts (results in $out while running)" >&2
@@ -183,12 +197,13 @@ def foreign_load(tag, ranks):
 import ctypes, platform, re, torch
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 try:
-    blas = ctypes.CDLL("libopenblas.so.0")
-    blas.openblas_get_corename.restype = ctypes.c_char_p
-    blas = f"OpenBLAS ({blas.openblas_get_corename().decode()} kernels)"
+    lib = ctypes.CDLL("libopenblas.so.0")
+    lib.openblas_get_corename.restype = ctypes.c_char_p
+    ref_blas = f"OpenBLAS, {lib.openblas_get_corename().decode()} kernels"
 except (OSError, AttributeError):
-    blas = "BLAS: not OpenBLAS"
-print(f"Machine: {cores} cores, {cpu}; LibTorch {torch.__version__}, {blas}\n")
+    ref_blas = "not OpenBLAS"
+print(f"Machine: {cores} cores, {cpu}; LibTorch {torch.__version__}. BLAS: Strata {open(out + '/blas').read().strip()}; "
+      f"reference (python3-torch): {ref_blas}\n")
 
 rows, trials, gemm_lines, loads = [], [], [], []
 for name in configs:

@@ -1,0 +1,472 @@
+// Fused CPU kernels for the Llama block (see fused_ops.h).
+//
+// The loops are plain C++ compiled three times (AVX-512, AVX2 + FMA, baseline x86-64) with GCC's
+// target_clones; the loader picks the clone the CPU runs. exp() is a vectorisable Cephes-style
+// polynomial (about 1 ulp), so softmax, SiLU and the loss vectorise too.
+#include "trainer/fused_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
+#include <fmt/format.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define STRATA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define STRATA_CLONES
+#endif
+
+namespace strata::fused {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kRowBlock = 64;  // rows per block of a cross-row reduction, and of attention
+
+// Branch-free, so that loops calling it vectorise: n = round(x log2 e) by adding 1.5 * 2^23 (the
+// float's low bits then hold n), e^r on |r| <= ln 2 / 2 by Cephes' polynomial, 2^n from the bits.
+inline __attribute__((always_inline)) float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, in two parts
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - 0x4B400000 + 127) << 23;  // (n + 127) in the exponent field
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+STRATA_CLONES void rms_forward_rows(const float* x, const float* w, float* y, float* rstd, int64_t r0, int64_t r1,
+                                    int64_t d, float eps) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * d;
+    float* yr = y + r * d;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
+    const float s = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    rstd[r] = s;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * s * w[j];
+  }
+}
+
+// dx for rows [r0, r1) and their contribution to dw (into dw_block, overwritten).
+STRATA_CLONES void rms_backward_rows(const float* x, const float* w, const float* rstd, const float* dy, float* dx,
+                                     float* dw_block, int64_t r0, int64_t r1, int64_t d) {
+  if (dw_block) std::fill(dw_block, dw_block + d, 0.0f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * d;
+    const float* dyr = dy + r * d;
+    const float s = rstd[r];
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < d; ++j) dot += dyr[j] * w[j] * xr[j];
+    const float c = s * s * s * dot / static_cast<float>(d);
+    if (dx) {
+      float* dxr = dx + r * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) dxr[j] = s * dyr[j] * w[j] - xr[j] * c;
+    }
+    if (dw_block) {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) dw_block[j] += dyr[j] * xr[j] * s;
+    }
+  }
+}
+
+STRATA_CLONES void add_row(float* acc, const float* row, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) acc[j] += row[j];
+}
+
+struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight, double eps) {
+    const at::Tensor x = input.contiguous(), w = weight.contiguous();
+    const int64_t d = x.size(-1), rows = x.numel() / d;
+    at::Tensor y = at::empty_like(x), rstd = at::empty({rows}, x.options());
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float *yp = y.data_ptr<float>(), *sp = rstd.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / d), [&](int64_t b, int64_t e) {
+      rms_forward_rows(xp, wp, yp, sp, b, e, d, static_cast<float>(eps));
+    });
+    ctx->save_for_backward({x, w, rstd});
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    const at::Tensor dy = grads[0].contiguous();
+    const int64_t d = x.size(-1), rows = x.numel() / d, blocks = (rows + kRowBlock - 1) / kRowBlock;
+    const bool want_dx = ctx->needs_input_grad(0), want_dw = ctx->needs_input_grad(1);
+    at::Tensor dx = want_dx ? at::empty_like(x) : at::Tensor();
+    at::Tensor partial = want_dw ? at::empty({blocks, d}, x.options()) : at::Tensor();
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *sp = rstd.data_ptr<float>();
+    const float* dyp = dy.data_ptr<float>();
+    float* dxp = want_dx ? dx.data_ptr<float>() : nullptr;
+    float* pp = want_dw ? partial.data_ptr<float>() : nullptr;
+    at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk) {
+        rms_backward_rows(xp, wp, sp, dyp, dxp, pp ? pp + blk * d : nullptr, blk * kRowBlock,
+                          std::min(rows, (blk + 1) * kRowBlock), d);
+      }
+    });
+    // Blocks summed in order: the same result for any thread count.
+    at::Tensor dw;
+    if (want_dw) {
+      dw = partial[0].clone();
+      float* dwp = dw.data_ptr<float>();
+      for (int64_t blk = 1; blk < blocks; ++blk) add_row(dwp, pp + blk * d, d);
+    }
+    return {dx, dw, at::Tensor()};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+
+// sign +1: rotate by the angles (forward); -1: by their negatives (the gradient).
+STRATA_CLONES void rope_rows(const float* x, const float* cos, const float* sin, float* y, int64_t r0, int64_t r1,
+                             int64_t heads, int64_t seq, int64_t half, float sign) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t t = (r / heads) % seq;
+    const float* c = cos + t * half;
+    const float* s = sin + t * half;
+    const float* xr = x + r * 2 * half;
+    float* yr = y + r * 2 * half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float x0 = xr[2 * i], x1 = xr[2 * i + 1], si = sign * s[i];
+      yr[2 * i] = x0 * c[i] - x1 * si;
+      yr[2 * i + 1] = x0 * si + x1 * c[i];
+    }
+  }
+}
+
+at::Tensor rotate(const at::Tensor& input, const at::Tensor& cos, const at::Tensor& sin, float sign) {
+  const at::Tensor x = input.contiguous();
+  const int64_t seq = x.size(1), heads = x.size(2), half = x.size(3) / 2, rows = x.numel() / (2 * half);
+  at::Tensor y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / (2 * half)), [&](int64_t b, int64_t e) {
+    rope_rows(xp, cp, sp, yp, b, e, heads, seq, half, sign);
+  });
+  return y;
+}
+
+struct RopeFunction : public torch::autograd::Function<RopeFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    ctx->saved_data["cos"] = cos;
+    ctx->saved_data["sin"] = sin;
+    return {rotate(x, cos, sin, 1.0f)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {rotate(grads[0], ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), -1.0f),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+STRATA_CLONES void swiglu_forward_range(const float* a, const float* b, float* y, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) y[i] = a[i] / (1.0f + exp_approx(-a[i])) * b[i];
+}
+
+STRATA_CLONES void swiglu_backward_range(const float* a, const float* b, const float* dy, float* da, float* db,
+                                         int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const float sig = 1.0f / (1.0f + exp_approx(-a[i]));
+    const float silu = a[i] * sig;
+    da[i] = dy[i] * b[i] * sig * (1.0f + a[i] * (1.0f - sig));
+    db[i] = dy[i] * silu;
+  }
+}
+
+struct SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input_a, const at::Tensor& input_b) {
+    const at::Tensor a = input_a.contiguous(), b = input_b.contiguous();
+    at::Tensor y = at::empty_like(a);
+    const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, a.numel(), 16384, [&](int64_t s, int64_t e) { swiglu_forward_range(ap, bp, yp, s, e); });
+    ctx->save_for_backward({a, b});
+    return {y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &a = saved[0], &b = saved[1];
+    const at::Tensor dy = grads[0].contiguous();
+    at::Tensor da = at::empty_like(a), db = at::empty_like(b);
+    const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *dyp = dy.data_ptr<float>();
+    float *dap = da.data_ptr<float>(), *dbp = db.data_ptr<float>();
+    at::parallel_for(0, a.numel(), 16384,
+                     [&](int64_t s, int64_t e) { swiglu_backward_range(ap, bp, dyp, dap, dbp, s, e); });
+    return {da, db};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Causal attention
+
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+
+SgemmFn sgemm() {
+  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  return fn;
+}
+
+// Row-major C (m x n, ldc) = alpha op(A) op(B) + beta C through the column-major BLAS (C^T =
+// op(B)^T op(A)^T, and a row-major matrix is its transpose in column-major terms).
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  sgemm()(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+}
+
+// Rows [r0, r1) of the scores P (ld t) hold scaled logits in columns [0, r1): softmax over the
+// causal columns [0, i] of row i, zeros in (i, r1).
+STRATA_CLONES void causal_softmax_rows(float* p, int64_t t, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    float* row = p + i * t;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j <= i; ++j) m = std::max(m, row[j]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j <= i; ++j) {
+      row[j] = exp_approx(row[j] - m);
+      sum += row[j];
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+    std::fill(row + i + 1, row + r1, 0.0f);
+  }
+}
+
+// dS = P * (dP - rowsum(P * dP)) over the causal columns of rows [r0, r1), in place in dp.
+STRATA_CLONES void causal_softmax_backward_rows(const float* p, float* dp, int64_t t, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* pr = p + i * t;
+    float* dr = dp + i * t;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j <= i; ++j) dot += pr[j] * dr[j];
+#pragma omp simd
+    for (int64_t j = 0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - dot);
+    std::fill(dr + i + 1, dr + r1, 0.0f);
+  }
+}
+
+struct AttentionShape {
+  int64_t b, t, h, kv, hd;
+  explicit AttentionShape(const at::Tensor& q, const at::Tensor& k)
+      : b(q.size(0)), t(q.size(1)), h(q.size(2)), kv(k.size(2)), hd(q.size(3)) {}
+  int64_t rep() const { return h / kv; }
+  float scale() const { return 1.0f / std::sqrt(static_cast<float>(hd)); }
+};
+
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
+                               const at::Tensor& value) {
+    const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+    const AttentionShape s(q, k);
+    at::Tensor y = at::empty_like(q), probs = at::empty({s.b, s.h, s.t, s.t}, q.options());
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float *yp = y.data_ptr<float>(), *pp = probs.data_ptr<float>();
+    const int64_t ldq = s.h * s.hd, ldk = s.kv * s.hd;
+    at::parallel_for(0, s.b * s.h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / s.h, h = idx % s.h, g = h / s.rep();
+        const float* qh = qp + b * s.t * ldq + h * s.hd;
+        const float* kh = kp + b * s.t * ldk + g * s.hd;
+        const float* vh = vp + b * s.t * ldk + g * s.hd;
+        float* yh = yp + b * s.t * ldq + h * s.hd;
+        float* p = pp + idx * s.t * s.t;
+        for (int64_t r0 = 0; r0 < s.t; r0 += kRowBlock) {
+          const int64_t r1 = std::min(s.t, r0 + kRowBlock), nb = r1 - r0;
+          gemm(false, true, nb, r1, s.hd, s.scale(), qh + r0 * ldq, ldq, kh, ldk, 0.0f, p + r0 * s.t, s.t);
+          causal_softmax_rows(p, s.t, r0, r1);
+          gemm(false, false, nb, s.hd, r1, 1.0f, p + r0 * s.t, s.t, vh, ldk, 0.0f, yh + r0 * ldq, ldq);
+        }
+      }
+    });
+    ctx->save_for_backward({q, k, v, probs});
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &probs = saved[3];
+    const at::Tensor dy = grads[0].contiguous();
+    const AttentionShape s(q, k);
+    at::Tensor dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    const float *pp = probs.data_ptr<float>(), *dyp = dy.data_ptr<float>();
+    float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+    const int64_t ldq = s.h * s.hd, ldk = s.kv * s.hd;
+    const float scale = s.scale();
+    // One task per (batch, key/value head): its query heads add into dk and dv in order.
+    at::parallel_for(0, s.b * s.kv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> ds(static_cast<size_t>(s.t * s.t));
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / s.kv, g = idx % s.kv;
+        const float* kh = kp + b * s.t * ldk + g * s.hd;
+        const float* vh = vp + b * s.t * ldk + g * s.hd;
+        float* dkh = dkp + b * s.t * ldk + g * s.hd;
+        float* dvh = dvp + b * s.t * ldk + g * s.hd;
+        for (int64_t h = g * s.rep(); h < (g + 1) * s.rep(); ++h) {
+          const float* qh = qp + b * s.t * ldq + h * s.hd;
+          const float* dyh = dyp + b * s.t * ldq + h * s.hd;
+          float* dqh = dqp + b * s.t * ldq + h * s.hd;
+          const float* p = pp + (b * s.h + h) * s.t * s.t;
+          for (int64_t r0 = 0; r0 < s.t; r0 += kRowBlock) {
+            const int64_t r1 = std::min(s.t, r0 + kRowBlock), nb = r1 - r0;
+            float* dsb = ds.data() + r0 * s.t;
+            gemm(false, true, nb, r1, s.hd, 1.0f, dyh + r0 * ldq, ldq, vh, ldk, 0.0f, dsb, s.t);  // dP
+            causal_softmax_backward_rows(p, ds.data(), s.t, r0, r1);                              // dS
+            gemm(true, false, r1, s.hd, nb, 1.0f, p + r0 * s.t, s.t, dyh + r0 * ldq, ldq, 1.0f, dvh, ldk);
+            gemm(false, false, nb, s.hd, r1, scale, dsb, s.t, kh, ldk, 0.0f, dqh + r0 * ldq, ldq);
+            gemm(true, false, r1, s.hd, nb, scale, dsb, s.t, qh + r0 * ldq, ldq, 1.0f, dkh, ldk);
+          }
+        }
+      }
+    });
+    return {dq, dk, dv};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+// Rows [r0, r1): loss (lse - x[target]) into losses; with grad, softmax - one_hot into grad.
+STRATA_CLONES void cross_entropy_rows(const float* x, const int64_t* targets, float* grad, double* losses,
+                                      int64_t r0, int64_t r1, int64_t v) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * v;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < v; ++j) m = std::max(m, xr[j]);
+    float sum = 0.0f;
+    if (grad) {
+      float* gr = grad + r * v;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < v; ++j) {
+        gr[j] = exp_approx(xr[j] - m);
+        sum += gr[j];
+      }
+      const float inv = 1.0f / sum;
+#pragma omp simd
+      for (int64_t j = 0; j < v; ++j) gr[j] *= inv;
+      gr[targets[r]] -= 1.0f;
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < v; ++j) sum += exp_approx(xr[j] - m);
+    }
+    losses[r] = static_cast<double>(m) + std::log(static_cast<double>(sum)) - static_cast<double>(xr[targets[r]]);
+  }
+}
+
+struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+  // want_grad: decided by the caller (in forward, grad mode is off and the node not yet made).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target, bool want_grad) {
+    const at::Tensor x = input.contiguous(), t = target.contiguous();
+    const int64_t n = x.size(0), v = x.size(1);
+    const int64_t* tp = t.data_ptr<int64_t>();
+    for (int64_t r = 0; r < n; ++r) {
+      if (tp[r] < 0 || tp[r] >= v) {
+        throw std::invalid_argument(fmt::format("cross_entropy: target {} of row {} is outside [0, {})", tp[r], r, v));
+      }
+    }
+    at::Tensor grad = want_grad ? at::empty_like(x) : at::Tensor();
+    std::vector<double> losses(static_cast<size_t>(n));
+    const float* xp = x.data_ptr<float>();
+    float* gp = want_grad ? grad.data_ptr<float>() : nullptr;
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / v), [&](int64_t b, int64_t e) {
+      cross_entropy_rows(xp, tp, gp, losses.data(), b, e, v);
+    });
+    double total = 0.0;
+    for (double l : losses) total += l;
+    if (want_grad) ctx->saved_data["grad"] = grad;
+    ctx->saved_data["n"] = n;
+    return {at::scalar_tensor(total / static_cast<double>(n), x.options())};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Backward runs once (no retain_graph in training): the saved gradient is scaled in place.
+    at::Tensor grad = ctx->saved_data["grad"].toTensor();
+    ctx->saved_data.erase("grad");
+    const double n = static_cast<double>(ctx->saved_data["n"].toInt());
+    grad.mul_(grads[0].item<double>() / n);
+    return {grad, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+bool enabled(const at::Tensor& t) {
+  static const bool on = [] {
+    const char* env = std::getenv("STRATA_FUSED_KERNELS");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return on && t.device().is_cpu() && t.scalar_type() == at::kFloat;
+}
+
+bool has_blas() { return sgemm() != nullptr; }
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return RmsNormFunction::apply(x, weight, eps)[0];
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  return RopeFunction::apply(x, cos.contiguous(), sin.contiguous())[0];
+}
+
+at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b) { return SwiGluFunction::apply(a, b)[0]; }
+
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  if (q.size(2) % k.size(2) != 0) {
+    throw std::invalid_argument(fmt::format("causal_attention: {} query heads are not a multiple of {} key/value heads",
+                                            q.size(2), k.size(2)));
+  }
+  return AttentionFunction::apply(q, k, v)[0];
+}
+
+at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets) {
+  return CrossEntropyFunction::apply(logits, targets, at::GradMode::is_enabled() && logits.requires_grad())[0];
+}
+
+}  // namespace strata::fused

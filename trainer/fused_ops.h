@@ -1,0 +1,40 @@
+// Fused CPU kernels for the Llama block, each an autograd function with a hand-written
+// backward: one pass over memory where the ATen composition makes several, no intermediate
+// tensors, no copies for layout. They apply to contiguous fp32 CPU tensors; anything else (GPU,
+// other dtypes) takes the ATen composition in trainer/llama.cpp. Every kernel is deterministic
+// and independent of the thread count: a row (or a head) is computed by one thread, and
+// reductions across rows sum fixed blocks in a fixed order.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace strata::fused {
+
+// Whether the fused kernels serve these tensors (CPU, fp32) and are not switched off with
+// STRATA_FUSED_KERNELS=0 (the ATen composition then runs: for comparisons and benchmarks).
+bool enabled(const at::Tensor& t);
+
+// x * rsqrt(mean(x^2, -1) + eps) * weight over the last dimension.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Interleaved rotary embedding of x (B, T, heads, hd): pairs (x[2i], x[2i+1]) rotated by the
+// angles in cos/sin (max_seq_len, hd/2). Output (B, T, heads, hd).
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// silu(a) * b (the SwiGLU gate).
+at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b);
+
+// Causal softmax(q k^T / sqrt(hd)) v with q (B, T, H, hd), k and v (B, T, KV, hd) as the
+// projections produce them (no transposes, GQA without expanding k and v: query head j reads
+// key/value head j / (H / KV)). Output (B, T, H, hd). Only the causal half of the scores is
+// computed (in row blocks); the probabilities are kept for backward, as ATen's math path does.
+// Needs the process's BLAS to export sgemm_ (see has_blas); otherwise use the ATen path.
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+bool has_blas();
+
+// Mean cross-entropy of logits (N, V) against targets (N) (int64, each in [0, V)). In training
+// the gradient (softmax - one_hot) / N is formed in the same pass as the loss and the logits are
+// not kept.
+at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets);
+
+}  // namespace strata::fused
