@@ -256,38 +256,48 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   sgemm()(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
 }
 
+// Columns [0, causal_span) of row i: the causal ones, [0, i], rounded up to whole vectors of 16
+// (at most r1), so that the loops below run without scalar remainders; the extra columns are
+// masked to 0.
+inline int64_t causal_span(int64_t i, int64_t r1) { return std::min(r1, (i + 16) & ~int64_t{15}); }
+
 // Rows [r0, r1) of the scores P (ld t) hold scaled logits in columns [0, r1): softmax over the
 // causal columns [0, i] of row i, zeros in (i, r1).
 STRATA_CLONES void causal_softmax_rows(float* p, int64_t t, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
     float* row = p + i * t;
-    float m = -std::numeric_limits<float>::infinity();
+    const int64_t span = causal_span(i, r1);
+    constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+    float m = kMinusInf;
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j <= i; ++j) m = std::max(m, row[j]);
+    for (int64_t j = 0; j < span; ++j) m = std::max(m, j <= i ? row[j] : kMinusInf);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j <= i; ++j) {
-      row[j] = exp_approx(row[j] - m);
-      sum += row[j];
+    for (int64_t j = 0; j < span; ++j) {
+      const float e = j <= i ? exp_approx(row[j] - m) : 0.0f;
+      row[j] = e;
+      sum += e;
     }
     const float inv = 1.0f / sum;
 #pragma omp simd
-    for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
-    std::fill(row + i + 1, row + r1, 0.0f);
+    for (int64_t j = 0; j < span; ++j) row[j] *= inv;
+    std::fill(row + span, row + r1, 0.0f);
   }
 }
 
-// dS = P * (dP - rowsum(P * dP)) over the causal columns of rows [r0, r1), in place in dp.
+// dS = P * (dP - rowsum(P * dP)) over the causal columns of rows [r0, r1), in place in dp; P is
+// zero beyond the causal columns, so dS is too.
 STRATA_CLONES void causal_softmax_backward_rows(const float* p, float* dp, int64_t t, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
     const float* pr = p + i * t;
     float* dr = dp + i * t;
+    const int64_t span = causal_span(i, r1);
     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j <= i; ++j) dot += pr[j] * dr[j];
+    for (int64_t j = 0; j < span; ++j) dot += pr[j] * dr[j];
 #pragma omp simd
-    for (int64_t j = 0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - dot);
-    std::fill(dr + i + 1, dr + r1, 0.0f);
+    for (int64_t j = 0; j < span; ++j) dr[j] = pr[j] * (dr[j] - dot);
+    std::fill(dr + span, dr + r1, 0.0f);
   }
 }
 
@@ -435,7 +445,61 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Optimizer
+
+constexpr int64_t kElementBlock = 16384;  // elements per task of the optimizer kernels
+
+STRATA_CLONES void adamw_range(float* p, const float* g, float* m, float* v, const float* mask, AdamWScalars s,
+                               int64_t begin, int64_t end) {
+  const float one_minus_beta1 = 1.0f - s.beta1, one_minus_beta2 = 1.0f - s.beta2;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float w = p[i];
+    w -= s.decay * (mask ? mask[i] : 1.0f) * w;
+    const float mi = m[i] + one_minus_beta1 * (g[i] - m[i]);
+    const float vi = v[i] * s.beta2 + one_minus_beta2 * g[i] * g[i];
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = w - s.step_size * (mi / (std::sqrt(vi) / s.bias2_sqrt + s.eps));
+  }
+}
+
+STRATA_CLONES double sum_of_squares_range(const float* x, int64_t begin, int64_t end) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = begin; i < end; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return sum;
+}
+
 }  // namespace
+
+void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                  const at::Tensor& decay_mask, const AdamWScalars& s) {
+  const int64_t n = param.numel();
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grad, &exp_avg, &exp_avg_sq}) {
+    if (!t->is_contiguous() || t->numel() != n) throw std::invalid_argument("adamw_update: tensors of different layouts");
+  }
+  float *p = param.data_ptr<float>(), *m = exp_avg.data_ptr<float>(), *v = exp_avg_sq.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  const float* mask = decay_mask.defined() ? decay_mask.data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, kElementBlock, [&](int64_t b, int64_t e) { adamw_range(p, g, m, v, mask, s, b, e); });
+}
+
+double sum_of_squares(const at::Tensor& t) {
+  const at::Tensor x = t.contiguous();
+  const float* xp = x.data_ptr<float>();
+  const int64_t n = x.numel(), blocks = (n + kElementBlock - 1) / kElementBlock;
+  std::vector<double> partial(static_cast<size_t>(blocks));
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      partial[blk] = sum_of_squares_range(xp, blk * kElementBlock, std::min(n, (blk + 1) * kElementBlock));
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;  // in order: the same for any thread count
+  return total;
+}
 
 bool enabled(const at::Tensor& t) {
   static const bool on = [] {

@@ -37,4 +37,17 @@ bool has_blas();
 // not kept.
 at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets);
 
+// One AdamW update in place (torch.optim.AdamW's arithmetic, one pass): p -= decay * mask * p
+// (mask undefined: every element), exp_avg += (1 - beta1) (g - exp_avg), exp_avg_sq = beta2
+// exp_avg_sq + (1 - beta2) g^2, p -= step_size exp_avg / (sqrt(exp_avg_sq) / bias2_sqrt + eps).
+// All contiguous fp32 tensors of one size.
+struct AdamWScalars {
+  float decay, beta1, beta2, step_size, bias2_sqrt, eps;
+};
+void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                  const at::Tensor& decay_mask, const AdamWScalars& s);
+
+// Sum of squares of a contiguous fp32 tensor, accumulated in fp64 over fixed blocks.
+double sum_of_squares(const at::Tensor& t);
+
 }  // namespace strata::fused

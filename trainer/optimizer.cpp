@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "trainer/fused_ops.h"
+
 namespace strata {
 
 bool uses_weight_decay(const std::string& fqn, int64_t ndim) {
@@ -31,6 +33,15 @@ void AdamW::step(double lr) {
   for (Slot& s : slots_) {
     const at::Tensor& grad = s.param.grad();
     if (!grad.defined()) continue;
+    if (fused::enabled(s.param) && s.param.is_contiguous() && grad.is_contiguous()) {
+      const double decay = s.decay ? lr * config_.weight_decay : 0.0;
+      at::Tensor param = s.param.detach();
+      fused::adamw_update(param, grad, s.exp_avg, s.exp_avg_sq, s.decay ? s.decay_mask : at::Tensor(),
+                          {static_cast<float>(decay), static_cast<float>(beta1), static_cast<float>(beta2),
+                           static_cast<float>(step_size), static_cast<float>(bias2_sqrt),
+                           static_cast<float>(config_.eps)});
+      continue;
+    }
     if (s.decay && config_.weight_decay != 0.0) {
       if (s.decay_mask.defined()) {
         s.param.addcmul_(s.param, s.decay_mask, -lr * config_.weight_decay);
@@ -45,11 +56,10 @@ void AdamW::step(double lr) {
   }
 }
 
+// Gradients are dropped, not zeroed: the next backward's first gradient becomes .grad without
+// a copy or an addition (torch's zero_grad(set_to_none=True)).
 void AdamW::zero_grad() {
-  for (Slot& s : slots_) {
-    at::Tensor& grad = s.param.mutable_grad();
-    if (grad.defined()) grad.zero_();
-  }
+  for (Slot& s : slots_) s.param.mutable_grad().reset();
 }
 
 StateDict AdamW::state() const {
@@ -66,7 +76,12 @@ double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm,
   at::NoGradGuard no_grad;
   at::Tensor total = at::zeros({1}, at::kDouble);
   for (const at::Tensor& p : params) {
-    if (p.grad().defined()) total += p.grad().to(at::kDouble).pow(2).sum();
+    if (!p.grad().defined()) continue;
+    if (fused::enabled(p.grad())) {
+      total += fused::sum_of_squares(p.grad());
+    } else {
+      total += p.grad().to(at::kDouble).pow(2).sum();
+    }
   }
   if (comm) comm->all_reduce(total, ReduceOp::kSum);
   const double norm = std::sqrt(total.item<double>());
