@@ -151,23 +151,96 @@ struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding
 
-// sign +1: rotate by the angles (forward); -1: by their negatives (the gradient).
+// One head's hd = 2 half values: pairs (x[2i], x[2i+1]) rotated by +angle (sign 1, forward) or
+// -angle (sign -1, the gradient).
+inline __attribute__((always_inline)) void rope_head(const float* x, float* y, const float* c, const float* s,
+                                                     int64_t half, float sign) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float x0 = x[2 * i], x1 = x[2 * i + 1], si = sign * s[i];
+    y[2 * i] = x0 * c[i] - x1 * si;
+    y[2 * i + 1] = x0 * si + x1 * c[i];
+  }
+}
+
 STRATA_CLONES void rope_rows(const float* x, const float* cos, const float* sin, float* y, int64_t r0, int64_t r1,
                              int64_t heads, int64_t seq, int64_t half, float sign) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t t = (r / heads) % seq;
-    const float* c = cos + t * half;
-    const float* s = sin + t * half;
-    const float* xr = x + r * 2 * half;
-    float* yr = y + r * 2 * half;
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      const float x0 = xr[2 * i], x1 = xr[2 * i + 1], si = sign * s[i];
-      yr[2 * i] = x0 * c[i] - x1 * si;
-      yr[2 * i + 1] = x0 * si + x1 * c[i];
-    }
+    rope_head(x + r * 2 * half, y + r * 2 * half, cos + t * half, sin + t * half, half, sign);
   }
 }
+
+// Token rows [r0, r1) of the fused projection qkv (row: h query heads, kv key heads, kv value
+// heads, hd values each) <-> q (rows of h heads), k, v (rows of kv heads); q and k rotated.
+// forward: qkv -> q, k, v with the angles; backward: dq, dk, dv -> dqkv with their negatives.
+struct QkvLayout {
+  int64_t h, kv, hd, seq;
+  int64_t width() const { return (h + 2 * kv) * hd; }
+};
+STRATA_CLONES void qkv_split_rows(const float* qkv, float* q, float* k, float* v, const float* cos, const float* sin,
+                                  QkvLayout l, int64_t r0, int64_t r1) {
+  const int64_t half = l.hd / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = qkv + r * l.width();
+    const float *c = cos + (r % l.seq) * half, *s = sin + (r % l.seq) * half;
+    for (int64_t j = 0; j < l.h; ++j) rope_head(row + j * l.hd, q + (r * l.h + j) * l.hd, c, s, half, 1.0f);
+    for (int64_t j = 0; j < l.kv; ++j) rope_head(row + (l.h + j) * l.hd, k + (r * l.kv + j) * l.hd, c, s, half, 1.0f);
+    std::copy(row + (l.h + l.kv) * l.hd, row + l.width(), v + r * l.kv * l.hd);
+  }
+}
+STRATA_CLONES void qkv_merge_rows(const float* dq, const float* dk, const float* dv, float* dqkv, const float* cos,
+                                  const float* sin, QkvLayout l, int64_t r0, int64_t r1) {
+  const int64_t half = l.hd / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = dqkv + r * l.width();
+    const float *c = cos + (r % l.seq) * half, *s = sin + (r % l.seq) * half;
+    for (int64_t j = 0; j < l.h; ++j) rope_head(dq + (r * l.h + j) * l.hd, row + j * l.hd, c, s, half, -1.0f);
+    for (int64_t j = 0; j < l.kv; ++j) rope_head(dk + (r * l.kv + j) * l.hd, row + (l.h + j) * l.hd, c, s, half, -1.0f);
+    std::copy(dv + r * l.kv * l.hd, dv + (r + 1) * l.kv * l.hd, row + (l.h + l.kv) * l.hd);
+  }
+}
+
+struct QkvRopeFunction : public torch::autograd::Function<QkvRopeFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& cos,
+                               const at::Tensor& sin, int64_t h, int64_t kv) {
+    const at::Tensor qkv = input.contiguous();
+    const int64_t b = qkv.size(0), t = qkv.size(1), hd = qkv.size(2) / (h + 2 * kv);
+    const QkvLayout layout{h, kv, hd, t};
+    at::Tensor q = at::empty({b, t, h, hd}, qkv.options()), k = at::empty({b, t, kv, hd}, qkv.options());
+    at::Tensor v = at::empty({b, t, kv, hd}, qkv.options());
+    const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    at::parallel_for(0, b * t, std::max<int64_t>(1, 8192 / layout.width()), [&](int64_t s, int64_t e) {
+      qkv_split_rows(src, qp, kp, vp, cp, sp, layout, s, e);
+    });
+    ctx->saved_data["cos"] = cos;
+    ctx->saved_data["sin"] = sin;
+    ctx->saved_data["h"] = h;
+    ctx->saved_data["kv"] = kv;
+    return {q, k, v};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t h = ctx->saved_data["h"].toInt(), kv = ctx->saved_data["kv"].toInt();
+    std::vector<at::Tensor> g;
+    for (const at::Tensor& grad : grads) g.push_back(grad.defined() ? grad.contiguous() : at::Tensor());
+    const at::Tensor& ref = g[0].defined() ? g[0] : (g[1].defined() ? g[1] : g[2]);
+    const int64_t b = ref.size(0), t = ref.size(1), hd = ref.size(3);
+    for (size_t i = 0; i < 3; ++i) {
+      if (!g[i].defined()) g[i] = at::zeros({b, t, i == 0 ? h : kv, hd}, ref.options());
+    }
+    const QkvLayout layout{h, kv, hd, t};
+    at::Tensor dqkv = at::empty({b, t, layout.width()}, ref.options());
+    const at::Tensor cos = ctx->saved_data["cos"].toTensor(), sin = ctx->saved_data["sin"].toTensor();
+    const float *dq = g[0].data_ptr<float>(), *dk = g[1].data_ptr<float>(), *dv = g[2].data_ptr<float>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    float* out = dqkv.data_ptr<float>();
+    at::parallel_for(0, b * t, std::max<int64_t>(1, 8192 / layout.width()), [&](int64_t s, int64_t e) {
+      qkv_merge_rows(dq, dk, dv, out, cp, sp, layout, s, e);
+    });
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
 
 at::Tensor rotate(const at::Tensor& input, const at::Tensor& cos, const at::Tensor& sin, float sign) {
   const at::Tensor x = input.contiguous();
@@ -196,42 +269,89 @@ struct RopeFunction : public torch::autograd::Function<RopeFunction> {
 // ---------------------------------------------------------------------------------------------
 // SwiGLU
 
-STRATA_CLONES void swiglu_forward_range(const float* a, const float* b, float* y, int64_t begin, int64_t end) {
+// Rows [r0, r1) of a and b (f values each, row stride ld): y (row stride f) = silu(a) * b.
+STRATA_CLONES void swiglu_forward_rows(const float* a, const float* b, int64_t ld, float* y, int64_t f, int64_t r0,
+                                       int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float *ar = a + r * ld, *br = b + r * ld;
+    float* yr = y + r * f;
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) y[i] = a[i] / (1.0f + exp_approx(-a[i])) * b[i];
-}
-
-STRATA_CLONES void swiglu_backward_range(const float* a, const float* b, const float* dy, float* da, float* db,
-                                         int64_t begin, int64_t end) {
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    const float sig = 1.0f / (1.0f + exp_approx(-a[i]));
-    const float silu = a[i] * sig;
-    da[i] = dy[i] * b[i] * sig * (1.0f + a[i] * (1.0f - sig));
-    db[i] = dy[i] * silu;
+    for (int64_t j = 0; j < f; ++j) yr[j] = ar[j] / (1.0f + exp_approx(-ar[j])) * br[j];
   }
 }
 
+// The gradients of a and b (written with row stride ld) from dy (row stride f).
+STRATA_CLONES void swiglu_backward_rows(const float* a, const float* b, int64_t ld, const float* dy, float* da,
+                                        float* db, int64_t f, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float *ar = a + r * ld, *br = b + r * ld, *dyr = dy + r * f;
+    float *dar = da + r * ld, *dbr = db + r * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < f; ++j) {
+      const float sig = 1.0f / (1.0f + exp_approx(-ar[j]));
+      dar[j] = dyr[j] * br[j] * sig * (1.0f + ar[j] * (1.0f - sig));
+      dbr[j] = dyr[j] * ar[j] * sig;
+    }
+  }
+}
+
+// a and b as row-strided views into the tensors the caller passes; y has rows of f values.
+struct SwiGluRows {
+  const float *a, *b;
+  int64_t ld, f, rows;
+  int64_t grain() const { return std::max<int64_t>(1, 16384 / f); }
+  at::Tensor forward(const at::TensorOptions& options, at::IntArrayRef out_shape) const {
+    at::Tensor y = at::empty(out_shape, options);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, rows, grain(), [&](int64_t s, int64_t e) { swiglu_forward_rows(a, b, ld, yp, f, s, e); });
+    return y;
+  }
+  void backward(const at::Tensor& dy, float* da, float* db) const {
+    const at::Tensor g = dy.contiguous();
+    const float* dyp = g.data_ptr<float>();
+    at::parallel_for(0, rows, grain(),
+                     [&](int64_t s, int64_t e) { swiglu_backward_rows(a, b, ld, dyp, da, db, f, s, e); });
+  }
+};
+
 struct SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
+  static SwiGluRows rows_of(const at::Tensor& a, const at::Tensor& b) {
+    const int64_t f = a.size(-1);
+    return {a.data_ptr<float>(), b.data_ptr<float>(), f, f, a.numel() / f};
+  }
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input_a, const at::Tensor& input_b) {
     const at::Tensor a = input_a.contiguous(), b = input_b.contiguous();
-    at::Tensor y = at::empty_like(a);
-    const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, a.numel(), 16384, [&](int64_t s, int64_t e) { swiglu_forward_range(ap, bp, yp, s, e); });
     ctx->save_for_backward({a, b});
-    return {y};
+    return {rows_of(a, b).forward(a.options(), a.sizes())};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &a = saved[0], &b = saved[1];
-    const at::Tensor dy = grads[0].contiguous();
-    at::Tensor da = at::empty_like(a), db = at::empty_like(b);
-    const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *dyp = dy.data_ptr<float>();
-    float *dap = da.data_ptr<float>(), *dbp = db.data_ptr<float>();
-    at::parallel_for(0, a.numel(), 16384,
-                     [&](int64_t s, int64_t e) { swiglu_backward_range(ap, bp, dyp, dap, dbp, s, e); });
+    at::Tensor da = at::empty_like(saved[0]), db = at::empty_like(saved[1]);
+    rows_of(saved[0], saved[1]).backward(grads[0], da.data_ptr<float>(), db.data_ptr<float>());
     return {da, db};
+  }
+};
+
+// ab (..., 2F): a in the first F columns, b in the last F (one GEMM made both).
+struct PackedSwiGluFunction : public torch::autograd::Function<PackedSwiGluFunction> {
+  static SwiGluRows rows_of(const at::Tensor& ab) {
+    const int64_t f = ab.size(-1) / 2;
+    const float* p = ab.data_ptr<float>();
+    return {p, p + f, 2 * f, f, ab.numel() / (2 * f)};
+  }
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input) {
+    const at::Tensor ab = input.contiguous();
+    std::vector<int64_t> shape = ab.sizes().vec();
+    shape.back() /= 2;
+    ctx->save_for_backward({ab});
+    return {rows_of(ab).forward(ab.options(), shape)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor ab = ctx->get_saved_variables()[0];
+    at::Tensor dab = at::empty_like(ab);
+    float* p = dab.data_ptr<float>();
+    rows_of(ab).backward(grads[0], p, p + ab.size(-1) / 2);
+    return {dab};
   }
 };
 
@@ -520,6 +640,14 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 }
 
 at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b) { return SwiGluFunction::apply(a, b)[0]; }
+
+at::Tensor swiglu(const at::Tensor& ab) { return PackedSwiGluFunction::apply(ab)[0]; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, int64_t heads, int64_t kv_heads,
+                                                        const at::Tensor& cos, const at::Tensor& sin) {
+  const variable_list out = QkvRopeFunction::apply(qkv, cos.contiguous(), sin.contiguous(), heads, kv_heads);
+  return {out[0], out[1], out[2]};
+}
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   if (q.size(2) % k.size(2) != 0) {

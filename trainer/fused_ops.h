@@ -8,6 +8,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 namespace strata::fused {
 
 // Whether the fused kernels serve these tensors (CPU, fp32) and are not switched off with
@@ -21,8 +23,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // angles in cos/sin (max_seq_len, hd/2). Output (B, T, heads, hd).
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
-// silu(a) * b (the SwiGLU gate).
+// silu(a) * b (the SwiGLU gate); or of ab (..., 2F) holding a in its first F columns and b in
+// its last F (one GEMM with [w1; w3] made both).
 at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b);
+at::Tensor swiglu(const at::Tensor& ab);
+
+// The fused projection qkv (B, T, (heads + 2 kv_heads) hd) = x [wq; wk; wv]^T split into q
+// (B, T, heads, hd) and k (B, T, kv_heads, hd), both rotated as rope() does, and v (B, T,
+// kv_heads, hd): one pass, and one pass back into a single gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, int64_t heads, int64_t kv_heads,
+                                                        const at::Tensor& cos, const at::Tensor& sin);
 
 // Causal softmax(q k^T / sqrt(hd)) v with q (B, T, H, hd), k and v (B, T, KV, hd) as the
 // projections produce them (no transposes, GQA without expanding k and v: query head j reads

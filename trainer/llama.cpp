@@ -198,9 +198,15 @@ at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const 
   const int64_t b = x.size(0), t = x.size(1), hd = config_.head_dim();
   const int64_t h = config_.n_heads, kv = config_.n_kv_heads;
   if (fused::enabled(x) && fused::has_blas()) {
-    at::Tensor q = fused::rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
-    at::Tensor k = fused::rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
-    at::Tensor v = linear(layer, 2, x).view({b, t, kv, hd});
+    at::Tensor q, k, v;
+    if (!converters_ || converters_->empty()) {  // one GEMM for the three projections
+      std::tie(q, k, v) = fused::qkv_rope(at::linear(x, at::cat({layer.wq, layer.wk, layer.wv})), h, kv, rope_cos_,
+                                          rope_sin_);
+    } else {
+      q = fused::rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
+      k = fused::rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
+      v = linear(layer, 2, x).view({b, t, kv, hd});
+    }
     return linear(layer, 3, fused::causal_attention(q, k, v).view({b, t, h * hd}));
   }
   at::Tensor q = apply_rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
@@ -216,7 +222,12 @@ at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const 
 }
 
 at::Tensor Llama::feed_forward(const LlamaLayer& layer, const at::Tensor& x) const {
-  if (fused::enabled(x)) return linear(layer, 5, fused::swiglu(linear(layer, 4, x), linear(layer, 6, x)));
+  if (fused::enabled(x)) {
+    if (!converters_ || converters_->empty()) {  // one GEMM for w1 and w3
+      return at::linear(fused::swiglu(at::linear(x, at::cat({layer.w1, layer.w3}))), layer.w2);
+    }
+    return linear(layer, 5, fused::swiglu(linear(layer, 4, x), linear(layer, 6, x)));
+  }
   return linear(layer, 5, at::silu(linear(layer, 4, x)) * linear(layer, 6, x));
 }
 

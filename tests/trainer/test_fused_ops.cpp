@@ -100,6 +100,35 @@ TEST_F(FusedOps, SwiGluMatchesTheComposition) {
   expect_matches({a, b}, {true, true}, fused, reference, 1e-5);
 }
 
+TEST_F(FusedOps, PackedSwiGluMatchesTheComposition) {
+  const at::Tensor ab = at::randn({3, 21, 2 * 40}) * 4;
+  auto fused = [](const std::vector<at::Tensor>& in) { return fused::swiglu(in[0]); };
+  auto reference = [](const std::vector<at::Tensor>& in) {
+    return at::silu(in[0].narrow(-1, 0, 40)) * in[0].narrow(-1, 40, 40);
+  };
+  expect_matches({ab}, {true}, fused, reference, 1e-5);
+}
+
+TEST_F(FusedOps, QkvRopeSplitsAndRotatesTheFusedProjection) {
+  const int64_t h = 4, kv = 2, hd = 8, t = 19;
+  const at::Tensor inv = at::pow(10000.0, at::arange(0, hd, 2, at::kDouble) / double(hd)).reciprocal();
+  const at::Tensor angles = at::outer(at::arange(32, at::kDouble), inv);
+  const at::Tensor cos = angles.cos().to(at::kFloat), sin = angles.sin().to(at::kFloat);
+  const at::Tensor qkv = at::randn({2, t, (h + 2 * kv) * hd});
+  // All three outputs in one tensor, so that one upstream gradient reaches each of them.
+  auto fused = [&](const std::vector<at::Tensor>& in) {
+    auto [q, k, v] = fused::qkv_rope(in[0], h, kv, cos, sin);
+    return at::cat({q.flatten(2), k.flatten(2), v.flatten(2)}, -1);
+  };
+  auto reference = [&](const std::vector<at::Tensor>& in) {
+    const at::Tensor c = cos.to(at::kDouble), s = sin.to(at::kDouble);
+    const at::Tensor q = reference_rope(in[0].narrow(-1, 0, h * hd).reshape({2, t, h, hd}), c, s);
+    const at::Tensor k = reference_rope(in[0].narrow(-1, h * hd, kv * hd).reshape({2, t, kv, hd}), c, s);
+    return at::cat({q.flatten(2), k.flatten(2), in[0].narrow(-1, (h + kv) * hd, kv * hd)}, -1);
+  };
+  expect_matches({qkv}, {true}, fused, reference, 1e-5);
+}
+
 TEST_F(FusedOps, CausalAttentionMatchesTheCompositionAcrossRowBlocksWithGqa) {
   if (!fused::has_blas()) GTEST_SKIP() << "the BLAS exports no sgemm_";
   for (const auto& [t, h, kv] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{70, 4, 2}, {129, 2, 2}, {5, 3, 1}}) {
