@@ -21,6 +21,40 @@ at::Tensor scatter_gradient(const FsdpUnit& unit, const at::Tensor& full_grad) {
   return shard_grad;
 }
 
+// The trainable parameters as views of a gathered flat buffer that requires grad, with one
+// backward that writes each view's gradient into its range of one flat gradient (narrow's own
+// backward would build a zero-filled buffer of the whole unit per parameter and add them up).
+struct SplitFunction : public torch::autograd::Function<SplitFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& flat, const FsdpUnit* unit) {
+    ctx->saved_data["unit"] = reinterpret_cast<int64_t>(unit);
+    ctx->saved_data["like"] = flat.new_empty({0});
+    ctx->set_materialize_grads(false);  // an unused parameter's gradient: its range stays zero
+    variable_list out;
+    for (size_t i = 0; i < unit->params().size(); ++i) {
+      if (unit->trainable(i)) out.push_back(flat.narrow(0, unit->offset(i), unit->numel_of(i)).view(unit->params()[i].shape));
+    }
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto* unit = reinterpret_cast<const FsdpUnit*>(ctx->saved_data["unit"].toInt());
+    at::Tensor flat = at::empty({unit->padded_numel()}, ctx->saved_data["like"].toTensor().options());
+    size_t k = 0;
+    for (size_t i = 0; i < unit->params().size(); ++i) {
+      if (!unit->trainable(i)) continue;
+      at::Tensor range = flat.narrow(0, unit->offset(i), unit->numel_of(i));
+      if (grads[k].defined()) {
+        range.copy_(grads[k].reshape({-1}));
+      } else {
+        range.zero_();
+      }
+      ++k;
+    }
+    flat.narrow(0, unit->trainable_numel(), unit->padded_numel() - unit->trainable_numel()).zero_();
+    return {flat, at::Tensor()};
+  }
+};
+
 // forward: gather -> body -> free. backward: gather -> recompute body with grad (same CPU
 // generator state as in forward) -> reduce-scatter the trainable gradient into the shard's.
 struct UnitFunction : public torch::autograd::Function<UnitFunction> {
@@ -115,8 +149,15 @@ at::Tensor FsdpUnit::gather(bool trainable) const {
 }
 
 std::vector<at::Tensor> FsdpUnit::views(const at::Tensor& trainable_full, const at::Tensor& frozen_full) const {
+  const bool split = trainable_full.defined() && trainable_full.requires_grad();
+  const variable_list split_views = split ? SplitFunction::apply(trainable_full, this) : variable_list();
   std::vector<at::Tensor> out;
+  size_t k = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
+    if (split && trainable(i)) {
+      out.push_back(split_views[k++]);
+      continue;
+    }
     const at::Tensor& full = trainable(i) ? trainable_full : frozen_full;
     out.push_back(full.narrow(0, offsets_[i], numel_of(i)).view(params_[i].shape));
   }
