@@ -72,7 +72,7 @@ model[small]="model.vocab_size=4096 model.dim=512 model.n_layers=8 model.n_heads
 if [ "$quick" = 1 ]; then
   steps=([micro]=12 [tiny]=6 [small]=3) warmup=([micro]=4 [tiny]=2 [small]=1) gemm_seconds=0.1
 else
-  steps=([micro]=60 [tiny]=12 [small]=5) warmup=([micro]=10 [tiny]=4 [small]=2) gemm_seconds=0.3
+  steps=([micro]=60 [tiny]=12 [small]=5) warmup=([micro]=10 [tiny]=4 [small]=2) gemm_seconds=1
 fi
 
 # Resolved configs: Strata prints what it will run and the reference reads the same file.
@@ -230,7 +230,7 @@ for name in configs:
             rss = max(peak_rss_mib(f"{key}-{v}-{i}", ranks) for i in range(1, runs + 1))
             load = [foreign_load(f"{key}-{v}-{i}", ranks) for i in range(1, runs + 1)]
             loads += load
-            res[v] = (statistics.median(t), rss)
+            res[v] = (statistics.median(t), rss, max(t))
             comm = ""
             if v != "reference" and ranks > 1:
                 shares = [r["comm_fraction"] for i in range(1, runs + 1) for r in map(json.loads, open(f"{out}/{key}-{v}-{i}.jsonl"))
@@ -238,22 +238,23 @@ for name in configs:
                 comm = f", Strata's comm share {100 * statistics.median(shares):.1f}%"
             trials.append(f"{key} {v}: " + " / ".join(f"{x:.0f}" for x in t) + " tok/s (other load "
                           + " / ".join(f"{100 * x:.0f}%" for x in load) + comm + ")")
-        ref_tps, ref_rss = res["reference"]
+        ref_tps, ref_rss, ref_best = res["reference"]
         for v in variants:
             mode = {"strata": f"FSDP, default (`{c['parallel']['fsdp']['activation_checkpointing']}` -> {chosen})" if ranks > 1 else "one rank",
                     "strata_none": "FSDP, `activation_checkpointing: none` (keep)",
                     "strata_full": "FSDP, `activation_checkpointing: full` (recompute)",
                     "strata_replicated": "replicated (`fsdp.enabled: false`)"}[v]
-            s_tps, s_rss = res[v]
+            s_tps, s_rss, s_best = res[v]
             rows.append(f"| {name} ({params / 1e6:.2f}M, seq {c['data']['seq_len']}) | {ranks} x {threads} | {mode} "
-                        f"| {s_tps:.0f} | {ref_tps:.0f} | **{s_tps / ref_tps:.2f}** | {peak:.1f} "
+                        f"| {s_tps:.0f} | {ref_tps:.0f} | **{s_tps / ref_tps:.2f}** | {s_best / ref_best:.2f} | {peak:.1f} "
                         f"| {100 * s_tps * fpt / 1e9 / peak:.1f}% | {100 * ref_tps * fpt / 1e9 / peak:.1f}% "
                         f"| {s_rss:.0f} | {ref_rss:.0f} |")
-print("| config | ranks x threads | Strata mode | Strata tok/s | reference tok/s | Strata / ref "
+print("| config | ranks x threads | Strata mode | Strata tok/s | reference tok/s | Strata / ref | best / best "
       "| GEMM peak GFLOP/s | Strata % of peak | ref % of peak | Strata peak RSS/rank MiB | ref peak RSS/rank MiB |")
-print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 print("\n".join(rows))
-print(f"\nMedians of {runs} run(s) per trainer, runs alternating; tokens/s over the steps after the warm-up "
+print(f"\nMedians of {runs} run(s) per trainer, runs alternating (best / best: the ratio of each trainer's fastest run, "
+      f"the least disturbed by other load); tokens/s over the steps after the warm-up "
       f"({', '.join(f'{k} {v}' for k, v in warmup.items() if k in configs)} steps left out). "
       f"GEMM peak: the best fp32 rate (GFLOP/s, summed over the ranks running at once) over the forward, "
       f"input-gradient and weight-gradient matmuls of the model's linear layers, measured before the runs; "
