@@ -23,7 +23,7 @@ run() {  # NAME RANKS THREADS [--set ...]
     >"$out/$name.log" 2>&1 || { cat "$out/$name.log"; exit 1; }
 }
 run single 1 2
-run fsdp 2 1 --set parallel.fsdp.enabled=true
+run fsdp 2 1 --set parallel.fsdp.enabled=true --set parallel.fsdp.activation_checkpointing=full
 run fsdp_keep 2 1 --set parallel.fsdp.enabled=true --set parallel.fsdp.activation_checkpointing=none
 run replicated 2 1 --set parallel.fsdp.enabled=false
 
