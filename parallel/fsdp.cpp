@@ -31,7 +31,8 @@ struct SplitFunction : public torch::autograd::Function<SplitFunction> {
     ctx->set_materialize_grads(false);  // an unused parameter's gradient: its range stays zero
     variable_list out;
     for (size_t i = 0; i < unit->params().size(); ++i) {
-      if (unit->trainable(i)) out.push_back(flat.narrow(0, unit->offset(i), unit->numel_of(i)).view(unit->params()[i].shape));
+      if (!unit->trainable(i)) continue;
+      out.push_back(flat.narrow(0, unit->offset(i), unit->numel_of(i)).view(unit->params()[i].shape));
     }
     return out;
   }

@@ -255,7 +255,8 @@ at::Tensor rotate(const at::Tensor& input, const at::Tensor& cos, const at::Tens
 }
 
 struct RopeFunction : public torch::autograd::Function<RopeFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos,
+                               const at::Tensor& sin) {
     ctx->saved_data["cos"] = cos;
     ctx->saved_data["sin"] = sin;
     return {rotate(x, cos, sin, 1.0f)};
@@ -532,7 +533,8 @@ STRATA_CLONES void cross_entropy_rows(const float* x, const int64_t* targets, fl
 
 struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
   // want_grad: decided by the caller (in forward, grad mode is off and the node not yet made).
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target, bool want_grad) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                               bool want_grad) {
     const at::Tensor x = input.contiguous(), t = target.contiguous();
     const int64_t n = x.size(0), v = x.size(1);
     const int64_t* tp = t.data_ptr<int64_t>();
@@ -598,7 +600,9 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
                   const at::Tensor& decay_mask, const AdamWScalars& s) {
   const int64_t n = param.numel();
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grad, &exp_avg, &exp_avg_sq}) {
-    if (!t->is_contiguous() || t->numel() != n) throw std::invalid_argument("adamw_update: tensors of different layouts");
+    if (!t->is_contiguous() || t->numel() != n) {
+      throw std::invalid_argument("adamw_update: tensors of different layouts");
+    }
   }
   float *p = param.data_ptr<float>(), *m = exp_avg.data_ptr<float>(), *v = exp_avg_sq.data_ptr<float>();
   const float* g = grad.data_ptr<float>();

@@ -131,7 +131,8 @@ TEST_F(FusedOps, QkvRopeSplitsAndRotatesTheFusedProjection) {
 
 TEST_F(FusedOps, CausalAttentionMatchesTheCompositionAcrossRowBlocksWithGqa) {
   if (!fused::has_blas()) GTEST_SKIP() << "the BLAS exports no sgemm_";
-  for (const auto& [t, h, kv] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{70, 4, 2}, {129, 2, 2}, {5, 3, 1}}) {
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {{70, 4, 2}, {129, 2, 2}, {5, 3, 1}};
+  for (const auto& [t, h, kv] : shapes) {
     const at::Tensor q = at::randn({2, t, h, 8}), k = at::randn({2, t, kv, 8}), v = at::randn({2, t, kv, 8});
     auto fused = [](const std::vector<at::Tensor>& in) { return fused::causal_attention(in[0], in[1], in[2]); };
     auto reference = [](const std::vector<at::Tensor>& in) { return reference_attention(in[0], in[1], in[2]); };
