@@ -1,62 +1,29 @@
-// Fused CPU kernels for the Llama block (see fused_ops.h).
-//
-// The loops are plain C++ compiled three times (AVX-512, AVX2 + FMA, baseline x86-64) with GCC's
-// target_clones; the loader picks the clone the CPU runs. exp() is a vectorisable Cephes-style
-// polynomial (about 1 ulp), so softmax, SiLU and the loss vectorise too.
+// Fused CPU kernels for the Llama block (see fused_ops.h); causal attention is in
+// fused_attention.cpp. The loops are compiled per ISA (fused_simd.h).
 #include "trainer/fused_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <dlfcn.h>
 #include <fmt/format.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define STRATA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define STRATA_CLONES
-#endif
+#include "trainer/fused_simd.h"
 
 namespace strata::fused {
 namespace {
 
+using detail::exp_approx;
+using detail::kRowBlock;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-constexpr int64_t kRowBlock = 64;  // rows per block of a cross-row reduction, and of attention
-
-// Branch-free, so that loops calling it vectorise: n = round(x log2 e) by adding 1.5 * 2^23 (the
-// float's low bits then hold n), e^r on |r| <= ln 2 / 2 by Cephes' polynomial, 2^n from the bits.
-inline __attribute__((always_inline)) float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;
-  const float n = shifted - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, in two parts
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &shifted, sizeof bits);
-  bits = (bits - 0x4B400000 + 127) << 23;  // (n + 127) in the exponent field
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
@@ -221,16 +188,12 @@ struct QkvRopeFunction : public torch::autograd::Function<QkvRopeFunction> {
     return {q, k, v};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Autograd hands zeros for an output that got no gradient (grads are materialised).
     const int64_t h = ctx->saved_data["h"].toInt(), kv = ctx->saved_data["kv"].toInt();
-    std::vector<at::Tensor> g;
-    for (const at::Tensor& grad : grads) g.push_back(grad.defined() ? grad.contiguous() : at::Tensor());
-    const at::Tensor& ref = g[0].defined() ? g[0] : (g[1].defined() ? g[1] : g[2]);
-    const int64_t b = ref.size(0), t = ref.size(1), hd = ref.size(3);
-    for (size_t i = 0; i < 3; ++i) {
-      if (!g[i].defined()) g[i] = at::zeros({b, t, i == 0 ? h : kv, hd}, ref.options());
-    }
+    const at::Tensor g[] = {grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous()};
+    const int64_t b = g[0].size(0), t = g[0].size(1), hd = g[0].size(3);
     const QkvLayout layout{h, kv, hd, t};
-    at::Tensor dqkv = at::empty({b, t, layout.width()}, ref.options());
+    at::Tensor dqkv = at::empty({b, t, layout.width()}, g[0].options());
     const at::Tensor cos = ctx->saved_data["cos"].toTensor(), sin = ctx->saved_data["sin"].toTensor();
     const float *dq = g[0].data_ptr<float>(), *dk = g[1].data_ptr<float>(), *dv = g[2].data_ptr<float>();
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
@@ -353,150 +316,6 @@ struct PackedSwiGluFunction : public torch::autograd::Function<PackedSwiGluFunct
     float* p = dab.data_ptr<float>();
     rows_of(ab).backward(grads[0], p, p + ab.size(-1) / 2);
     return {dab};
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// Causal attention
-
-using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                         const int*, const float*, const int*, const float*, float*, const int*);
-
-SgemmFn sgemm() {
-  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
-  return fn;
-}
-
-// Row-major C (m x n, ldc) = alpha op(A) op(B) + beta C through the column-major BLAS (C^T =
-// op(B)^T op(A)^T, and a row-major matrix is its transpose in column-major terms).
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-  sgemm()(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
-}
-
-// Columns [0, causal_span) of row i: the causal ones, [0, i], rounded up to whole vectors of 16
-// (at most r1), so that the loops below run without scalar remainders; the extra columns are
-// masked to 0.
-inline int64_t causal_span(int64_t i, int64_t r1) { return std::min(r1, (i + 16) & ~int64_t{15}); }
-
-// Rows [r0, r1) of the scores P (ld t) hold scaled logits in columns [0, r1): softmax over the
-// causal columns [0, i] of row i, zeros in (i, r1).
-STRATA_CLONES void causal_softmax_rows(float* p, int64_t t, int64_t r0, int64_t r1) {
-  for (int64_t i = r0; i < r1; ++i) {
-    float* row = p + i * t;
-    const int64_t span = causal_span(i, r1);
-    constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
-    float m = kMinusInf;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < span; ++j) m = std::max(m, j <= i ? row[j] : kMinusInf);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < span; ++j) {
-      const float e = j <= i ? exp_approx(row[j] - m) : 0.0f;
-      row[j] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < span; ++j) row[j] *= inv;
-    std::fill(row + span, row + r1, 0.0f);
-  }
-}
-
-// dS = P * (dP - rowsum(P * dP)) over the causal columns of rows [r0, r1), in place in dp; P is
-// zero beyond the causal columns, so dS is too.
-STRATA_CLONES void causal_softmax_backward_rows(const float* p, float* dp, int64_t t, int64_t r0, int64_t r1) {
-  for (int64_t i = r0; i < r1; ++i) {
-    const float* pr = p + i * t;
-    float* dr = dp + i * t;
-    const int64_t span = causal_span(i, r1);
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < span; ++j) dot += pr[j] * dr[j];
-#pragma omp simd
-    for (int64_t j = 0; j < span; ++j) dr[j] = pr[j] * (dr[j] - dot);
-    std::fill(dr + span, dr + r1, 0.0f);
-  }
-}
-
-struct AttentionShape {
-  int64_t b, t, h, kv, hd;
-  explicit AttentionShape(const at::Tensor& q, const at::Tensor& k)
-      : b(q.size(0)), t(q.size(1)), h(q.size(2)), kv(k.size(2)), hd(q.size(3)) {}
-  int64_t rep() const { return h / kv; }
-  float scale() const { return 1.0f / std::sqrt(static_cast<float>(hd)); }
-};
-
-struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& query, const at::Tensor& key,
-                               const at::Tensor& value) {
-    const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-    const AttentionShape s(q, k);
-    at::Tensor y = at::empty_like(q), probs = at::empty({s.b, s.h, s.t, s.t}, q.options());
-    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-    float *yp = y.data_ptr<float>(), *pp = probs.data_ptr<float>();
-    const int64_t ldq = s.h * s.hd, ldk = s.kv * s.hd;
-    at::parallel_for(0, s.b * s.h, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / s.h, h = idx % s.h, g = h / s.rep();
-        const float* qh = qp + b * s.t * ldq + h * s.hd;
-        const float* kh = kp + b * s.t * ldk + g * s.hd;
-        const float* vh = vp + b * s.t * ldk + g * s.hd;
-        float* yh = yp + b * s.t * ldq + h * s.hd;
-        float* p = pp + idx * s.t * s.t;
-        for (int64_t r0 = 0; r0 < s.t; r0 += kRowBlock) {
-          const int64_t r1 = std::min(s.t, r0 + kRowBlock), nb = r1 - r0;
-          gemm(false, true, nb, r1, s.hd, s.scale(), qh + r0 * ldq, ldq, kh, ldk, 0.0f, p + r0 * s.t, s.t);
-          causal_softmax_rows(p, s.t, r0, r1);
-          gemm(false, false, nb, s.hd, r1, 1.0f, p + r0 * s.t, s.t, vh, ldk, 0.0f, yh + r0 * ldq, ldq);
-        }
-      }
-    });
-    ctx->save_for_backward({q, k, v, probs});
-    return {y};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &probs = saved[3];
-    const at::Tensor dy = grads[0].contiguous();
-    const AttentionShape s(q, k);
-    at::Tensor dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-    const float *pp = probs.data_ptr<float>(), *dyp = dy.data_ptr<float>();
-    float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-    const int64_t ldq = s.h * s.hd, ldk = s.kv * s.hd;
-    const float scale = s.scale();
-    // One task per (batch, key/value head): its query heads add into dk and dv in order.
-    at::parallel_for(0, s.b * s.kv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> ds(static_cast<size_t>(s.t * s.t));
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / s.kv, g = idx % s.kv;
-        const float* kh = kp + b * s.t * ldk + g * s.hd;
-        const float* vh = vp + b * s.t * ldk + g * s.hd;
-        float* dkh = dkp + b * s.t * ldk + g * s.hd;
-        float* dvh = dvp + b * s.t * ldk + g * s.hd;
-        for (int64_t h = g * s.rep(); h < (g + 1) * s.rep(); ++h) {
-          const float* qh = qp + b * s.t * ldq + h * s.hd;
-          const float* dyh = dyp + b * s.t * ldq + h * s.hd;
-          float* dqh = dqp + b * s.t * ldq + h * s.hd;
-          const float* p = pp + (b * s.h + h) * s.t * s.t;
-          for (int64_t r0 = 0; r0 < s.t; r0 += kRowBlock) {
-            const int64_t r1 = std::min(s.t, r0 + kRowBlock), nb = r1 - r0;
-            float* dsb = ds.data() + r0 * s.t;
-            gemm(false, true, nb, r1, s.hd, 1.0f, dyh + r0 * ldq, ldq, vh, ldk, 0.0f, dsb, s.t);  // dP
-            causal_softmax_backward_rows(p, ds.data(), s.t, r0, r1);                              // dS
-            gemm(true, false, r1, s.hd, nb, 1.0f, p + r0 * s.t, s.t, dyh + r0 * ldq, ldq, 1.0f, dvh, ldk);
-            gemm(false, false, nb, s.hd, r1, scale, dsb, s.t, kh, ldk, 0.0f, dqh + r0 * ldq, ldq);
-            gemm(true, false, r1, s.hd, nb, scale, dsb, s.t, qh + r0 * ldq, ldq, 1.0f, dkh, ldk);
-          }
-        }
-      }
-    });
-    return {dq, dk, dv};
   }
 };
 
@@ -633,8 +452,6 @@ bool enabled(const at::Tensor& t) {
   return on && t.device().is_cpu() && t.scalar_type() == at::kFloat;
 }
 
-bool has_blas() { return sgemm() != nullptr; }
-
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return RmsNormFunction::apply(x, weight, eps)[0];
 }
@@ -651,14 +468,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, i
                                                         const at::Tensor& cos, const at::Tensor& sin) {
   const variable_list out = QkvRopeFunction::apply(qkv, cos.contiguous(), sin.contiguous(), heads, kv_heads);
   return {out[0], out[1], out[2]};
-}
-
-at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  if (q.size(2) % k.size(2) != 0) {
-    throw std::invalid_argument(fmt::format("causal_attention: {} query heads are not a multiple of {} key/value heads",
-                                            q.size(2), k.size(2)));
-  }
-  return AttentionFunction::apply(q, k, v)[0];
 }
 
 at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets) {
