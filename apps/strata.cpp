@@ -18,12 +18,15 @@
 #include "trainer/resume.h"
 #include "parallel/process_group.h"
 #include <ATen/ATen.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <torch/version.h>
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
 
 #include "checkpoint/file_io.h"
 #include "parallel/communicator.h"
+#include "parallel/nccl_communicator.h"
 #include "trainer/blas_kernels.h"
 #include "trainer/config.h"
 #include "trainer/generate.h"
@@ -35,6 +38,24 @@
 #include "trainer/train.h"
 
 namespace {
+
+// `strata --version`: the LibTorch it runs on, its CUDA side (runtime, cuDNN, NCCL, visible GPUs)
+// and its BLAS.
+std::string version_text() {
+  std::string torch_line = fmt::format("LibTorch {}", TORCH_VERSION);
+  if (strata::nccl_compiled()) {
+    torch_line += ", built with CUDA";
+    try {
+      const long cudnn = at::detail::getCUDAHooks().versionCuDNN();
+      torch_line += fmt::format(" (cuDNN {}.{}.{})", cudnn / 10000, cudnn % 10000 / 100, cudnn % 100);
+    } catch (const std::exception&) {
+    }
+  } else {
+    torch_line += ", CPU only";
+  }
+  return fmt::format("strata {}\n{}\nCUDA: {}\nBLAS: {}", "0.1.0", torch_line, strata::cuda_description(),
+                     strata::blas_description());
+}
 
 struct TrainArgs {
   std::string config_path;
@@ -224,16 +245,10 @@ int run_inspect(const std::string& path, bool verify) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Subcommands that compute: make sure OpenBLAS runs kernels this CPU supports (may re-exec).
-  // --version reports the kernels a run would use.
-  if (argc > 1 && (std::strcmp(argv[1], "train") == 0 || std::strcmp(argv[1], "eval") == 0 ||
-                   std::strcmp(argv[1], "generate") == 0 || std::strcmp(argv[1], "--version") == 0)) {
-    strata::ensure_blas_kernels(argv);
-  }
   CLI::App app{"strata: a distributed trainer for Llama-family language models.\n"
                "Launch alone, or with mpirun / srun for several ranks."};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "strata 0.1.0\nBLAS: " + strata::blas_description());
+  app.set_version_flag("--version", [] { return version_text(); });
 
   TrainArgs train_args;
   CLI::App* train = app.add_subcommand("train", "Train a model from a YAML config.");

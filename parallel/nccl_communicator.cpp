@@ -166,6 +166,18 @@ int cuda_device_count() {
   return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
 }
 
+std::string cuda_description() {
+  int runtime = 0, nccl = 0, count = 0;
+  cudaRuntimeGetVersion(&runtime);
+  ncclGetVersion(&nccl);
+  const cudaError_t devices = cudaGetDeviceCount(&count);
+  // NCCL encodes its version as major * 10000 + minor * 100 + patch (since 2.9).
+  std::string text = fmt::format("runtime {}.{}, NCCL {}.{}.{}, ", runtime / 1000, runtime % 1000 / 10,
+                                 nccl / 10000, nccl % 10000 / 100, nccl % 100);
+  if (devices != cudaSuccess) return text + fmt::format("0 GPUs visible ({})", cudaGetErrorString(devices));
+  return text + fmt::format("{} GPU{} visible", count, count == 1 ? "" : "s");
+}
+
 std::unique_ptr<Communicator> make_nccl_communicator(const ProcessGroup& group, int device) {
   return std::make_unique<NcclCommunicator>(group, device);
 }
@@ -174,10 +186,11 @@ std::unique_ptr<Communicator> make_nccl_communicator(const ProcessGroup& group, 
 
 bool nccl_compiled() { return false; }
 int cuda_device_count() { return 0; }
+std::string cuda_description() { return "not built (LibTorch without CUDA)"; }
 
 std::unique_ptr<Communicator> make_nccl_communicator(const ProcessGroup&, int) {
-  throw DistributedError("this strata was built without CUDA and NCCL\nHINT: build on a machine "
-                         "with the CUDA toolkit and NCCL (found under /usr/local/cuda)");
+  throw DistributedError("this strata was built without CUDA and NCCL\nHINT: build against a CUDA "
+                         "LibTorch (scripts/setup.sh installs one)");
 }
 
 #endif

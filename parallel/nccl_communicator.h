@@ -8,8 +8,15 @@
 
 namespace strata {
 
+#include <string>
+
 bool nccl_compiled();
 int cuda_device_count();  // 0 without CUDA, a driver, or a GPU
+
+// For `strata --version` and the start-up log, e.g. "runtime 13.0, NCCL 2.28.9, 1 GPU
+// visible", "... 0 GPUs visible (CUDA driver version is insufficient ...)", or "not built"
+// without CUDA. Never throws.
+std::string cuda_description();
 
 // One communicator over all ranks; this rank uses CUDA device `device` (its local rank).
 std::unique_ptr<Communicator> make_nccl_communicator(const ProcessGroup& group, int device);

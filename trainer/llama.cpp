@@ -9,7 +9,6 @@
 #include "trainer/converter.h"
 #include "trainer/fused_ops.h"
 #include "trainer/seed.h"
-#include "trainer/torch_compat.h"
 
 namespace strata {
 namespace {
@@ -212,12 +211,10 @@ at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const 
   at::Tensor q = apply_rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
   at::Tensor k = apply_rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
   at::Tensor v = linear(layer, 2, x).view({b, t, kv, hd});
-  if (kv != h) {  // GQA: query head j uses key/value head j / (h / kv)
-    k = k.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});
-    v = v.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});
-  }
-  at::Tensor y = compat::causal_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                          v.transpose(1, 2));  // (B, H, T, hd)
+  // GQA: query head j uses key/value head j / (h / kv), without copies (enable_gqa).
+  at::Tensor y = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                                  /*scale=*/std::nullopt, /*enable_gqa=*/kv != h);  // (B, H, T, hd)
   return linear(layer, 3, y.transpose(1, 2).reshape({b, t, h * hd}));
 }
 

@@ -1,14 +1,17 @@
-// Tokenizer: SentencePiece through the strata_spm module, loaded once per process with
-// dlmopen into a fresh linker namespace.
+// Tokenizer: SentencePiece, linked directly. (Debian's LibTorch 1.13 loaded the system
+// libprotobuf, whose symbols clashed with SentencePiece's private protobuf-lite, so SentencePiece
+// had to run in a separate linker namespace; the PyTorch wheel links protobuf statically and
+// shares no protobuf symbol with SentencePiece beyond three identical byteswap templates.)
 #include "trainer/tokenizer.h"
 
-#include <dlfcn.h>
 #include <fmt/format.h>
-#include <unistd.h>
+#include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
 
 #include <filesystem>
 #include <limits>
 #include <regex>
+#include <unordered_map>
 
 #include "trainer/token_shard.h"
 
@@ -16,68 +19,6 @@ namespace strata {
 namespace {
 
 namespace fs = std::filesystem;
-constexpr const char* kModuleName = "libstrata_spm.so";
-
-// The module's C interface (see trainer/sentencepiece_module.cpp).
-struct SentencePieceApi {
-  void* (*load)(const char*, char*, size_t);
-  void (*free)(void*);
-  int (*piece_size)(void*);
-  int (*bos_id)(void*);
-  int (*eos_id)(void*);
-  long (*encode)(void*, const char*, size_t, char*, size_t);
-  const int* (*ids)(void*);
-  long (*decode)(void*, const int*, size_t, char*, size_t);
-  const char* (*text)(void*);
-  int (*train)(const char* const*, const char* const*, size_t, char*, size_t);
-};
-
-// The module sits next to the executable (build/ and installs), or where it was built.
-fs::path find_module() {
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  std::vector<fs::path> candidates;
-  if (!ec) candidates.push_back(exe.parent_path() / kModuleName);
-  if (!ec) candidates.push_back(exe.parent_path().parent_path() / kModuleName);
-  candidates.emplace_back(STRATA_SPM_MODULE);
-  for (const fs::path& candidate : candidates) {
-    if (fs::exists(candidate)) return candidate;
-  }
-  throw DataError(
-      fmt::format("cannot find {} (looked next to the executable and at {})\nHINT: "
-                  "rebuild Strata (scripts/build.sh); the module is part of the build",
-                  kModuleName, STRATA_SPM_MODULE));
-}
-
-const SentencePieceApi& api() {
-  static const SentencePieceApi instance = [] {
-    const fs::path path = find_module();
-    void* module = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!module) {
-      throw DataError(fmt::format("cannot load {}: {}", path.string(), dlerror()));
-    }
-    auto symbol = [&](const char* name) {
-      void* address = dlsym(module, name);
-      if (!address) {
-        throw DataError(fmt::format("{} lacks {}\nHINT: rebuild Strata", path.string(), name));
-      }
-      return address;
-    };
-    SentencePieceApi a;
-    a.load = reinterpret_cast<decltype(a.load)>(symbol("strata_spm_load"));
-    a.free = reinterpret_cast<decltype(a.free)>(symbol("strata_spm_free"));
-    a.piece_size = reinterpret_cast<decltype(a.piece_size)>(symbol("strata_spm_piece_size"));
-    a.bos_id = reinterpret_cast<decltype(a.bos_id)>(symbol("strata_spm_bos_id"));
-    a.eos_id = reinterpret_cast<decltype(a.eos_id)>(symbol("strata_spm_eos_id"));
-    a.encode = reinterpret_cast<decltype(a.encode)>(symbol("strata_spm_encode"));
-    a.ids = reinterpret_cast<decltype(a.ids)>(symbol("strata_spm_ids"));
-    a.decode = reinterpret_cast<decltype(a.decode)>(symbol("strata_spm_decode"));
-    a.text = reinterpret_cast<decltype(a.text)>(symbol("strata_spm_text"));
-    a.train = reinterpret_cast<decltype(a.train)>(symbol("strata_spm_train"));
-    return a;
-  }();
-  return instance;
-}
 
 // SentencePiece's status reads "Internal: <file>(<line>) [<check>] <message>": users need
 // the message (empty for some checks).
@@ -116,7 +57,8 @@ std::string training_error(const std::string& status, const std::string& text_fi
 
 }  // namespace
 
-Tokenizer::Tokenizer(const std::string& model_path) : path_(model_path), handle_(nullptr, nullptr) {
+Tokenizer::Tokenizer(const std::string& model_path)
+    : path_(model_path), processor_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
   if (!fs::is_regular_file(model_path)) {
     throw DataError(
         fmt::format("tokenizer {} does not exist\nHINT: point data.tokenizer (or "
@@ -124,39 +66,32 @@ Tokenizer::Tokenizer(const std::string& model_path) : path_(model_path), handle_
                     "prepare-data",
                     model_path));
   }
-  char error[512] = {};
-  void* handle = api().load(model_path.c_str(), error, sizeof(error));
-  if (!handle) {
-    const std::string message = status_message(error);
+  const auto status = processor_->Load(model_path);
+  if (!status.ok()) {
+    const std::string message = status_message(status.ToString());
     throw DataError(
         fmt::format("cannot load tokenizer {}: {}\nHINT: it must be a SentencePiece "
                     "model file (the tokenizer.model written by strata "
                     "prepare-data, or a Llama-style one)",
                     model_path, message.empty() ? "not a SentencePiece model" : message));
   }
-  handle_ = std::unique_ptr<void, void (*)(void*)>(handle, api().free);
 }
 
 Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-int64_t Tokenizer::vocab_size() const {
-  return api().piece_size(handle_.get());
-}
-int Tokenizer::bos_id() const {
-  return api().bos_id(handle_.get());
-}
-int Tokenizer::eos_id() const {
-  return api().eos_id(handle_.get());
-}
+int64_t Tokenizer::vocab_size() const { return processor_->GetPieceSize(); }
+int Tokenizer::bos_id() const { return processor_->bos_id(); }
+int Tokenizer::eos_id() const { return processor_->eos_id(); }
 
 std::vector<uint32_t> Tokenizer::encode(const std::string& text) const {
-  char error[512] = {};
-  const long count = api().encode(handle_.get(), text.data(), text.size(), error, sizeof(error));
-  if (count < 0) throw DataError(fmt::format("tokenizer {} cannot encode text: {}", path_, error));
-  const int* ids = api().ids(handle_.get());
-  return std::vector<uint32_t>(ids, ids + count);
+  std::vector<int> ids;
+  const auto status = processor_->Encode(text, &ids);
+  if (!status.ok()) {
+    throw DataError(fmt::format("tokenizer {} cannot encode text: {}", path_, status.ToString()));
+  }
+  return std::vector<uint32_t>(ids.begin(), ids.end());
 }
 
 std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
@@ -165,18 +100,20 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
   for (int64_t id : ids) {
     if (id >= 0 && id < size) narrow.push_back(static_cast<int>(id));
   }
-  char error[512] = {};
-  const long length =
-      api().decode(handle_.get(), narrow.data(), narrow.size(), error, sizeof(error));
-  if (length < 0) throw DataError(fmt::format("tokenizer {} cannot decode ids: {}", path_, error));
-  return std::string(api().text(handle_.get()), static_cast<size_t>(length));
+  std::string text;
+  const auto status = processor_->Decode(narrow, &text);
+  if (!status.ok()) {
+    throw DataError(fmt::format("tokenizer {} cannot decode ids: {}", path_, status.ToString()));
+  }
+  return text;
 }
 
 void train_tokenizer(const std::string& text_file, const std::string& model_prefix,
                      int64_t vocab_size) {
   // Llama's conventions: BPE with byte fallback (no unknown bytes), digits split, text kept
   // as is (no normalisation, whitespace preserved), <unk>=0 <s>=1 </s>=2 and no pad.
-  const std::vector<std::pair<std::string, std::string>> options = {
+  // The map form, unlike the command-line string, logs nothing at minloglevel 2.
+  const std::unordered_map<std::string, std::string> options = {
       {"input", text_file},
       {"model_prefix", model_prefix},
       {"model_type", "bpe"},
@@ -197,15 +134,8 @@ void train_tokenizer(const std::string& text_file, const std::string& model_pref
       {"num_threads", "2"},
       {"minloglevel", "2"},
   };
-  std::vector<const char*> keys, values;
-  for (const auto& [key, value] : options) {
-    keys.push_back(key.c_str());
-    values.push_back(value.c_str());
-  }
-  char error[1024] = {};
-  if (api().train(keys.data(), values.data(), keys.size(), error, sizeof(error)) != 0) {
-    throw DataError(training_error(error, text_file, vocab_size));
-  }
+  const auto status = sentencepiece::SentencePieceTrainer::Train(options);
+  if (!status.ok()) throw DataError(training_error(status.ToString(), text_file, vocab_size));
 }
 
 }  // namespace strata

@@ -1,12 +1,15 @@
 // A Llama-style SentencePiece tokenizer (`tokenizer.model`, loadable by HF and llama.cpp):
-// BPE with byte fallback, <unk>=0, <s>=1, </s>=2, no pad. SentencePiece itself runs in its
-// own linker namespace (see trainer/sentencepiece_module.cpp for why).
+// BPE with byte fallback, <unk>=0, <s>=1, </s>=2, no pad.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
+
+namespace sentencepiece {
+class SentencePieceProcessor;
+}
 
 namespace strata {
 
@@ -25,7 +28,7 @@ class Tokenizer {
 
  private:
   std::string path_;
-  std::unique_ptr<void, void (*)(void*)> handle_;
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
 };
 
 // Trains a tokenizer on `text_file` (one sentence per line) and writes `<model_prefix>.model`.

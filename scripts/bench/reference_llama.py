@@ -1,14 +1,18 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """PyTorch reference trainer for scripts/bench/train_throughput.sh.
 
-The same Llama as trainer/llama.cpp, written as an ordinary PyTorch training loop, so that
-Strata's tokens/s can be compared with what plain PyTorch (the same LibTorch 1.13) reaches on
-the same model, batch and thread count. Every setting comes from a Strata config as printed by
-`strata train ... --print-config`, so both trainers read one source of truth.
+The same Llama as trainer/llama.cpp, written as an idiomatic PyTorch 2.x training loop, so that
+Strata's tokens/s can be compared with what PyTorch on the same LibTorch (the project
+environment's, third_party/pyenv) reaches on the same model, batch and thread count. Every
+setting comes from a Strata config as printed by `strata train ... --print-config`, so both
+trainers read one source of truth. Attention is F.scaled_dot_product_attention (causal, GQA
+without expanding keys and values).
 
-  reference_llama.py train CONFIG.yaml --metrics OUT.jsonl
+  reference_llama.py train CONFIG.yaml --metrics OUT.jsonl [--compile]
       Trains with the config's model, data.train shard(s), data.seq_len, global/micro batch,
       grad_clip, AdamW and lr schedule, parallel.threads_per_rank (an integer) intra-op threads.
+      --compile: the model under torch.compile (inductor, the CPU C++ backend); the first steps
+      compile, so leave them out of a measurement.
       Launched once per rank: with mpirun (OMPI_COMM_WORLD_RANK/SIZE) or with RANK/WORLD_SIZE;
       with several ranks it trains DistributedDataParallel over gloo (MASTER_ADDR/MASTER_PORT,
       default 127.0.0.1:29531), each rank taking global_batch / ranks samples per step.
@@ -106,19 +110,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(m["dim"], self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, m["dim"], bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin):
         b, t, _ = x.shape
         h, kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q = apply_rope(self.wq(x).view(b, t, h, hd), cos, sin)
         k = apply_rope(self.wk(x).view(b, t, kv, hd), cos, sin)
         v = self.wv(x).view(b, t, kv, hd)
-        if kv != h:  # GQA: query head j reads key/value head j // (h // kv)
-            k = k.unsqueeze(3).expand(b, t, kv, h // kv, hd).reshape(b, t, h, hd)
-            v = v.unsqueeze(3).expand(b, t, kv, h // kv, hd).reshape(b, t, h, hd)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        # scaled_dot_product_attention arrives in PyTorch 2.0; this is its math path.
-        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hd)) + mask[:t, :t]
-        y = torch.matmul(F.softmax(scores, dim=-1), v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, hd)
+        # GQA: query head j reads key/value head j // (h // kv), without copies.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
         return self.wo(y.transpose(1, 2).reshape(b, t, h * hd))
 
 
@@ -142,8 +142,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(m["dim"], m["norm_eps"])
         self.feed_forward = FeedForward(m)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -159,7 +159,6 @@ class Llama(nn.Module):
         # Constants, not buffers: nothing for DDP to broadcast.
         self.cos, self.sin = rope_tables(m["dim"] // m["n_heads"], m["max_seq_len"],
                                          m["rope_theta"])
-        self.mask = torch.full((m["max_seq_len"], m["max_seq_len"]), float("-inf")).triu(1)
         self.init_weights(m)
 
     @torch.no_grad()
@@ -183,7 +182,7 @@ class Llama(nn.Module):
     def forward(self, tokens):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, self.cos, self.sin, self.mask)
+            h = layer(h, self.cos, self.sin)
         h = self.norm(h)
         return F.linear(h, self.tok_embeddings.weight) if self.tied else self.output(h)
 
@@ -265,6 +264,8 @@ def train(args):
          {"params": no_decay, "weight_decay": 0.0}],
         lr=oc["lr"], betas=tuple(oc["betas"]), eps=oc["eps"])
     params = list(model.parameters())
+    if args.compile:
+        model = torch.compile(model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
 
@@ -362,6 +363,7 @@ def main():
     p = sub.add_parser("train")
     p.add_argument("config")
     p.add_argument("--metrics", required=True)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     p.set_defaults(fn=train)
     p = sub.add_parser("gemm")
     p.add_argument("config")

@@ -1,32 +1,31 @@
 #!/usr/bin/env bash
 # Training throughput, Strata vs PyTorch, all measurements in this invocation on this machine:
 # the same Llama (shapes, batch, sequence length, AdamW, grad clipping, fp32, intra-op threads)
-# trained by `strata train` and by scripts/bench/reference_llama.py (an ordinary PyTorch loop on
-# Debian's python3-torch, the same LibTorch 1.13 and BLAS), runs alternating A B A B, on
+# trained by `strata train` and by scripts/bench/reference_llama.py, an idiomatic PyTorch loop on
+# the project environment's PyTorch (third_party/pyenv: the same LibTorch Strata links, MKL
+# included), in two ways: eager (F.scaled_dot_product_attention) and under torch.compile
+# (inductor's CPU backend). Runs alternate A B C A B C, on
 #   micro  dim 64, 2 layers, vocab 512, seq 64, batch 8  (per-op overhead dominates)
 #   tiny   configs/tiny.yaml's model and batch           (3.1M parameters, seq 128)
 #   small  dim 512, 8 layers, vocab 4096, batch 2        (29.4M parameters, seq 512)
 # each on 1 rank x all cores and on 2 ranks x (cores / 2) threads: Strata FSDP (the default
 # activation_checkpointing, auto, and the mode auto did not pick) against DistributedDataParallel
-# over gloo, same global batch. Prints a Markdown table: tokens/s (median of the runs), Strata / reference, the
-# fp32 GEMM rate measured with the same layout on the model's matmul shapes, each trainer's
-# FLOP/s as a share of it, and peak RSS per rank (/usr/bin/time).
+# over gloo, same global batch. Prints a Markdown table: tokens/s (median of the runs), Strata /
+# each reference, the fp32 GEMM rate measured with the same layout on the model's matmul shapes,
+# each trainer's FLOP/s as a share of it, and peak RSS per rank (/usr/bin/time).
 #   scripts/bench/train_throughput.sh
-# Both trainers compute with the same OpenBLAS kernels: those Strata picks when OpenBLAS falls
-# back to pre-AVX2 kernels on this CPU (BLAS_AS_IS=1: the reference keeps OpenBLAS's choice).
 # Environment: RUNS (3: runs of each trainer), QUICK=1 (a smoke test: one short run each, micro
-# and tiny only), CONFIGS ("micro tiny small"), RANKS ("1 2"), REPLICATED=1 (also Strata with fsdp.enabled:
-# false), STRATA_BUILD_DIR (build); the rest of the environment (e.g. OPENBLAS_CORETYPE) reaches
-# both trainers alike, and the report names the OpenBLAS kernels in use. Needs no prepared data:
-# both trainers read the same shard of random tokens written here. Installs python3-torch when
-# /usr/bin/python3 cannot import torch. On an idle 2-core machine QUICK=1 takes about 1.5 minutes
-# and the default about 14 (6 with OpenBLAS's AVX-512 kernels, see BENCHMARKS.md); other
-# processes on the machine slow it and skew the figures (the report gives their CPU share per run).
+# and tiny only), CONFIGS ("micro tiny small"), RANKS ("1 2"), REPLICATED=1 (also Strata with
+# fsdp.enabled: false), ATEN=1 (also Strata with STRATA_FUSED_KERNELS=0: ATen ops instead of its
+# fused CPU kernels), COMPILED=0 (leave out the torch.compile reference), STRATA_BUILD_DIR
+# (build). Needs scripts/setup.sh's environment and no prepared data: both trainers read the
+# same shard of random tokens written here. Other processes on the machine slow it and skew the
+# figures (the report gives their CPU share per run).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 strata="${STRATA_BUILD_DIR:-$root/build}/strata"
-py=/usr/bin/python3  # Debian's interpreter: the one python3-torch installs into
+py="$root/third_party/pyenv/bin/python"  # the project environment (scripts/setup.sh)
 reference="$root/scripts/bench/reference_llama.py"
 quick=${QUICK:-0}
 runs=${RUNS:-$([ "$quick" = 1 ] && echo 1 || echo 3)}
@@ -34,27 +33,8 @@ configs=${CONFIGS:-$([ "$quick" = 1 ] && echo micro tiny || echo micro tiny smal
 layouts=${RANKS:-1 2}
 cores=$(nproc)
 
-ensure_python_torch() {
-  if "$py" -c 'import torch, yaml, numpy' >/dev/null 2>&1; then return 0; fi
-  local sudo=()
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 ||
-      { echo "train_throughput: python3-torch is missing; run as root or install sudo" >&2; exit 1; }
-    sudo=(sudo)
-  fi
-  echo "train_throughput: installing python3-torch" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mtime -1 2>/dev/null | head -1)" ]; then
-    "${sudo[@]}" apt-get update -q
-  fi
-  if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends python3-torch; then
-    "${sudo[@]}" apt-get update -q  # a stale list can name versions the mirror no longer has
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends python3-torch
-  fi
-  "$py" -c 'import torch, yaml, numpy' ||
-    { echo "train_throughput: $py cannot import torch after installing python3-torch" >&2; exit 1; }
-}
-ensure_python_torch
+"$py" -c 'import torch, yaml, numpy' ||
+  { echo "train_throughput: $py cannot import torch, yaml and numpy; run scripts/setup.sh" >&2; exit 1; }
 [ -x "$strata" ] || { echo "train_throughput: $strata not found; build first (scripts/build.sh)" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "train_throughput: /usr/bin/time is missing (apt-get install time)" >&2; exit 1; }
 
@@ -99,18 +79,7 @@ launch() {  # TAG RANKS CMD...: one process per rank under mpirun; each rank's p
   busy_ticks >>"$out/$tag.busy"
 }
 
-# The same BLAS kernels for both: where OpenBLAS falls back to old kernels on this CPU, Strata
-# restarts itself with OPENBLAS_CORETYPE set (trainer/blas_kernels.h); the reference gets the same
-# setting unless BLAS_AS_IS=1 (then it runs what OpenBLAS picked, as a plain PyTorch user would).
-blas=$("$strata" --version | sed -n 's/^BLAS: //p')
-chosen_core=$(sed -n 's/.*Strata set OPENBLAS_CORETYPE=\([A-Za-z0-9]*\).*/\1/p' <<<"$blas")
-if [ -n "$chosen_core" ] && [ "${BLAS_AS_IS:-0}" != 1 ]; then
-  export OPENBLAS_CORETYPE=$chosen_core
-  blas="$blas; the reference runs with the same OPENBLAS_CORETYPE"
-elif [ -n "$chosen_core" ]; then
-  blas="$blas; the reference runs with what OpenBLAS picked (BLAS_AS_IS=1)"
-fi
-echo "$blas" >"$out/blas"
+"$strata" --version | sed -n 's/^BLAS: //p' >"$out/blas"
 launch baseline-strata 1 "$strata" train --config configs/tiny.yaml --print-config
 launch baseline-reference 1 "$py" -c 'import numpy, yaml, torch, torch.distributed, torch.nn.parallel'
 echo "train_throughput: $cores cores, runs $runs, configs: $configs, ranks: $layouts (results in $out while running)" >&2
@@ -123,6 +92,10 @@ for name in $configs; do
     key="$name-$ranks"
     resolve "$out/$key-strata.yaml" "$name" "$ranks"
     extra=()  # Strata variants besides the default
+    if [ "${ATEN:-0}" = 1 ]; then
+      extra+=(strata_aten)
+      cp "$out/$key-strata.yaml" "$out/$key-strata_aten.yaml"
+    fi
     if [ "$ranks" -gt 1 ] && [ "${REPLICATED:-0}" = 1 ]; then
       extra+=(strata_replicated)
       resolve "$out/$key-strata_replicated.yaml" "$name" "$ranks" parallel.fsdp.enabled=false
@@ -141,10 +114,17 @@ for name in $configs; do
         extra=("strata_$other" "${extra[@]}")
         resolve "$out/$key-strata_$other.yaml" "$name" "$ranks" parallel.fsdp.activation_checkpointing="$other"
       fi
-      for v in "${extra[@]}" reference; do
+      references=(reference)
+      [ "${COMPILED:-1}" = 0 ] || references+=(reference_compiled)
+      for v in "${extra[@]}" "${references[@]}"; do
         tag="$key-$v-$run"
         if [ "$v" = reference ]; then
           launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl"
+        elif [ "$v" = reference_compiled ]; then
+          launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl" --compile
+        elif [ "$v" = strata_aten ]; then
+          STRATA_FUSED_KERNELS=0 launch "$tag" "$ranks" "$strata" train --config "$out/$key-$v.yaml" --set job.run_dir="$out/$tag"
+          mv "$out/$tag/metrics.jsonl" "$out/$tag.jsonl"
         else
           launch "$tag" "$ranks" "$strata" train --config "$out/$key-$v.yaml" --set job.run_dir="$out/$tag"
           mv "$out/$tag/metrics.jsonl" "$out/$tag.jsonl"
@@ -152,6 +132,7 @@ for name in $configs; do
       done
     done
     echo "${extra[*]}" >"$out/$key-variants"
+    echo "${references[*]}" >"$out/$key-references"
   done
 done
 
@@ -194,16 +175,11 @@ def foreign_load(tag, ranks):
     ours = sum(sum(map(float, open(f"{out}/{tag}.time.{r}").read().split()[-2:])) for r in range(ranks))
     return max(0.0, (b1 - b0) / os.sysconf("SC_CLK_TCK") - ours) / ((t1 - t0) * cores)
 
-import ctypes, platform, re, torch
+import platform, re, torch
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
-try:
-    lib = ctypes.CDLL("libopenblas.so.0")
-    lib.openblas_get_corename.restype = ctypes.c_char_p
-    ref_blas = f"OpenBLAS, {lib.openblas_get_corename().decode()} kernels"
-except (OSError, AttributeError):
-    ref_blas = "not OpenBLAS"
-print(f"Machine: {cores} cores, {cpu}; LibTorch {torch.__version__}. BLAS: Strata {open(out + '/blas').read().strip()}; "
-      f"reference (python3-torch): {ref_blas}\n")
+ref_blas = "MKL" if torch.backends.mkl.is_available() else "not MKL"
+print(f"Machine: {cores} cores, {cpu}; PyTorch / LibTorch {torch.__version__}. BLAS: Strata {open(out + '/blas').read().strip()}; "
+      f"reference: {ref_blas} (the same libtorch_cpu.so)\n")
 
 rows, trials, gemm_lines, loads = [], [], [], []
 for name in configs:
@@ -223,35 +199,41 @@ for name in configs:
         gemm_lines.append(f"{key} ({gemm[0]['rows']} rows, {ranks} x {threads}): "
                           + ", ".join(f"{s} {v:.1f}" for s, v in per_shape.items()))
         variants = ["strata"] + open(f"{out}/{key}-variants").read().split()
+        references = open(f"{out}/{key}-references").read().split()
         chosen = open(f"{out}/{key}-chosen").read().strip() if ranks > 1 else None
         res = {}
-        for v in variants + ["reference"]:
+        for v in variants + references:
             t = [tokens_per_s(f"{out}/{key}-{v}-{i}.jsonl", tps, warmup[name]) for i in range(1, runs + 1)]
             rss = max(peak_rss_mib(f"{key}-{v}-{i}", ranks) for i in range(1, runs + 1))
             load = [foreign_load(f"{key}-{v}-{i}", ranks) for i in range(1, runs + 1)]
             loads += load
             res[v] = (statistics.median(t), rss, max(t))
             comm = ""
-            if v != "reference" and ranks > 1:
+            if v.startswith("strata") and ranks > 1:
                 shares = [r["comm_fraction"] for i in range(1, runs + 1) for r in map(json.loads, open(f"{out}/{key}-{v}-{i}.jsonl"))
                           if r["step"] > warmup[name] and "comm_fraction" in r]
                 comm = f", Strata's comm share {100 * statistics.median(shares):.1f}%"
             trials.append(f"{key} {v}: " + " / ".join(f"{x:.0f}" for x in t) + " tok/s (other load "
                           + " / ".join(f"{100 * x:.0f}%" for x in load) + comm + ")")
-        ref_tps, ref_rss, ref_best = res["reference"]
+        eager = res["reference"]
+        compiled = res.get("reference_compiled", (float("nan"),) * 3)
         for v in variants:
             mode = {"strata": f"FSDP, default (`{c['parallel']['fsdp']['activation_checkpointing']}` -> {chosen})" if ranks > 1 else "one rank",
                     "strata_none": "FSDP, `activation_checkpointing: none` (keep)",
                     "strata_full": "FSDP, `activation_checkpointing: full` (recompute)",
-                    "strata_replicated": "replicated (`fsdp.enabled: false`)"}[v]
+                    "strata_replicated": "replicated (`fsdp.enabled: false`)",
+                    "strata_aten": "ATen ops (`STRATA_FUSED_KERNELS=0`)" + (", default FSDP mode" if ranks > 1 else "")}[v]
             s_tps, s_rss, s_best = res[v]
+            share = lambda x: f"{100 * x * fpt / 1e9 / peak:.1f}%"
             rows.append(f"| {name} ({params / 1e6:.2f}M, seq {c['data']['seq_len']}) | {ranks} x {threads} | {mode} "
-                        f"| {s_tps:.0f} | {ref_tps:.0f} | **{s_tps / ref_tps:.2f}** | {s_best / ref_best:.2f} | {peak:.1f} "
-                        f"| {100 * s_tps * fpt / 1e9 / peak:.1f}% | {100 * ref_tps * fpt / 1e9 / peak:.1f}% "
-                        f"| {s_rss:.0f} | {ref_rss:.0f} |")
-print("| config | ranks x threads | Strata mode | Strata tok/s | reference tok/s | Strata / ref | best / best "
-      "| GEMM peak GFLOP/s | Strata % of peak | ref % of peak | Strata peak RSS/rank MiB | ref peak RSS/rank MiB |")
-print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+                        f"| {s_tps:.0f} | {eager[0]:.0f} | {compiled[0]:.0f} | **{s_tps / eager[0]:.2f}** | **{s_tps / compiled[0]:.2f}** "
+                        f"| {s_best / eager[2]:.2f} / {s_best / compiled[2]:.2f} | {peak:.1f} "
+                        f"| {share(s_tps)} | {share(eager[0])} | {share(compiled[0])} "
+                        f"| {s_rss:.0f} | {eager[1]:.0f} | {compiled[1]:.0f} |")
+print("| config | ranks x threads | Strata mode | Strata tok/s | eager tok/s | compiled tok/s | Strata / eager | Strata / compiled "
+      "| best / best (eager / compiled) | GEMM peak GFLOP/s | Strata % of peak | eager % | compiled % "
+      "| peak RSS/rank MiB: Strata | eager | compiled |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 print("\n".join(rows))
 print(f"\nMedians of {runs} run(s) per trainer, runs alternating (best / best: the ratio of each trainer's fastest run, "
       f"the least disturbed by other load); tokens/s over the steps after the warm-up "

@@ -170,29 +170,11 @@ TEST(Training, LossDecreasesOnRealText) {
 
 namespace {
 
-TEST(BlasKernels, ReplacesOnlyPreAvx2FallbacksOnCapableCpus) {
-  using strata::better_openblas_core;
-  strata::CpuFeatures spr{true, true, true}, skx{true, true, false}, hsw{true, false, false}, old;
-  // The fallback on a CPU newer than OpenBLAS's tables.
-  EXPECT_EQ(better_openblas_core("Prescott", spr), "Cooperlake");
-  EXPECT_EQ(better_openblas_core("Prescott", skx), "SkylakeX");
-  EXPECT_EQ(better_openblas_core("Nehalem", hsw), "Haswell");
-  EXPECT_EQ(better_openblas_core("Sandybridge", hsw), "Haswell");
-  // A CPU without AVX2 keeps what OpenBLAS chose.
-  EXPECT_EQ(better_openblas_core("Prescott", old), "");
-  // Cores chosen knowingly are never replaced, whatever the CPU.
-  for (const char* core : {"Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids"}) {
-    EXPECT_EQ(better_openblas_core(core, spr), "") << core;
-  }
-  // Not OpenBLAS: nothing to do.
-  EXPECT_EQ(better_openblas_core("", spr), "");
-}
-
 TEST(BlasKernels, DescribesTheLibrary) {
   const std::string text = strata::blas_description();
-  // The tests link Debian's OpenBLAS; elsewhere the text says which BLAS it is not.
-  EXPECT_TRUE(text.rfind("OpenBLAS ", 0) == 0 || text.rfind("not OpenBLAS", 0) == 0) << text;
-  if (text.rfind("OpenBLAS ", 0) == 0) EXPECT_NE(text.find(" kernels"), std::string::npos) << text;
+  // The PyTorch wheel's LibTorch links MKL and exports its version query and sgemm_.
+  EXPECT_NE(text.find("Math Kernel Library"), std::string::npos) << text;
+  EXPECT_NE(text.find("(LibTorch's)"), std::string::npos) << text;
 }
 
 }  // namespace
