@@ -1,5 +1,5 @@
 // Collectives on at::Tensor behind one backend-neutral interface (c10d-style). The MPI
-// backend serves CPU tensors; an NCCL backend for CUDA tensors is a later addition.
+// backend serves CPU tensors; the NCCL backend (parallel/nccl_communicator.h) CUDA tensors.
 // Every rank of the group must call the same collectives in the same order.
 #pragma once
 
@@ -61,7 +61,7 @@ std::vector<std::string> all_gather_strings(Communicator& comm, const std::strin
 std::string broadcast_string(Communicator& comm, const std::string& text, int root);
 
 // Collectives over MPI_COMM_WORLD for CPU tensors of dtype float32, float64, int32, int64,
-// uint8, bfloat16 and float16 (the last two reduced in fp32 by a custom MPI operation).
+// uint8, bfloat16 and float16 (the last two moved as 16-bit words and reduced in fp32).
 std::unique_ptr<Communicator> make_mpi_communicator(const ProcessGroup& group);
 
 }  // namespace strata

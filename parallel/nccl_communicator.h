@@ -3,12 +3,11 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "parallel/communicator.h"
 
 namespace strata {
-
-#include <string>
 
 bool nccl_compiled();
 int cuda_device_count();  // 0 without CUDA, a driver, or a GPU

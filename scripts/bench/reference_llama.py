@@ -264,7 +264,7 @@ def train(args):
          {"params": no_decay, "weight_decay": 0.0}],
         lr=oc["lr"], betas=tuple(oc["betas"]), eps=oc["eps"])
     params = list(model.parameters())
-    if args.compile:
+    if args.compile:  # the model alone: compiling DDP's forward breaks the graph in its logger
         model = torch.compile(model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)

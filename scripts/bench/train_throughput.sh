@@ -101,7 +101,10 @@ for name in $configs; do
       resolve "$out/$key-strata_replicated.yaml" "$name" "$ranks" parallel.fsdp.enabled=false
     fi
     echo "train_throughput: $key: GEMM rate, then Strata (default${extra[*]:+, ${extra[*]}}$([ "$ranks" -gt 1 ] && echo ", the other activation_checkpointing mode")) and the reference x $runs" >&2
-    launch "$key-gemm" "$ranks" "$py" "$reference" gemm "$out/$key-strata.yaml" --out "$out/$key-gemm.json" --seconds "$gemm_seconds"
+    # The reference's OpenMP pool sized like its intra-op threads (as torchrun does): inductor's
+    # kernels otherwise start one OpenMP thread per core in every rank.
+    threads=$(( cores / ranks > 0 ? cores / ranks : 1 ))
+    OMP_NUM_THREADS=$threads launch "$key-gemm" "$ranks" "$py" "$reference" gemm "$out/$key-strata.yaml" --out "$out/$key-gemm.json" --seconds "$gemm_seconds"
     for run in $(seq 1 "$runs"); do
       launch "$key-strata-$run" "$ranks" "$strata" train --config "$out/$key-strata.yaml" --set job.run_dir="$out/$key-strata-$run"
       mv "$out/$key-strata-$run/metrics.jsonl" "$out/$key-strata-$run.jsonl"
@@ -119,9 +122,9 @@ for name in $configs; do
       for v in "${extra[@]}" "${references[@]}"; do
         tag="$key-$v-$run"
         if [ "$v" = reference ]; then
-          launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl"
+          OMP_NUM_THREADS=$threads launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl"
         elif [ "$v" = reference_compiled ]; then
-          launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl" --compile
+          OMP_NUM_THREADS=$threads launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl" --compile
         elif [ "$v" = strata_aten ]; then
           STRATA_FUSED_KERNELS=0 launch "$tag" "$ranks" "$strata" train --config "$out/$key-$v.yaml" --set job.run_dir="$out/$tag"
           mv "$out/$tag/metrics.jsonl" "$out/$tag.jsonl"

@@ -84,12 +84,13 @@ TEST_P(ShardedLlamaTest, TrainingStepsMatchTheUnshardedModel) {
     sharded_opt.step(oc.lr);
     sharded_opt.zero_grad();
   }
-  // Summation order differs (per-rank means, reduce-scatter); Adam divides by sqrt(v), which
-  // magnifies that noise for near-zero gradients, so compare to 1e-3 of the total update
-  // (3 steps x lr 1e-2 = 3e-2 at most per element).
+  // Summation order differs (per-rank means, reduce-scatter, and the BLAS's blocking for
+  // each batch size); Adam divides by sqrt(v), which magnifies that noise for near-zero
+  // gradients, so compare to 1/300 of the total update (3 steps x lr 1e-2 = 3e-2 at most per
+  // element). Measured with LibTorch 2.11's MKL: at most 4.9e-5 (3 ranks, tied embeddings).
   const StateDict gathered = sharded.gather_parameters();
   for (const auto& [fqn, t] : whole.parameters()) {
-    EXPECT_TRUE(at::allclose(gathered.at(fqn), t, 1e-4, 3e-5))
+    EXPECT_TRUE(at::allclose(gathered.at(fqn), t, 1e-4, 1e-4))
         << fqn << " max diff " << (gathered.at(fqn) - t).abs().max().item<double>();
   }
 }
