@@ -174,8 +174,13 @@ nlohmann::json LlamaStateDictAdapter::generation_config_json(int64_t bos_token_i
 LlamaShape LlamaStateDictAdapter::shape_from_config(const nlohmann::json& c, const std::string& where) {
   auto fail = [&](const std::string& what) {
     throw CheckpointError(fmt::format("{}: {}\nHINT: Strata loads plain Llama checkpoints "
-                                      "(LlamaForCausalLM without biases or RoPE scaling)",
+                                      "(LlamaForCausalLM with SiLU, without biases or RoPE scaling)",
                                       where, what));
+  };
+  // transformers gives a null field its default value.
+  auto given = [&](const char* key) { return c.contains(key) && !c[key].is_null(); };
+  auto field_or = [&](const char* key, auto fallback) {
+    return given(key) ? c[key].get<decltype(fallback)>() : fallback;
   };
   try {
     if (c.value("model_type", std::string()) != "llama") {
@@ -187,23 +192,36 @@ LlamaShape LlamaStateDictAdapter::shape_from_config(const nlohmann::json& c, con
     s.ffn_hidden_dim = c.at("intermediate_size").get<int64_t>();
     s.n_layers = c.at("num_hidden_layers").get<int64_t>();
     s.n_heads = c.at("num_attention_heads").get<int64_t>();
-    s.n_kv_heads = c.value("num_key_value_heads", s.n_heads);
-    s.max_seq_len = c.value("max_position_embeddings", int64_t{2048});
-    s.norm_eps = c.value("rms_norm_eps", 1e-6);
-    s.tie_embeddings = c.value("tie_word_embeddings", false);
-    double theta = c.value("rope_theta", 10000.0);
-    if (c.contains("rope_parameters") && c["rope_parameters"].is_object()) {
-      const auto& rp = c["rope_parameters"];
-      if (rp.value("rope_type", std::string("default")) != "default") {
-        fail(fmt::format("rope_parameters.rope_type '{}' is not supported", rp.value("rope_type", "")));
+    s.n_kv_heads = field_or("num_key_value_heads", s.n_heads);
+    s.max_seq_len = field_or("max_position_embeddings", int64_t{2048});
+    s.norm_eps = field_or("rms_norm_eps", 1e-6);
+    s.tie_embeddings = field_or("tie_word_embeddings", false);
+    // RoPE as transformers reads it: a non-empty rope_scaling wins over rope_parameters; the
+    // type is "rope_type" (older files: "type"); rope_theta inside wins over the top-level one.
+    double theta = field_or("rope_theta", 10000.0);
+    for (const char* field : {"rope_scaling", "rope_parameters"}) {
+      if (!given(field) || (c[field].is_object() && c[field].empty())) continue;
+      const nlohmann::json& rp = c[field];
+      if (!rp.is_object()) fail(fmt::format("{} is not an object", field));
+      const std::string type = rp.contains("rope_type") && !rp["rope_type"].is_null()
+                                   ? rp["rope_type"].get<std::string>()
+                                   : rp.value("type", std::string("default"));
+      if (type != "default") {
+        fail(fmt::format("{}.rope_type '{}' is not supported (only the default RoPE is)", field, type));
       }
-      theta = rp.value("rope_theta", theta);
+      if (rp.contains("rope_theta") && !rp["rope_theta"].is_null()) theta = rp["rope_theta"].get<double>();
+      break;
     }
-    if (c.contains("rope_scaling") && !c["rope_scaling"].is_null()) fail("rope_scaling is not supported");
     s.rope_theta = theta;
-    if (c.value("attention_bias", false) || c.value("mlp_bias", false)) fail("biases are not supported");
+    const std::string act = field_or("hidden_act", std::string("silu"));
+    if (act != "silu" && act != "swish") {
+      fail(fmt::format("hidden_act '{}' is not supported (the MLP is SwiGLU: silu)", act));
+    }
+    for (const char* bias : {"attention_bias", "mlp_bias"}) {
+      if (field_or(bias, false)) fail(fmt::format("{} is true: biases are not supported", bias));
+    }
     if (s.n_heads <= 0 || s.dim % s.n_heads != 0) fail("hidden_size is not a multiple of num_attention_heads");
-    if (c.contains("head_dim") && !c["head_dim"].is_null() && c["head_dim"].get<int64_t>() != s.head_dim()) {
+    if (given("head_dim") && c["head_dim"].get<int64_t>() != s.head_dim()) {
       fail(fmt::format("head_dim {} differs from hidden_size / num_attention_heads = {}",
                        c["head_dim"].get<int64_t>(), s.head_dim()));
     }

@@ -131,8 +131,15 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     special["bos_token"] = "<s>";
     special["eos_token"] = "</s>";
     special["unk_token"] = "<unk>";
+    // With tokenizer.json (the same BPE for the `tokenizers` library) transformers loads the
+    // tokenizer as that file says, with no SentencePiece or protobuf, and encodes exactly as
+    // SentencePiece does: control pieces written in the text are text ("<s>" is not BOS), and
+    // a text starting with a space still gets the dummy prefix (LlamaTokenizer's Metaspace
+    // pre-tokenizer would drop it). A tokenizer it cannot express keeps the LlamaTokenizer
+    // (SentencePiece) route.
+    const std::optional<std::string> fast = tokenizer->hf_tokenizer_json();
     nlohmann::ordered_json tc;
-    tc["tokenizer_class"] = "LlamaTokenizer";
+    tc["tokenizer_class"] = fast ? "PreTrainedTokenizerFast" : "LlamaTokenizer";
     tc["add_bos_token"] = true;
     tc["add_eos_token"] = false;
     tc["bos_token"] = "<s>";
@@ -140,9 +147,14 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     tc["unk_token"] = "<unk>";
     tc["pad_token"] = nullptr;
     tc["clean_up_tokenization_spaces"] = false;
-    tc["legacy"] = true;
+    if (fast) {
+      tc["split_special_tokens"] = true;
+      text_files["tokenizer.json"] = *fast;
+    } else {
+      tc["legacy"] = true;
+      tc["sp_model_kwargs"] = nlohmann::ordered_json::object();
+    }
     tc["model_max_length"] = config.model.max_seq_len;
-    tc["sp_model_kwargs"] = nlohmann::ordered_json::object();
     text_files["special_tokens_map.json"] = special.dump(2) + "\n";
     text_files["tokenizer_config.json"] = tc.dump(2) + "\n";
   }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,14 @@ class Tokenizer {
   int eos_id() const;
   std::vector<uint32_t> encode(const std::string& text) const;  // no BOS/EOS added
   std::string decode(const std::vector<int64_t>& ids) const;
+
+  // The same tokenizer as a Hugging Face `tokenizer.json` (a `tokenizers` BPE model with byte
+  // fallback, the vocabulary in id order, the merges transformers derives from it, the dummy
+  // prefix as a normalizer, BOS added by the post-processor, SentencePiece's decoding), which
+  // encodes every text to the ids `encode` gives (BOS first) without SentencePiece or protobuf.
+  // nullopt for a model this form cannot reproduce: not BPE, or with a normalisation other than
+  // "identity" (extra whitespace removed, no dummy prefix).
+  std::optional<std::string> hf_tokenizer_json() const;
 
  private:
   std::string path_;

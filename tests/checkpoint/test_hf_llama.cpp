@@ -189,11 +189,45 @@ TEST(HfLlama, UnsupportedConfigsAreRefusedWithTheReason) {
   };
   EXPECT_HAS(error_for([](auto& c) { c["model_type"] = "mistral"; }), "x/config.json: model_type is 'mistral'");
   EXPECT_HAS(error_for([](auto& c) { c["rope_scaling"] = {{"rope_type", "llama3"}}; }),
-             "rope_scaling is not supported");
-  EXPECT_HAS(error_for([](auto& c) { c["attention_bias"] = true; }), "biases are not supported");
+             "rope_scaling.rope_type 'llama3' is not supported");
+  EXPECT_HAS(error_for([](auto& c) { c["attention_bias"] = true; }), "attention_bias is true: biases are not supported");
+  EXPECT_HAS(error_for([](auto& c) { c["mlp_bias"] = true; }), "mlp_bias is true: biases are not supported");
+  // Found by transformers' own files: each of these used to load silently as a plain Llama.
+  // A legacy "type" key is the RoPE type (transformers reads it so).
+  EXPECT_HAS(error_for([](auto& c) { c["rope_parameters"] = {{"type", "linear"}, {"factor", 2.0}}; }),
+             "rope_parameters.rope_type 'linear' is not supported");
+  EXPECT_HAS(error_for([](auto& c) { c["hidden_act"] = "gelu"; }), "hidden_act 'gelu' is not supported");
+  // rope_scaling, when set, wins over rope_parameters (as in transformers).
+  EXPECT_HAS(error_for([](auto& c) {
+               c["rope_scaling"] = {{"type", "dynamic"}, {"factor", 2.0}};
+               c["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}};
+             }),
+             "rope_scaling.rope_type 'dynamic' is not supported");
   EXPECT_HAS(error_for([](auto& c) { c["head_dim"] = 64; }), "head_dim 64 differs");
   EXPECT_HAS(error_for([](auto& c) { c.erase("hidden_size"); }), "invalid or missing field");
   EXPECT_HAS(error_for([](auto& c) { c["num_key_value_heads"] = 3; }), "not a multiple of num_key_value_heads");
+}
+
+TEST(HfLlama, ConfigFieldsAreReadAsTransformersReadsThem) {
+  const LlamaStateDictAdapter adapter(llama_shape(testing::micro_model(97, 16)));
+  const nlohmann::json good = nlohmann::json::parse(adapter.config_json("float32", 1, 2).dump());
+  // transformers v5 writes rope_theta only inside rope_parameters, which wins over the top level.
+  nlohmann::json c = good;
+  c.erase("rope_theta");
+  c.erase("rope_scaling");
+  c["rope_parameters"] = {{"rope_theta", 500000.0}, {"rope_type", "default"}};
+  EXPECT_EQ(LlamaStateDictAdapter::shape_from_config(c, "config.json").rope_theta, 500000.0);
+  c["rope_theta"] = 10000.0;
+  EXPECT_EQ(LlamaStateDictAdapter::shape_from_config(c, "config.json").rope_theta, 500000.0);
+  // A default-type rope_scaling (which then replaces rope_parameters: its theta is the top-level
+  // one), "swish" (the same function as silu), and null fields (their defaults) are plain Llama.
+  c["rope_scaling"] = {{"type", "default"}};
+  c["hidden_act"] = "swish";
+  c["num_key_value_heads"] = nullptr;
+  c["head_dim"] = nullptr;
+  const LlamaShape s = LlamaStateDictAdapter::shape_from_config(c, "config.json");
+  EXPECT_EQ(s.rope_theta, 10000.0);
+  EXPECT_EQ(s.n_kv_heads, s.n_heads);
 }
 
 }  // namespace

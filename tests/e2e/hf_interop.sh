@@ -77,9 +77,13 @@ assert seen["model.embed_tokens.weight"][1] == st
 assert seen["model.layers.0.self_attn.q_proj.weight"][2] == [c["num_attention_heads"] * c["head_dim"], c["hidden_size"]]
 g = json.load(open(f"{d}/generation_config.json"))
 assert g["bos_token_id"] == c["bos_token_id"] == 1 and g["eos_token_id"] == c["eos_token_id"] == 2
-for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     assert os.path.getsize(f"{d}/{f}") > 0, f
-assert json.load(open(f"{d}/tokenizer_config.json"))["tokenizer_class"] == "LlamaTokenizer"
+tc = json.load(open(f"{d}/tokenizer_config.json"))
+assert tc["tokenizer_class"] == "PreTrainedTokenizerFast" and tc["split_special_tokens"] is True, tc
+tj = json.load(open(f"{d}/tokenizer.json"))
+assert tj["model"]["type"] == "BPE" and tj["model"]["byte_fallback"] is True and tj["model"]["merges"], tj["model"].keys()
+assert list(tj["model"]["vocab"].values()) == list(range(len(tj["model"]["vocab"]))), "vocab not in id order"
 print(f"export {d}: {n} shard(s), {len(seen)} tensors, {total} bytes: checklist ok")
 PY
 }
@@ -204,6 +208,56 @@ expect_error "no_such_*.bin" "$STRATA_BIN" eval --from back --data 'no_such_*.bi
 "$STRATA_BIN" generate --from run/checkpoints --prompt "The" --temperature 0 --max-new-tokens 8 >g2.txt
 [ -s g1.txt ] && cmp g1.txt g2.txt || fail "greedy generation differs between the export and the checkpoint"
 echo "eval, convert, generate: consistent across Strata checkpoints and HF directories"
+
+# --- The export's tokenizer.json encodes as Strata's tokenizer: a plain-Python BPE over its
+# vocab and merges (the `tokenizers` algorithm: dummy prefix, byte fallback, lowest-rank pair
+# first) gives, for every document of the corpus, the ids prepare-data wrote with the same
+# tokenizer.model. (Without it, transformers needs protobuf to read tokenizer.model, and its
+# LlamaTokenizer drops the dummy prefix of a text that starts with a space.)
+printf ' a leading space, <s> as text and \xe2\x96\x81' > edge.txt
+"$STRATA_BIN" prepare-data --input edge.txt /usr/share/games/fortunes/fortunes --separator % \
+  --tokenizer converted/tokenizer.model --val-fraction 0 --out tokenized >/dev/null
+python3 - converted/tokenizer.json tokenized/train_000000.bin edge.txt /usr/share/games/fortunes/fortunes <<'PY' ||
+import json, struct, sys
+tj = json.load(open(sys.argv[1]))
+vocab = tj["model"]["vocab"]
+rank = {tuple(m.split(" ")): i for i, m in enumerate(tj["model"]["merges"])}
+def encode(text):
+    word = []
+    for ch in "\u2581" + text.replace(" ", "\u2581"):
+        word += [ch] if ch in vocab else ["<0x%02X>" % b for b in ch.encode()]
+    while True:
+        pairs = [(rank[p], i) for i, p in enumerate(zip(word, word[1:])) if p in rank]
+        if not pairs:
+            return [1] + [vocab[w] for w in word]
+        _, i = min(pairs)
+        word[i:i + 2] = [word[i] + word[i + 1]]
+raw = open(sys.argv[2], "rb").read()
+count = struct.unpack("<256i", raw[:1024])[2]
+stream = list(struct.unpack("<%dH" % count, raw[1024:1024 + 2 * count]))
+docs = []
+for t in stream:
+    if t == 1:
+        docs.append([])
+    docs[-1].append(t)
+texts = [open(sys.argv[3], encoding="utf-8").read()]
+doc = []
+lines = open(sys.argv[4], encoding="utf-8", newline="").read().split("\n")
+for i, line in enumerate(lines):
+    line += "\n" if i + 1 < len(lines) else ""
+    if line.rstrip("\n").rstrip("\r") == "%":
+        texts.append("".join(doc))
+        doc = []
+    else:
+        doc.append(line)
+texts.append("".join(doc))
+texts = [t for t in texts if t.strip(" \t\r\n")]
+assert len(docs) == len(texts), (len(docs), len(texts))
+bad = [t for t, d in zip(texts, docs) if encode(t) != d]
+assert not bad, "tokenizer.json encodes %d of %d documents differently, e.g. %r" % (len(bad), len(texts), bad[0][:60])
+print("tokenizer.json: %d documents encode as Strata's tokenizer does" % len(texts))
+PY
+  fail "the export's tokenizer.json does not encode as the tokenizer"
 
 # --- Hub specs (downloads: tests/e2e/hub.sh): offline with an empty cache, the error says what
 # was parsed and what is missing, without touching the network.

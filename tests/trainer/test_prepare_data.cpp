@@ -1,11 +1,15 @@
 // prepare-data: documents, train/val split, tokenizer training and reuse, shards, errors.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <climits>
+#include <cstdint>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -320,6 +324,91 @@ TEST(PrepareData, RejectsATokenizerWithoutBos) {
   options.tokenizer = dir / "nobos.model";
   EXPECT_NE(prepare_error(options).find("has no BOS piece"), std::string::npos);
   EXPECT_FALSE(fs::exists(dir / "out/tokenizer.model"));
+}
+
+// The `tokenizers` BPE of a tokenizer.json (the algorithm of its BPE model): the dummy prefix,
+// spaces as U+2581, characters outside the vocabulary as byte pieces, then the lowest-ranked
+// adjacent pair merged first (leftmost on ties), BOS in front.
+std::vector<uint32_t> hf_bpe_encode(const nlohmann::json& tj, const std::string& text) {
+  const nlohmann::json& vocab = tj.at("model").at("vocab");
+  std::map<std::pair<std::string, std::string>, size_t> rank;
+  const auto& merges = tj.at("model").at("merges");
+  for (size_t i = 0; i < merges.size(); ++i) {
+    const std::string m = merges[i].get<std::string>();
+    rank[{m.substr(0, m.find(' ')), m.substr(m.find(' ') + 1)}] = i;
+  }
+  std::string escaped = "\u2581";
+  for (char c : text) escaped += c == ' ' ? std::string("\u2581") : std::string(1, c);
+  std::vector<std::string> word;
+  for (size_t i = 0; i < escaped.size();) {
+    size_t n = 1;
+    while (i + n < escaped.size() && (static_cast<uint8_t>(escaped[i + n]) & 0xC0) == 0x80) ++n;
+    const std::string ch = escaped.substr(i, n);
+    if (vocab.contains(ch)) {
+      word.push_back(ch);
+    } else {
+      for (char b : ch) word.push_back(fmt::format("<0x{:02X}>", static_cast<uint8_t>(b)));
+    }
+    i += n;
+  }
+  for (;;) {
+    size_t best = SIZE_MAX, at = 0;
+    for (size_t i = 0; i + 1 < word.size(); ++i) {
+      const auto r = rank.find({word[i], word[i + 1]});
+      if (r != rank.end() && r->second < best) best = r->second, at = i;
+    }
+    if (best == SIZE_MAX) break;
+    word[at] += word[at + 1];
+    word.erase(word.begin() + static_cast<std::ptrdiff_t>(at) + 1);
+  }
+  std::vector<uint32_t> ids = {1};
+  for (const std::string& piece : word) ids.push_back(vocab.at(piece).get<uint32_t>());
+  return ids;
+}
+
+// transformers loads an export's tokenizer.json without SentencePiece; it must encode every
+// text to the ids SentencePiece gives (leading spaces, repeated spaces, control pieces as text,
+// bytes outside the vocabulary).
+TEST(PrepareData, TokenizerJsonEncodesAsTheTokenizer) {
+  TempDir dir;
+  PrepareDataOptions options;
+  options.inputs = {kFortunes};
+  options.separator = "%";
+  options.out_dir = dir / "out";
+  options.vocab_size = 500;
+  const PrepareDataResult r = prepare_data(options);
+  const Tokenizer tokenizer(r.tokenizer_path);
+  const std::optional<std::string> text = tokenizer.hf_tokenizer_json();
+  ASSERT_TRUE(text.has_value());
+  const nlohmann::json tj = nlohmann::json::parse(*text);
+  EXPECT_EQ(tj["model"]["vocab"].size(), 500u);
+  EXPECT_EQ(tj["model"]["vocab"]["<s>"], 1);
+  EXPECT_EQ(tj["added_tokens"].size(), 3u);  // <unk>, <s>, </s>
+  std::vector<std::string> texts = {"Hello world", "  two  spaces\nnew line\n\n", " a leading space", "trailing ",
+                                    "\ttab", "digits 1234567890", "ünïcödé 日本語 🤖", "<s> and </s> as text", "x"};
+  std::ifstream in(kFortunes);
+  std::string doc, line;
+  while (std::getline(in, line) && texts.size() < 200) {
+    if (line == "%") {
+      texts.push_back(doc);
+      doc.clear();
+    } else {
+      doc += line + "\n";
+    }
+  }
+  int differ = 0;
+  for (const std::string& t : texts) {
+    std::vector<uint32_t> expected = {1};
+    for (uint32_t id : tokenizer.encode(t)) expected.push_back(id);
+    if (hf_bpe_encode(tj, t) != expected && ++differ <= 3) ADD_FAILURE() << "tokenizer.json encodes differently: " << t;
+  }
+  EXPECT_EQ(differ, 0) << "of " << texts.size() << " texts";
+
+  // A model this form cannot reproduce (unigram) gets none.
+  const std::string command = "spm_train --input=" + std::string(kFortunes) + " --model_prefix=" + (dir / "uni") +
+                              " --vocab_size=300 --model_type=unigram --minloglevel=2 >/dev/null 2>&1";
+  if (std::system(command.c_str()) != 0) GTEST_SKIP() << "spm_train (package sentencepiece) absent";
+  EXPECT_FALSE(Tokenizer(dir / "uni.model").hf_tokenizer_json().has_value());
 }
 
 TEST(PrepareData, BadInputsAreNamed) {
