@@ -2,7 +2,7 @@
 // retention, and finding committed checkpoints. What to save is the caller's business: it
 // hands over this rank's TensorPieces and the small JSON/YAML documents that go beside them.
 //
-// Commit protocol for step N (DESIGN.md "On disk"): rank 0 creates `step-N.incomplete/`; every
+// Commit protocol for step N (docs/architecture.md "Checkpoint commit protocol"): rank 0 creates `step-N.incomplete/`; every
 // rank writes and fsyncs rank-<r>.safetensors there; all reports are gathered; only if every
 // rank succeeded does rank 0 write metadata.json, train_state.json and config.yaml, rename the
 // directory to `step-N/`, fsync the folder and replace `latest` (temp + rename). Any failure

@@ -1,4 +1,4 @@
-// Writing a Hugging Face model directory (hf_formats.md §1.7, §2, §7): the tensors are split
+// Writing a Hugging Face model directory (docs/formats.md): the tensors are split
 // into `model-0000i-of-0000n.safetensors` shards of at most max_shard_size bytes in HF key
 // order, file i written by rank i % world (each rank holds only its files' tensors), and rank
 // 0 adds `model.safetensors.index.json`, config.json, generation_config.json and the

@@ -1,4 +1,4 @@
-// The Hugging Face Llama StateDictAdapter (hf_formats.md §2): internal (torchtitan) FQNs <->
+// The Hugging Face Llama StateDictAdapter (docs/formats.md): internal (torchtitan) FQNs <->
 // LlamaForCausalLM keys, the q/k row permutation between Strata's interleaved RoPE and HF's
 // rotate-half RoPE, and config.json / generation_config.json <-> the model shape.
 // from_hf(to_hf(sd)) == sd bit for bit (the permutation only moves rows).
@@ -45,7 +45,7 @@ class LlamaStateDictAdapter {
   StateDict to_hf(const StateDict& internal) const;
   StateDict from_hf(const StateDict& hf) const;
 
-  // config.json (hf_formats.md §2.2: floats as floats, rope_theta and rope_parameters,
+  // config.json (docs/formats.md: floats as floats, rope_theta and rope_parameters,
   // torch_dtype and dtype) for tensors of `dtype` ("float32", "bfloat16", "float16").
   nlohmann::ordered_json config_json(const std::string& dtype, int64_t bos_token_id,
                              int64_t eos_token_id) const;

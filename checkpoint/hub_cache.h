@@ -1,9 +1,9 @@
-// The Hugging Face Hub cache on disk, laid out exactly as huggingface_hub does (hf_formats.md
-// §4), so that a cache filled by Python or JavaScript clients serves Strata and the reverse:
+// The Hugging Face Hub cache on disk, laid out exactly as huggingface_hub does (docs/formats.md
+// "Hub cache"), so that a cache filled by Python or JavaScript clients serves Strata and the reverse:
 // `<cache>/models--owner--repo/{blobs/<etag>, refs/<revision>, snapshots/<commit>/<path>}`,
 // refs holding the 40-hex commit without a newline, snapshot files relative symlinks into
 // blobs, `.locks/models--owner--repo/<etag>.lock` taken with flock. Also the Hub settings read
-// from the environment (§4.1, §4.5) and the offline resolution of a spec (§4.4). No network.
+// from the environment and the offline resolution of a spec. No network.
 #pragma once
 
 #include <optional>
@@ -85,7 +85,7 @@ bool is_loadable_hub_file(const std::string& name);
 // metadata.json and the files it lists, or a folder's `latest` and that step). Empty: complete.
 std::vector<std::string> missing_source_files(const std::string& dir);
 
-// Resolves `spec` from the cache alone (§4.4): a commit names its snapshot; a branch or tag is
+// Resolves `spec` from the cache alone: a commit names its snapshot; a branch or tag is
 // read from refs/. Returns snapshots/<commit>[/<subfolder>], or throws CheckpointError naming
 // what is missing and how to fetch it. `why`: the reason the network is not used ("HF_HUB_OFFLINE
 // is set", or the error that made the Hub unreachable).

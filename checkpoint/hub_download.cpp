@@ -180,7 +180,7 @@ class SnapshotDownload {
     return files;
   }
 
-  // One file into the cache (hf_formats.md §4.3): HEAD for its etag, size and location, then
+  // One file into the cache (docs/formats.md): HEAD for its etag, size and location, then
   // under the blob's lock a download unless the blob is there, then the snapshot pointer.
   void fetch(HubResolution& result, const RepoFile& file) {
     ++result.files;

@@ -1,4 +1,4 @@
-// Resolving a Hub spec to a local directory (hf_formats.md §5.7): the revision to a commit, the
+// Resolving a Hub spec to a local directory (docs/formats.md): the revision to a commit, the
 // file listing under the subfolder, and a download of each loadable file that the cache lacks
 // (HEAD resolve, then GET into blobs/<etag>.incomplete under the blob's lock, size and content
 // checked, renamed, linked into the snapshot). Offline (HF_HUB_OFFLINE), and when the Hub cannot

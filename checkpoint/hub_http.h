@@ -1,4 +1,4 @@
-// HTTP to the Hugging Face Hub with libcurl (hf_formats.md §5): API calls that follow only
+// HTTP to the Hugging Face Hub with libcurl (docs/formats.md): API calls that follow only
 // relative redirects (renamed repos), file downloads that follow every redirect but send the
 // token to the endpoint's host alone, retries with backoff for transient failures (connection
 // errors, timeouts, 429, 5xx), and downloads resumed with Range after an interruption.

@@ -1,4 +1,4 @@
-// Hub specs for `resume_path` and `--from` (hf_formats.md §4.6): `hf://owner/repo[/subdir][@rev]`,
+// Hub specs for `resume_path` and `--from` (docs/formats.md): `hf://owner/repo[/subdir][@rev]`,
 // the official placement `hf://owner/repo@rev[/subdir]`, an optional `models/` type prefix,
 // and the bare `owner/repo[/subdir][@rev]`, which means the Hub only when no local path of
 // that name exists. Revisions: a branch, a tag, a 40-hex commit, `refs/pr/N` or

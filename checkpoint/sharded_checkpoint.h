@@ -1,4 +1,4 @@
-// Strata's reshardable checkpoint format (DESIGN.md "On disk"): a step directory holding one
+// Strata's reshardable checkpoint format (docs/architecture.md "Checkpoint commit protocol"): a step directory holding one
 // safetensors file per saving rank with that rank's contiguous pieces of each logical tensor,
 // and metadata.json describing every tensor (dtype, global shape, chunks: file, key, flat
 // element range) and every file (size, SHA-256, XXH3 per 4 MiB block). A reader on any number

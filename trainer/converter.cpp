@@ -33,7 +33,7 @@ std::optional<LinearKey> parse_linear_key(const std::string& fqn) {
   return std::nullopt;
 }
 
-// The HF module of a block linear (hf_formats.md §2.3).
+// The HF module of a block linear (docs/formats.md).
 std::string hf_module(const std::string& linear) {
   static const std::map<std::string, std::string> names = {
       {"wq", "self_attn.q_proj"}, {"wk", "self_attn.k_proj"}, {"wv", "self_attn.v_proj"}, {"wo", "self_attn.o_proj"},
@@ -43,7 +43,7 @@ std::string hf_module(const std::string& linear) {
 
 // ---- LoRA ----------------------------------------------------------------------------------
 
-// PEFT's adapter files (hf_formats.md §3): keys base_model.model.model.layers.{i}.<module>.
+// PEFT's adapter files (docs/formats.md): keys base_model.model.model.layers.{i}.<module>.
 // lora_{A,B}.weight, adapter_config.json as PEFT writes it.
 class PeftLoraAdapter : public ConverterAdapter {
  public:

@@ -1,4 +1,4 @@
-// Model converters (DESIGN.md "Core types"): a converter changes the model before it is
+// Model converters (docs/architecture.md "Converters"): a converter changes the model before it is
 // sharded (LoRA adds low-rank factors to linear layers and freezes the base weights; int8 QAT
 // fake-quantises the weights in forward) and tells the checkpoint code, through a small
 // protocol, how to split the state dict at save time:
@@ -109,7 +109,7 @@ class Converters {
   at::Tensor linear(const std::string& linear, const at::Tensor& x, const at::Tensor& weight,
                     const std::vector<at::Tensor>& extras) const;
 
-  // The state-dict views of DESIGN.md: `base` drops owned keys; `export` applies every
+  // The state-dict views of docs/architecture.md: `base` drops owned keys; `export` applies every
   // converter's transform, last converter first.
   StateDict base_view(const StateDict& full) const;
   StateDict export_view(const StateDict& full) const;

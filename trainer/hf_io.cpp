@@ -62,7 +62,7 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     return matches_any(hf_key, kc.export_fp32_keys) ? at::kFloat : export_dtype;
   };
 
-  // The export view (DESIGN.md: every converter's state_dict_transform, last first): its
+  // The export view (docs/architecture.md: every converter's state_dict_transform, last first): its
   // converter-owned keys leave through their converter's adapter, the rest through the Llama
   // adapter. The plan comes from names and shapes alone (the view of the meta parameters), in
   // HF order (the model's parameter order).

@@ -50,7 +50,7 @@ bool is_hf_model_dir(const std::string& path);
 // fields, and missing, unexpected and mismatched tensors, are errors naming every one.
 void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector<TensorPiece>& pieces);
 
-// A PEFT LoRA adapter directory (hf_formats.md §3): adapter_config.json and
+// A PEFT LoRA adapter directory (docs/formats.md): adapter_config.json and
 // adapter_model.safetensors. Checked before is_hf_model_dir: an export with the adapter beside
 // the base model is both, and means base + adapter.
 bool is_peft_adapter_dir(const std::string& path);

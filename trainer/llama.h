@@ -1,6 +1,6 @@
 // The Llama decoder: token embedding, RMSNorm, RoPE (interleaved pairs, Meta's layout), GQA
 // attention, SwiGLU FFN, optional tied output. Parameter names are the internal
-// (torchtitan-style) FQNs of DESIGN.md.
+// (torchtitan-style) FQNs of docs/architecture.md.
 //
 // Construction follows the init contract: the model is built on the meta device (shapes
 // only), materialised with uninitialised storage on the target device, then whatever was

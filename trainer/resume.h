@@ -1,5 +1,5 @@
-// Where a run's state comes from at start-up, and loading it (DESIGN.md "Loading and
-// resume_path"): the run's own latest checkpoint, else checkpoint.resume_path (a Strata
+// Where a run's state comes from at start-up, and loading it (docs/architecture.md "Resume and
+// loading"): the run's own latest checkpoint, else checkpoint.resume_path (a Strata
 // checkpoint or a Hugging Face model directory), else from scratch.
 #pragma once
 

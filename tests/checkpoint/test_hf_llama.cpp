@@ -1,6 +1,6 @@
-// The HF Llama adapter: key names and shapes of hf_formats.md §2.3, a bit-exact round trip,
+// The HF Llama adapter: key names and shapes of docs/formats.md, a bit-exact round trip,
 // the q/k permutation checked numerically (HF's rotate-half RoPE on permuted weights gives the
-// attention scores of Strata's interleaved RoPE), tied embeddings, config.json fields (§2.2),
+// attention scores of Strata's interleaved RoPE), tied embeddings, config.json fields,
 // and the configs Strata refuses with the reason.
 #include <gtest/gtest.h>
 
@@ -163,7 +163,7 @@ TEST(HfLlama, ConfigJsonHasTheFieldsOfBothTransformersLines) {
   EXPECT_HAS(text, "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":10000.0}");
   EXPECT_HAS(text, "\"rms_norm_eps\":1e-05");
   EXPECT_HAS(text, "\"attention_dropout\":0.0");
-  EXPECT_EQ(text.find("\"architectures\""), 1u);  // field order as in §2.2
+  EXPECT_EQ(text.find("\"architectures\""), 1u);  // field order as docs/formats.md gives it
   const LlamaShape back = LlamaStateDictAdapter::shape_from_config(nlohmann::json::parse(text), "config.json");
   EXPECT_EQ(back.ffn_hidden_dim, c.ffn_hidden_dim());
   EXPECT_EQ(back.n_kv_heads, c.n_kv_heads);

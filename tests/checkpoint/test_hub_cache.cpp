@@ -1,4 +1,4 @@
-// The HF cache layout (hf_formats.md §4): settings from the environment, folder names, refs
+// The HF cache layout (docs/formats.md): settings from the environment, folder names, refs
 // without newline, relative snapshot symlinks, blob locks, what a source directory needs, and
 // offline resolution with its messages.
 #include <gtest/gtest.h>

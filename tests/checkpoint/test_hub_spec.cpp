@@ -1,4 +1,4 @@
-// Hub spec grammar (hf_formats.md §4.6): valid forms and what they resolve to, invalid ones
+// Hub spec grammar (docs/formats.md): valid forms and what they resolve to, invalid ones
 // with the user's exact text in the message, and bare names vs local paths.
 #include <gtest/gtest.h>
 

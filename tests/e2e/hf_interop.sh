@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end Hugging Face interop: the last-step export checked field by field against
-# hf_formats.md §7 (safetensors layout, index, config.json, tokenizer files), bf16 and
+# docs/formats.md (safetensors layout, index, config.json, tokenizer files), bf16 and
 # fp32-kept keys, multi-shard exports byte-identical whether 1 or 3 ranks wrote them, import
 # through resume_path giving the same validation loss as the checkpoint it came from (1 and 3
 # ranks), import errors, export retention, and a failing export on one rank.
@@ -23,7 +23,7 @@ train() {  # NP RUN_DIR [--set ...]
   mpirun --oversubscribe -np "$np" "$STRATA_BIN" train --config job.yaml --set job.run_dir="$dir" "$@" \
     >"$dir.log" 2>&1 || { cat "$dir.log"; fail "train $dir failed"; }
 }
-# check_export DIR DTYPE TIED: the §7 checklist, in plain Python (json + struct).
+# check_export DIR DTYPE TIED: the export checklist of docs/formats.md, in plain Python (json + struct).
 check_export() {
   python3 - "$1" "$2" "$3" <<'PY'
 import json, os, struct, sys

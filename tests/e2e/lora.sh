@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end converters: LoRA fine-tuning of an HF export (no model keys: the shape comes from
 # its config.json), base weights bit-identical after training, the PEFT adapter's files, keys,
-# shapes and adapter_config (hf_formats.md §3), merged export == base + adapter in eval, 1 == 2
+# shapes and adapter_config (docs/formats.md), merged export == base + adapter in eval, 1 == 2
 # == 3 ranks, exact resume, loading an adapter through resume_path and additional_load_paths,
 # the errors (a key from two sources, an adapter of another rank), and int8 QAT's export.
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -54,7 +54,7 @@ grep -q "21 tensors loaded, 28 initialised" lora.log || { cat lora.log; fail "Lo
 export=$(readlink -f lora/checkpoints/hf-latest)
 
 # The export: merged model on top, PEFT adapter in adapter/ naming the base; keys, shapes,
-# config exactly as hf_formats.md §3; base weights in the last checkpoint bit-identical.
+# config exactly as docs/formats.md; base weights in the last checkpoint bit-identical.
 python3 - "$export" "$base_dir" lora/checkpoints/step-0000006 <<'PY'
 import json, os, struct, sys
 export, base, step = sys.argv[1:]

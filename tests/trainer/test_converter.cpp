@@ -1,6 +1,6 @@
 // Model converters on the whole model: LoRA (B = 0 is the base model exactly, training moves
 // only A/B, the merged export is W + (alpha/r)·B·A, PEFT keys, shapes and adapter_config as
-// hf_formats.md §3) and int8 QAT (per-channel fake quantisation, straight-through gradient,
+// docs/formats.md) and int8 QAT (per-channel fake quantisation, straight-through gradient,
 // the export transform), plus the protocol's composition.
 #include <gtest/gtest.h>
 
