@@ -1,41 +1,48 @@
-// strata: the one binary. Subcommands: train, prepare-data, eval, generate, convert, inspect. Errors of any kind end here:
-// one message on every rank (rank-prefixed when there are several), exit code 1.
+// strata: the one binary. Subcommands: train, prepare-data, eval, generate, convert, inspect.
+// Errors of any kind end here: one message on every rank (rank-prefixed when there are
+// several), exit code 1. Built a second time with STRATA_FAULT_INJECTION for the test suite
+// (tests/common/fault_injection.h): that binary alone reads fault-injection variables.
+#include <ATen/ATen.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "checkpoint/checkpoint_manager.h"
-#include "checkpoint/hub_download.h"
-#include "trainer/resume.h"
-#include "parallel/process_group.h"
-#include <ATen/ATen.h>
-#include <ATen/detail/CUDAHooksInterface.h>
-#include <torch/version.h>
-#include <nlohmann/json.hpp>
-
-#include <filesystem>
-
 #include "checkpoint/file_io.h"
+#include "checkpoint/hub/download.h"
 #include "parallel/communicator.h"
 #include "parallel/nccl_communicator.h"
-#include "trainer/blas_kernels.h"
-#include "trainer/config.h"
-#include "trainer/generate.h"
-#include "trainer/hf_io.h"
-#include "trainer/model_source.h"
-#include "trainer/tokenizer.h"
-#include "trainer/train_state.h"
-#include "trainer/prepare_data.h"
+#include "parallel/process_group.h"
+#include "trainer/config/config.h"
+#include "trainer/data/data_loader.h"
+#include "trainer/data/prepare_data.h"
+#include "trainer/data/tokenizer.h"
+#include "trainer/evaluate.h"
+#include "trainer/kernels/blas.h"
+#include "trainer/model/converters/peft.h"
+#include "trainer/model/generate.h"
+#include "trainer/model/hf_io.h"
+#include "trainer/resume.h"
+#include "trainer/state_pieces.h"
 #include "trainer/train.h"
+#include "trainer/train_state.h"
+#include "trainer/weight_sources.h"
+#ifdef STRATA_FAULT_INJECTION
+#include "tests/common/fault_injection.h"
+#endif
 
 namespace {
 
@@ -69,8 +76,8 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
   strata::Config config = strata::load_config(args.config_path, args.overrides, group->world_size());
   // Hub specs among the load paths: one rank per node fills the HF cache, every rank agrees.
   const int rank = group->rank();
-  const std::map<std::string, std::string> local_dirs =
-      strata::resolve_load_paths(config.checkpoint, [&](const std::string& path) {
+  strata::TrainOptions options;
+  options.local_dirs = strata::resolve_load_paths(config.checkpoint, [&](const std::string& path) {
         return strata::resolve_model_path(path, group.get(), [rank](const std::string& line) {
           fmt::print("{}{}\n", rank == 0 ? "" : fmt::format("[rank {}] ", rank), line);
           std::fflush(stdout);
@@ -80,6 +87,7 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
   // or the base of a PEFT adapter).
   std::optional<std::string> shape_dir;
   if (config.checkpoint.resume_path) {
+    const std::map<std::string, std::string>& local_dirs = options.local_dirs;
     const std::string dir = local_dirs.at(*config.checkpoint.resume_path);
     if (strata::is_peft_adapter_dir(dir)) {
       const std::string base = strata::peft_base(dir);
@@ -88,18 +96,19 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
       shape_dir = dir;
     }
   }
-  if (!config.model_given && shape_dir) {
-    std::vector<std::string> overrides = strata::hf_model_overrides(*shape_dir);
-    overrides.insert(overrides.end(), args.overrides.begin(), args.overrides.end());
-    config = strata::load_config(args.config_path, overrides, group->world_size());
+  if (shape_dir && !strata::config_sets_model(args.config_path, args.overrides)) {
+    const strata::ModelConfig model = strata::hf_model_config(*shape_dir);
+    config = strata::load_config(args.config_path, args.overrides, group->world_size(), &model);
     if (group->is_main()) fmt::print("model: from {}/config.json (the config sets no model keys)\n", *shape_dir);
   }
-  config.checkpoint.local_dirs = local_dirs;
   if (args.print_config) {
     if (group->is_main()) fmt::print("{}", strata::to_yaml(config));
     return 0;
   }
-  strata::train(config, *group);
+#ifdef STRATA_FAULT_INJECTION
+  options.before_checkpoint_write = strata::testing::fault_injection_from_environment();
+#endif
+  strata::train(config, *group, options);
   return 0;
 }
 
@@ -129,7 +138,9 @@ int run_eval(const EvalArgs& args) {
     throw strata::ConfigError(fmt::format("--seq-len {} exceeds the model's max_seq_len {}", seq_len,
                                           source.config.max_seq_len));
   }
-  const auto [loss, tokens] = strata::evaluate_tokens(*source.model, args.data, seq_len, args.max_tokens);
+  const strata::TokenDataset data(args.data, seq_len, source.config.vocab_size);
+  const int64_t windows = args.max_tokens > 0 ? args.max_tokens / seq_len : data.num_sequential_windows();
+  const auto [loss, tokens] = strata::evaluate(*source.model, data, windows, /*micro_batch=*/8, nullptr);
   fmt::print("eval: {} on {} ({} windows of {} tokens): loss {:.6f}, perplexity {:.3f}\n",
              source.description, args.data, tokens / seq_len, seq_len, loss, std::exp(loss));
   fmt::print("{}\n", nlohmann::json{{"loss", loss}, {"tokens", tokens}}.dump());
@@ -146,7 +157,7 @@ int run_generate(GenerateArgs args) {
   const strata::ModelSource source = strata::load_model_source(args.from);
   const std::string tokenizer_path = !args.tokenizer.empty() ? args.tokenizer : source.tokenizer.value_or("");
   if (tokenizer_path.empty()) {
-    throw strata::CheckpointError(fmt::format("{} names no tokenizer that still exists\nHINT: pass "
+    throw strata::ConfigError(fmt::format("{} names no tokenizer that still exists\nHINT: pass "
                                               "--tokenizer tokenizer.model",
                                               source.description));
   }
@@ -207,10 +218,11 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
   const at::ScalarType dtype = strata::dtype_named(args.dtype);
   for (strata::TensorPiece& piece : request.pieces) piece.local = piece.local.to(dtype);
   request.metadata = {{"model", strata::model_config_json(source.config)}, {"converted_from", args.from}};
-  request.train_state = {{"step", source.step},
-                         {"optimizer", {{"name", "adamw"}, {"steps_taken", 0}}},
-                         {"dataloader", {{"seed", 0}, {"step", 0}}},
-                         {"rng", {{"sample_seed", 0}}}};
+  strata::TrainState state;
+  state.step = source.step;
+  state.data_step_offset = source.step;  // a converted model: the data order starts afresh
+  state.lr_step_offset = source.step;
+  request.train_state = state.to_json({});
   request.config_yaml = strata::to_yaml(config);
   manager.save(std::move(request));
   fmt::print("convert: {} -> Strata checkpoint folder {} ({})\n", source.description, out, args.dtype);

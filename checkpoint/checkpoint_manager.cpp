@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <regex>
@@ -54,28 +53,6 @@ std::string read_pointer(const fs::path& folder, const DirectorySeries& series) 
   if (in) std::getline(in, name);
   while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
   return name;
-}
-
-// Test hooks (environment), so that the failure and crash paths run end to end:
-//   STRATA_TEST_FAIL_SAVE=RANK[@STEP]    that rank's write fails (at that step only)
-//   STRATA_TEST_SLOW_SAVE=SECONDS[@STEP] every rank's write first sleeps (at that step only)
-bool hook_applies(const char* spec, int64_t step, double* value) {
-  if (!spec || !*spec) return false;
-  const std::string text(spec);
-  const size_t at = text.find('@');
-  *value = std::atof(text.substr(0, at).c_str());
-  return at == std::string::npos || std::atoll(text.c_str() + at + 1) == step;
-}
-
-void apply_test_hooks(int rank, int64_t step) {
-  double value = 0;
-  if (hook_applies(std::getenv("STRATA_TEST_SLOW_SAVE"), step, &value)) {
-    std::this_thread::sleep_for(std::chrono::duration<double>(value));
-  }
-  if (hook_applies(std::getenv("STRATA_TEST_FAIL_SAVE"), step, &value) && static_cast<int>(value) == rank) {
-    throw IoError(fmt::format("cannot write rank {} file: injected failure (STRATA_TEST_FAIL_SAVE={})",
-                              rank, std::getenv("STRATA_TEST_FAIL_SAVE")));
-  }
 }
 
 void write_durable(const fs::path& path, const std::string& content) {
@@ -129,21 +106,6 @@ std::optional<std::string> find_checkpoint(const std::string& path, std::optiona
   return (root / steps.back().second).string();
 }
 
-void run_on_all_ranks(Communicator& comm, const std::string& what, const std::function<void()>& body) {
-  std::string error;
-  try {
-    body();
-  } catch (const std::exception& e) {
-    error = e.what();
-    if (error.empty()) error = "unknown error";
-  }
-  if (auto failure = comm.agree(error.empty(), error)) {
-    throw CheckpointError(comm.world_size() > 1
-                              ? fmt::format("{} failed on rank {}: {}", what, failure->rank, failure->message)
-                              : fmt::format("{} failed: {}", what, failure->message));
-  }
-}
-
 CheckpointManager::CheckpointManager(CheckpointOptions options, Communicator& comm, Log log)
     : options_(std::move(options)), comm_(comm), log_(std::move(log)) {}
 
@@ -155,7 +117,7 @@ CheckpointManager::~CheckpointManager() {
 void CheckpointManager::prepare(InFlight& save) {
   save.incomplete_dir =
       (fs::path(options_.folder) / (dir_name(*save.series, save.job.step) + ".incomplete")).string();
-  run_on_all_ranks(comm_, fmt::format("{} at step {}", save.series->what, save.job.step), [&] {
+  run_on_all_ranks<CheckpointError>(comm_, fmt::format("{} at step {}", save.series->what, save.job.step), [&] {
     if (comm_.rank() != 0) return;
     std::error_code ec;
     fs::create_directories(options_.folder, ec);
@@ -174,7 +136,7 @@ void CheckpointManager::prepare(InFlight& save) {
 
 void CheckpointManager::write(InFlight& save) {
   try {
-    apply_test_hooks(comm_.rank(), save.job.step);
+    if (options_.before_write) options_.before_write(comm_.rank(), save.job.step);
     save.report = save.job.write_rank(save.incomplete_dir);
     save.report["ok"] = true;
   } catch (const std::exception& e) {
@@ -252,6 +214,36 @@ void CheckpointManager::commit(InFlight& save) {
                                   : "",
                    seconds_since(start)));
   start_purge(series, series.prefix == "hf" ? options_.hf_max_keep : options_.keep_latest_k, step);
+}
+
+bool CheckpointManager::maybe_save(int64_t step, bool last_step, bool stop_requested, const std::string& signal,
+                                   const SavePolicy& policy, Checkpointable& source) {
+  const bool stop = poll(stop_requested);
+  source.on_save_started();  // a background save may have just finished
+  auto save_at = [&](bool model_only) {
+    save(source.save_request(step, model_only));
+    source.on_save_started();
+  };
+  auto export_at = [&] {
+    export_hf(source.export_job(step));
+    source.on_save_started();
+  };
+  const bool export_due = policy.hf_export_interval > 0 && step % policy.hf_export_interval == 0;
+  if (last_step) {
+    if (policy.enable) save_at(policy.last_save_model_only);
+    if (policy.enable && (policy.last_save_in_hf || export_due)) export_at();
+    return false;
+  }
+  if (stop) {
+    log_(fmt::format("stop: {} received; {}", signal.empty() ? "a stop signal on another rank" : signal,
+                     policy.enable ? fmt::format("saving a full checkpoint at step {}", step)
+                                   : std::string("checkpoint.enable is false, nothing is saved")));
+    if (policy.enable) save_at(/*model_only=*/false);
+    return true;
+  }
+  if (policy.enable && policy.interval > 0 && step % policy.interval == 0) save_at(policy.model_only);
+  if (policy.enable && export_due) export_at();
+  return false;
 }
 
 void CheckpointManager::start_purge(const DirectorySeries& series, int64_t keep,

@@ -33,7 +33,24 @@ struct CheckpointOptions {
   bool async = false;        // stage and write in a background thread
   int64_t keep_latest_k = 0; // committed step dirs to keep (0: all)
   int64_t hf_max_keep = 0;   // committed hf-* exports to keep (0: all)
+  // Test hook: runs on each rank before it writes its files of a save or export at `step` (on
+  // the writer thread for async saves); tests inject failures (throw) and slowness (sleep)
+  // through it. Empty in production.
+  std::function<void(int rank, int64_t step)> before_write;
 };
+
+// When maybe_save saves (torchtitan's checkpointer.save(step, last_step) policy): every
+// `interval` steps, at the last step, and at a stop signal (always a full checkpoint), plus
+// HF exports every `hf_export_interval` steps and at the last step.
+struct SavePolicy {
+  bool enable = true;
+  int64_t interval = 0;             // 0: no interval saves
+  bool model_only = false;          // interval saves hold weights only
+  bool last_save_model_only = true; // the last step's save holds weights only
+  bool last_save_in_hf = false;     // HF export at the last step
+  int64_t hf_export_interval = 0;   // 0: HF exports only at the last step (if last_save_in_hf)
+};
+
 
 // A directory series in the folder: committed directories are "<prefix>-NNNNNNN" (the rename
 // is the commit), in flight "<prefix>-NNNNNNN.incomplete"; `pointer` names the newest.
@@ -67,6 +84,17 @@ struct SaveRequest {
   std::string config_yaml;          // config.yaml
 };
 
+// What maybe_save saves: the trainer builds the request for a step (this rank's pieces and the
+// documents), or the HF export's CommitJob.
+class Checkpointable {
+ public:
+  virtual ~Checkpointable() = default;
+  virtual SaveRequest save_request(int64_t step, bool model_only) = 0;
+  virtual CommitJob export_job(int64_t step) = 0;
+  // Called after every save or export started (async: the writer may now be running).
+  virtual void on_save_started() {}
+};
+
 // "step-0000100"
 std::string step_dir_name(int64_t step);
 
@@ -76,10 +104,6 @@ std::string step_dir_name(int64_t step);
 // CheckpointError when `step` is given and absent, or `path` does not exist.
 std::optional<std::string> find_checkpoint(const std::string& path,
                                            std::optional<int64_t> step = std::nullopt);
-
-// Runs `body` on every rank and agrees on the outcome: if it threw on any rank, every rank
-// throws CheckpointError with "<what> failed on rank r: <cause>" of the lowest failing rank.
-void run_on_all_ranks(Communicator& comm, const std::string& what, const std::function<void()>& body);
 
 class CheckpointManager {
  public:
@@ -110,6 +134,13 @@ class CheckpointManager {
   bool poll(bool stop_requested);
   // Collective: waits for the save in flight and commits it.
   void finish();
+
+  // Collective, at every step boundary: commits a finished background save, agrees on stop
+  // signals (`stop_requested`: this rank's flag, `signal`: its name for the log) and saves
+  // what `policy` asks for at `step` from `source`. Returns true when the run must stop: a
+  // stop signal arrived on some rank before the last step (a full checkpoint was saved).
+  bool maybe_save(int64_t step, bool last_step, bool stop_requested, const std::string& signal,
+                  const SavePolicy& policy, Checkpointable& source);
 
   // This rank's background thread is still staging or writing.
   bool writing() const { return in_flight_ && !in_flight_->done; }

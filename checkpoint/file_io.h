@@ -14,13 +14,9 @@
 #include <string>
 #include <vector>
 
-namespace strata {
+#include "checkpoint/errors.h"
 
-// An I/O failure: names the path, the operation and the system's reason.
-class IoError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+namespace strata {
 
 // Bytes per block of the block checksums: a reader verifies the blocks it touches.
 constexpr uint64_t kChecksumBlockBytes = 4u << 20;

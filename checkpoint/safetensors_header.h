@@ -9,13 +9,9 @@
 #include <string>
 #include <vector>
 
-namespace strata {
+#include "checkpoint/errors.h"
 
-// A checkpoint or model file is missing, malformed, or does not fit the model.
-class CheckpointError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+namespace strata {
 
 struct SafetensorsEntry {
   std::string name;

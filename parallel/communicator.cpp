@@ -198,30 +198,30 @@ std::unique_ptr<Communicator> make_mpi_communicator(const ProcessGroup& group) {
 }
 
 std::vector<std::string> all_gather_strings(Communicator& comm, const std::string& text) {
-  const int world = comm.world_size();
-  at::Tensor length = at::full({1}, static_cast<int64_t>(text.size()), at::kLong);
-  at::Tensor lengths = at::empty({world}, at::kLong);
-  comm.all_gather(length, lengths);
-  const int64_t longest = lengths.max().item<int64_t>();
-  at::Tensor mine = at::zeros({longest}, at::kByte);
-  if (!text.empty()) std::memcpy(mine.data_ptr(), text.data(), text.size());
-  at::Tensor all = at::empty({world * longest}, at::kByte);
-  comm.all_gather(mine, all);
-  std::vector<std::string> out;
-  const char* bytes = static_cast<const char*>(all.data_ptr());
-  for (int r = 0; r < world; ++r) {
-    out.emplace_back(bytes + r * longest, static_cast<size_t>(lengths[r].item<int64_t>()));
-  }
-  return out;
+  return detail::mpi_all_gather_strings(text, comm.world_size());
 }
 
 std::string broadcast_string(Communicator& comm, const std::string& text, int root) {
-  at::Tensor length = at::full({1}, static_cast<int64_t>(text.size()), at::kLong);
-  comm.broadcast(length, root);
-  at::Tensor bytes = at::zeros({length.item<int64_t>()}, at::kByte);
-  if (comm.rank() == root && !text.empty()) std::memcpy(bytes.data_ptr(), text.data(), text.size());
-  comm.broadcast(bytes, root);
-  return std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+  long length = comm.rank() == root ? static_cast<long>(text.size()) : 0;
+  detail::check_mpi(MPI_Bcast(&length, 1, MPI_LONG, root, MPI_COMM_WORLD), "MPI_Bcast");
+  std::string out = comm.rank() == root ? text : std::string(static_cast<size_t>(length), '\0');
+  detail::check_mpi(MPI_Bcast(out.data(), static_cast<int>(length), MPI_CHAR, root, MPI_COMM_WORLD), "MPI_Bcast");
+  return out;
+}
+
+std::optional<std::string> run_and_agree(Communicator& comm, const std::string& what,
+                                         const std::function<void()>& body) {
+  std::string error;
+  try {
+    body();
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "unknown error";
+  }
+  const std::optional<RankFailure> failure = comm.agree(error.empty(), error);
+  if (!failure) return std::nullopt;
+  return comm.world_size() > 1 ? fmt::format("{} failed on rank {}: {}", what, failure->rank, failure->message)
+                               : fmt::format("{} failed: {}", what, failure->message);
 }
 
 }  // namespace strata

@@ -7,10 +7,13 @@
 
 #include <memory>
 #include <optional>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "parallel/process_group.h"
+
+#include "parallel/errors.h"
 
 namespace strata {
 
@@ -54,11 +57,21 @@ class Communicator {
   virtual CommStats stats() const = 0;
 };
 
-// Every rank's `text`, in rank order, on every rank (two all_gathers over CPU uint8 tensors:
-// lengths, then the padded bytes). For small control messages (checkpoint reports).
+// Control plane, over MPI whatever backend moves the tensors: every rank's `text` in rank
+// order on every rank (ProcessGroup::all_gather_strings), and `text` of rank `root`. For small
+// messages (plans, checkpoint reports, errors).
 std::vector<std::string> all_gather_strings(Communicator& comm, const std::string& text);
-// `text` of rank `root`, on every rank.
 std::string broadcast_string(Communicator& comm, const std::string& text, int root);
+
+// Runs `body` on every rank and agrees on the outcome: the message of the lowest failing rank
+// ("<what> failed on rank r: <cause>"; "<what> failed: <cause>" on one rank), or nullopt when
+// every rank succeeded. run_on_all_ranks throws it as `Error` on every rank.
+std::optional<std::string> run_and_agree(Communicator& comm, const std::string& what,
+                                         const std::function<void()>& body);
+template <class Error = DistributedError>
+void run_on_all_ranks(Communicator& comm, const std::string& what, const std::function<void()>& body) {
+  if (std::optional<std::string> failure = run_and_agree(comm, what, body)) throw Error(*failure);
+}
 
 // Collectives over MPI_COMM_WORLD for CPU tensors of dtype float32, float64, int32, int64,
 // uint8, bfloat16 and float16 (the last two moved as 16-bit words and reduced in fp32).

@@ -5,6 +5,7 @@
 #include <mpi.h>
 
 #include <string>
+#include <vector>
 
 #include "parallel/process_group.h"
 
@@ -17,5 +18,9 @@ inline void check_mpi(int code, const char* what) {
   MPI_Error_string(code, text, &length);
   throw DistributedError(fmt::format("{} failed: {}", what, std::string(text, length)));
 }
+
+// Every rank's `text` in rank order (MPI_Allgatherv over MPI_COMM_WORLD of `world` ranks): the
+// one string all-gather, behind ProcessGroup::all_gather_strings and all_gather_strings(comm).
+std::vector<std::string> mpi_all_gather_strings(const std::string& text, int world);
 
 }  // namespace strata::detail

@@ -139,22 +139,26 @@ std::string ProcessGroup::describe() const {
 
 void ProcessGroup::barrier() const { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
 
-std::vector<std::string> ProcessGroup::all_gather_strings(const std::string& text) const {
+std::vector<std::string> detail::mpi_all_gather_strings(const std::string& text, int world_size_) {
   const int mine = static_cast<int>(text.size());
   std::vector<int> sizes(world_size_), offsets(world_size_);
-  check_mpi(MPI_Allgather(&mine, 1, MPI_INT, sizes.data(), 1, MPI_INT, MPI_COMM_WORLD), "MPI_Allgather");
+  detail::check_mpi(MPI_Allgather(&mine, 1, MPI_INT, sizes.data(), 1, MPI_INT, MPI_COMM_WORLD), "MPI_Allgather");
   int total = 0;
   for (int r = 0; r < world_size_; ++r) {
     offsets[r] = total;
     total += sizes[r];
   }
   std::vector<char> all(static_cast<size_t>(std::max(total, 1)));
-  check_mpi(MPI_Allgatherv(text.data(), mine, MPI_CHAR, all.data(), sizes.data(), offsets.data(), MPI_CHAR,
+  detail::check_mpi(MPI_Allgatherv(text.data(), mine, MPI_CHAR, all.data(), sizes.data(), offsets.data(), MPI_CHAR,
                            MPI_COMM_WORLD),
             "MPI_Allgatherv");
   std::vector<std::string> out;
   for (int r = 0; r < world_size_; ++r) out.emplace_back(all.data() + offsets[r], static_cast<size_t>(sizes[r]));
   return out;
+}
+
+std::vector<std::string> ProcessGroup::all_gather_strings(const std::string& text) const {
+  return detail::mpi_all_gather_strings(text, world_size_);
 }
 
 }  // namespace strata

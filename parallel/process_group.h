@@ -7,13 +7,9 @@
 #include <string>
 #include <vector>
 
-namespace strata {
+#include "parallel/errors.h"
 
-// A failure of the distributed runtime (MPI bootstrap, a collective, a disagreement).
-class DistributedError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+namespace strata {
 
 class ProcessGroup {
  public:

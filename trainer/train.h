@@ -1,14 +1,15 @@
-// The training loop: data -> model (init contract) -> AdamW steps with gradient
-// accumulation and clipping -> periodic validation, samples and metrics.
+// The training loop (trainer/train.cpp) and what a run reports.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "parallel/process_group.h"
-#include "trainer/config.h"
+#include "trainer/config/config.h"
 
 namespace strata {
 
@@ -23,8 +24,18 @@ struct TrainSummary {
   bool stopped = false;      // a stop signal ended the run early (after saving)
 };
 
+// What a run gets besides its config.
+struct TrainOptions {
+  // resume_path, additional_load_paths and a PEFT adapter's base as local directories
+  // (themselves, or a Hub spec's snapshot in the HF cache), by the text the config gives
+  // (resolve_load_paths).
+  std::map<std::string, std::string> local_dirs;
+  // Test hook (CheckpointOptions::before_write): runs before each rank writes a save's files.
+  std::function<void(int rank, int64_t step)> before_checkpoint_write;
+};
+
 // Runs the job described by `config` (already validated for `group.world_size()`).
 // Writes <run_dir>/config.yaml, metrics and samples; prints progress on the main rank.
-TrainSummary train(const Config& config, const ProcessGroup& group);
+TrainSummary train(const Config& config, const ProcessGroup& group, const TrainOptions& options = {});
 
 }  // namespace strata

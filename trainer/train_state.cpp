@@ -1,76 +1,54 @@
-// Training state <-> checkpoint pieces.
+// train_state.json, written and read in one place.
 #include "trainer/train_state.h"
 
-#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/errors.h"
+#include "trainer/seed.h"
 
 namespace strata {
-namespace {
 
-std::string moment_key(const std::string& fqn, const char* moment) {
-  return "optimizer." + fqn + "." + moment;
+TrainState TrainState::fresh(int64_t job_seed) {
+  TrainState state;
+  state.data_seed = static_cast<uint64_t>(job_seed);
+  state.sample_seed = derive_seed(static_cast<uint64_t>(job_seed), "sample");
+  return state;
 }
 
-}  // namespace
-
-std::string parameter_of(const std::string& key) {
-  if (key.rfind("optimizer.", 0) != 0) return key;
-  return key.substr(10, key.rfind('.') - 10);
+nlohmann::json TrainState::to_json(const Context& c) const {
+  return {{"step", step},
+          {"world_size", c.world_size},
+          {"optimizer", {{"name", "adamw"}, {"steps_taken", c.optimizer_steps}}},
+          {"lr_scheduler", {{"step", lr_step()}, {"total_steps", c.total_steps}}},
+          {"dataloader",
+           {{"seed", data_seed},
+            {"step", data_step()},
+            {"samples_consumed", data_step() * c.global_batch_size},
+            {"global_batch_size", c.global_batch_size}}},
+          {"rng", {{"sample_seed", sample_seed}, {"note", "every random draw is a pure function of (seed, position)"}}}};
 }
 
-std::vector<TensorPiece> state_pieces(const ShardedLlama& model, const AdamW* optimizer) {
-  std::vector<TensorPiece> model_pieces, moment_pieces;
-  const StateDict moments = optimizer ? optimizer->state() : StateDict();
-  for (const auto& unit : model.units()) {
-    for (size_t i = 0; i < unit->params().size(); ++i) {
-      // The parameter's range in its group's flat layout, intersected with this rank's shard.
-      const ParamSpec& spec = unit->params()[i];
-      const int64_t shard_begin = unit->comm().rank() * unit->shard_numel_of(i);
-      const int64_t shard_end = shard_begin + unit->shard_numel_of(i);
-      const int64_t begin = unit->offset(i), end = begin + unit->numel_of(i);
-      const int64_t lo = std::max(begin, shard_begin), hi = std::max(lo, std::min(end, shard_end));
-      // An empty intersection still lists the key (every rank names the same tensors).
-      const int64_t at = lo < hi ? lo - shard_begin : 0, count = hi - lo;
-      model_pieces.push_back({spec.fqn, spec.shape, lo < hi ? lo - begin : 0,
-                              unit->shard_of(i).detach().narrow(0, at, count)});
-      if (optimizer && unit->trainable(i)) {  // frozen parameters have no optimizer state
-        for (const char* moment : {"exp_avg", "exp_avg_sq"}) {
-          const at::Tensor& state = moments.at(unit->name() + "." + moment);
-          moment_pieces.push_back({moment_key(spec.fqn, moment), spec.shape,
-                                   lo < hi ? lo - begin : 0, state.narrow(0, at, count)});
-        }
-      }
-    }
+TrainState::Saved TrainState::read(const std::string& step_dir) {
+  const std::filesystem::path path = std::filesystem::path(step_dir) / "train_state.json";
+  std::ifstream in(path);
+  if (!in) throw CheckpointError(fmt::format("{} is missing", path.string()));
+  try {
+    const nlohmann::json state = nlohmann::json::parse(in);
+    Saved saved;
+    saved.step = state.value("step", int64_t{0});
+    saved.optimizer_steps = state.at("optimizer").at("steps_taken").get<int64_t>();
+    saved.data_seed = state.at("dataloader").at("seed").get<uint64_t>();
+    saved.data_step = state.at("dataloader").at("step").get<int64_t>();
+    saved.sample_seed = state.at("rng").at("sample_seed").get<uint64_t>();
+    return saved;
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{} is damaged: {}\nHINT: resume from another step (checkpoint.load_step)",
+                                      path.string(), e.what()));
   }
-  model_pieces.insert(model_pieces.end(), moment_pieces.begin(), moment_pieces.end());
-  return model_pieces;
-}
-
-std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer, int rank,
-                                      int world, PieceUse use) {
-  std::vector<TensorPiece> model_pieces, moment_pieces;
-  const StateDict moments = optimizer ? optimizer->state() : StateDict();
-  auto piece = [&](const std::string& key, const at::Tensor& full) {
-    const at::Tensor flat = full.detach().reshape({-1});
-    const int64_t n = flat.numel();
-    int64_t begin = 0, end = n;
-    if (use == PieceUse::kSave) {
-      const int64_t chunk = (n + world - 1) / world;
-      begin = std::min(n, rank * chunk);
-      end = std::min(n, begin + chunk);
-    }
-    return TensorPiece{key, full.sizes().vec(), begin, flat.narrow(0, begin, end - begin)};
-  };
-  for (const auto& [fqn, param] : model.parameters()) {
-    model_pieces.push_back(piece(fqn, param));
-    if (optimizer && model.trainable(fqn)) {
-      for (const char* moment : {"exp_avg", "exp_avg_sq"}) {
-        moment_pieces.push_back(piece(moment_key(fqn, moment),
-                                      moments.at(fqn + "." + moment).view(param.sizes())));
-      }
-    }
-  }
-  model_pieces.insert(model_pieces.end(), moment_pieces.begin(), moment_pieces.end());
-  return model_pieces;
 }
 
 }  // namespace strata

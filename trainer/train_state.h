@@ -1,32 +1,47 @@
-// The training state as checkpoint pieces: what this rank holds of every parameter and of
-// AdamW's moments, as contiguous flat ranges of the full tensors. The pieces alias the live
-// tensors, so saving reads them and loading writes straight into them.
-//
-// Keys: model parameters by FQN ("layers.0.attention.wq.weight"), AdamW moments as
-// "optimizer.<fqn>.exp_avg" / "optimizer.<fqn>.exp_avg_sq".
+// Where a run is: the step, the data order's position, the LR schedule's position and the
+// sampling seed. TrainState owns train_state.json (docs/formats.md), the document beside a
+// checkpoint's tensors: each component writes its part (dataloader, lr_scheduler, optimizer,
+// rng), and resuming reads them back.
 #pragma once
 
-#include <vector>
-
-#include "checkpoint/sharded_checkpoint.h"
-#include "trainer/llama.h"
-#include "trainer/optimizer.h"
-#include "trainer/sharded_llama.h"
+#include <cstdint>
+#include <nlohmann/json_fwd.hpp>
+#include <string>
 
 namespace strata {
 
-// FSDP: each rank's shard of each unit, split by parameter (the padding is not saved). The
-// same ranges serve saving and loading. `optimizer` null: parameters only.
-std::vector<TensorPiece> state_pieces(const ShardedLlama& model, const AdamW* optimizer);
+struct TrainState {
+  int64_t step = 0;              // the last completed optimizer step
+  uint64_t data_seed = 0;        // the data order's seed
+  int64_t data_step_offset = 0;  // the data order's position is step - data_step_offset
+  int64_t lr_step_offset = 0;    // the schedule's position is step - lr_step_offset
+  uint64_t sample_seed = 0;      // the text samples drawn at evaluation
 
-// A whole model on every rank (one rank, or replicated data parallel). Saving: rank r of
-// `world` writes the r-th 1/world slice of every tensor, so all ranks share the writing.
-// Loading: every rank fills whole tensors.
-enum class PieceUse { kSave, kLoad };
+  // A run from scratch: seeds derived from job.seed, every position at 0.
+  static TrainState fresh(int64_t job_seed);
 
-// The parameter a piece key belongs to: the key itself, or <fqn> of "optimizer.<fqn>.exp_avg".
-std::string parameter_of(const std::string& key);
-std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer, int rank,
-                                      int world, PieceUse use);
+  int64_t data_step() const { return step - data_step_offset; }
+  int64_t lr_step() const { return step - lr_step_offset; }
+
+  // What one rank of `world_size` writes into a checkpoint at `step`.
+  struct Context {
+    int world_size = 1;
+    int64_t optimizer_steps = 0;  // AdamW's steps_taken
+    int64_t total_steps = 0;      // training.steps
+    int64_t global_batch_size = 0;
+  };
+  nlohmann::json to_json(const Context& context) const;
+
+  // The parts a checkpoint's train_state.json gives back. Throws CheckpointError naming the
+  // file when it is missing or damaged.
+  struct Saved {
+    int64_t step = 0;
+    int64_t optimizer_steps = 0;
+    uint64_t data_seed = 0;
+    int64_t data_step = 0;
+    uint64_t sample_seed = 0;
+  };
+  static Saved read(const std::string& step_dir);
+};
 
 }  // namespace strata

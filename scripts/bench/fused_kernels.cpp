@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "trainer/fused_ops.h"
+#include "trainer/kernels/fused_ops.h"
 
 namespace {
 

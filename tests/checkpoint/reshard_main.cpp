@@ -16,11 +16,11 @@
 #include "checkpoint/checkpoint_manager.h"
 #include "parallel/communicator.h"
 #include "parallel/process_group.h"
-#include "tests/trainer/micro_model.h"
-#include "trainer/llama.h"
-#include "trainer/optimizer.h"
-#include "trainer/sharded_llama.h"
-#include "trainer/train_state.h"
+#include "tests/common/micro_model.h"
+#include "trainer/model/llama.h"
+#include "trainer/optim/adamw.h"
+#include "trainer/model/sharded_llama.h"
+#include "trainer/state_pieces.h"
 
 namespace strata {
 namespace {
@@ -139,7 +139,7 @@ int run(const std::string& mode, const std::string& dir, const std::string& layo
   // load: nothing initialised; everything must come from the checkpoint.
   const std::string step_dir = *find_checkpoint((std::filesystem::path(dir) / "sync").string());
   std::vector<TensorPiece> want = pieces(s, *comm, PieceUse::kLoad);
-  run_on_all_ranks(*comm, "loading " + step_dir, [&] {
+  run_on_all_ranks<CheckpointError>(*comm, "loading " + step_dir, [&] {
     at::NoGradGuard no_grad;
     CheckpointReader(step_dir).load(want);
   });

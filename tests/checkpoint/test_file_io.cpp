@@ -8,7 +8,7 @@
 #include <string>
 
 #include "checkpoint/file_io.h"
-#include "tests/trainer/temp_dir.h"
+#include "tests/common/temp_dir.h"
 
 namespace strata {
 namespace {

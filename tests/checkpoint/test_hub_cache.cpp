@@ -14,10 +14,10 @@
 #include <optional>
 #include <sstream>
 
-#include "checkpoint/hub_cache.h"
-#include "checkpoint/hub_http.h"
+#include "checkpoint/hub/cache.h"
+#include "checkpoint/hub/http.h"
 #include "checkpoint/safetensors_header.h"
-#include "tests/trainer/temp_dir.h"
+#include "tests/common/temp_dir.h"
 
 namespace strata {
 namespace {

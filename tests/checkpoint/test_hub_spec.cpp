@@ -2,7 +2,7 @@
 // with the user's exact text in the message, and bare names vs local paths.
 #include <gtest/gtest.h>
 
-#include "checkpoint/hub_spec.h"
+#include "checkpoint/hub/spec.h"
 #include "checkpoint/safetensors_header.h"
 
 namespace strata {

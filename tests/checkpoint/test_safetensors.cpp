@@ -9,7 +9,7 @@
 #include <sstream>
 
 #include "checkpoint/safetensors.h"
-#include "tests/trainer/temp_dir.h"
+#include "tests/common/temp_dir.h"
 
 namespace strata {
 namespace {

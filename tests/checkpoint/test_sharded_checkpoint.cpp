@@ -14,7 +14,7 @@
 #include "checkpoint/checkpoint_manager.h"
 #include "checkpoint/file_io.h"
 #include "checkpoint/sharded_checkpoint.h"
-#include "tests/trainer/temp_dir.h"
+#include "tests/common/temp_dir.h"
 
 namespace strata {
 namespace {

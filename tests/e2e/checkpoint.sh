@@ -110,7 +110,7 @@ echo "last save: model only, bf16"
 
 # --- One rank's write fails: every rank exits non-zero with the same message, latest stays.
 start=$(date +%s)
-if STRATA_TEST_FAIL_SAVE=1@20 mpirun --oversubscribe -np 2 "$STRATA_BIN" train --config job.yaml \
+if STRATA_TEST_FAIL_SAVE=1@20 mpirun --oversubscribe -np 2 "$STRATA_FAULTS_BIN" train --config job.yaml \
   --set job.run_dir=failing >failing.log 2>&1; then cat failing.log; fail "failed save exited 0"; fi
 [ $(( $(date +%s) - start )) -lt 120 ] || fail "failure took too long to surface"
 for r in 0 1; do
@@ -123,7 +123,7 @@ done
 echo "failure injection: same error on both ranks, latest unchanged"
 
 # --- kill -9 during a save: the relaunch resumes from the previous checkpoint.
-STRATA_TEST_SLOW_SAVE=60@20 "$STRATA_BIN" train --config job.yaml --set job.run_dir=killed >killed.log 2>&1 &
+STRATA_TEST_SLOW_SAVE=60@20 "$STRATA_FAULTS_BIN" train --config job.yaml --set job.run_dir=killed >killed.log 2>&1 &
 pid=$!
 for _ in $(seq 600); do [ -d killed/checkpoints/step-0000020.incomplete ] && break; sleep 0.1; done
 [ -d killed/checkpoints/step-0000020.incomplete ] || { kill -9 $pid; cat killed.log; fail "save never started"; }

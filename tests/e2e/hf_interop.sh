@@ -177,7 +177,7 @@ train 1 keep --set checkpoint.hf_export_interval=2 --set checkpoint.hf_max_keep=
 sleep 1
 [ "$(ls -d keep/checkpoints/hf-0* | tr '\n' ' ')" = "keep/checkpoints/hf-0000008 keep/checkpoints/hf-0000010 " ] ||
   { ls keep/checkpoints; fail "hf_max_keep"; }
-if STRATA_TEST_FAIL_SAVE=1@4 mpirun --oversubscribe -np 2 "$STRATA_BIN" train --config job.yaml \
+if STRATA_TEST_FAIL_SAVE=1@4 mpirun --oversubscribe -np 2 "$STRATA_FAULTS_BIN" train --config job.yaml \
   --set job.run_dir=failing --set checkpoint.hf_export_interval=2 --set checkpoint.async_mode=async \
   >failing.log 2>&1; then cat failing.log; fail "a failed export exited 0"; fi
 for r in 0 1; do

@@ -6,7 +6,7 @@
 #include <fmt/format.h>
 
 #include "parallel/communicator.h"
-#include "tests/mpi_environment.h"
+#include "tests/common/mpi_environment.h"
 
 namespace strata {
 namespace {

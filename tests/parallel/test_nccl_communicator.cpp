@@ -6,7 +6,7 @@
 #include <ATen/Context.h>
 
 #include "parallel/nccl_communicator.h"
-#include "tests/mpi_environment.h"
+#include "tests/common/mpi_environment.h"
 
 namespace strata {
 namespace {

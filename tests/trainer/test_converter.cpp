@@ -6,10 +6,10 @@
 
 #include <cmath>
 
-#include "tests/trainer/micro_model.h"
-#include "trainer/converter.h"
-#include "trainer/llama.h"
-#include "trainer/optimizer.h"
+#include "tests/common/micro_model.h"
+#include "trainer/model/converters/converter.h"
+#include "trainer/model/llama.h"
+#include "trainer/optim/adamw.h"
 
 namespace strata {
 namespace {

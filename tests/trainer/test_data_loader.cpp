@@ -4,8 +4,8 @@
 #include <algorithm>
 #include <set>
 
-#include "tests/trainer/temp_dir.h"
-#include "trainer/data_loader.h"
+#include "tests/common/temp_dir.h"
+#include "trainer/data/data_loader.h"
 
 namespace strata {
 namespace {

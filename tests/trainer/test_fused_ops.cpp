@@ -1,7 +1,7 @@
 // The fused kernels against the ATen composition in fp64: outputs and every input gradient,
 // shapes that cross the 64-row blocks, GQA, frozen weights, bad targets, thread-count
 // independence.
-#include "trainer/fused_ops.h"
+#include "trainer/kernels/fused_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -3,8 +3,8 @@
 
 #include <set>
 
-#include "tests/trainer/micro_model.h"
-#include "trainer/llama.h"
+#include "tests/common/micro_model.h"
+#include "trainer/model/llama.h"
 
 namespace strata {
 namespace {

@@ -3,8 +3,8 @@
 
 #include <cmath>
 
-#include "trainer/lr_schedule.h"
-#include "trainer/optimizer.h"
+#include "trainer/optim/lr_schedule.h"
+#include "trainer/optim/adamw.h"
 
 namespace strata {
 namespace {

@@ -13,10 +13,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "tests/trainer/temp_dir.h"
-#include "trainer/prepare_data.h"
-#include "trainer/token_shard.h"
-#include "trainer/tokenizer.h"
+#include "tests/common/temp_dir.h"
+#include "trainer/data/prepare_data.h"
+#include "trainer/data/token_shard.h"
+#include "trainer/data/tokenizer.h"
 
 namespace strata {
 namespace {

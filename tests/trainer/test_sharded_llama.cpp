@@ -7,10 +7,10 @@
 #include <tuple>
 
 #include "parallel/communicator.h"
-#include "tests/mpi_environment.h"
-#include "tests/trainer/micro_model.h"
-#include "trainer/converter.h"
-#include "trainer/sharded_llama.h"
+#include "tests/common/mpi_environment.h"
+#include "tests/common/micro_model.h"
+#include "trainer/model/converters/converter.h"
+#include "trainer/model/sharded_llama.h"
 
 namespace strata {
 namespace {

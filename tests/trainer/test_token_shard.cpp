@@ -6,8 +6,8 @@
 #include <fstream>
 #include <utility>
 
-#include "tests/trainer/temp_dir.h"
-#include "trainer/token_shard.h"
+#include "tests/common/temp_dir.h"
+#include "trainer/data/token_shard.h"
 
 namespace strata {
 namespace {

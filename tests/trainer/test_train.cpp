@@ -7,14 +7,14 @@
 #include <nlohmann/json.hpp>
 
 #include "parallel/process_group.h"
-#include "trainer/blas_kernels.h"
-#include "tests/mpi_environment.h"
-#include "tests/trainer/micro_model.h"
-#include "tests/trainer/temp_dir.h"
-#include "trainer/llama.h"
-#include "trainer/optimizer.h"
-#include "trainer/prepare_data.h"
-#include "trainer/token_shard.h"
+#include "trainer/kernels/blas.h"
+#include "tests/common/mpi_environment.h"
+#include "tests/common/micro_model.h"
+#include "tests/common/temp_dir.h"
+#include "trainer/model/llama.h"
+#include "trainer/optim/adamw.h"
+#include "trainer/data/prepare_data.h"
+#include "trainer/data/token_shard.h"
 #include "trainer/train.h"
 
 namespace strata {

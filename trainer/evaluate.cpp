@@ -1,0 +1,48 @@
+// Evaluation over consecutive windows.
+#include "trainer/evaluate.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "trainer/kernels/fused_ops.h"
+
+namespace strata {
+namespace {
+
+at::Tensor to_tensor(const std::vector<int64_t>& values, int64_t batch, int64_t seq_len) {
+  return at::from_blob(const_cast<int64_t*>(values.data()), {batch, seq_len}, at::kLong).clone();
+}
+
+}  // namespace
+
+at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch) {
+  at::Tensor logits = model.forward(to_tensor(batch.inputs, batch.batch, batch.seq_len));
+  at::Tensor targets = to_tensor(batch.targets, batch.batch, batch.seq_len);
+  if (fused::enabled(logits)) return fused::cross_entropy(logits.flatten(0, 1), targets.flatten());
+  return at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten());
+}
+
+EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows, int64_t micro_batch,
+                    Communicator* comm) {
+  at::NoGradGuard no_grad;
+  const int world = comm ? comm->world_size() : 1, rank = comm ? comm->rank() : 0;
+  const int64_t windows = std::min(max_windows, data.num_sequential_windows());
+  const int64_t per_rank = (windows + world - 1) / world;
+  const int64_t begin = rank * per_rank;
+  const int64_t end = std::min(windows, begin + per_rank);
+  at::Tensor sums = at::zeros({2}, at::kDouble);  // loss x tokens, tokens
+  for (int64_t first = 0; first < per_rank; first += micro_batch) {
+    const int64_t valid = std::clamp<int64_t>(end - (begin + first), 0, micro_batch);
+    const TokenBatch batch = data.sequential_batch(valid > 0 ? begin + first : 0, std::max<int64_t>(valid, 1));
+    const double loss = batch_loss(model, batch).item<double>();
+    const int64_t n = valid * batch.seq_len;
+    sums[0] += loss * static_cast<double>(n);
+    sums[1] += static_cast<double>(n);
+  }
+  if (comm) comm->all_reduce(sums, ReduceOp::kSum);
+  const double tokens = sums[1].item<double>();
+  return {tokens > 0 ? sums[0].item<double>() / tokens : 0.0, static_cast<int64_t>(tokens)};
+}
+
+}  // namespace strata
