@@ -22,6 +22,8 @@ packages=(
   libssl-dev libxxhash-dev
   # tests (clang's libFuzzer runtime: the safetensors header fuzz run)
   libgtest-dev libgmock-dev clang libclang-rt-14-dev
+  # the formatting check of .ci/run (scripts/check_format.sh; the version pins the output)
+  clang-format-14
   # default corpus (plain-text English) and the metrics plot script
   fortunes python3-matplotlib
 )

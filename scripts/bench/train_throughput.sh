@@ -16,7 +16,7 @@
 #   scripts/bench/train_throughput.sh
 # Environment: RUNS (3: runs of each trainer), QUICK=1 (a smoke test: one short run each, micro
 # and tiny only), CONFIGS ("micro tiny small"), RANKS ("1 2"), REPLICATED=1 (also Strata with
-# fsdp.enabled: false), ATEN=1 (also Strata with STRATA_FUSED_KERNELS=0: ATen ops instead of its
+# fsdp.enabled: false), ATEN=1 (also Strata with training.fused_kernels=false: ATen ops instead of its
 # fused CPU kernels), COMPILED=0 (leave out the torch.compile reference), STRATA_BUILD_DIR
 # (build). Needs scripts/setup.sh's environment and no prepared data: both trainers read the
 # same shard of random tokens written here. Other processes on the machine slow it and skew the
@@ -126,7 +126,7 @@ for name in $configs; do
         elif [ "$v" = reference_compiled ]; then
           OMP_NUM_THREADS=$threads launch "$tag" "$ranks" "$py" "$reference" train "$out/$key-strata.yaml" --metrics "$out/$tag.jsonl" --compile
         elif [ "$v" = strata_aten ]; then
-          STRATA_FUSED_KERNELS=0 launch "$tag" "$ranks" "$strata" train --config "$out/$key-$v.yaml" --set job.run_dir="$out/$tag"
+          launch "$tag" "$ranks" "$strata" train --config "$out/$key-$v.yaml" --set job.run_dir="$out/$tag" --set training.fused_kernels=false
           mv "$out/$tag/metrics.jsonl" "$out/$tag.jsonl"
         else
           launch "$tag" "$ranks" "$strata" train --config "$out/$key-$v.yaml" --set job.run_dir="$out/$tag"
@@ -225,7 +225,7 @@ for name in configs:
                     "strata_none": "FSDP, `activation_checkpointing: none` (keep)",
                     "strata_full": "FSDP, `activation_checkpointing: full` (recompute)",
                     "strata_replicated": "replicated (`fsdp.enabled: false`)",
-                    "strata_aten": "ATen ops (`STRATA_FUSED_KERNELS=0`)" + (", default FSDP mode" if ranks > 1 else "")}[v]
+                    "strata_aten": "ATen ops (`training.fused_kernels: false`)" + (", default FSDP mode" if ranks > 1 else "")}[v]
             s_tps, s_rss, s_best = res[v]
             share = lambda x: f"{100 * x * fpt / 1e9 / peak:.1f}%"
             rows.append(f"| {name} ({params / 1e6:.2f}M, seq {c['data']['seq_len']}) | {ranks} x {threads} | {mode} "

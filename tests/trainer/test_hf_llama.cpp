@@ -34,7 +34,7 @@ StateDict initialised(const ModelConfig& c) {
 TEST(HfLlama, NamesAndShapesFollowLlamaForCausalLM) {
   for (bool tied : {false, true}) {
     const ModelConfig c = testing::micro_model(97, 16, tied);
-    const LlamaStateDictAdapter adapter(llama_shape(c));
+    const LlamaStateDictAdapter adapter(c);
     const StateDict hf = adapter.to_hf(initialised(c));
     const int64_t H = c.dim, I = c.ffn_hidden_dim(), V = c.vocab_size, d = c.head_dim();
     const std::vector<std::pair<std::string, std::vector<int64_t>>> expected_layer = {
@@ -67,7 +67,7 @@ TEST(HfLlama, NamesAndShapesFollowLlamaForCausalLM) {
 
 TEST(HfLlama, RoundTripIsBitIdenticalAndOnlyQAndKMove) {
   const ModelConfig c = testing::micro_model(97, 16);
-  const LlamaStateDictAdapter adapter(llama_shape(c));
+  const LlamaStateDictAdapter adapter(c);
   const StateDict sd = initialised(c);
   const StateDict hf = adapter.to_hf(sd);
   const StateDict back = adapter.from_hf(hf);
@@ -102,7 +102,7 @@ at::Tensor rope_rotate_half(const at::Tensor& x, int64_t d, double theta) {
 
 TEST(HfLlama, PermutedWeightsUnderRotateHalfGiveTheSameAttentionScores) {
   const ModelConfig c = testing::micro_model(97, 16);
-  const LlamaStateDictAdapter adapter(llama_shape(c));
+  const LlamaStateDictAdapter adapter(c);
   const StateDict sd = initialised(c);
   const int64_t T = 9, d = c.head_dim();
   at::manual_seed(5);
@@ -125,27 +125,27 @@ TEST(HfLlama, PermutedWeightsUnderRotateHalfGiveTheSameAttentionScores) {
 TEST(HfLlama, TiedSourcesUnexpectedKeysAndBuffers) {
   const ModelConfig untied = testing::micro_model(97, 16, false);
   const ModelConfig tied = testing::micro_model(97, 16, true);
-  StateDict hf = LlamaStateDictAdapter(llama_shape(tied)).to_hf(initialised(tied));
+  StateDict hf = LlamaStateDictAdapter(tied).to_hf(initialised(tied));
   hf.insert("model.layers.0.self_attn.rotary_emb.inv_freq", at::ones({4}));
-  const StateDict loaded = LlamaStateDictAdapter(llama_shape(untied)).from_hf(hf);
+  const StateDict loaded = LlamaStateDictAdapter(untied).from_hf(hf);
   ASSERT_TRUE(loaded.contains("output.weight"));  // copied from the tied embedding
   EXPECT_TRUE(at::equal(loaded.at("output.weight"), loaded.at("tok_embeddings.weight")));
   EXPECT_FALSE(loaded.contains("layers.0.attention.rotary_emb.inv_freq"));
   hf.insert("model.layers.0.self_attn.q_proj.bias", at::zeros({32}));
   try {
-    LlamaStateDictAdapter(llama_shape(untied)).from_hf(hf);
+    LlamaStateDictAdapter(untied).from_hf(hf);
     FAIL();
   } catch (const CheckpointError& e) {
     EXPECT_HAS(e.what(), "unexpected keys for a Llama: model.layers.0.self_attn.q_proj.bias");
   }
-  EXPECT_THROW(LlamaStateDictAdapter(llama_shape(untied)).hf_key("layers.0.attention.wz.weight"), CheckpointError);
+  EXPECT_THROW(LlamaStateDictAdapter(untied).hf_key("layers.0.attention.wz.weight"), CheckpointError);
 }
 
 TEST(HfLlama, ConfigJsonHasTheFieldsOfBothTransformersLines) {
   ModelConfig c = testing::micro_model(97, 16);
   c.rope_theta = 10000.0;
   c.norm_eps = 1e-5;
-  const LlamaStateDictAdapter adapter(llama_shape(c));
+  const LlamaStateDictAdapter adapter(c);
   const nlohmann::ordered_json j = adapter.config_json("bfloat16", 1, 2);
   const std::string text = j.dump();
   EXPECT_EQ(j["architectures"].dump(), "[\"LlamaForCausalLM\"]");
@@ -164,8 +164,9 @@ TEST(HfLlama, ConfigJsonHasTheFieldsOfBothTransformersLines) {
   EXPECT_HAS(text, "\"rms_norm_eps\":1e-05");
   EXPECT_HAS(text, "\"attention_dropout\":0.0");
   EXPECT_EQ(text.find("\"architectures\""), 1u);  // field order as docs/formats.md gives it
-  const LlamaShape back = LlamaStateDictAdapter::shape_from_config(nlohmann::json::parse(text), "config.json");
-  EXPECT_EQ(back.ffn_hidden_dim, c.ffn_hidden_dim());
+  const ModelConfig back = LlamaStateDictAdapter::model_config_from_hf(nlohmann::json::parse(text), "config.json");
+  EXPECT_EQ(back.ffn_hidden_dim(), c.ffn_hidden_dim());
+  EXPECT_TRUE(LlamaStateDictAdapter::differences(c, back).empty());
   EXPECT_EQ(back.n_kv_heads, c.n_kv_heads);
   EXPECT_EQ(back.rope_theta, c.rope_theta);
   EXPECT_EQ(back.norm_eps, c.norm_eps);
@@ -175,13 +176,13 @@ TEST(HfLlama, ConfigJsonHasTheFieldsOfBothTransformersLines) {
 }
 
 TEST(HfLlama, UnsupportedConfigsAreRefusedWithTheReason) {
-  const LlamaStateDictAdapter adapter(llama_shape(testing::micro_model(97, 16)));
+  const LlamaStateDictAdapter adapter(testing::micro_model(97, 16));
   const nlohmann::json good = nlohmann::json::parse(adapter.config_json("float32", 1, 2).dump());
   auto error_for = [&](const std::function<void(nlohmann::json&)>& edit) {
     nlohmann::json c = good;
     edit(c);
     try {
-      LlamaStateDictAdapter::shape_from_config(c, "x/config.json");
+      LlamaStateDictAdapter::model_config_from_hf(c, "x/config.json");
     } catch (const CheckpointError& e) {
       return std::string(e.what());
     }
@@ -209,23 +210,23 @@ TEST(HfLlama, UnsupportedConfigsAreRefusedWithTheReason) {
 }
 
 TEST(HfLlama, ConfigFieldsAreReadAsTransformersReadsThem) {
-  const LlamaStateDictAdapter adapter(llama_shape(testing::micro_model(97, 16)));
+  const LlamaStateDictAdapter adapter(testing::micro_model(97, 16));
   const nlohmann::json good = nlohmann::json::parse(adapter.config_json("float32", 1, 2).dump());
   // transformers v5 writes rope_theta only inside rope_parameters, which wins over the top level.
   nlohmann::json c = good;
   c.erase("rope_theta");
   c.erase("rope_scaling");
   c["rope_parameters"] = {{"rope_theta", 500000.0}, {"rope_type", "default"}};
-  EXPECT_EQ(LlamaStateDictAdapter::shape_from_config(c, "config.json").rope_theta, 500000.0);
+  EXPECT_EQ(LlamaStateDictAdapter::model_config_from_hf(c, "config.json").rope_theta, 500000.0);
   c["rope_theta"] = 10000.0;
-  EXPECT_EQ(LlamaStateDictAdapter::shape_from_config(c, "config.json").rope_theta, 500000.0);
+  EXPECT_EQ(LlamaStateDictAdapter::model_config_from_hf(c, "config.json").rope_theta, 500000.0);
   // A default-type rope_scaling (which then replaces rope_parameters: its theta is the top-level
   // one), "swish" (the same function as silu), and null fields (their defaults) are plain Llama.
   c["rope_scaling"] = {{"type", "default"}};
   c["hidden_act"] = "swish";
   c["num_key_value_heads"] = nullptr;
   c["head_dim"] = nullptr;
-  const LlamaShape s = LlamaStateDictAdapter::shape_from_config(c, "config.json");
+  const ModelConfig s = LlamaStateDictAdapter::model_config_from_hf(c, "config.json");
   EXPECT_EQ(s.rope_theta, 10000.0);
   EXPECT_EQ(s.n_kv_heads, s.n_heads);
 }
