@@ -54,14 +54,15 @@ std::string version_text() {
     torch_line += ", built with CUDA";
     try {
       const long cudnn = at::detail::getCUDAHooks().versionCuDNN();
-      torch_line += fmt::format(" (cuDNN {}.{}.{})", cudnn / 10000, cudnn % 10000 / 100, cudnn % 100);
+      torch_line +=
+          fmt::format(" (cuDNN {}.{}.{})", cudnn / 10000, cudnn % 10000 / 100, cudnn % 100);
     } catch (const std::exception&) {
     }
   } else {
     torch_line += ", CPU only";
   }
-  return fmt::format("strata {}\n{}\nCUDA: {}\nBLAS: {}", "0.1.0", torch_line, strata::cuda_description(),
-                     strata::blas_description());
+  return fmt::format("strata {}\n{}\nCUDA: {}\nBLAS: {}", "0.1.0", torch_line,
+                     strata::cuda_description(), strata::blas_description());
 }
 
 struct TrainArgs {
@@ -73,16 +74,17 @@ struct TrainArgs {
 int run_train(const TrainArgs& args, int* argc, char*** argv,
               std::unique_ptr<strata::ProcessGroup>& group) {
   group = std::make_unique<strata::ProcessGroup>(argc, argv);
-  strata::Config config = strata::load_config(args.config_path, args.overrides, group->world_size());
+  strata::Config config =
+      strata::load_config(args.config_path, args.overrides, group->world_size());
   // Hub specs among the load paths: one rank per node fills the HF cache, every rank agrees.
   const int rank = group->rank();
   strata::TrainOptions options;
   options.local_dirs = strata::resolve_load_paths(config.checkpoint, [&](const std::string& path) {
-        return strata::resolve_model_path(path, group.get(), [rank](const std::string& line) {
-          fmt::print("{}{}\n", rank == 0 ? "" : fmt::format("[rank {}] ", rank), line);
-          std::fflush(stdout);
-        });
-      });
+    return strata::resolve_model_path(path, group.get(), [rank](const std::string& line) {
+      fmt::print("{}{}\n", rank == 0 ? "" : fmt::format("[rank {}] ", rank), line);
+      std::fflush(stdout);
+    });
+  });
   // No model keys: the model is the one in the config.json of resume_path (an HF directory,
   // or the base of a PEFT adapter).
   std::optional<std::string> shape_dir;
@@ -91,7 +93,8 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
     const std::string dir = local_dirs.at(*config.checkpoint.resume_path);
     if (strata::is_peft_adapter_dir(dir)) {
       const std::string base = strata::peft_base(dir);
-      if (local_dirs.count(base) && strata::is_hf_model_dir(local_dirs.at(base))) shape_dir = local_dirs.at(base);
+      if (local_dirs.count(base) && strata::is_hf_model_dir(local_dirs.at(base)))
+        shape_dir = local_dirs.at(base);
     } else if (strata::is_hf_model_dir(dir)) {
       shape_dir = dir;
     }
@@ -99,7 +102,8 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
   if (shape_dir && !strata::config_sets_model(args.config_path, args.overrides)) {
     const strata::ModelConfig model = strata::hf_model_config(*shape_dir);
     config = strata::load_config(args.config_path, args.overrides, group->world_size(), &model);
-    if (group->is_main()) fmt::print("model: from {}/config.json (the config sets no model keys)\n", *shape_dir);
+    if (group->is_main())
+      fmt::print("model: from {}/config.json (the config sets no model keys)\n", *shape_dir);
   }
   if (args.print_config) {
     if (group->is_main()) fmt::print("{}", strata::to_yaml(config));
@@ -135,12 +139,14 @@ int run_eval(const EvalArgs& args) {
   const strata::ModelSource source = strata::load_model_source(args.from);
   const int64_t seq_len = args.seq_len > 0 ? args.seq_len : source.config.max_seq_len;
   if (seq_len > source.config.max_seq_len) {
-    throw strata::ConfigError(fmt::format("--seq-len {} exceeds the model's max_seq_len {}", seq_len,
-                                          source.config.max_seq_len));
+    throw strata::ConfigError(fmt::format("--seq-len {} exceeds the model's max_seq_len {}",
+                                          seq_len, source.config.max_seq_len));
   }
   const strata::TokenDataset data(args.data, seq_len, source.config.vocab_size);
-  const int64_t windows = args.max_tokens > 0 ? args.max_tokens / seq_len : data.num_sequential_windows();
-  const auto [loss, tokens] = strata::evaluate(*source.model, data, windows, /*micro_batch=*/8, nullptr);
+  const int64_t windows =
+      args.max_tokens > 0 ? args.max_tokens / seq_len : data.num_sequential_windows();
+  const auto [loss, tokens] =
+      strata::evaluate(*source.model, data, windows, /*micro_batch=*/8, nullptr);
   fmt::print("eval: {} on {} ({} windows of {} tokens): loss {:.6f}, perplexity {:.3f}\n",
              source.description, args.data, tokens / seq_len, seq_len, loss, std::exp(loss));
   fmt::print("{}\n", nlohmann::json{{"loss", loss}, {"tokens", tokens}}.dump());
@@ -155,11 +161,13 @@ struct GenerateArgs {
 
 int run_generate(GenerateArgs args) {
   const strata::ModelSource source = strata::load_model_source(args.from);
-  const std::string tokenizer_path = !args.tokenizer.empty() ? args.tokenizer : source.tokenizer.value_or("");
+  const std::string tokenizer_path =
+      !args.tokenizer.empty() ? args.tokenizer : source.tokenizer.value_or("");
   if (tokenizer_path.empty()) {
-    throw strata::ConfigError(fmt::format("{} names no tokenizer that still exists\nHINT: pass "
-                                              "--tokenizer tokenizer.model",
-                                              source.description));
+    throw strata::ConfigError(
+        fmt::format("{} names no tokenizer that still exists\nHINT: pass "
+                    "--tokenizer tokenizer.model",
+                    source.description));
   }
   const strata::Tokenizer tokenizer(tokenizer_path);
   std::vector<int64_t> prompt = {tokenizer.bos_id()};
@@ -181,9 +189,10 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
   namespace fs = std::filesystem;
   const std::string out = !args.to_hf.empty() ? args.to_hf : args.to_strata;
   if (fs::exists(out) && !fs::is_empty(out)) {
-    throw strata::CheckpointError(fmt::format("{} exists and is not empty\nHINT: choose a new "
-                                              "output directory",
-                                              out));
+    throw strata::CheckpointError(
+        fmt::format("{} exists and is not empty\nHINT: choose a new "
+                    "output directory",
+                    out));
   }
   const strata::ModelSource source = strata::load_model_source(args.from);
   strata::Config config;
@@ -193,8 +202,9 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
   if (!args.to_hf.empty()) {
     std::optional<strata::Tokenizer> tokenizer;
     if (source.tokenizer) tokenizer.emplace(*source.tokenizer);
-    const strata::CommitJob job = strata::hf_export_job(source.step, source.model.get(), nullptr, config,
-                                                        tokenizer ? &*tokenizer : nullptr, 0, 1, true);
+    const strata::CommitJob job =
+        strata::hf_export_job(source.step, source.model.get(), nullptr, config,
+                              tokenizer ? &*tokenizer : nullptr, 0, 1, true);
     // Written beside the target and renamed: a failed conversion leaves no half directory.
     const std::string temp = out + ".incomplete";
     fs::remove_all(temp);
@@ -210,14 +220,16 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
   std::unique_ptr<strata::Communicator> comm = strata::make_mpi_communicator(*group);
   strata::CheckpointOptions options;
   options.folder = out;
-  strata::CheckpointManager manager(options, *comm, [](const std::string& line) { fmt::print("{}\n", line); });
+  strata::CheckpointManager manager(options, *comm,
+                                    [](const std::string& line) { fmt::print("{}\n", line); });
   strata::SaveRequest request;
   request.step = source.step;
   request.model_only = true;
   request.pieces = strata::state_pieces(*source.model, nullptr, 0, 1, strata::PieceUse::kSave);
   const at::ScalarType dtype = strata::dtype_named(args.dtype);
   for (strata::TensorPiece& piece : request.pieces) piece.local = piece.local.to(dtype);
-  request.metadata = {{"model", strata::model_config_json(source.config)}, {"converted_from", args.from}};
+  request.metadata = {{"model", strata::model_config_json(source.config)},
+                      {"converted_from", args.from}};
   strata::TrainState state;
   state.step = source.step;
   state.data_step_offset = source.step;  // a converted model: the data order starts afresh
@@ -225,7 +237,8 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
   request.train_state = state.to_json({});
   request.config_yaml = strata::to_yaml(config);
   manager.save(std::move(request));
-  fmt::print("convert: {} -> Strata checkpoint folder {} ({})\n", source.description, out, args.dtype);
+  fmt::print("convert: {} -> Strata checkpoint folder {} ({})\n", source.description, out,
+             args.dtype);
   return 0;
 }
 
@@ -234,20 +247,22 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
 int run_inspect(const std::string& path, bool verify) {
   const std::optional<std::string> dir = strata::find_checkpoint(path);
   if (!dir) {
-    throw strata::CheckpointError(fmt::format("{} holds no committed checkpoint\nHINT: give a "
-                                              "step-NNNNNNN directory or a checkpoint folder "
-                                              "with one",
-                                              path));
+    throw strata::CheckpointError(
+        fmt::format("{} holds no committed checkpoint\nHINT: give a "
+                    "step-NNNNNNN directory or a checkpoint folder "
+                    "with one",
+                    path));
   }
   const strata::CheckpointReader reader(*dir);
   fmt::print("{}", strata::describe_checkpoint(reader));
   if (!verify) return 0;
   const std::vector<std::string> problems = reader.verify_files();
   if (!problems.empty()) {
-    throw strata::CheckpointError(fmt::format("checkpoint {} failed verification:\n  {}\nHINT: "
-                                              "resume from another step "
-                                              "(checkpoint.load_step)",
-                                              *dir, fmt::join(problems, "\n  ")));
+    throw strata::CheckpointError(
+        fmt::format("checkpoint {} failed verification:\n  {}\nHINT: "
+                    "resume from another step "
+                    "(checkpoint.load_step)",
+                    *dir, fmt::join(problems, "\n  ")));
   }
   fmt::print("verify: all {} file(s) match their size, SHA-256 and block checksums\n",
              reader.metadata().at("files").size());
@@ -257,8 +272,9 @@ int run_inspect(const std::string& path, bool verify) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"strata: a distributed trainer for Llama-family language models.\n"
-               "Launch alone, or with mpirun / srun for several ranks."};
+  CLI::App app{
+      "strata: a distributed trainer for Llama-family language models.\n"
+      "Launch alone, or with mpirun / srun for several ranks."};
   app.require_subcommand(1);
   app.set_version_flag("--version", [] { return version_text(); });
 
@@ -267,9 +283,10 @@ int main(int argc, char** argv) {
   train->add_option("--config", train_args.config_path, "YAML config file (see configs/)")
       ->required()
       ->check(CLI::ExistingFile);
-  train->add_option("--set", train_args.overrides,
-                    "Override a config key: --set key.path=value (repeatable; the value is YAML, "
-                    "e.g. --set training.steps=50 --set optimizer.betas=[0.9,0.99])")
+  train
+      ->add_option("--set", train_args.overrides,
+                   "Override a config key: --set key.path=value (repeatable; the value is YAML, "
+                   "e.g. --set training.steps=50 --set optimizer.betas=[0.9,0.99])")
       ->allow_extra_args(false);  // one value per --set: values may contain spaces
   train->add_flag("--print-config", train_args.print_config,
                   "Print the resolved config (YAML) and exit");
@@ -290,8 +307,9 @@ int main(int argc, char** argv) {
   prepare->add_option("--vocab-size", prep.vocab_size, "Vocabulary size of a trained tokenizer")
       ->capture_default_str()
       ->excludes(tok_opt);
-  prepare->add_option("--val-fraction", prep.val_fraction,
-                      "Fraction of documents held out for validation")
+  prepare
+      ->add_option("--val-fraction", prep.val_fraction,
+                   "Fraction of documents held out for validation")
       ->capture_default_str();
   prepare->add_option("--separator", separator,
                       "A line equal to this separates documents (e.g. % for fortune files)");
@@ -301,28 +319,41 @@ int main(int argc, char** argv) {
 
   EvalArgs eval_args;
   CLI::App* eval = app.add_subcommand(
-      "eval", "Mean token cross-entropy of a model on a token file: consecutive windows from the "
-              "file start; the last line is JSON {\"loss\": .., \"tokens\": ..}.");
-  eval->add_option("--from", eval_args.from, "Strata checkpoint (folder or step dir) or HF model dir")->required();
-  eval->add_option("--data", eval_args.data, "Token file(s) in llm.c's .bin format (glob)")->required();
-  eval->add_option("--seq-len", eval_args.seq_len, "Window length (default: the model's max_seq_len)");
+      "eval",
+      "Mean token cross-entropy of a model on a token file: consecutive windows from the "
+      "file start; the last line is JSON {\"loss\": .., \"tokens\": ..}.");
+  eval->add_option("--from", eval_args.from,
+                   "Strata checkpoint (folder or step dir) or HF model dir")
+      ->required();
+  eval->add_option("--data", eval_args.data, "Token file(s) in llm.c's .bin format (glob)")
+      ->required();
+  eval->add_option("--seq-len", eval_args.seq_len,
+                   "Window length (default: the model's max_seq_len)");
   eval->add_option("--max-tokens", eval_args.max_tokens, "Score at most this many tokens (0: all)");
 
   GenerateArgs gen_args;
   CLI::App* gen = app.add_subcommand("generate", "Sample text from a model.");
-  gen->add_option("--from", gen_args.from, "Strata checkpoint (folder or step dir) or HF model dir")->required();
+  gen->add_option("--from", gen_args.from, "Strata checkpoint (folder or step dir) or HF model dir")
+      ->required();
   gen->add_option("--prompt", gen_args.prompt, "Text to continue")->required();
-  gen->add_option("--max-new-tokens", gen_args.sampling.max_new_tokens, "Tokens to sample")->capture_default_str();
-  gen->add_option("--temperature", gen_args.sampling.temperature, "0: greedy")->capture_default_str();
-  gen->add_option("--top-k", gen_args.sampling.top_k, "Sample among the k most likely (0: all)")->capture_default_str();
+  gen->add_option("--max-new-tokens", gen_args.sampling.max_new_tokens, "Tokens to sample")
+      ->capture_default_str();
+  gen->add_option("--temperature", gen_args.sampling.temperature, "0: greedy")
+      ->capture_default_str();
+  gen->add_option("--top-k", gen_args.sampling.top_k, "Sample among the k most likely (0: all)")
+      ->capture_default_str();
   gen->add_option("--seed", gen_args.sampling.seed, "Sampling seed")->capture_default_str();
   gen->add_option("--tokenizer", gen_args.tokenizer, "tokenizer.model (default: the source's)");
 
   ConvertArgs convert_args;
   CLI::App* convert = app.add_subcommand(
       "convert", "Convert a model between a Strata checkpoint and a Hugging Face directory.");
-  convert->add_option("--from", convert_args.from, "Strata checkpoint (folder or step dir) or HF model dir")->required();
-  auto* to_hf = convert->add_option("--to-hf", convert_args.to_hf, "Write a Hugging Face model directory");
+  convert
+      ->add_option("--from", convert_args.from,
+                   "Strata checkpoint (folder or step dir) or HF model dir")
+      ->required();
+  auto* to_hf =
+      convert->add_option("--to-hf", convert_args.to_hf, "Write a Hugging Face model directory");
   auto* to_strata = convert->add_option("--to-strata", convert_args.to_strata,
                                         "Write a model-only Strata checkpoint folder");
   to_hf->excludes(to_strata);
@@ -332,9 +363,10 @@ int main(int argc, char** argv) {
 
   std::string inspect_path;
   bool inspect_verify = false;
-  CLI::App* inspect = app.add_subcommand(
-      "inspect", "List a checkpoint's tensors, files and checksums (a step directory, or a "
-                 "checkpoint folder: its latest).");
+  CLI::App* inspect =
+      app.add_subcommand("inspect",
+                         "List a checkpoint's tensors, files and checksums (a step directory, or a "
+                         "checkpoint folder: its latest).");
   inspect->add_option("path", inspect_path, "Checkpoint step directory or folder")->required();
   inspect->add_flag("--verify", inspect_verify,
                     "Recompute every file's SHA-256 and block checksums and compare");

@@ -26,9 +26,9 @@ double seconds_since(Clock::time_point start) {
 
 // Committed directories "<prefix>-<digits>" of `folder` (with `marker` inside when given), by
 // step.
-std::vector<std::pair<int64_t, std::string>> committed_steps(const fs::path& folder,
-                                                             const std::string& prefix = "step",
-                                                             const std::string& marker = "metadata.json") {
+std::vector<std::pair<int64_t, std::string>> committed_steps(
+    const fs::path& folder, const std::string& prefix = "step",
+    const std::string& marker = "metadata.json") {
   const std::regex pattern(prefix + "-([0-9]+)");
   std::vector<std::pair<int64_t, std::string>> out;
   std::error_code ec;
@@ -63,7 +63,9 @@ void write_durable(const fs::path& path, const std::string& content) {
 
 }  // namespace
 
-std::string step_dir_name(int64_t step) { return fmt::format("step-{:07d}", step); }
+std::string step_dir_name(int64_t step) {
+  return fmt::format("step-{:07d}", step);
+}
 
 const DirectorySeries& checkpoint_series() {
   static const DirectorySeries series{"step", "latest", false, "checkpoint save"};
@@ -84,9 +86,10 @@ std::string dir_name(const DirectorySeries& series, int64_t step) {
 std::optional<std::string> find_checkpoint(const std::string& path, std::optional<int64_t> step) {
   const fs::path root(path);
   if (!fs::exists(root)) {
-    throw CheckpointError(fmt::format("checkpoint path {} does not exist\nHINT: give a Strata "
-                                      "checkpoint folder or one of its step-NNNNNNN directories",
-                                      path));
+    throw CheckpointError(
+        fmt::format("checkpoint path {} does not exist\nHINT: give a Strata "
+                    "checkpoint folder or one of its step-NNNNNNN directories",
+                    path));
   }
   if (fs::exists(root / "metadata.json")) return root.string();
   const auto steps = committed_steps(root);
@@ -95,13 +98,15 @@ std::optional<std::string> find_checkpoint(const std::string& path, std::optiona
     if (fs::exists(dir / "metadata.json")) return dir.string();
     std::vector<std::string> names;
     for (const auto& s : steps) names.push_back(std::to_string(s.first));
-    throw CheckpointError(fmt::format("{} has no committed checkpoint for step {} (committed steps: "
-                                      "{})\nHINT: set checkpoint.load_step to one of them, or "
-                                      "remove it to load the latest",
-                                      path, *step, names.empty() ? "none" : fmt::format("{}", fmt::join(names, ", "))));
+    throw CheckpointError(fmt::format(
+        "{} has no committed checkpoint for step {} (committed steps: "
+        "{})\nHINT: set checkpoint.load_step to one of them, or "
+        "remove it to load the latest",
+        path, *step, names.empty() ? "none" : fmt::format("{}", fmt::join(names, ", "))));
   }
   const std::string latest = read_pointer(root, checkpoint_series());
-  if (!latest.empty() && fs::exists(root / latest / "metadata.json")) return (root / latest).string();
+  if (!latest.empty() && fs::exists(root / latest / "metadata.json"))
+    return (root / latest).string();
   if (steps.empty()) return std::nullopt;
   return (root / steps.back().second).string();
 }
@@ -116,22 +121,25 @@ CheckpointManager::~CheckpointManager() {
 
 void CheckpointManager::prepare(InFlight& save) {
   save.incomplete_dir =
-      (fs::path(options_.folder) / (dir_name(*save.series, save.job.step) + ".incomplete")).string();
-  run_on_all_ranks<CheckpointError>(comm_, fmt::format("{} at step {}", save.series->what, save.job.step), [&] {
-    if (comm_.rank() != 0) return;
-    std::error_code ec;
-    fs::create_directories(options_.folder, ec);
-    if (ec) {
-      throw IoError(fmt::format("cannot create checkpoint folder {}: {}\nHINT: set "
-                                "checkpoint.folder to a writable directory",
-                                options_.folder, ec.message()));
-    }
-    fs::remove_all(save.incomplete_dir, ec);  // left by a crash at this step
-    if (!fs::create_directory(save.incomplete_dir, ec) || ec) {
-      throw IoError(fmt::format("cannot create {}: {}", save.incomplete_dir,
-                                ec ? ec.message() : "it already exists"));
-    }
-  });
+      (fs::path(options_.folder) / (dir_name(*save.series, save.job.step) + ".incomplete"))
+          .string();
+  run_on_all_ranks<CheckpointError>(
+      comm_, fmt::format("{} at step {}", save.series->what, save.job.step), [&] {
+        if (comm_.rank() != 0) return;
+        std::error_code ec;
+        fs::create_directories(options_.folder, ec);
+        if (ec) {
+          throw IoError(
+              fmt::format("cannot create checkpoint folder {}: {}\nHINT: set "
+                          "checkpoint.folder to a writable directory",
+                          options_.folder, ec.message()));
+        }
+        fs::remove_all(save.incomplete_dir, ec);  // left by a crash at this step
+        if (!fs::create_directory(save.incomplete_dir, ec) || ec) {
+          throw IoError(fmt::format("cannot create {}: {}", save.incomplete_dir,
+                                    ec ? ec.message() : "it already exists"));
+        }
+      });
 }
 
 void CheckpointManager::write(InFlight& save) {
@@ -203,21 +211,22 @@ void CheckpointManager::commit(InFlight& save) {
                                       step, error, keep_hint));
   }
   const double seconds = seconds_since(save.started);
-  log_(fmt::format("{}: committed {} ({}{:.1f} MB on {} rank(s), {:.2f} s{}, commit {:.3f} s)",
-                   series.prefix == "hf" ? "hf export" : "checkpoint", final_dir.string(),
-                   save.request.model_only ? "model only, " : "", bytes / 1e6, reports.size(),
-                   seconds,
-                   options_.async ? fmt::format(", foreground {:.3f} s: previous save {:.3f} s, "
-                                                "staging wait {:.3f} s",
-                                                save.stall_seconds, save.previous_wait_seconds,
-                                                save.staging_wait_seconds)
-                                  : "",
-                   seconds_since(start)));
+  log_(fmt::format(
+      "{}: committed {} ({}{:.1f} MB on {} rank(s), {:.2f} s{}, commit {:.3f} s)",
+      series.prefix == "hf" ? "hf export" : "checkpoint", final_dir.string(),
+      save.request.model_only ? "model only, " : "", bytes / 1e6, reports.size(), seconds,
+      options_.async
+          ? fmt::format(", foreground {:.3f} s: previous save {:.3f} s, "
+                        "staging wait {:.3f} s",
+                        save.stall_seconds, save.previous_wait_seconds, save.staging_wait_seconds)
+          : "",
+      seconds_since(start)));
   start_purge(series, series.prefix == "hf" ? options_.hf_max_keep : options_.keep_latest_k, step);
 }
 
-bool CheckpointManager::maybe_save(int64_t step, bool last_step, bool stop_requested, const std::string& signal,
-                                   const SavePolicy& policy, Checkpointable& source) {
+bool CheckpointManager::maybe_save(int64_t step, bool last_step, bool stop_requested,
+                                   const std::string& signal, const SavePolicy& policy,
+                                   Checkpointable& source) {
   const bool stop = poll(stop_requested);
   source.on_save_started();  // a background save may have just finished
   auto save_at = [&](bool model_only) {
@@ -235,13 +244,15 @@ bool CheckpointManager::maybe_save(int64_t step, bool last_step, bool stop_reque
     return false;
   }
   if (stop) {
-    log_(fmt::format("stop: {} received; {}", signal.empty() ? "a stop signal on another rank" : signal,
+    log_(fmt::format("stop: {} received; {}",
+                     signal.empty() ? "a stop signal on another rank" : signal,
                      policy.enable ? fmt::format("saving a full checkpoint at step {}", step)
                                    : std::string("checkpoint.enable is false, nothing is saved")));
     if (policy.enable) save_at(/*model_only=*/false);
     return true;
   }
-  if (policy.enable && policy.interval > 0 && step % policy.interval == 0) save_at(policy.model_only);
+  if (policy.enable && policy.interval > 0 && step % policy.interval == 0)
+    save_at(policy.model_only);
   if (policy.enable && export_due) export_at();
   return false;
 }
@@ -252,7 +263,8 @@ void CheckpointManager::start_purge(const DirectorySeries& series, int64_t keep,
   if (purge_.joinable()) purge_.join();
   purge_ = std::thread([folder = options_.folder, keep, log = log_, committed_step, &series] {
     try {
-      const std::vector<std::string> removed = purge_checkpoints(folder, keep, committed_step, series);
+      const std::vector<std::string> removed =
+          purge_checkpoints(folder, keep, committed_step, series);
       if (!removed.empty()) {
         log(fmt::format("checkpoint: removed {} ({} {})", fmt::join(removed, ", "),
                         series.prefix == "hf" ? "hf_max_keep" : "keep_latest_k", keep));
@@ -373,8 +385,8 @@ void CheckpointManager::reserve_staging(const std::vector<TensorPiece>& pieces) 
   staging_.clear();
   for (const TensorPiece& p : pieces) {
     const bool pinned = !p.local.device().is_cpu();
-    staging_.push_back(at::zeros({p.local.numel()},
-                                 at::TensorOptions().dtype(p.local.scalar_type()).pinned_memory(pinned)));
+    staging_.push_back(at::zeros(
+        {p.local.numel()}, at::TensorOptions().dtype(p.local.scalar_type()).pinned_memory(pinned)));
   }
 }
 
@@ -391,7 +403,8 @@ bool CheckpointManager::poll(bool stop_requested) {
   const bool pending = in_flight_ && !in_flight_->done;
   bool stop = stop_requested, any_pending = pending;
   if (comm_.world_size() > 1) {
-    at::Tensor flags = at::tensor({static_cast<int32_t>(stop_requested), static_cast<int32_t>(pending)});
+    at::Tensor flags =
+        at::tensor({static_cast<int32_t>(stop_requested), static_cast<int32_t>(pending)});
     comm_.all_reduce(flags, ReduceOp::kMax);
     stop = flags[0].item<int32_t>() != 0;
     any_pending = flags[1].item<int32_t>() != 0;
@@ -438,11 +451,10 @@ std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t ke
 
 std::string describe_checkpoint(const CheckpointReader& reader) {
   const json& meta = reader.metadata();
-  std::string out = fmt::format("checkpoint {}\n  format {} v{}, step {}, saved on {} rank(s), {}\n",
-                                reader.dir(), meta.at("format").get<std::string>(),
-                                meta.at("format_version").get<int>(), reader.step(),
-                                meta.at("world_size").get<int>(),
-                                reader.model_only() ? "model only" : "model + optimizer");
+  std::string out = fmt::format(
+      "checkpoint {}\n  format {} v{}, step {}, saved on {} rank(s), {}\n", reader.dir(),
+      meta.at("format").get<std::string>(), meta.at("format_version").get<int>(), reader.step(),
+      meta.at("world_size").get<int>(), reader.model_only() ? "model only" : "model + optimizer");
   uint64_t total = 0;
   out += "  files:\n";
   for (const auto& [file, info] : meta.at("files").items()) {

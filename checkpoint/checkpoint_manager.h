@@ -2,11 +2,12 @@
 // retention, and finding committed checkpoints. What to save is the caller's business: it
 // hands over this rank's TensorPieces and the small JSON/YAML documents that go beside them.
 //
-// Commit protocol for step N (docs/architecture.md "Checkpoint commit protocol"): rank 0 creates `step-N.incomplete/`; every
-// rank writes and fsyncs rank-<r>.safetensors there; all reports are gathered; only if every
-// rank succeeded does rank 0 write metadata.json, train_state.json and config.yaml, rename the
-// directory to `step-N/`, fsync the folder and replace `latest` (temp + rename). Any failure
-// raises the same CheckpointError on every rank and leaves `latest` as it was. HF exports
+// Commit protocol for step N (docs/architecture.md "Checkpoint commit protocol"): rank 0 creates
+// `step-N.incomplete/`; every rank writes and fsyncs rank-<r>.safetensors there; all reports are
+// gathered; only if every rank succeeded does rank 0 write metadata.json, train_state.json and
+// config.yaml, rename the directory to `step-N/`, fsync the folder and replace `latest` (temp +
+// rename). Any failure raises the same CheckpointError on every rank and leaves `latest` as it was.
+// HF exports
 // (`hf-N/`, pointer `hf-latest`, a relative symlink) go through the same protocol.
 #pragma once
 
@@ -29,10 +30,10 @@
 namespace strata {
 
 struct CheckpointOptions {
-  std::string folder;        // absolute, or relative to the working directory
-  bool async = false;        // stage and write in a background thread
-  int64_t keep_latest_k = 0; // committed step dirs to keep (0: all)
-  int64_t hf_max_keep = 0;   // committed hf-* exports to keep (0: all)
+  std::string folder;         // absolute, or relative to the working directory
+  bool async = false;         // stage and write in a background thread
+  int64_t keep_latest_k = 0;  // committed step dirs to keep (0: all)
+  int64_t hf_max_keep = 0;    // committed hf-* exports to keep (0: all)
   // Test hook: runs on each rank before it writes its files of a save or export at `step` (on
   // the writer thread for async saves); tests inject failures (throw) and slowness (sleep)
   // through it. Empty in production.
@@ -44,13 +45,12 @@ struct CheckpointOptions {
 // HF exports every `hf_export_interval` steps and at the last step.
 struct SavePolicy {
   bool enable = true;
-  int64_t interval = 0;             // 0: no interval saves
-  bool model_only = false;          // interval saves hold weights only
-  bool last_save_model_only = true; // the last step's save holds weights only
-  bool last_save_in_hf = false;     // HF export at the last step
-  int64_t hf_export_interval = 0;   // 0: HF exports only at the last step (if last_save_in_hf)
+  int64_t interval = 0;              // 0: no interval saves
+  bool model_only = false;           // interval saves hold weights only
+  bool last_save_model_only = true;  // the last step's save holds weights only
+  bool last_save_in_hf = false;      // HF export at the last step
+  int64_t hf_export_interval = 0;    // 0: HF exports only at the last step (if last_save_in_hf)
 };
-
 
 // A directory series in the folder: committed directories are "<prefix>-NNNNNNN" (the rename
 // is the commit), in flight "<prefix>-NNNNNNN.incomplete"; `pointer` names the newest.
@@ -58,7 +58,7 @@ struct DirectorySeries {
   std::string prefix;   // "step" | "hf"
   std::string pointer;  // "latest" (a text file) | "hf-latest" (a relative symlink)
   bool symlink = false;
-  std::string what;     // "checkpoint save" | "HF export", for messages
+  std::string what;  // "checkpoint save" | "HF export", for messages
 };
 const DirectorySeries& checkpoint_series();
 const DirectorySeries& hf_series();
@@ -156,7 +156,7 @@ class CheckpointManager {
     std::atomic<bool> done{false};
     nlohmann::json report;  // written by the writer before `done`
     std::chrono::steady_clock::time_point started;
-    double stall_seconds = 0.0;      // foreground time in all: the parts below and the rest
+    double stall_seconds = 0.0;          // foreground time in all: the parts below and the rest
     double previous_wait_seconds = 0.0;  // waiting for the previous save to commit
     double staging_wait_seconds = 0.0;   // wait_until_staged
   };

@@ -26,7 +26,10 @@ class IoError : public std::runtime_error {
 class HubError : public CheckpointError {
  public:
   HubError(const std::string& message, long status, std::string error_code, bool transient)
-      : CheckpointError(message), status(status), error_code(std::move(error_code)), transient(transient) {}
+      : CheckpointError(message),
+        status(status),
+        error_code(std::move(error_code)),
+        transient(transient) {}
   long status;
   std::string error_code;
   bool transient;

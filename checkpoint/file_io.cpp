@@ -18,11 +18,17 @@
 namespace strata {
 namespace {
 
-std::string errno_text() { return std::strerror(errno); }
+std::string errno_text() {
+  return std::strerror(errno);
+}
 
-std::string hex64(uint64_t value) { return fmt::format("{:016x}", value); }
+std::string hex64(uint64_t value) {
+  return fmt::format("{:016x}", value);
+}
 
-XXH3_state_t* as_state(void* p) { return static_cast<XXH3_state_t*>(p); }
+XXH3_state_t* as_state(void* p) {
+  return static_cast<XXH3_state_t*>(p);
+}
 
 }  // namespace
 
@@ -33,7 +39,9 @@ MessageDigest::MessageDigest(Algorithm algorithm) : context_(EVP_MD_CTX_new()) {
   }
 }
 
-MessageDigest::~MessageDigest() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(context_)); }
+MessageDigest::~MessageDigest() {
+  EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(context_));
+}
 
 void MessageDigest::update(const void* data, size_t bytes) {
   EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(context_), data, bytes);
@@ -48,7 +56,9 @@ std::string MessageDigest::hex_digest() {
   return hex;
 }
 
-std::string xxh3_hex(const void* data, size_t bytes) { return hex64(XXH3_64bits(data, bytes)); }
+std::string xxh3_hex(const void* data, size_t bytes) {
+  return hex64(XXH3_64bits(data, bytes));
+}
 
 constexpr size_t kBounceBytes = size_t{4} << 20;
 constexpr size_t kDirectAlign = 4096;
@@ -122,7 +132,8 @@ void HashingFileWriter::hash_worker() {
   }
 }
 
-void HashingFileWriter::hash_while(const uint8_t* data, size_t bytes, const std::function<void()>& io) {
+void HashingFileWriter::hash_while(const uint8_t* data, size_t bytes,
+                                   const std::function<void()>& io) {
   const bool parallel = worker_.joinable() && bytes >= (size_t{256} << 10);
   if (parallel) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -153,7 +164,8 @@ void HashingFileWriter::write_all(const uint8_t* data, size_t bytes) {
     if (w < 0 && errno == EINVAL && bounce_) {
       // The file system takes O_DIRECT at open but not for this write: go on buffered.
       const int flags = ::fcntl(fd_, F_GETFL);
-      if (flags >= 0 && (flags & O_DIRECT) && ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) == 0) continue;
+      if (flags >= 0 && (flags & O_DIRECT) && ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) == 0)
+        continue;
     }
     if (w < 0) throw IoError(fmt::format("cannot write {}: {}", path_, errno_text()));
     written += static_cast<size_t>(w);

@@ -78,15 +78,15 @@ class HashingFileWriter {
   // Hashes `bytes` at `data` (on the helper when there is one) while `io` runs.
   void hash_while(const uint8_t* data, size_t bytes, const std::function<void()>& io);
   void write_all(const uint8_t* data, size_t bytes);  // at the current file offset
-  void flush_direct(size_t length);                    // the bounce buffer, `length` bytes
+  void flush_direct(size_t length);                   // the bounce buffer, `length` bytes
 
   std::string path_;
   int fd_ = -1;
   Sha256 sha_;
-  void* block_state_;          // XXH3 state of the current checksum block
+  void* block_state_;  // XXH3 state of the current checksum block
   std::string block_xxh3_;
-  uint64_t size_ = 0;          // bytes written
-  uint64_t hashed_ = 0;        // bytes hashed
+  uint64_t size_ = 0;    // bytes written
+  uint64_t hashed_ = 0;  // bytes hashed
   // The helper thread: one job at a time, handed over under `mutex_`.
   std::mutex mutex_;
   std::condition_variable cv_;

@@ -78,10 +78,12 @@ HfShardPlan plan_from_weight_map(const std::map<std::string, std::string>& weigh
 
 uint64_t parse_byte_size(const std::string& text) {
   size_t digits = 0;
-  while (digits < text.size() && (std::isdigit(static_cast<unsigned char>(text[digits])) || text[digits] == '.')) {
+  while (digits < text.size() &&
+         (std::isdigit(static_cast<unsigned char>(text[digits])) || text[digits] == '.')) {
     ++digits;
   }
-  if (digits == 0) throw std::invalid_argument("expected a number with an optional unit (KB, MB, GB)");
+  if (digits == 0)
+    throw std::invalid_argument("expected a number with an optional unit (KB, MB, GB)");
   const double value = std::stod(text.substr(0, digits));
   std::string unit = text.substr(digits);
   for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
@@ -128,7 +130,8 @@ nlohmann::json write_hf_shards(const std::string& dir, const HfShardPlan& plan, 
 }
 
 void write_hf_shared_files(const std::string& dir, const HfShardPlan& plan,
-                           const nlohmann::ordered_json& config, const nlohmann::json& generation_config,
+                           const nlohmann::ordered_json& config,
+                           const nlohmann::json& generation_config,
                            const std::map<std::string, std::string>& text_files,
                            const std::vector<std::string>& copy_files) {
   nlohmann::ordered_json index;

@@ -17,16 +17,18 @@
 namespace strata {
 
 struct HfTensorSpec {
-  std::string key;              // HF name
+  std::string key;  // HF name
   std::vector<int64_t> shape;
   at::ScalarType dtype;
 };
 
 struct HfShardPlan {
-  std::vector<std::string> files;           // model-00001-of-0000n.safetensors, ...
-  std::map<std::string, size_t> file_of;    // HF key -> index into files
-  uint64_t total_size = 0;                  // tensor bytes in all (index metadata.total_size)
-  int owner(size_t file, int world) const { return static_cast<int>(file % static_cast<size_t>(world)); }
+  std::vector<std::string> files;         // model-00001-of-0000n.safetensors, ...
+  std::map<std::string, size_t> file_of;  // HF key -> index into files
+  uint64_t total_size = 0;                // tensor bytes in all (index metadata.total_size)
+  int owner(size_t file, int world) const {
+    return static_cast<int>(file % static_cast<size_t>(world));
+  }
 };
 
 // Fills shards in the given order; a tensor larger than the limit gets a shard of its own.
@@ -49,7 +51,8 @@ nlohmann::json write_hf_shards(const std::string& dir, const HfShardPlan& plan, 
 // Rank 0's part: the index, the configs, `text_files` (name -> content) and copies of
 // `copy_files` (paths; same base name in `dir`). Every file fsynced.
 void write_hf_shared_files(const std::string& dir, const HfShardPlan& plan,
-                           const nlohmann::ordered_json& config, const nlohmann::json& generation_config,
+                           const nlohmann::ordered_json& config,
+                           const nlohmann::json& generation_config,
                            const std::map<std::string, std::string>& text_files,
                            const std::vector<std::string>& copy_files);
 

@@ -21,25 +21,37 @@
 namespace strata {
 namespace {
 
-const SafetensorsDtype* find_dtype(const std::string& name) { return find_safetensors_dtype(name); }
+const SafetensorsDtype* find_dtype(const std::string& name) {
+  return find_safetensors_dtype(name);
+}
 
 }  // namespace
 
 std::string safetensors_dtype(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return "F32";
-    case at::kHalf: return "F16";
-    case at::kBFloat16: return "BF16";
-    case at::kDouble: return "F64";
-    case at::kLong: return "I64";
-    case at::kInt: return "I32";
-    case at::kShort: return "I16";
-    case at::kChar: return "I8";
-    case at::kByte: return "U8";
-    case at::kBool: return "BOOL";
+    case at::kFloat:
+      return "F32";
+    case at::kHalf:
+      return "F16";
+    case at::kBFloat16:
+      return "BF16";
+    case at::kDouble:
+      return "F64";
+    case at::kLong:
+      return "I64";
+    case at::kInt:
+      return "I32";
+    case at::kShort:
+      return "I16";
+    case at::kChar:
+      return "I8";
+    case at::kByte:
+      return "U8";
+    case at::kBool:
+      return "BOOL";
     default:
-      throw CheckpointError(fmt::format("dtype {} cannot be stored in safetensors by Strata",
-                                        c10::toString(dtype)));
+      throw CheckpointError(
+          fmt::format("dtype {} cannot be stored in safetensors by Strata", c10::toString(dtype)));
   }
 }
 
@@ -50,8 +62,8 @@ at::ScalarType torch_dtype(const std::string& name) {
       {"U8", at::kByte},   {"BOOL", at::kBool}};
   auto it = map.find(name);
   if (it == map.end()) {
-    throw CheckpointError(fmt::format("safetensors dtype {} has no LibTorch equivalent here",
-                                      name));
+    throw CheckpointError(
+        fmt::format("safetensors dtype {} has no LibTorch equivalent here", name));
   }
   return it->second;
 }
@@ -86,7 +98,9 @@ SafetensorsFile::~SafetensorsFile() {
   if (map_) munmap(const_cast<uint8_t*>(map_), size_);
 }
 
-bool SafetensorsFile::contains(const std::string& name) const { return index_.count(name) != 0; }
+bool SafetensorsFile::contains(const std::string& name) const {
+  return index_.count(name) != 0;
+}
 
 const SafetensorsEntry& SafetensorsFile::entry(const std::string& name) const {
   auto it = index_.find(name);
@@ -100,7 +114,8 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
   const SafetensorsEntry& e = entry(name);
   const auto options = at::TensorOptions().dtype(torch_dtype(e.dtype));
   at::Tensor out = at::empty(e.shape, options);
-  if (e.end > e.begin) std::memcpy(out.data_ptr(), map_ + header_.data_offset + e.begin, e.end - e.begin);
+  if (e.end > e.begin)
+    std::memcpy(out.data_ptr(), map_ + header_.data_offset + e.begin, e.end - e.begin);
   return out;
 }
 
@@ -117,8 +132,9 @@ std::pair<uint64_t, uint64_t> SafetensorsFile::element_bytes(const std::string& 
   const int64_t element = static_cast<int64_t>(c10::elementSize(torch_dtype(e.dtype)));
   const int64_t numel = static_cast<int64_t>((e.end - e.begin)) / element;
   if (begin < 0 || count < 0 || begin + count > numel) {
-    throw CheckpointError(fmt::format("{}: elements [{}, {}) are outside tensor '{}' of {} elements",
-                                      path_, begin, begin + count, name, numel));
+    throw CheckpointError(
+        fmt::format("{}: elements [{}, {}) are outside tensor '{}' of {} elements", path_, begin,
+                    begin + count, name, numel));
   }
   const uint64_t first = header_.data_offset + e.begin + static_cast<uint64_t>(begin * element);
   return {first, first + static_cast<uint64_t>(count * element)};
@@ -145,7 +161,8 @@ FileDigest write_safetensors_file(const std::string& path, std::vector<Safetenso
   std::set<std::string> names;
   for (const SafetensorsItem& item : items) {
     if (!names.insert(item.name).second) {
-      throw CheckpointError(fmt::format("cannot write {}: tensor '{}' given twice", path, item.name));
+      throw CheckpointError(
+          fmt::format("cannot write {}: tensor '{}' given twice", path, item.name));
     }
   }
   // The reference writer's order: larger alignment first, then by name.
@@ -197,7 +214,8 @@ void write_safetensors(const std::string& path,
   std::vector<SafetensorsItem> items;
   for (const auto& [name, tensor] : tensors) {
     keep.push_back(tensor.detach().to(at::kCPU).contiguous());
-    items.push_back({name, keep.back().scalar_type(), keep.back().sizes().vec(), keep.back().data_ptr()});
+    items.push_back(
+        {name, keep.back().scalar_type(), keep.back().sizes().vec(), keep.back().data_ptr()});
   }
   const std::string temp = path + ".tmp";
   write_safetensors_file(temp, std::move(items), std::move(metadata));

@@ -15,12 +15,12 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;  // the reference reader's lim
 // Every dtype the reference reader knows, in its enum (alignment) order.
 const std::vector<SafetensorsDtype>& dtype_table() {
   static const std::vector<SafetensorsDtype> table = {
-      {"BOOL", 8, 0},        {"F4", 4, 1},          {"F6_E2M3", 6, 2},      {"F6_E3M2", 6, 3},
-      {"U8", 8, 4},          {"I8", 8, 5},          {"F8_E5M2", 8, 6},      {"F8_E4M3", 8, 7},
-      {"F8_E8M0", 8, 8},     {"F8_E4M3FNUZ", 8, 9}, {"F8_E5M2FNUZ", 8, 10}, {"I16", 16, 11},
-      {"U16", 16, 12},       {"F16", 16, 13},       {"BF16", 16, 14},       {"I32", 32, 15},
-      {"U32", 32, 16},       {"F32", 32, 17},       {"C64", 64, 18},        {"F64", 64, 19},
-      {"I64", 64, 20},       {"U64", 64, 21}};
+      {"BOOL", 8, 0},    {"F4", 4, 1},          {"F6_E2M3", 6, 2},      {"F6_E3M2", 6, 3},
+      {"U8", 8, 4},      {"I8", 8, 5},          {"F8_E5M2", 8, 6},      {"F8_E4M3", 8, 7},
+      {"F8_E8M0", 8, 8}, {"F8_E4M3FNUZ", 8, 9}, {"F8_E5M2FNUZ", 8, 10}, {"I16", 16, 11},
+      {"U16", 16, 12},   {"F16", 16, 13},       {"BF16", 16, 14},       {"I32", 32, 15},
+      {"U32", 32, 16},   {"F32", 32, 17},       {"C64", 64, 18},        {"F64", 64, 19},
+      {"I64", 64, 20},   {"U64", 64, 21}};
   return table;
 }
 
@@ -32,23 +32,28 @@ const SafetensorsDtype* find_dtype(const std::string& name) {
 }
 
 [[noreturn]] void malformed(const std::string& file, const std::string& what) {
-  throw CheckpointError(fmt::format("{} is not a valid safetensors file: {}\nHINT: the file is "
-                                    "damaged or was not written completely; re-create or "
-                                    "re-download it",
-                                    file, what));
+  throw CheckpointError(
+      fmt::format("{} is not a valid safetensors file: {}\nHINT: the file is "
+                  "damaged or was not written completely; re-create or "
+                  "re-download it",
+                  file, what));
 }
 
 }  // namespace
 
-const SafetensorsDtype* find_safetensors_dtype(const std::string& name) { return find_dtype(name); }
+const SafetensorsDtype* find_safetensors_dtype(const std::string& name) {
+  return find_dtype(name);
+}
 
 SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
                                            const std::string& file) {
-  if (size < 8) malformed(file, fmt::format("{} bytes, shorter than the 8-byte header length", size));
+  if (size < 8)
+    malformed(file, fmt::format("{} bytes, shorter than the 8-byte header length", size));
   uint64_t n = 0;
   std::memcpy(&n, data, 8);  // little-endian on every platform Strata builds for
   if (n > kMaxHeaderBytes) {
-    malformed(file, fmt::format("header length {} exceeds the limit of {} bytes", n, kMaxHeaderBytes));
+    malformed(file,
+              fmt::format("header length {} exceeds the limit of {} bytes", n, kMaxHeaderBytes));
   }
   if (8 + n > size) {
     malformed(file, fmt::format("header length {} runs past the end of the {}-byte file", n, size));
@@ -72,7 +77,8 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
     malformed(file, fmt::format("header is not valid UTF-8 JSON ({})", e.what()));
   }
   if (!header.is_object()) malformed(file, "header is not a JSON object");
-  if (!duplicate.empty()) malformed(file, fmt::format("tensor '{}' appears twice in the header", duplicate));
+  if (!duplicate.empty())
+    malformed(file, fmt::format("tensor '{}' appears twice in the header", duplicate));
 
   SafetensorsHeader out;
   out.data_offset = 8 + n;
@@ -108,7 +114,8 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
     }
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
         !offsets[1].is_number_unsigned()) {
-      malformed(file, fmt::format("tensor '{}' data_offsets {} is not [begin, end]", key, offsets.dump()));
+      malformed(file, fmt::format("tensor '{}' data_offsets {} is not [begin, end]", key,
+                                  offsets.dump()));
     }
     entry.begin = offsets[0].get<uint64_t>();
     entry.end = offsets[1].get<uint64_t>();
@@ -137,7 +144,8 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
         malformed(file, fmt::format("tensor '{}' shape overflows", e.name));
       }
     }
-    if (bits % 8 != 0) malformed(file, fmt::format("tensor '{}' is not a whole number of bytes", e.name));
+    if (bits % 8 != 0)
+      malformed(file, fmt::format("tensor '{}' is not a whole number of bytes", e.name));
     if (static_cast<uint64_t>(bits / 8) != e.end - e.begin) {
       malformed(file, fmt::format("tensor '{}' of dtype {} and shape {} needs {} bytes, its "
                                   "data_offsets give {}",
@@ -147,10 +155,10 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
     expected_begin = e.end;
   }
   if (out.data_offset + expected_begin != size) {
-    malformed(file, fmt::format("the tensors end at byte {} but the file has {} bytes ({})",
-                                out.data_offset + expected_begin, size,
-                                out.data_offset + expected_begin < size ? "trailing bytes"
-                                                                        : "truncated"));
+    malformed(file, fmt::format(
+                        "the tensors end at byte {} but the file has {} bytes ({})",
+                        out.data_offset + expected_begin, size,
+                        out.data_offset + expected_begin < size ? "trailing bytes" : "truncated"));
   }
   return out;
 }

@@ -15,7 +15,7 @@ namespace strata {
 
 struct SafetensorsEntry {
   std::string name;
-  std::string dtype;            // "F32", "BF16", ...
+  std::string dtype;  // "F32", "BF16", ...
   std::vector<int64_t> shape;
   uint64_t begin = 0, end = 0;  // byte range within the data section
 };

@@ -29,15 +29,18 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 }
 
 [[noreturn]] void bad_metadata(const std::string& path, const std::string& what) {
-  throw CheckpointError(fmt::format("{} is not a valid Strata checkpoint description: {}\nHINT: "
-                                    "the checkpoint is damaged; resume from an older step "
-                                    "(checkpoint.load_step) or delete this step directory",
-                                    path, what));
+  throw CheckpointError(
+      fmt::format("{} is not a valid Strata checkpoint description: {}\nHINT: "
+                  "the checkpoint is damaged; resume from an older step "
+                  "(checkpoint.load_step) or delete this step directory",
+                  path, what));
 }
 
 }  // namespace
 
-std::string rank_file_name(int rank) { return fmt::format("rank-{:05d}.safetensors", rank); }
+std::string rank_file_name(int rank) {
+  return fmt::format("rank-{:05d}.safetensors", rank);
+}
 
 json write_rank_file(const std::string& dir, int rank, const std::vector<TensorPiece>& pieces,
                      bool hash_thread) {
@@ -46,14 +49,17 @@ json write_rank_file(const std::string& dir, int rank, const std::vector<TensorP
   for (const TensorPiece& piece : pieces) {
     if (piece.local.numel() == 0) continue;
     if (!piece.local.is_contiguous() || piece.local.device().type() != at::kCPU) {
-      throw std::logic_error("write_rank_file: piece " + piece.key + " is not contiguous on the CPU");
+      throw std::logic_error("write_rank_file: piece " + piece.key +
+                             " is not contiguous on the CPU");
     }
-    items.push_back({piece.key, piece.local.scalar_type(), {piece.local.numel()}, piece.local.data_ptr()});
-    chunks.push_back({{"key", piece.key}, {"begin", piece.begin}, {"end", piece.begin + piece.local.numel()}});
+    items.push_back(
+        {piece.key, piece.local.scalar_type(), {piece.local.numel()}, piece.local.data_ptr()});
+    chunks.push_back(
+        {{"key", piece.key}, {"begin", piece.begin}, {"end", piece.begin + piece.local.numel()}});
   }
   const std::string name = rank_file_name(rank);
-  const FileDigest digest = write_safetensors_file((fs::path(dir) / name).string(), std::move(items), {},
-                                                   hash_thread);
+  const FileDigest digest =
+      write_safetensors_file((fs::path(dir) / name).string(), std::move(items), {}, hash_thread);
   return {{"file", name},
           {"size", digest.size},
           {"sha256", digest.sha256},
@@ -99,10 +105,11 @@ CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
   const std::string path = (fs::path(dir_) / "metadata.json").string();
   std::ifstream in(path);
   if (!in) {
-    throw CheckpointError(fmt::format("{} is not a Strata checkpoint: no readable metadata.json "
-                                      "in it\nHINT: point at a committed step-NNNNNNN directory "
-                                      "or at the checkpoint folder that holds them",
-                                      dir_));
+    throw CheckpointError(
+        fmt::format("{} is not a Strata checkpoint: no readable metadata.json "
+                    "in it\nHINT: point at a committed step-NNNNNNN directory "
+                    "or at the checkpoint folder that holds them",
+                    dir_));
   }
   try {
     metadata_ = json::parse(in);
@@ -115,10 +122,11 @@ CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
     }
     const int version = metadata_.at("format_version").get<int>();
     if (version != kCheckpointFormatVersion) {
-      throw CheckpointError(fmt::format("{}: checkpoint format version {} is not supported (this "
-                                        "build reads version {})\nHINT: use the Strata version "
-                                        "that wrote it, or convert it",
-                                        path, version, kCheckpointFormatVersion));
+      throw CheckpointError(
+          fmt::format("{}: checkpoint format version {} is not supported (this "
+                      "build reads version {})\nHINT: use the Strata version "
+                      "that wrote it, or convert it",
+                      path, version, kCheckpointFormatVersion));
     }
     const json& files = metadata_.at("files");
     for (const auto& [key, value] : metadata_.at("tensors").items()) {
@@ -131,7 +139,8 @@ CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
                     c.at("begin").get<int64_t>(), c.at("end").get<int64_t>()};
         if (!files.contains(chunk.file)) {
           bad_metadata(path, fmt::format("tensor '{}' has a chunk in {}, which is not listed "
-                                         "under \"files\"", key, chunk.file));
+                                         "under \"files\"",
+                                         key, chunk.file));
         }
         t.chunks.push_back(chunk);
       }
@@ -165,9 +174,13 @@ CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
 
 CheckpointReader::~CheckpointReader() = default;
 
-int64_t CheckpointReader::step() const { return metadata_.at("step").get<int64_t>(); }
+int64_t CheckpointReader::step() const {
+  return metadata_.at("step").get<int64_t>();
+}
 
-bool CheckpointReader::model_only() const { return metadata_.value("model_only", false); }
+bool CheckpointReader::model_only() const {
+  return metadata_.value("model_only", false);
+}
 
 std::vector<std::string> CheckpointReader::keys() const {
   std::vector<std::string> out;
@@ -186,27 +199,30 @@ const SafetensorsFile& CheckpointReader::open(const std::string& file) const {
   const json& info = metadata_.at("files").at(file);
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
-    throw CheckpointError(fmt::format("checkpoint file {} is missing\nHINT: the checkpoint is "
-                                      "incomplete; resume from an older step "
-                                      "(checkpoint.load_step)",
-                                      path));
+    throw CheckpointError(
+        fmt::format("checkpoint file {} is missing\nHINT: the checkpoint is "
+                    "incomplete; resume from an older step "
+                    "(checkpoint.load_step)",
+                    path));
   }
   const uint64_t expected = info.at("size").get<uint64_t>();
   if (static_cast<uint64_t>(st.st_size) != expected) {
-    throw CheckpointError(fmt::format("checkpoint file {} is {} bytes but metadata.json says {} "
-                                      "(truncated or replaced)\nHINT: resume from an older step "
-                                      "(checkpoint.load_step)",
-                                      path, st.st_size, expected));
+    throw CheckpointError(
+        fmt::format("checkpoint file {} is {} bytes but metadata.json says {} "
+                    "(truncated or replaced)\nHINT: resume from an older step "
+                    "(checkpoint.load_step)",
+                    path, st.st_size, expected));
   }
   auto opened = std::make_unique<SafetensorsFile>(path);
-  verified_blocks_[file].assign(
-      (expected + info.at("block_bytes").get<uint64_t>() - 1) / info.at("block_bytes").get<uint64_t>(),
-      false);
+  verified_blocks_[file].assign((expected + info.at("block_bytes").get<uint64_t>() - 1) /
+                                    info.at("block_bytes").get<uint64_t>(),
+                                false);
   verify_range(*opened, 0, opened->header().data_offset);
   return *files_.emplace(file, std::move(opened)).first->second;
 }
 
-void CheckpointReader::verify_range(const SafetensorsFile& file, uint64_t first, uint64_t last) const {
+void CheckpointReader::verify_range(const SafetensorsFile& file, uint64_t first,
+                                    uint64_t last) const {
   const std::string name = fs::path(file.path()).filename().string();
   const json& info = metadata_.at("files").at(name);
   const uint64_t block = info.at("block_bytes").get<uint64_t>();
@@ -218,11 +234,12 @@ void CheckpointReader::verify_range(const SafetensorsFile& file, uint64_t first,
     const uint64_t begin = b * block, end = std::min<uint64_t>(file.size(), begin + block);
     const std::string got = xxh3_hex(file.data() + begin, end - begin);
     if (expected.size() < (b + 1) * 16 || expected.compare(b * 16, 16, got) != 0) {
-      throw CheckpointError(fmt::format("checkpoint file {} is corrupted: bytes [{}, {}) do not "
-                                        "match their checksum in metadata.json\nHINT: resume from "
-                                        "an older step (checkpoint.load_step); `strata inspect "
-                                        "{} --verify` checks every file",
-                                        file.path(), begin, end, dir_));
+      throw CheckpointError(
+          fmt::format("checkpoint file {} is corrupted: bytes [{}, {}) do not "
+                      "match their checksum in metadata.json\nHINT: resume from "
+                      "an older step (checkpoint.load_step); `strata inspect "
+                      "{} --verify` checks every file",
+                      file.path(), begin, end, dir_));
     }
     done[b] = true;
   }
@@ -237,14 +254,16 @@ void CheckpointReader::load(std::vector<TensorPiece>& pieces) const {
                                      shape_text(piece.shape)));
     } else if (it->second.shape != piece.shape) {
       problems.push_back(fmt::format("'{}' has shape {} in the checkpoint but {} in the model",
-                                     piece.key, shape_text(it->second.shape), shape_text(piece.shape)));
+                                     piece.key, shape_text(it->second.shape),
+                                     shape_text(piece.shape)));
     }
   }
   if (!problems.empty()) {
-    throw CheckpointError(fmt::format("checkpoint {} does not fit the model:\n  {}\nHINT: use the "
-                                      "model config the checkpoint was saved with (its "
-                                      "config.yaml), or another checkpoint",
-                                      dir_, fmt::join(problems, "\n  ")));
+    throw CheckpointError(
+        fmt::format("checkpoint {} does not fit the model:\n  {}\nHINT: use the "
+                    "model config the checkpoint was saved with (its "
+                    "config.yaml), or another checkpoint",
+                    dir_, fmt::join(problems, "\n  ")));
   }
   for (TensorPiece& piece : pieces) {
     const Tensor& t = tensors_.at(piece.key);
@@ -256,10 +275,11 @@ void CheckpointReader::load(std::vector<TensorPiece>& pieces) const {
       const SafetensorsFile& file = open(chunk.file);
       const SafetensorsEntry& entry = file.entry(chunk.key);
       if (entry.dtype != t.dtype || entry.shape != std::vector<int64_t>{chunk.end - chunk.begin}) {
-        throw CheckpointError(fmt::format("checkpoint file {}: tensor '{}' is {} {} but "
-                                          "metadata.json says {} [{}]",
-                                          file.path(), chunk.key, entry.dtype,
-                                          shape_text(entry.shape), t.dtype, chunk.end - chunk.begin));
+        throw CheckpointError(
+            fmt::format("checkpoint file {}: tensor '{}' is {} {} but "
+                        "metadata.json says {} [{}]",
+                        file.path(), chunk.key, entry.dtype, shape_text(entry.shape), t.dtype,
+                        chunk.end - chunk.begin));
       }
       const auto [first, last] = file.element_bytes(chunk.key, lo - chunk.begin, hi - lo);
       file.prefetch(first, last);

@@ -1,8 +1,9 @@
-// Strata's reshardable checkpoint format (docs/architecture.md "Checkpoint commit protocol"): a step directory holding one
-// safetensors file per saving rank with that rank's contiguous pieces of each logical tensor,
-// and metadata.json describing every tensor (dtype, global shape, chunks: file, key, flat
-// element range) and every file (size, SHA-256, XXH3 per 4 MiB block). A reader on any number
-// of ranks reads only the byte ranges it needs, verifying the checksum blocks it touches.
+// Strata's reshardable checkpoint format (docs/architecture.md "Checkpoint commit protocol"): a
+// step directory holding one safetensors file per saving rank with that rank's contiguous pieces of
+// each logical tensor, and metadata.json describing every tensor (dtype, global shape, chunks:
+// file, key, flat element range) and every file (size, SHA-256, XXH3 per 4 MiB block). A reader on
+// any number of ranks reads only the byte ranges it needs, verifying the checksum blocks it
+// touches.
 #pragma once
 
 #include <ATen/Tensor.h>

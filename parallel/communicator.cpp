@@ -19,43 +19,52 @@ using detail::check_mpi;
 
 MPI_Datatype mpi_type(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return MPI_FLOAT;
-    case at::kDouble: return MPI_DOUBLE;
-    case at::kInt: return MPI_INT32_T;
-    case at::kLong: return MPI_INT64_T;
-    case at::kByte: return MPI_UINT8_T;
+    case at::kFloat:
+      return MPI_FLOAT;
+    case at::kDouble:
+      return MPI_DOUBLE;
+    case at::kInt:
+      return MPI_INT32_T;
+    case at::kLong:
+      return MPI_INT64_T;
+    case at::kByte:
+      return MPI_UINT8_T;
     case at::kBFloat16:
-    case at::kHalf: return MPI_UINT16_T;  // moved as bits; reduced in fp32 (see below)
+    case at::kHalf:
+      return MPI_UINT16_T;  // moved as bits; reduced in fp32 (see below)
     default:
-      throw DistributedError(fmt::format("MPI collectives do not support dtype {}",
-                                         c10::toString(dtype)));
+      throw DistributedError(
+          fmt::format("MPI collectives do not support dtype {}", c10::toString(dtype)));
   }
 }
 
 MPI_Op mpi_op(ReduceOp op) {
   switch (op) {
     case ReduceOp::kSum:
-    case ReduceOp::kAvg: return MPI_SUM;
-    case ReduceOp::kMax: return MPI_MAX;
-    case ReduceOp::kMin: return MPI_MIN;
+    case ReduceOp::kAvg:
+      return MPI_SUM;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
   }
   return MPI_SUM;
 }
 
 int mpi_count(int64_t numel, const char* what) {
   if (numel > INT_MAX) {
-    throw DistributedError(fmt::format("{}: {} elements exceed MPI's count limit of {}", what,
-                                       numel, INT_MAX));
+    throw DistributedError(
+        fmt::format("{}: {} elements exceed MPI's count limit of {}", what, numel, INT_MAX));
   }
   return static_cast<int>(numel);
 }
 
 void require_cpu_contiguous(const at::Tensor& t, const char* what) {
   if (!t.device().is_cpu() || !t.is_contiguous()) {
-    throw DistributedError(fmt::format("{} needs a contiguous CPU tensor for the MPI backend, got "
-                                       "{} on {}",
-                                       what, t.is_contiguous() ? "a contiguous tensor" : "a strided tensor",
-                                       t.device().str()));
+    throw DistributedError(fmt::format(
+        "{} needs a contiguous CPU tensor for the MPI backend, got "
+        "{} on {}",
+        what, t.is_contiguous() ? "a contiguous tensor" : "a strided tensor", t.device().str()));
   }
 }
 
@@ -103,9 +112,10 @@ class MpiCommunicator final : public Communicator {
     }
     check_avg(tensor, op);
     Timed timed(stats_, 2 * ring(tensor));
-    check_mpi(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), mpi_count(tensor.numel(), "all_reduce"),
-                            mpi_type(tensor.scalar_type()), mpi_op(op), MPI_COMM_WORLD),
-              "MPI_Allreduce");
+    check_mpi(
+        MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), mpi_count(tensor.numel(), "all_reduce"),
+                      mpi_type(tensor.scalar_type()), mpi_op(op), MPI_COMM_WORLD),
+        "MPI_Allreduce");
     if (op == ReduceOp::kAvg) tensor.div_(world_size_);
   }
 
@@ -179,10 +189,11 @@ class MpiCommunicator final : public Communicator {
   static void check_sizes(bool ok, const char* what, const at::Tensor& input,
                           const at::Tensor& output) {
     if (!ok) {
-      throw DistributedError(fmt::format("{}: input of {} {} elements does not match output of "
-                                         "{} {} elements for this world size",
-                                         what, input.numel(), c10::toString(input.scalar_type()),
-                                         output.numel(), c10::toString(output.scalar_type())));
+      throw DistributedError(
+          fmt::format("{}: input of {} {} elements does not match output of "
+                      "{} {} elements for this world size",
+                      what, input.numel(), c10::toString(input.scalar_type()), output.numel(),
+                      c10::toString(output.scalar_type())));
     }
   }
 
@@ -205,7 +216,8 @@ std::string broadcast_string(Communicator& comm, const std::string& text, int ro
   long length = comm.rank() == root ? static_cast<long>(text.size()) : 0;
   detail::check_mpi(MPI_Bcast(&length, 1, MPI_LONG, root, MPI_COMM_WORLD), "MPI_Bcast");
   std::string out = comm.rank() == root ? text : std::string(static_cast<size_t>(length), '\0');
-  detail::check_mpi(MPI_Bcast(out.data(), static_cast<int>(length), MPI_CHAR, root, MPI_COMM_WORLD), "MPI_Bcast");
+  detail::check_mpi(MPI_Bcast(out.data(), static_cast<int>(length), MPI_CHAR, root, MPI_COMM_WORLD),
+                    "MPI_Bcast");
   return out;
 }
 
@@ -220,8 +232,9 @@ std::optional<std::string> run_and_agree(Communicator& comm, const std::string& 
   }
   const std::optional<RankFailure> failure = comm.agree(error.empty(), error);
   if (!failure) return std::nullopt;
-  return comm.world_size() > 1 ? fmt::format("{} failed on rank {}: {}", what, failure->rank, failure->message)
-                               : fmt::format("{} failed: {}", what, failure->message);
+  return comm.world_size() > 1
+             ? fmt::format("{} failed on rank {}: {}", what, failure->rank, failure->message)
+             : fmt::format("{} failed: {}", what, failure->message);
 }
 
 }  // namespace strata

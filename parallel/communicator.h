@@ -69,7 +69,8 @@ std::string broadcast_string(Communicator& comm, const std::string& text, int ro
 std::optional<std::string> run_and_agree(Communicator& comm, const std::string& what,
                                          const std::function<void()>& body);
 template <class Error = DistributedError>
-void run_on_all_ranks(Communicator& comm, const std::string& what, const std::function<void()>& body) {
+void run_on_all_ranks(Communicator& comm, const std::string& what,
+                      const std::function<void()>& body) {
   if (std::optional<std::string> failure = run_and_agree(comm, what, body)) throw Error(*failure);
 }
 

@@ -17,7 +17,8 @@ using torch::autograd::variable_list;
 // rank's shard.
 at::Tensor scatter_gradient(const FsdpUnit& unit, const at::Tensor& full_grad) {
   at::Tensor shard_grad = at::empty({unit.shard_numel()}, full_grad.options());
-  if (unit.shard_numel() > 0) unit.comm().reduce_scatter(full_grad.contiguous(), shard_grad, ReduceOp::kAvg);
+  if (unit.shard_numel() > 0)
+    unit.comm().reduce_scatter(full_grad.contiguous(), shard_grad, ReduceOp::kAvg);
   return shard_grad;
 }
 
@@ -32,14 +33,16 @@ struct SplitFunction : public torch::autograd::Function<SplitFunction> {
     variable_list out;
     for (size_t i = 0; i < unit->params().size(); ++i) {
       if (!unit->trainable(i)) continue;
-      out.push_back(flat.narrow(0, unit->offset(i), unit->numel_of(i)).view(unit->params()[i].shape));
+      out.push_back(
+          flat.narrow(0, unit->offset(i), unit->numel_of(i)).view(unit->params()[i].shape));
     }
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto* unit = reinterpret_cast<const FsdpUnit*>(ctx->saved_data["unit"].toInt());
-    at::Tensor flat = at::empty({unit->padded_numel()}, ctx->saved_data["like"].toTensor().options());
+    at::Tensor flat =
+        at::empty({unit->padded_numel()}, ctx->saved_data["like"].toTensor().options());
     size_t k = 0;
     for (size_t i = 0; i < unit->params().size(); ++i) {
       if (!unit->trainable(i)) continue;
@@ -99,7 +102,8 @@ struct UnitFunction : public torch::autograd::Function<UnitFunction> {
                                                 /*retain_graph=*/false, /*create_graph=*/false,
                                                 /*allow_unused=*/true);
     at::Tensor shard_grad = at::zeros({0}, grad_outputs[0].options());
-    if (param_grad) shard_grad = scatter_gradient(*unit, grads[0].defined() ? grads[0] : at::zeros_like(full));
+    if (param_grad)
+      shard_grad = scatter_gradient(*unit, grads[0].defined() ? grads[0] : at::zeros_like(full));
     return {shard_grad, input_grad ? grads.back() : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -131,7 +135,8 @@ void FsdpUnit::load_param(size_t index, const at::Tensor& full) {
   const int64_t lo = std::max(begin, shard_begin), hi = std::min(end, shard_end);
   if (lo >= hi) return;
   at::NoGradGuard no_grad;
-  g.shard.narrow(0, lo - shard_begin, hi - lo).copy_(full.reshape({-1}).narrow(0, lo - begin, hi - lo));
+  g.shard.narrow(0, lo - shard_begin, hi - lo)
+      .copy_(full.reshape({-1}).narrow(0, lo - begin, hi - lo));
 }
 
 at::Tensor FsdpUnit::shard_mask(const std::vector<float>& per_param) const {
@@ -144,14 +149,17 @@ at::Tensor FsdpUnit::shard_mask(const std::vector<float>& per_param) const {
 
 at::Tensor FsdpUnit::gather(bool trainable) const {
   const Group& g = group(trainable);
-  at::Tensor full = at::empty({g.shard_numel * comm_.world_size()}, g.shard.options().requires_grad(false));
+  at::Tensor full =
+      at::empty({g.shard_numel * comm_.world_size()}, g.shard.options().requires_grad(false));
   if (g.shard_numel > 0) comm_.all_gather(g.shard.detach(), full);
   return full;
 }
 
-std::vector<at::Tensor> FsdpUnit::views(const at::Tensor& trainable_full, const at::Tensor& frozen_full) const {
+std::vector<at::Tensor> FsdpUnit::views(const at::Tensor& trainable_full,
+                                        const at::Tensor& frozen_full) const {
   const bool split = trainable_full.defined() && trainable_full.requires_grad();
-  const variable_list split_views = split ? SplitFunction::apply(trainable_full, this) : variable_list();
+  const variable_list split_views =
+      split ? SplitFunction::apply(trainable_full, this) : variable_list();
   std::vector<at::Tensor> out;
   size_t k = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -165,7 +173,9 @@ std::vector<at::Tensor> FsdpUnit::views(const at::Tensor& trainable_full, const 
   return out;
 }
 
-std::vector<at::Tensor> FsdpUnit::gather_views() const { return views(gather(true), gather(false)); }
+std::vector<at::Tensor> FsdpUnit::gather_views() const {
+  return views(gather(true), gather(false));
+}
 
 at::Tensor FsdpUnit::run(const at::Tensor& input, const Body& body, bool recompute) {
   if (recompute || !at::GradMode::is_enabled()) {

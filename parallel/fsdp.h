@@ -62,7 +62,8 @@ class FsdpUnit {
   // Every parameter at full size, in spec order (a collective: gathers both buffers).
   std::vector<at::Tensor> gather_views() const;
   // Views of full flat buffers (trainable, frozen) by spec.
-  std::vector<at::Tensor> views(const at::Tensor& trainable_full, const at::Tensor& frozen_full = {}) const;
+  std::vector<at::Tensor> views(const at::Tensor& trainable_full,
+                                const at::Tensor& frozen_full = {}) const;
   // The full flat buffer of one group, gathered from all ranks.
   at::Tensor gather(bool trainable) const;
 

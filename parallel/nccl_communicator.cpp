@@ -28,32 +28,43 @@ void check_cuda(cudaError_t code, const char* what) {
 
 void check_nccl(ncclResult_t code, const char* what) {
   if (code != ncclSuccess) {
-    throw DistributedError(fmt::format("{} failed: {}\nHINT: NCCL_DEBUG=INFO shows why",
-                                       what, ncclGetErrorString(code)));
+    throw DistributedError(fmt::format("{} failed: {}\nHINT: NCCL_DEBUG=INFO shows why", what,
+                                       ncclGetErrorString(code)));
   }
 }
 
 ncclDataType_t nccl_type(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return ncclFloat32;
-    case at::kDouble: return ncclFloat64;
-    case at::kInt: return ncclInt32;
-    case at::kLong: return ncclInt64;
-    case at::kByte: return ncclUint8;
-    case at::kHalf: return ncclFloat16;
-    case at::kBFloat16: return ncclBfloat16;
+    case at::kFloat:
+      return ncclFloat32;
+    case at::kDouble:
+      return ncclFloat64;
+    case at::kInt:
+      return ncclInt32;
+    case at::kLong:
+      return ncclInt64;
+    case at::kByte:
+      return ncclUint8;
+    case at::kHalf:
+      return ncclFloat16;
+    case at::kBFloat16:
+      return ncclBfloat16;
     default:
-      throw DistributedError(fmt::format("NCCL collectives do not support dtype {}",
-                                         c10::toString(dtype)));
+      throw DistributedError(
+          fmt::format("NCCL collectives do not support dtype {}", c10::toString(dtype)));
   }
 }
 
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return ncclSum;
-    case ReduceOp::kAvg: return ncclAvg;
-    case ReduceOp::kMax: return ncclMax;
-    case ReduceOp::kMin: return ncclMin;
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kAvg:
+      return ncclAvg;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
   }
   return ncclSum;
 }
@@ -65,11 +76,13 @@ class NcclCommunicator final : public Communicator {
     check_cuda(cudaSetDevice(device), "cudaSetDevice");
     ncclUniqueId id;
     if (rank_ == 0) check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
-    detail::check_mpi(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD), "MPI_Bcast(ncclUniqueId)");
+    detail::check_mpi(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD),
+                      "MPI_Bcast(ncclUniqueId)");
     check_nccl(ncclCommInitRank(&comm_, world_size_, id, rank_), "ncclCommInitRank");
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     check_cuda(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming), "cudaEventCreate");
-    check_cuda(cudaEventCreateWithFlags(&outputs_ready_, cudaEventDisableTiming), "cudaEventCreate");
+    check_cuda(cudaEventCreateWithFlags(&outputs_ready_, cudaEventDisableTiming),
+               "cudaEventCreate");
   }
   ~NcclCommunicator() override {
     cudaEventDestroy(outputs_ready_);
@@ -109,8 +122,8 @@ class NcclCommunicator final : public Communicator {
   void broadcast(at::Tensor& t, int root) override {
     require_cuda(t, "broadcast");
     enqueue(static_cast<double>(t.nbytes()), [&] {
-      return ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()),
-                           root, comm_, stream_);
+      return ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()), root,
+                           comm_, stream_);
     });
   }
   void barrier() override {
@@ -140,9 +153,10 @@ class NcclCommunicator final : public Communicator {
   }
   static void require_cuda(const at::Tensor& t, const char* what) {
     if (!t.is_cuda() || !t.is_contiguous()) {
-      throw DistributedError(fmt::format("{} needs a contiguous CUDA tensor for the NCCL "
-                                         "backend, got one on {}",
-                                         what, t.device().str()));
+      throw DistributedError(
+          fmt::format("{} needs a contiguous CUDA tensor for the NCCL "
+                      "backend, got one on {}",
+                      what, t.device().str()));
     }
   }
   static void require(bool ok, const char* what) {
@@ -159,7 +173,9 @@ class NcclCommunicator final : public Communicator {
 
 }  // namespace
 
-bool nccl_compiled() { return true; }
+bool nccl_compiled() {
+  return true;
+}
 
 int cuda_device_count() {
   int count = 0;
@@ -172,9 +188,10 @@ std::string cuda_description() {
   ncclGetVersion(&nccl);
   const cudaError_t devices = cudaGetDeviceCount(&count);
   // NCCL encodes its version as major * 10000 + minor * 100 + patch (since 2.9).
-  std::string text = fmt::format("runtime {}.{}, NCCL {}.{}.{}, ", runtime / 1000, runtime % 1000 / 10,
-                                 nccl / 10000, nccl % 10000 / 100, nccl % 100);
-  if (devices != cudaSuccess) return text + fmt::format("0 GPUs visible ({})", cudaGetErrorString(devices));
+  std::string text = fmt::format("runtime {}.{}, NCCL {}.{}.{}, ", runtime / 1000,
+                                 runtime % 1000 / 10, nccl / 10000, nccl % 10000 / 100, nccl % 100);
+  if (devices != cudaSuccess)
+    return text + fmt::format("0 GPUs visible ({})", cudaGetErrorString(devices));
   return text + fmt::format("{} GPU{} visible", count, count == 1 ? "" : "s");
 }
 
@@ -184,13 +201,20 @@ std::unique_ptr<Communicator> make_nccl_communicator(const ProcessGroup& group, 
 
 #else  // !STRATA_WITH_CUDA
 
-bool nccl_compiled() { return false; }
-int cuda_device_count() { return 0; }
-std::string cuda_description() { return "not built (LibTorch without CUDA)"; }
+bool nccl_compiled() {
+  return false;
+}
+int cuda_device_count() {
+  return 0;
+}
+std::string cuda_description() {
+  return "not built (LibTorch without CUDA)";
+}
 
 std::unique_ptr<Communicator> make_nccl_communicator(const ProcessGroup&, int) {
-  throw DistributedError("this strata was built without CUDA and NCCL\nHINT: build against a CUDA "
-                         "LibTorch (scripts/setup.sh installs one)");
+  throw DistributedError(
+      "this strata was built without CUDA and NCCL\nHINT: build against a CUDA "
+      "LibTorch (scripts/setup.sh installs one)");
 }
 
 #endif

@@ -51,13 +51,14 @@ ProcessGroup::ProcessGroup(int* argc, char*** argv) {
 
   std::vector<char> all_names(static_cast<size_t>(num_nodes_) * MPI_MAX_PROCESSOR_NAME, 0);
   if (leaders != MPI_COMM_NULL) {
-    MPI_Allgather(name, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, all_names.data(),
-                  MPI_MAX_PROCESSOR_NAME, MPI_CHAR, leaders);
+    MPI_Allgather(name, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, all_names.data(), MPI_MAX_PROCESSOR_NAME,
+                  MPI_CHAR, leaders);
     MPI_Comm_free(&leaders);
   }
   MPI_Bcast(all_names.data(), static_cast<int>(all_names.size()), MPI_CHAR, 0, local);
   for (int n = 0; n < num_nodes_; ++n) {
-    node_hostnames_.emplace_back(all_names.data() + static_cast<size_t>(n) * MPI_MAX_PROCESSOR_NAME);
+    node_hostnames_.emplace_back(all_names.data() +
+                                 static_cast<size_t>(n) * MPI_MAX_PROCESSOR_NAME);
   }
 
   // Every rank's node and local rank, for the start-up report.
@@ -79,9 +80,8 @@ ProcessGroup::ProcessGroup(int* argc, char*** argv) {
   MPI_Allgather(&mine, sizeof(cpu_set_t), MPI_BYTE, sets.data(), sizeof(cpu_set_t), MPI_BYTE,
                 local);
   cpus_ = std::max(1, CPU_COUNT(&mine));
-  ranks_sharing_cpus_ = static_cast<int>(std::count_if(sets.begin(), sets.end(), [&](const cpu_set_t& s) {
-    return CPU_EQUAL(&s, &mine);
-  }));
+  ranks_sharing_cpus_ = static_cast<int>(std::count_if(
+      sets.begin(), sets.end(), [&](const cpu_set_t& s) { return CPU_EQUAL(&s, &mine); }));
   MPI_Comm_free(&local);
 }
 
@@ -137,23 +137,27 @@ std::string ProcessGroup::describe() const {
       world_size_, num_nodes_, hosts, rank_, local_rank_, local_world_size_, hostname_, by_node);
 }
 
-void ProcessGroup::barrier() const { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+void ProcessGroup::barrier() const {
+  check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
+}
 
 std::vector<std::string> detail::mpi_all_gather_strings(const std::string& text, int world_size_) {
   const int mine = static_cast<int>(text.size());
   std::vector<int> sizes(world_size_), offsets(world_size_);
-  detail::check_mpi(MPI_Allgather(&mine, 1, MPI_INT, sizes.data(), 1, MPI_INT, MPI_COMM_WORLD), "MPI_Allgather");
+  detail::check_mpi(MPI_Allgather(&mine, 1, MPI_INT, sizes.data(), 1, MPI_INT, MPI_COMM_WORLD),
+                    "MPI_Allgather");
   int total = 0;
   for (int r = 0; r < world_size_; ++r) {
     offsets[r] = total;
     total += sizes[r];
   }
   std::vector<char> all(static_cast<size_t>(std::max(total, 1)));
-  detail::check_mpi(MPI_Allgatherv(text.data(), mine, MPI_CHAR, all.data(), sizes.data(), offsets.data(), MPI_CHAR,
-                           MPI_COMM_WORLD),
-            "MPI_Allgatherv");
+  detail::check_mpi(MPI_Allgatherv(text.data(), mine, MPI_CHAR, all.data(), sizes.data(),
+                                   offsets.data(), MPI_CHAR, MPI_COMM_WORLD),
+                    "MPI_Allgatherv");
   std::vector<std::string> out;
-  for (int r = 0; r < world_size_; ++r) out.emplace_back(all.data() + offsets[r], static_cast<size_t>(sizes[r]));
+  for (int r = 0; r < world_size_; ++r)
+    out.emplace_back(all.data() + offsets[r], static_cast<size_t>(sizes[r]));
   return out;
 }
 

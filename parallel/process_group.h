@@ -57,8 +57,8 @@ class ProcessGroup {
   std::vector<std::string> node_hostnames_;
   std::vector<int> rank_nodes_;        // node index of every world rank
   std::vector<int> rank_local_ranks_;  // local rank of every world rank
-  int cpus_ = 1;                 // CPUs this process may run on
-  int ranks_sharing_cpus_ = 1;   // local ranks (this one included) allowed on the same CPUs
+  int cpus_ = 1;                       // CPUs this process may run on
+  int ranks_sharing_cpus_ = 1;         // local ranks (this one included) allowed on the same CPUs
 };
 
 }  // namespace strata

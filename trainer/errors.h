@@ -1,5 +1,6 @@
 // The trainer layer's errors. Failures of loaded files come from the checkpoint layer
-// (CheckpointError, IoError, HubError), of the distributed runtime from parallel/ (DistributedError).
+// (CheckpointError, IoError, HubError), of the distributed runtime from parallel/
+// (DistributedError).
 #pragma once
 
 #include <stdexcept>

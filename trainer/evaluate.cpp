@@ -23,8 +23,8 @@ at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch) {
   return at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten());
 }
 
-EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows, int64_t micro_batch,
-                    Communicator* comm) {
+EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows,
+                    int64_t micro_batch, Communicator* comm) {
   at::NoGradGuard no_grad;
   const int world = comm ? comm->world_size() : 1, rank = comm ? comm->rank() : 0;
   const int64_t windows = std::min(max_windows, data.num_sequential_windows());
@@ -34,7 +34,8 @@ EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_
   at::Tensor sums = at::zeros({2}, at::kDouble);  // loss x tokens, tokens
   for (int64_t first = 0; first < per_rank; first += micro_batch) {
     const int64_t valid = std::clamp<int64_t>(end - (begin + first), 0, micro_batch);
-    const TokenBatch batch = data.sequential_batch(valid > 0 ? begin + first : 0, std::max<int64_t>(valid, 1));
+    const TokenBatch batch =
+        data.sequential_batch(valid > 0 ? begin + first : 0, std::max<int64_t>(valid, 1));
     const double loss = batch_loss(model, batch).item<double>();
     const int64_t n = valid * batch.seq_len;
     sums[0] += loss * static_cast<double>(n);

@@ -25,7 +25,7 @@ struct EvalResult {
 // split over the ranks of `comm` (null: this process alone); every rank runs the same number of
 // forward passes (FSDP gathers need all of them): a rank without windows left repeats window 0
 // and ignores it.
-EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows, int64_t micro_batch,
-                    Communicator* comm);
+EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows,
+                    int64_t micro_batch, Communicator* comm);
 
 }  // namespace strata

@@ -15,15 +15,18 @@ MetricsLogger::MetricsLogger(const std::string& path, bool append) {
   if (path.empty()) return;
   file_.open(path, std::ios::out | (append ? std::ios::app : std::ios::trunc));
   if (!file_) {
-    throw std::runtime_error(fmt::format("cannot open metrics file {} for writing\n"
-                                "HINT: check that job.run_dir is writable",
-                                path));
+    throw std::runtime_error(
+        fmt::format("cannot open metrics file {} for writing\n"
+                    "HINT: check that job.run_dir is writable",
+                    path));
   }
 }
 
 std::string MetricsLogger::format(const StepMetrics& m) const {
   std::string mfu = m.mfu ? fmt::format(" | mfu {:.1f}%", *m.mfu * 100.0) : "";
-  std::string comm = m.comm_fraction ? fmt::format(" | comm {:.0f}% {:.1f} MB", *m.comm_fraction * 100.0, *m.comm_mb) : "";
+  std::string comm = m.comm_fraction ? fmt::format(" | comm {:.0f}% {:.1f} MB",
+                                                   *m.comm_fraction * 100.0, *m.comm_mb)
+                                     : "";
   const int64_t eta = static_cast<int64_t>(m.eta_s);
   return fmt::format(
       "step {:>{}}/{} | loss {:.4f} | grad_norm {:.3f} | lr {:.2e} | {:.0f} tok/s | "
@@ -34,11 +37,15 @@ std::string MetricsLogger::format(const StepMetrics& m) const {
 
 void MetricsLogger::log_step(const StepMetrics& m) {
   if (!file_.is_open()) return;
-  nlohmann::json row = {{"step", m.step},         {"loss", m.loss},
-                        {"grad_norm", m.grad_norm}, {"lr", m.lr},
-                        {"tokens_per_s", m.tokens_per_s}, {"tflops", m.tflops},
+  nlohmann::json row = {{"step", m.step},
+                        {"loss", m.loss},
+                        {"grad_norm", m.grad_norm},
+                        {"lr", m.lr},
+                        {"tokens_per_s", m.tokens_per_s},
+                        {"tflops", m.tflops},
                         {"mfu", m.mfu ? nlohmann::json(*m.mfu) : nlohmann::json()},
-                        {"step_ms", m.step_ms},   {"mem_mb", m.mem_mb},
+                        {"step_ms", m.step_ms},
+                        {"mem_mb", m.mem_mb},
                         {"eta_s", m.eta_s}};
   if (m.comm_fraction) {
     row["comm_fraction"] = *m.comm_fraction;

@@ -15,11 +15,11 @@ struct StepMetrics {
   double loss = 0.0;
   double grad_norm = 0.0;
   double lr = 0.0;
-  double tokens_per_s = 0.0;       // global
-  double tflops = 0.0;             // achieved model TFLOP/s (global)
-  std::optional<double> mfu;       // fraction of peak, when logging.peak_tflops is set
+  double tokens_per_s = 0.0;  // global
+  double tflops = 0.0;        // achieved model TFLOP/s (global)
+  std::optional<double> mfu;  // fraction of peak, when logging.peak_tflops is set
   double step_ms = 0.0;
-  double mem_mb = 0.0;             // resident set size of this process
+  double mem_mb = 0.0;  // resident set size of this process
   double eta_s = 0.0;
   std::optional<double> comm_fraction;  // share of step time inside collectives (several ranks)
   std::optional<double> comm_mb;        // MB moved per step per rank (ring algorithms)

@@ -34,8 +34,10 @@ bool excluded(const CheckpointConfig& k, const std::string& what) {
          k.exclude_from_loading.end();
 }
 
-std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces, const std::function<bool(const std::string&)>& keep) {
-  pieces.erase(std::remove_if(pieces.begin(), pieces.end(), [&](const TensorPiece& p) { return !keep(p.key); }),
+std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces,
+                                 const std::function<bool(const std::string&)>& keep) {
+  pieces.erase(std::remove_if(pieces.begin(), pieces.end(),
+                              [&](const TensorPiece& p) { return !keep(p.key); }),
                pieces.end());
   return pieces;
 }
@@ -51,8 +53,9 @@ void set_primary(ResumePlan& plan, const WeightSource& source) {
 std::string ResumePlan::to_json() const {
   nlohmann::json extras = nlohmann::json::array();
   for (const WeightSource& s : extra) extras.push_back({s.given, s.dir, static_cast<int>(s.kind)});
-  return nlohmann::json{{"dir", dir}, {"given", given}, {"reason", reason}, {"weights_only", weights_only},
-                        {"own", own}, {"hf", hf},       {"extra", extras}}
+  return nlohmann::json{
+      {"dir", dir}, {"given", given}, {"reason", reason}, {"weights_only", weights_only},
+      {"own", own}, {"hf", hf},       {"extra", extras}}
       .dump();
 }
 
@@ -68,7 +71,8 @@ ResumePlan ResumePlan::from_json(const std::string& text) {
 nlohmann::json adapter_only_record(const ResumePlan& plan) {
   nlohmann::json bases = nlohmann::json::array();
   if (plan.own) {
-    const nlohmann::json meta = nlohmann::json::parse(std::ifstream(fs::path(plan.dir) / "metadata.json"));
+    const nlohmann::json meta =
+        nlohmann::json::parse(std::ifstream(fs::path(plan.dir) / "metadata.json"));
     if (meta.contains("adapter_only")) return meta["adapter_only"]["bases"];
   } else if (!plan.dir.empty()) {
     bases.push_back({{"source", plan.given}, {"fingerprint", source_fingerprint(plan.dir)}});
@@ -79,11 +83,13 @@ nlohmann::json adapter_only_record(const ResumePlan& plan) {
     }
   }
   if (bases.empty()) {
-    throw CheckpointError(fmt::format(
-        "converters: save: adapter_only keeps the converters' keys alone, so the run needs its base model from a "
-        "source to record and reload, and it has none ({})\nHINT: set checkpoint.resume_path to the base model, or "
-        "save: full",
-        plan.reason));
+    throw CheckpointError(
+        fmt::format("converters: save: adapter_only keeps the converters' keys alone, so the run "
+                    "needs its base model from a "
+                    "source to record and reload, and it has none ({})\nHINT: set "
+                    "checkpoint.resume_path to the base model, or "
+                    "save: full",
+                    plan.reason));
   }
   return bases;
 }
@@ -100,7 +106,8 @@ void ResumePlan::relocate(const std::map<std::string, std::string>& rank0_dirs,
   for (WeightSource& s : extra) move(s.given, s.dir);
 }
 
-std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k, const LocalDir& resolve) {
+std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k,
+                                                      const LocalDir& resolve) {
   std::map<std::string, std::string> local;
   std::vector<std::string> paths = k.additional_load_paths;
   if (k.resume_path) paths.insert(paths.begin(), *k.resume_path);
@@ -116,7 +123,8 @@ std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k,
   return local;
 }
 
-ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder, const LocalDir& local_dir) {
+ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder,
+                       const LocalDir& local_dir) {
   ResumePlan plan;
   if (k.enable && fs::exists(folder)) {
     if (auto own = find_checkpoint(folder.string(), k.load_step)) {
@@ -128,7 +136,8 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder, const 
       // An adapter-only checkpoint: its bases again, unchanged.
       plan.extra = adapter_only_bases(*own, local_dir);
       if (!plan.extra.empty()) {
-        plan.reason += fmt::format("; adapter-only, its base{} reloaded and verified", plan.extra.size() == 1 ? "" : "s");
+        plan.reason += fmt::format("; adapter-only, its base{} reloaded and verified",
+                                   plan.extra.size() == 1 ? "" : "s");
       }
       return plan;
     }
@@ -136,22 +145,25 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder, const 
   // Merged after the primary source, in order: additional_load_paths (weights only; a PEFT
   // adapter gives its LoRA factors).
   for (const std::string& path : k.additional_load_paths) {
-    plan.extra.push_back(classify_source(path, local_dir(path), std::nullopt, "checkpoint.additional_load_paths entry"));
+    plan.extra.push_back(classify_source(path, local_dir(path), std::nullopt,
+                                         "checkpoint.additional_load_paths entry"));
   }
   if (k.resume_path) {
     // The log names the directory; the reason names the spec when it was a Hub spec.
-    const std::string spec = local_dir(*k.resume_path) == *k.resume_path ? "" : " " + *k.resume_path;
+    const std::string spec =
+        local_dir(*k.resume_path) == *k.resume_path ? "" : " " + *k.resume_path;
     const std::vector<WeightSource> sources =
         expand_source(*k.resume_path, local_dir, k.load_step, "checkpoint.resume_path");
     set_primary(plan, sources.front());
     plan.extra.insert(plan.extra.begin(), sources.begin() + 1, sources.end());
     if (sources.back().kind == WeightSource::Kind::kPeft) {
       // An adapter: its base first (what base_model_name_or_path names), the adapter on top.
-      plan.reason = fmt::format("checkpoint.resume_path{} is a PEFT adapter on base {}", spec, sources.front().given);
+      plan.reason = fmt::format("checkpoint.resume_path{} is a PEFT adapter on base {}", spec,
+                                sources.front().given);
       plan.weights_only = true;
     } else {
       plan.reason = fmt::format("checkpoint.resume_path{}{}", spec,
-                                plan.hf                 ? " is a Hugging Face model directory"
+                                plan.hf               ? " is a Hugging Face model directory"
                                 : k.resume_model_only ? " with resume_model_only"
                                                       : "");
       plan.weights_only = plan.hf || k.resume_model_only;
@@ -166,14 +178,16 @@ ResumePlan plan_resume(const CheckpointConfig& k, const fs::path& folder, const 
     plan.reason = "checkpoint.additional_load_paths (weights only)";
     return plan;
   }
-  plan.reason = k.enable ? fmt::format("no committed checkpoint in {} and no checkpoint.resume_path", folder.string())
-                         : "checkpoint.enable is false and no checkpoint.resume_path";
+  plan.reason = k.enable
+                    ? fmt::format("no committed checkpoint in {} and no checkpoint.resume_path",
+                                  folder.string())
+                    : "checkpoint.enable is false and no checkpoint.resume_path";
   return plan;
 }
 
-Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_seed, int64_t total_steps,
-               const WeightTarget& target, AdamW& optimizer, const PiecesOf& pieces_of, Communicator& comm,
-               const ResumeLog& log) {
+Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_seed,
+               int64_t total_steps, const WeightTarget& target, AdamW& optimizer,
+               const PiecesOf& pieces_of, Communicator& comm, const ResumeLog& log) {
   Resumed r;
   r.state = TrainState::fresh(job_seed);
   std::map<std::string, std::string> provider;  // parameter -> the source that gave it
@@ -183,7 +197,8 @@ Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_s
     const auto load_start = Clock::now();
     load_weight_sources({{plan.given, plan.dir, WeightSource::Kind::kHf}}, target, provider, &comm,
                         [](const std::string&) {});
-    say(log, "resume: loaded model from {} because {}; weights only, training starts at step 1 "
+    say(log,
+        "resume: loaded model from {} because {}; weights only, training starts at step 1 "
         "({} tensors, {:.3f} s)",
         plan.dir, plan.reason, provider.size(), seconds_since(load_start));
   }
@@ -206,14 +221,16 @@ Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_s
       for (const TensorPiece& piece : pieces_of(nullptr, PieceUse::kLoad)) {
         if (owned(piece.key) && !reader.contains(piece.key)) lacks_converter_keys = true;
       }
-      const bool want_optimizer = !plan.weights_only && !lacks_converter_keys && !model_only_checkpoint &&
-                                  !excluded(kc, "optimizer");
+      const bool want_optimizer = !plan.weights_only && !lacks_converter_keys &&
+                                  !model_only_checkpoint && !excluded(kc, "optimizer");
       // A checkpoint without a converter's keys (a base model for LoRA) gives the rest.
       // An adapter-only checkpoint has the converters' keys alone (its bases follow as sources).
       const bool adapter_only = reader.metadata().contains("adapter_only");
       std::vector<TensorPiece> pieces =
           keep_if(pieces_of(want_optimizer ? &optimizer : nullptr, PieceUse::kLoad),
-                  [&](const std::string& k) { return adapter_only ? reader.contains(k) : !owned(k) || reader.contains(k); });
+                  [&](const std::string& k) {
+                    return adapter_only ? reader.contains(k) : !owned(k) || reader.contains(k);
+                  });
       {
         at::NoGradGuard no_grad;
         reader.load(pieces);
@@ -221,15 +238,20 @@ Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_s
       for (const TensorPiece& piece : pieces) {
         if (piece.key.rfind("optimizer.", 0) != 0) provider[piece.key] = plan.dir;
       }
-      for (const TensorPiece& piece : pieces) load_bytes += static_cast<double>(piece.local.nbytes());
+      for (const TensorPiece& piece : pieces)
+        load_bytes += static_cast<double>(piece.local.nbytes());
       load_seconds = seconds_since(load_start);
       saved = TrainState::read(plan.dir);
       if (want_optimizer) optimizer.set_steps_taken(saved.optimizer_steps);
     });
     restored.push_back("model");
-    const bool full = !plan.weights_only && !lacks_converter_keys && (!model_only_checkpoint || plan.own);
+    const bool full =
+        !plan.weights_only && !lacks_converter_keys && (!model_only_checkpoint || plan.own);
     if (lacks_converter_keys && !plan.weights_only) {
-      say(log, "resume: {} has none of the converters' tensors: weights only (they start fresh, at step 1)", plan.dir);
+      say(log,
+          "resume: {} has none of the converters' tensors: weights only (they start fresh, at step "
+          "1)",
+          plan.dir);
     }
     if (full) {
       r.state.step = checkpoint_step;
@@ -251,14 +273,15 @@ Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_s
         restored.push_back("rng");
       }
     }
-    say(log, "resume: loaded {} from {} (step {}) because {}{}", fmt::join(restored, ", "), plan.dir,
-        checkpoint_step, plan.reason,
+    say(log, "resume: loaded {} from {} (step {}) because {}{}", fmt::join(restored, ", "),
+        plan.dir, checkpoint_step, plan.reason,
         full ? fmt::format("; training continues at step {}", r.state.step + 1)
              : "; weights only, training starts at step 1");
-    say(log, "resume: rank 0 read {:.1f} MB in {:.3f} s ({:.0f} MB/s)", load_bytes / 1e6, load_seconds,
-        load_bytes / 1e6 / std::max(load_seconds, 1e-9));
+    say(log, "resume: rank 0 read {:.1f} MB in {:.3f} s ({:.0f} MB/s)", load_bytes / 1e6,
+        load_seconds, load_bytes / 1e6 / std::max(load_seconds, 1e-9));
     if (model_only_checkpoint && full && r.state.step < total_steps) {
-      say(log, "resume: warning: {} is a model-only checkpoint: AdamW moments start from zero", plan.dir);
+      say(log, "resume: warning: {} is a model-only checkpoint: AdamW moments start from zero",
+          plan.dir);
     }
   } else if (plan.dir.empty() && plan.extra.empty()) {
     say(log, "resume: none, training from scratch because {}", plan.reason);

@@ -32,21 +32,24 @@ struct ResumePlan {
   bool weights_only = false;  // parameters only: step 0, fresh optimizer, data and schedule
   bool own = false;           // from the run's own checkpoint folder
   bool hf = false;            // the primary source is a Hugging Face model directory
-  std::vector<WeightSource> extra;  // merged in order after the primary: PEFT adapters, bases, additional_load_paths
+  std::vector<WeightSource>
+      extra;  // merged in order after the primary: PEFT adapters, bases, additional_load_paths
 
   std::string to_json() const;
   static ResumePlan from_json(const std::string& text);
   // Rank 0 planned with its own local directories; on another node a Hub snapshot may live
   // elsewhere (another HF_HOME): every source named in `local_dirs` moves to this rank's
   // directory, keeping the part below it (e.g. a step directory).
-  void relocate(const std::map<std::string, std::string>& rank0_dirs, const std::map<std::string, std::string>& mine);
+  void relocate(const std::map<std::string, std::string>& rank0_dirs,
+                const std::map<std::string, std::string>& mine);
 };
 
 // Decides on rank 0 (the caller broadcasts the plan). `local_dir` maps a path as the config
 // writes it (resume_path, additional_load_paths, a PEFT adapter's base) to its local
 // directory (a Hub spec's snapshot). Throws CheckpointError for a bad resume_path, load_step
 // or additional_load_paths entry, and for an adapter-only checkpoint whose base changed.
-ResumePlan plan_resume(const CheckpointConfig& k, const std::filesystem::path& folder, const LocalDir& local_dir);
+ResumePlan plan_resume(const CheckpointConfig& k, const std::filesystem::path& folder,
+                       const LocalDir& local_dir);
 
 // The bases an adapter-only checkpoint of this run records (metadata.json "adapter_only"):
 // those of its own adapter-only checkpoint, else the plan's sources other than PEFT adapters,
@@ -56,7 +59,8 @@ nlohmann::json adapter_only_record(const ResumePlan& plan);
 // The paths the run may load from, as the config writes them, for resolving Hub specs up front:
 // resume_path, additional_load_paths, and the base a PEFT adapter among them names.
 // `resolve` turns one into its local directory (collectively).
-std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k, const LocalDir& resolve);
+std::map<std::string, std::string> resolve_load_paths(const CheckpointConfig& k,
+                                                      const LocalDir& resolve);
 
 // What resuming restored: the run's position and the parameters filled from sources.
 struct Resumed {
@@ -72,8 +76,8 @@ using ResumeLog = std::function<void(const std::string&)>;
 // gives the weights and, unless weights_only, excluded by exclude_from_loading, or a
 // model-only checkpoint of another run, the optimizer, schedule, data position and seeds;
 // every other source gives weights (weight_sources.h).
-Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_seed, int64_t total_steps,
-               const WeightTarget& target, AdamW& optimizer, const PiecesOf& pieces_of, Communicator& comm,
-               const ResumeLog& log);
+Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_seed,
+               int64_t total_steps, const WeightTarget& target, AdamW& optimizer,
+               const PiecesOf& pieces_of, Communicator& comm, const ResumeLog& log);
 
 }  // namespace strata

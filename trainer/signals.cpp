@@ -23,13 +23,18 @@ void install_stop_signal_handlers() {
   sigaction(SIGUSR1, &action, nullptr);
 }
 
-bool stop_requested() { return g_stop_signal != 0; }
+bool stop_requested() {
+  return g_stop_signal != 0;
+}
 
 const char* stop_signal_name() {
   switch (g_stop_signal) {
-    case SIGTERM: return "SIGTERM";
-    case SIGUSR1: return "SIGUSR1";
-    default: return "";
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGUSR1:
+      return "SIGUSR1";
+    default:
+      return "";
   }
 }
 

@@ -64,8 +64,8 @@ std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer
     model_pieces.push_back(piece(fqn, param));
     if (optimizer && model.trainable(fqn)) {
       for (const char* moment : {"exp_avg", "exp_avg_sq"}) {
-        moment_pieces.push_back(piece(moment_key(fqn, moment),
-                                      moments.at(fqn + "." + moment).view(param.sizes())));
+        moment_pieces.push_back(
+            piece(moment_key(fqn, moment), moments.at(fqn + "." + moment).view(param.sizes())));
       }
     }
   }

@@ -19,9 +19,10 @@ TrainSummary train(const Config& config, const ProcessGroup& group, const TrainO
   summary.start_step = trainer.state.step;
   summary.resumed_from = trainer.resumed_from;
   if (summary.start_step >= tc.steps) {
-    trainer.log(fmt::format("done: the run is already at step {} >= training.steps {}; nothing to train (raise "
-                            "training.steps to continue, or use another job.run_dir to start over)",
-                            summary.start_step, tc.steps));
+    trainer.log(fmt::format(
+        "done: the run is already at step {} >= training.steps {}; nothing to train (raise "
+        "training.steps to continue, or use another job.run_dir to start over)",
+        summary.start_step, tc.steps));
     return summary;
   }
   trainer.begin();
@@ -38,28 +39,32 @@ TrainSummary train(const Config& config, const ProcessGroup& group, const TrainO
       trainer.evaluate_and_sample(step, summary);
     }
     // Step boundary: commit a finished background save, agree on stop signals, save.
-    summary.stopped = trainer.checkpoints->maybe_save(step, step == tc.steps, stop_requested(), stop_signal_name(),
-                                                      trainer.save_policy, trainer);
+    summary.stopped = trainer.checkpoints->maybe_save(
+        step, step == tc.steps, stop_requested(), stop_signal_name(), trainer.save_policy, trainer);
     if (summary.stopped) break;
     trainer.end_step();
   }
   trainer.checkpoints->finish();
 
   const int64_t trained = last_step - summary.start_step;
-  summary.tokens_per_s = summary.train_seconds > 0
-                             ? trainer.tokens_per_step() * static_cast<double>(trained) / summary.train_seconds
-                             : 0.0;
-  trainer.log(fmt::format("{}: {} steps (to step {}) in {:.1f} s, {:.0f} tokens/s, peak memory {:.0f} MiB{}",
-                          summary.stopped ? "stopped" : "done", trained, last_step, summary.train_seconds,
-                          summary.tokens_per_s, peak_resident_memory_mb(),
-                          summary.val_losses.empty()
-                              ? std::string()
-                              : fmt::format(", final val_loss {:.4f}", summary.val_losses.back().second)));
+  summary.tokens_per_s =
+      summary.train_seconds > 0
+          ? trainer.tokens_per_step() * static_cast<double>(trained) / summary.train_seconds
+          : 0.0;
+  trainer.log(fmt::format(
+      "{}: {} steps (to step {}) in {:.1f} s, {:.0f} tokens/s, peak memory {:.0f} MiB{}",
+      summary.stopped ? "stopped" : "done", trained, last_step, summary.train_seconds,
+      summary.tokens_per_s, peak_resident_memory_mb(),
+      summary.val_losses.empty()
+          ? std::string()
+          : fmt::format(", final val_loss {:.4f}", summary.val_losses.back().second)));
   if (summary.stopped && kc.enable) {
-    trainer.log(fmt::format("stop: checkpoint step {} committed; relaunch the same command to resume", last_step));
+    trainer.log(fmt::format(
+        "stop: checkpoint step {} committed; relaunch the same command to resume", last_step));
   }
   trainer.log(fmt::format("outputs: {} (config.yaml, {}, samples.txt{})", config.job.run_dir,
-                          config.logging.metrics_file, kc.enable ? ", " + trainer.checkpoint_folder : std::string()));
+                          config.logging.metrics_file,
+                          kc.enable ? ", " + trainer.checkpoint_folder : std::string()));
   return summary;
 }
 

@@ -36,6 +36,7 @@ struct TrainOptions {
 
 // Runs the job described by `config` (already validated for `group.world_size()`).
 // Writes <run_dir>/config.yaml, metrics and samples; prints progress on the main rank.
-TrainSummary train(const Config& config, const ProcessGroup& group, const TrainOptions& options = {});
+TrainSummary train(const Config& config, const ProcessGroup& group,
+                   const TrainOptions& options = {});
 
 }  // namespace strata

@@ -29,7 +29,9 @@ nlohmann::json TrainState::to_json(const Context& c) const {
             {"step", data_step()},
             {"samples_consumed", data_step() * c.global_batch_size},
             {"global_batch_size", c.global_batch_size}}},
-          {"rng", {{"sample_seed", sample_seed}, {"note", "every random draw is a pure function of (seed, position)"}}}};
+          {"rng",
+           {{"sample_seed", sample_seed},
+            {"note", "every random draw is a pure function of (seed, position)"}}}};
 }
 
 TrainState::Saved TrainState::read(const std::string& step_dir) {
@@ -46,8 +48,9 @@ TrainState::Saved TrainState::read(const std::string& step_dir) {
     saved.sample_seed = state.at("rng").at("sample_seed").get<uint64_t>();
     return saved;
   } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(fmt::format("{} is damaged: {}\nHINT: resume from another step (checkpoint.load_step)",
-                                      path.string(), e.what()));
+    throw CheckpointError(
+        fmt::format("{} is damaged: {}\nHINT: resume from another step (checkpoint.load_step)",
+                    path.string(), e.what()));
   }
 }
 

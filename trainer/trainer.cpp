@@ -29,31 +29,34 @@ void write_text_file(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::trunc);
   out << text;
   if (!out) {
-    throw std::runtime_error(fmt::format("cannot write {}\nHINT: check that job.run_dir is "
-                                         "writable and the disk is not full",
-                                         path.string()));
+    throw std::runtime_error(
+        fmt::format("cannot write {}\nHINT: check that job.run_dir is "
+                    "writable and the disk is not full",
+                    path.string()));
   }
 }
 
 // Per-rank bytes for parameters, gradients and AdamW state, the largest gathered unit, and
 // what one rank of an unsharded run holds.
-std::string memory_report(const std::vector<at::Tensor>& params, const ShardedLlama* sharded, int64_t n_params,
-                          const char* mode) {
+std::string memory_report(const std::vector<at::Tensor>& params, const ShardedLlama* sharded,
+                          int64_t n_params, const char* mode) {
   int64_t held = 0, largest_unit = 0;
   for (const at::Tensor& p : params) held += p.numel();
   if (sharded) {
-    for (const auto& unit : sharded->units()) largest_unit = std::max(largest_unit, unit->padded_numel());
+    for (const auto& unit : sharded->units())
+      largest_unit = std::max(largest_unit, unit->padded_numel());
   }
   const double mib = 4.0 / (1024.0 * 1024.0);  // fp32
-  std::string report =
-      fmt::format("memory per rank ({}): parameters {:.2f} MiB, gradients {:.2f} MiB, optimizer {:.2f} MiB", mode,
-                  held * mib, held * mib, 2 * held * mib);
+  std::string report = fmt::format(
+      "memory per rank ({}): parameters {:.2f} MiB, gradients {:.2f} MiB, optimizer {:.2f} MiB",
+      mode, held * mib, held * mib, 2 * held * mib);
   if (sharded) {
-    report += fmt::format("; largest gathered unit {:.2f} MiB; unsharded: {:.2f} / {:.2f} / {:.2f} MiB",
-                          largest_unit * mib, n_params * mib, n_params * mib, 2 * n_params * mib);
+    report +=
+        fmt::format("; largest gathered unit {:.2f} MiB; unsharded: {:.2f} / {:.2f} / {:.2f} MiB",
+                    largest_unit * mib, n_params * mib, n_params * mib, 2 * n_params * mib);
     for (const auto& unit : sharded->units()) {
-      report += fmt::format("\n  unit {}: {} elements, shard {} per rank", unit->name(), unit->numel(),
-                            unit->shard_numel());
+      report += fmt::format("\n  unit {}: {} elements, shard {} per rank", unit->name(),
+                            unit->numel(), unit->shard_numel());
     }
   }
   return report;
@@ -69,11 +72,13 @@ bool choose_recompute(const Config& config, const ProcessGroup& group, const Run
   const std::string& mode = config.parallel.fsdp.activation_checkpointing;
   if (mode != "auto") return mode == "full";
   const ModelConfig& mc = config.model;
-  const double s = static_cast<double>(config.data.seq_len), b = static_cast<double>(config.training.micro_batch_size);
+  const double s = static_cast<double>(config.data.seq_len),
+               b = static_cast<double>(config.training.micro_batch_size);
   const double h = static_cast<double>(mc.dim), a = static_cast<double>(mc.n_heads);
-  const double keep = 4.0 * static_cast<double>(Llama::count_parameters(mc)) +
-                      static_cast<double>(mc.n_layers) * s * b * h * (34.0 + 5.0 * a * s / h) * 4.0 +
-                      3.0 * 4.0 * s * b * static_cast<double>(mc.vocab_size);
+  const double keep =
+      4.0 * static_cast<double>(Llama::count_parameters(mc)) +
+      static_cast<double>(mc.n_layers) * s * b * h * (34.0 + 5.0 * a * s / h) * 4.0 +
+      3.0 * 4.0 * s * b * static_cast<double>(mc.vocab_size);
   double available = 0.0;
   std::ifstream meminfo("/proc/meminfo");
   for (std::string key; meminfo >> key;) {
@@ -84,7 +89,9 @@ bool choose_recompute(const Config& config, const ProcessGroup& group, const Run
   }
   const double share = available / std::max(1, group.local_world_size());
   const bool recompute = available <= 0 || keep > 0.5 * share;
-  log(fmt::format("fsdp: activation_checkpointing auto -> {}: keeping activations needs about {:.0f} MiB per rank, "
+  log(
+      fmt::format("fsdp: activation_checkpointing auto -> {}: keeping activations needs about "
+                  "{:.0f} MiB per rank, "
                   "{:.0f} MiB available per rank",
                   recompute ? "full" : "none", keep / (1 << 20), share / (1 << 20)));
   return recompute;
@@ -121,20 +128,23 @@ void Trainer::setup_run_dir() {
     std::error_code ec;
     fs::create_directories(run_dir, ec);
     if (ec) {
-      throw std::runtime_error(fmt::format("cannot create job.run_dir {}: {}\nHINT: choose a "
-                                           "writable directory (--set job.run_dir=...)",
-                                           run_dir.string(), ec.message()));
+      throw std::runtime_error(
+          fmt::format("cannot create job.run_dir {}: {}\nHINT: choose a "
+                      "writable directory (--set job.run_dir=...)",
+                      run_dir.string(), ec.message()));
     }
     write_text_file(run_dir / "config.yaml", config_yaml_);
   }
   log(config_yaml_);
   log(fmt::format("world: {}; {} intra-op thread(s) per rank", group.describe(), threads_));
   log(fmt::format("BLAS: {}", blas_description()));
-  log(fmt::format("kernels: {} (training.fused_kernels: {})",
-                  config.training.fused_kernels ? "Strata's fused CPU kernels" : "the ATen composition",
-                  config.training.fused_kernels ? "true" : "false"));
+  log(fmt::format(
+      "kernels: {} (training.fused_kernels: {})",
+      config.training.fused_kernels ? "Strata's fused CPU kernels" : "the ATen composition",
+      config.training.fused_kernels ? "true" : "false"));
   const CheckpointConfig& kc = config.checkpoint;
-  checkpoint_folder = (fs::path(kc.folder).is_absolute() ? fs::path(kc.folder) : run_dir / kc.folder).string();
+  checkpoint_folder =
+      (fs::path(kc.folder).is_absolute() ? fs::path(kc.folder) : run_dir / kc.folder).string();
 }
 
 void Trainer::setup_data() {
@@ -145,17 +155,19 @@ void Trainer::setup_data() {
       throw ConfigError(fmt::format(
           "config error: data.tokenizer {} has {} pieces but model.vocab_size is {}\nHINT: set "
           "model.vocab_size to at least {}",
-          *config.data.tokenizer, tokenizer_->vocab_size(), mc.vocab_size, tokenizer_->vocab_size()));
+          *config.data.tokenizer, tokenizer_->vocab_size(), mc.vocab_size,
+          tokenizer_->vocab_size()));
     }
   }
   train_data_.emplace(config.data.train, config.data.seq_len, mc.vocab_size);
   if (config.data.val && config.training.eval_interval > 0) {
     val_data_.emplace(*config.data.val, config.data.seq_len, mc.vocab_size);
   }
-  log(fmt::format("data: train {} tokens in {} shard(s) ({}){}", train_data_->num_tokens(),
-                  train_data_->shards().size(), config.data.train,
-                  val_data_ ? fmt::format("; val {} tokens ({})", val_data_->num_tokens(), *config.data.val)
-                            : std::string("; no validation")));
+  log(fmt::format(
+      "data: train {} tokens in {} shard(s) ({}){}", train_data_->num_tokens(),
+      train_data_->shards().size(), config.data.train,
+      val_data_ ? fmt::format("; val {} tokens ({})", val_data_->num_tokens(), *config.data.val)
+                : std::string("; no validation")));
 }
 
 // One rank, or replicated data parallel, trains a whole Llama; several ranks with FSDP train a
@@ -169,7 +181,8 @@ void Trainer::setup_model() {
   for (const auto& c : converters_->list()) log(fmt::format("converter: {}", c->describe()));
   if (sharded_) {
     const bool recompute = choose_recompute(config, group, log);
-    sharded_model_ = std::make_unique<ShardedLlama>(config.model, *comm_, recompute, converters_.get());
+    sharded_model_ =
+        std::make_unique<ShardedLlama>(config.model, *comm_, recompute, converters_.get());
     params_ = sharded_model_->add_to_optimizer(*optimizer_);
   } else {
     plain_model_ = std::make_unique<Llama>(config.model, converters_.get());
@@ -196,22 +209,25 @@ void Trainer::setup_resume(const TrainOptions& options) {
     });
   });
   plan = ResumePlan::from_json(broadcast_string(*comm_, plan.to_json(), 0));
-  const nlohmann::json rank0 = nlohmann::json::parse(broadcast_string(*comm_, nlohmann::json(local_dirs).dump(), 0));
+  const nlohmann::json rank0 =
+      nlohmann::json::parse(broadcast_string(*comm_, nlohmann::json(local_dirs).dump(), 0));
   plan.relocate(rank0.get<std::map<std::string, std::string>>(), local_dirs);
   const WeightTarget target{&mc, converters_.get(), &config.converters,
                             [this] { return pieces_of(nullptr, PieceUse::kLoad); }};
   const Resumed resumed = resume(
       plan, kc, config.job.seed, config.training.steps, target, *optimizer_,
-      [this](const AdamW* optimizer, PieceUse use) { return pieces_of(optimizer, use); }, *comm_, log);
+      [this](const AdamW* optimizer, PieceUse use) { return pieces_of(optimizer, use); }, *comm_,
+      log);
   state = resumed.state;
   resumed_from = plan.dir;
   // adapter-only checkpoints record the bases they apply to (rank 0 writes the metadata).
   adapter_only_ = std::any_of(config.converters.begin(), config.converters.end(),
                               [](const ConverterConfig& c) { return c.save == "adapter_only"; });
   if (adapter_only_) {
-    run_on_all_ranks<CheckpointError>(*comm_, "fingerprinting the base model for adapter-only checkpoints", [&] {
-      if (group.is_main()) adapter_bases_ = adapter_only_record(plan);
-    });
+    run_on_all_ranks<CheckpointError>(
+        *comm_, "fingerprinting the base model for adapter-only checkpoints", [&] {
+          if (group.is_main()) adapter_bases_ = adapter_only_record(plan);
+        });
     log(fmt::format("checkpoints: adapter-only, on base {}", adapter_bases_.dump()));
   }
   // The base model a PEFT adapter exported on it names (base_model_name_or_path): the HF model
@@ -225,14 +241,16 @@ void Trainer::setup_resume(const TrainOptions& options) {
     const auto local = local_dirs.find(given);
     const std::string dir = local != local_dirs.end() ? local->second : given;
     const std::optional<HubSpec> spec = dir == given ? std::nullopt : parse_hub_spec(given, false);
-    source_base_ = spec && spec->subfolder.empty() && spec->revision.empty() ? spec->repo_id
-                                                                            : fs::weakly_canonical(dir).string();
+    source_base_ = spec && spec->subfolder.empty() && spec->revision.empty()
+                       ? spec->repo_id
+                       : fs::weakly_canonical(dir).string();
   }
   // An export of a run that started from an HF directory keeps that directory's shard layout.
   if (plan.hf) source_layout_ = hf_weight_map(plan.dir);
   const uint64_t seed = static_cast<uint64_t>(config.job.seed);
   const std::vector<std::string> initialised =
-      sharded_ ? sharded_model_->initialize(seed, resumed.loaded) : plain_model_->initialize(seed, resumed.loaded);
+      sharded_ ? sharded_model_->initialize(seed, resumed.loaded)
+               : plain_model_->initialize(seed, resumed.loaded);
   num_parameters = Llama::count_parameters(mc);
   // With converters: how much of the model trains (LoRA: the factors alone).
   std::string trainable;
@@ -243,15 +261,19 @@ void Trainer::setup_resume(const TrainOptions& options) {
       total += p.numel();
       if (names.trainable(fqn)) trained += p.numel();
     }
-    trainable = fmt::format("; {:.3f}M of {:.2f}M parameters train ({:.2f}%)", trained / 1e6, total / 1e6,
-                            100.0 * static_cast<double>(trained) / static_cast<double>(std::max<int64_t>(total, 1)));
+    trainable = fmt::format(
+        "; {:.3f}M of {:.2f}M parameters train ({:.2f}%)", trained / 1e6, total / 1e6,
+        100.0 * static_cast<double>(trained) / static_cast<double>(std::max<int64_t>(total, 1)));
   }
-  log(fmt::format("model: llama, {:.2f}M parameters ({} layers, dim {}, {} heads / {} kv heads, ffn {}, "
-                  "vocab {}); {} tensors loaded, {} initialised from seed {}{}",
-                  num_parameters / 1e6, mc.n_layers, mc.dim, mc.n_heads, mc.n_kv_heads, mc.ffn_hidden_dim(),
-                  mc.vocab_size, resumed.loaded.size(), initialised.size(), config.job.seed, trainable));
+  log(fmt::format(
+      "model: llama, {:.2f}M parameters ({} layers, dim {}, {} heads / {} kv heads, ffn {}, "
+      "vocab {}); {} tensors loaded, {} initialised from seed {}{}",
+      num_parameters / 1e6, mc.n_layers, mc.dim, mc.n_heads, mc.n_kv_heads, mc.ffn_hidden_dim(),
+      mc.vocab_size, resumed.loaded.size(), initialised.size(), config.job.seed, trainable));
   log(memory_report(params_, sharded_model_.get(), num_parameters,
-                    sharded_ ? "FSDP" : replicated_ ? "replicated data parallel" : "one rank"));
+                    sharded_      ? "FSDP"
+                    : replicated_ ? "replicated data parallel"
+                                  : "one rank"));
 }
 
 void Trainer::begin() {
@@ -262,15 +284,18 @@ void Trainer::begin() {
   accumulation_ = tc.global_batch_size / (tc.micro_batch_size * group.world_size());
   tokens_per_step_ = tc.global_batch_size * config.data.seq_len;
   flops_per_token_ = Llama::training_flops_per_token(config.model, config.data.seq_len);
-  log(fmt::format("batch: global {} = micro {} x accumulation {} x ranks {}; {} tokens/step; {:.1f} MFLOP/token",
-                  tc.global_batch_size, tc.micro_batch_size, accumulation_, group.world_size(), tokens_per_step_,
-                  flops_per_token_ / 1e6));
+  log(
+      fmt::format("batch: global {} = micro {} x accumulation {} x ranks {}; {} tokens/step; "
+                  "{:.1f} MFLOP/token",
+                  tc.global_batch_size, tc.micro_batch_size, accumulation_, group.world_size(),
+                  tokens_per_step_, flops_per_token_ / 1e6));
   const bool resumed = state.step > 0;
   const fs::path run_dir(config.job.run_dir);
   metrics_ = std::make_unique<MetricsLogger>(
       group.is_main() ? (run_dir / config.logging.metrics_file).string() : "", resumed);
   if (group.is_main()) {
-    samples_ = std::make_unique<std::ofstream>(run_dir / "samples.txt", resumed ? std::ios::app : std::ios::trunc);
+    samples_ = std::make_unique<std::ofstream>(run_dir / "samples.txt",
+                                               resumed ? std::ios::app : std::ios::trunc);
   }
   CheckpointOptions options;
   options.folder = checkpoint_folder;
@@ -279,7 +304,7 @@ void Trainer::begin() {
   options.hf_max_keep = kc.hf_max_keep;
   options.before_write = before_write_;
   checkpoints = std::make_unique<CheckpointManager>(options, *comm_, log);
-  save_policy = {kc.enable,          kc.interval,      kc.model_only, kc.last_save_model_only,
+  save_policy = {kc.enable,          kc.interval,          kc.model_only, kc.last_save_model_only,
                  kc.last_save_in_hf, kc.hf_export_interval};
   if (kc.enable && options.async) checkpoints->reserve_staging(save_pieces(/*model_only=*/false));
   window_comm_ = comm_->stats();
@@ -290,11 +315,13 @@ StepResult Trainer::train_step(int64_t step) {
   const int64_t micro = config.training.micro_batch_size;
   // Random draws in training (LoRA dropout) are a pure function of (seed, step, rank), so a
   // resumed run draws what the uninterrupted one did.
-  at::manual_seed(derive_seed(static_cast<uint64_t>(config.job.seed), fmt::format("train/{}/{}", step, group.rank())));
+  at::manual_seed(derive_seed(static_cast<uint64_t>(config.job.seed),
+                              fmt::format("train/{}/{}", step, group.rank())));
   StepResult r;
   for (int64_t a = 0; a < accumulation_; ++a) {
     const int64_t first = a * (group.world_size() * micro) + group.rank() * micro;
-    const TokenBatch batch = train_data_->sample_batch(state.data_seed, step - state.data_step_offset, first, micro);
+    const TokenBatch batch =
+        train_data_->sample_batch(state.data_seed, step - state.data_step_offset, first, micro);
     at::Tensor loss = batch_loss(model(), batch).div(static_cast<double>(accumulation_));
     loss.backward();
     r.loss += loss.item<double>();
@@ -302,7 +329,8 @@ StepResult Trainer::train_step(int64_t step) {
   if (replicated_) {
     for (at::Tensor& p : params_) comm_->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
   }
-  r.grad_norm = clip_grad_norm(params_, config.training.grad_clip, sharded_ ? comm_.get() : nullptr);
+  r.grad_norm =
+      clip_grad_norm(params_, config.training.grad_clip, sharded_ ? comm_.get() : nullptr);
   r.lr = schedule_->at(step - state.lr_step_offset);
   checkpoints->wait_until_staged();  // an async save may still be copying the state
   optimizer_->step(r.lr);
@@ -332,7 +360,8 @@ void Trainer::log_metrics(int64_t step, const StepResult& result, const TrainSum
   m.step_ms = 1000.0 * window_seconds_ / window_steps_;
   m.tokens_per_s = tokens_per_step_ * window_steps_ / window_seconds_;
   m.tflops = m.tokens_per_s * flops_per_token_ / 1e12;
-  if (config.logging.peak_tflops > 0) m.mfu = m.tflops / (config.logging.peak_tflops * group.world_size());
+  if (config.logging.peak_tflops > 0)
+    m.mfu = m.tflops / (config.logging.peak_tflops * group.world_size());
   m.mem_mb = resident_memory_mb();
   m.eta_s = (summary.train_seconds / static_cast<double>(step - summary.start_step)) *
             static_cast<double>(tc.steps - step);
@@ -356,8 +385,8 @@ void Trainer::evaluate_and_sample(int64_t step, TrainSummary& summary) {
     ~Training() { c.set_training(true); }
   } back_to_training{*converters_};
   const TrainingConfig& tc = config.training;
-  const EvalResult eval =
-      evaluate(model(), *val_data_, tc.eval_batches * tc.global_batch_size, tc.micro_batch_size, comm_.get());
+  const EvalResult eval = evaluate(model(), *val_data_, tc.eval_batches * tc.global_batch_size,
+                                   tc.micro_batch_size, comm_.get());
   summary.val_losses.emplace_back(step, eval.loss);
   metrics_->log_eval(step, eval.loss, eval.tokens);
   log(fmt::format("eval step {} | val_loss {:.4f} over {} tokens", step, eval.loss, eval.tokens));
@@ -379,14 +408,16 @@ void Trainer::evaluate_and_sample(int64_t step, TrainSummary& summary) {
   samples_->flush();
 }
 
-void Trainer::end_step() { window_comm_ = comm_->stats(); }
+void Trainer::end_step() {
+  window_comm_ = comm_->stats();
+}
 
 // While an async save is in flight, its writer needs a core: with every core running an
 // intra-op thread, OpenMP regions would wait on a descheduled thread at every op. One
 // intra-op thread fewer while this rank's writer runs keeps the step time predictable.
 void Trainer::on_save_started() {
-  const bool want = config.checkpoint.enable && config.checkpoint.async_mode == "async" && threads_ > 1 &&
-                    checkpoints->writing();
+  const bool want = config.checkpoint.enable && config.checkpoint.async_mode == "async" &&
+                    threads_ > 1 && checkpoints->writing();
   if (want != fewer_threads_) {
     at::set_num_threads(want ? threads_ - 1 : threads_);
     fewer_threads_ = want;
@@ -401,10 +432,12 @@ std::vector<TensorPiece> Trainer::pieces_of(const AdamW* optimizer, PieceUse use
 // What a save writes: everything, or under adapter-only the converters' keys and their moments
 // (the base is recorded, not saved).
 std::vector<TensorPiece> Trainer::save_pieces(bool model_only) const {
-  std::vector<TensorPiece> pieces = pieces_of(model_only ? nullptr : optimizer_.get(), PieceUse::kSave);
+  std::vector<TensorPiece> pieces =
+      pieces_of(model_only ? nullptr : optimizer_.get(), PieceUse::kSave);
   if (!adapter_only_) return pieces;
-  pieces.erase(std::remove_if(pieces.begin(), pieces.end(),
-                              [&](const TensorPiece& p) { return !converters_->owned(parameter_of(p.key)); }),
+  pieces.erase(std::remove_if(
+                   pieces.begin(), pieces.end(),
+                   [&](const TensorPiece& p) { return !converters_->owned(parameter_of(p.key)); }),
                pieces.end());
   return pieces;
 }
@@ -421,16 +454,17 @@ SaveRequest Trainer::save_request(int64_t step, bool model_only) {
   }
   request.metadata = {{"model", model_config_json(config.model)}, {"saved_by", "strata"}};
   if (adapter_only_) request.metadata["adapter_only"] = {{"bases", adapter_bases_}};
-  request.train_state = state.to_json({group.world_size(), optimizer_->steps_taken(), config.training.steps,
-                                       config.training.global_batch_size});
+  request.train_state = state.to_json({group.world_size(), optimizer_->steps_taken(),
+                                       config.training.steps, config.training.global_batch_size});
   request.config_yaml = config_yaml_;
   return request;
 }
 
 CommitJob Trainer::export_job(int64_t step) {
   const bool async = config.checkpoint.async_mode == "async";
-  return hf_export_job(step, plain_model_.get(), sharded_model_.get(), config, tokenizer_ ? &*tokenizer_ : nullptr,
-                       group.rank(), group.world_size(), /*hash_thread=*/!async, &source_layout_, source_base_);
+  return hf_export_job(step, plain_model_.get(), sharded_model_.get(), config,
+                       tokenizer_ ? &*tokenizer_ : nullptr, group.rank(), group.world_size(),
+                       /*hash_thread=*/!async, &source_layout_, source_base_);
 }
 
 const LanguageModel& Trainer::model() const {

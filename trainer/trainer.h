@@ -106,7 +106,7 @@ class Trainer final : public Checkpointable {
   std::vector<at::Tensor> params_;  // what the optimizer steps: whole tensors or flat shards
   bool adapter_only_ = false;
   nlohmann::json adapter_bases_;
-  std::string source_base_;                          // the base a PEFT adapter export names
+  std::string source_base_;                           // the base a PEFT adapter export names
   std::map<std::string, std::string> source_layout_;  // the HF shard layout the run started from
   std::optional<LrSchedule> schedule_;
   int64_t accumulation_ = 1;

@@ -25,14 +25,26 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces, const std::function<bool(const std::string&)>& keep) {
-  pieces.erase(std::remove_if(pieces.begin(), pieces.end(), [&](const TensorPiece& p) { return !keep(p.key); }),
+std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces,
+                                 const std::function<bool(const std::string&)>& keep) {
+  pieces.erase(std::remove_if(pieces.begin(), pieces.end(),
+                              [&](const TensorPiece& p) { return !keep(p.key); }),
                pieces.end());
   return pieces;
 }
 
+// A step directory's metadata.json, or a CheckpointError naming it when it is damaged.
 nlohmann::json read_metadata(const std::string& step_dir) {
-  return nlohmann::json::parse(std::ifstream(fs::path(step_dir) / "metadata.json"));
+  const std::string path = (fs::path(step_dir) / "metadata.json").string();
+  try {
+    return nlohmann::json::parse(std::ifstream(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format(
+        "{} is not a valid Strata checkpoint description: invalid JSON ({})\nHINT: the checkpoint "
+        "is "
+        "damaged; resume from an older step (checkpoint.load_step) or delete this step directory",
+        path, e.what()));
+  }
 }
 
 // Runs `body` on every rank of `comm` agreeing on failures, or here alone.
@@ -49,7 +61,8 @@ std::set<std::string> load_one(const WeightSource& source, const WeightTarget& t
     for (const std::string& key : keys) {
       if (provider.count(key)) {
         throw CheckpointError(fmt::format(
-            "{} is provided by two sources: {} and {} ({})\nHINT: list each tensor in one source only "
+            "{} is provided by two sources: {} and {} ({})\nHINT: list each tensor in one source "
+            "only "
             "(e.g. the base model in resume_path, the adapter in additional_load_paths)",
             key, provider.at(key), source.given, kind_name(source.kind)));
       }
@@ -58,13 +71,16 @@ std::set<std::string> load_one(const WeightSource& source, const WeightTarget& t
   at::NoGradGuard no_grad;
   if (source.kind == WeightSource::Kind::kPeft) {
     const auto& configs = *target.converter_configs;
-    const auto lora = std::find_if(configs.begin(), configs.end(), [](const ConverterConfig& c) { return c.type == "lora"; });
+    const auto lora = std::find_if(configs.begin(), configs.end(),
+                                   [](const ConverterConfig& c) { return c.type == "lora"; });
     if (lora == configs.end()) {
-      throw CheckpointError(fmt::format("{} is a PEFT LoRA adapter, but the run has no LoRA converter\nHINT: add "
-                                        "converters: [{{type: lora, ...}}] with the adapter's r, alpha and targets",
-                                        source.given));
+      throw CheckpointError(
+          fmt::format("{} is a PEFT LoRA adapter, but the run has no LoRA converter\nHINT: add "
+                      "converters: [{{type: lora, ...}}] with the adapter's r, alpha and targets",
+                      source.given));
     }
-    const std::set<std::string> filled = load_peft_adapter(source.dir, *target.model, *target.converters, *lora, all);
+    const std::set<std::string> filled =
+        load_peft_adapter(source.dir, *target.model, *target.converters, *lora, all);
     check_twice(std::vector<std::string>(filled.begin(), filled.end()));
     return filled;
   }
@@ -86,8 +102,8 @@ std::set<std::string> load_one(const WeightSource& source, const WeightTarget& t
 
 // A Strata checkpoint as a model to run: every tensor it holds has a place in the model (with
 // the converters of the run that saved it), and every base tensor is in it or in its bases.
-void check_fits(const std::string& dir, const std::vector<TensorPiece>& pieces, const Converters& converters,
-                const std::string& config_problem) {
+void check_fits(const std::string& dir, const std::vector<TensorPiece>& pieces,
+                const Converters& converters, const std::string& config_problem) {
   const CheckpointReader reader(dir);
   std::set<std::string> placed;
   std::vector<std::string> unplaced, absent;
@@ -104,36 +120,46 @@ void check_fits(const std::string& dir, const std::vector<TensorPiece>& pieces, 
   if (unplaced.empty() && absent.empty()) return;
   throw CheckpointError(fmt::format(
       "Strata checkpoint {} does not fit the model its metadata describes{}{}\nHINT: {}", dir,
-      unplaced.empty() ? "" : fmt::format("\n  tensors the model lacks: {}", fmt::join(unplaced, ", ")),
+      unplaced.empty() ? ""
+                       : fmt::format("\n  tensors the model lacks: {}", fmt::join(unplaced, ", ")),
       absent.empty() ? "" : fmt::format("\n  missing: {}", fmt::join(absent, ", ")),
-      config_problem.empty() ? "the checkpoint may be damaged (strata inspect --verify)"
-                             : "the converters that made these tensors are named in the run's config.yaml, and " +
-                                   config_problem));
+      config_problem.empty()
+          ? "the checkpoint may be damaged (strata inspect --verify)"
+          : "the converters that made these tensors are named in the run's config.yaml, and " +
+                config_problem));
 }
 
 }  // namespace
 
 const char* kind_name(WeightSource::Kind kind) {
   switch (kind) {
-    case WeightSource::Kind::kStrata: return "Strata checkpoint";
-    case WeightSource::Kind::kHf: return "Hugging Face model";
-    case WeightSource::Kind::kPeft: return "PEFT adapter";
+    case WeightSource::Kind::kStrata:
+      return "Strata checkpoint";
+    case WeightSource::Kind::kHf:
+      return "Hugging Face model";
+    case WeightSource::Kind::kPeft:
+      return "PEFT adapter";
   }
   return "";
 }
 
-WeightSource classify_source(const std::string& given, const std::string& dir, std::optional<int64_t> load_step,
-                             const std::string& role) {
+WeightSource classify_source(const std::string& given, const std::string& dir,
+                             std::optional<int64_t> load_step, const std::string& role) {
   if (is_peft_adapter_dir(dir)) return {given, dir, WeightSource::Kind::kPeft};
   if (is_hf_model_dir(dir)) return {given, dir, WeightSource::Kind::kHf};
-  if (auto found = find_checkpoint(dir, load_step)) return {given, *found, WeightSource::Kind::kStrata};
+  if (auto found = find_checkpoint(dir, load_step))
+    return {given, *found, WeightSource::Kind::kStrata};
   const std::string named = given == dir ? dir : fmt::format("{} ({})", given, dir);
-  throw CheckpointError(fmt::format(
-      "{} {} holds no committed Strata checkpoint (no metadata.json, no step-NNNNNNN directory), is no "
-      "Hugging Face model directory (config.json with model.safetensors or model.safetensors.index.json) "
-      "and no PEFT adapter (adapter_config.json with adapter_model.safetensors)\nHINT: point it at a Strata "
-      "checkpoint folder or step directory, a Hugging Face model directory or a PEFT adapter directory",
-      role, named));
+  throw CheckpointError(
+      fmt::format("{} {} holds no committed Strata checkpoint (no metadata.json, no step-NNNNNNN "
+                  "directory), is no "
+                  "Hugging Face model directory (config.json with model.safetensors or "
+                  "model.safetensors.index.json) "
+                  "and no PEFT adapter (adapter_config.json with adapter_model.safetensors)\nHINT: "
+                  "point it at a Strata "
+                  "checkpoint folder or step directory, a Hugging Face model directory or a PEFT "
+                  "adapter directory",
+                  role, named));
 }
 
 std::string source_fingerprint(const std::string& dir) {
@@ -141,9 +167,11 @@ std::string source_fingerprint(const std::string& dir) {
   std::vector<std::string> names;
   for (const auto& entry : fs::directory_iterator(root)) {
     const std::string name = entry.path().filename().string();
-    const bool weights_or_config = name.size() > 5 && (name.rfind(".json") == name.size() - 5 ||
-                                                       (name.size() > 12 && name.rfind(".safetensors") == name.size() - 12));
-    if (weights_or_config && name.rfind("adapter_", 0) != 0 && fs::is_regular_file(entry.path())) names.push_back(name);
+    const bool weights_or_config =
+        name.size() > 5 && (name.rfind(".json") == name.size() - 5 ||
+                            (name.size() > 12 && name.rfind(".safetensors") == name.size() - 12));
+    if (weights_or_config && name.rfind("adapter_", 0) != 0 && fs::is_regular_file(entry.path()))
+      names.push_back(name);
   }
   std::sort(names.begin(), names.end());
   Sha256 all;
@@ -155,21 +183,38 @@ std::string source_fingerprint(const std::string& dir) {
   return all.hex_digest();
 }
 
-std::vector<WeightSource> adapter_only_bases(const std::string& step_dir, const LocalDir& local_dir) {
+std::vector<WeightSource> adapter_only_bases(const std::string& step_dir,
+                                             const LocalDir& local_dir) {
   const nlohmann::json meta = read_metadata(step_dir);
   std::vector<WeightSource> bases;
   if (!meta.contains("adapter_only")) return bases;
-  for (const nlohmann::json& base : meta["adapter_only"].at("bases")) {
+  nlohmann::json recorded;
+  try {
+    recorded = meta.at("adapter_only").at("bases");
+    for (const nlohmann::json& base : recorded) {
+      base.at("source").get<std::string>();
+      base.at("fingerprint").get<std::string>();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(
+        fmt::format("{}/metadata.json: adapter_only.bases is damaged ({})\nHINT: resume "
+                    "from another step (checkpoint.load_step)",
+                    step_dir, e.what()));
+  }
+  for (const nlohmann::json& base : recorded) {
     const std::string given = base.at("source");
-    WeightSource source = classify_source(given, local_dir(given), std::nullopt,
-                                          fmt::format("the base recorded in adapter-only checkpoint {}", step_dir));
+    WeightSource source =
+        classify_source(given, local_dir(given), std::nullopt,
+                        fmt::format("the base recorded in adapter-only checkpoint {}", step_dir));
     if (source.kind == WeightSource::Kind::kPeft) source.kind = WeightSource::Kind::kHf;
-    const std::string now =
-        source_fingerprint(source.kind == WeightSource::Kind::kStrata ? source.dir : local_dir(given));
+    const std::string now = source_fingerprint(
+        source.kind == WeightSource::Kind::kStrata ? source.dir : local_dir(given));
     if (now != base.at("fingerprint").get<std::string>()) {
       throw CheckpointError(fmt::format(
-          "adapter-only checkpoint {} was saved on base {} with fingerprint {}, but {} now has fingerprint {}: "
-          "the base model changed\nHINT: point the run at the original base, or resume from a full checkpoint "
+          "adapter-only checkpoint {} was saved on base {} with fingerprint {}, but {} now has "
+          "fingerprint {}: "
+          "the base model changed\nHINT: point the run at the original base, or resume from a full "
+          "checkpoint "
           "(converters.N.save: full)",
           step_dir, given, base.at("fingerprint").get<std::string>(), local_dir(given), now));
     }
@@ -185,14 +230,17 @@ std::vector<WeightSource> expand_source(const std::string& given, const LocalDir
   if (source.kind == WeightSource::Kind::kPeft) {
     const std::string base = peft_base(dir);
     if (base.empty()) {
-      throw CheckpointError(fmt::format("{} {} is a PEFT adapter whose adapter_config.json names no "
-                                        "base_model_name_or_path\nHINT: write the base model's directory or Hub "
-                                        "id there, or load the base model first and the adapter in "
-                                        "checkpoint.additional_load_paths",
-                                        role, given));
+      throw CheckpointError(
+          fmt::format("{} {} is a PEFT adapter whose adapter_config.json names no "
+                      "base_model_name_or_path\nHINT: write the base model's directory or Hub "
+                      "id there, or load the base model first and the adapter in "
+                      "checkpoint.additional_load_paths",
+                      role, given));
     }
-    WeightSource b = classify_source(base, local_dir(base), std::nullopt, fmt::format("the base of PEFT adapter {}", given));
-    if (b.kind == WeightSource::Kind::kPeft) b.kind = WeightSource::Kind::kHf;  // an export with its adapter beside
+    WeightSource b = classify_source(base, local_dir(base), std::nullopt,
+                                     fmt::format("the base of PEFT adapter {}", given));
+    if (b.kind == WeightSource::Kind::kPeft)
+      b.kind = WeightSource::Kind::kHf;  // an export with its adapter beside
     return {b, source};
   }
   std::vector<WeightSource> out = {source};
@@ -240,11 +288,13 @@ ModelSource load_model_source(const std::string& given) {
   }
   if (first.kind == WeightSource::Kind::kHf) {
     out.config = hf_model_config(first.dir);
-    if (fs::exists(fs::path(first.dir) / "tokenizer.model")) out.tokenizer = (fs::path(first.dir) / "tokenizer.model").string();
+    if (fs::exists(fs::path(first.dir) / "tokenizer.model"))
+      out.tokenizer = (fs::path(first.dir) / "tokenizer.model").string();
     if (out.description.empty()) out.description = fmt::format("Hugging Face model {}", named);
   } else {
     const CheckpointReader reader(first.dir);
-    out.config = model_config_from_json(reader.metadata().value("model", nlohmann::json()), first.dir + "/metadata.json");
+    out.config = model_config_from_json(reader.metadata().value("model", nlohmann::json()),
+                                        first.dir + "/metadata.json");
     out.step = reader.step();
     // The run's config (saved with the checkpoint) names its tokenizer and its converters.
     const fs::path config_yaml = fs::path(first.dir) / "config.yaml";
@@ -252,14 +302,16 @@ ModelSource load_model_source(const std::string& given) {
     if (fs::exists(config_yaml)) {
       try {
         const Config run = load_config(config_yaml.string(), {});
-        if (run.data.tokenizer && fs::exists(*run.data.tokenizer)) out.tokenizer = run.data.tokenizer;
+        if (run.data.tokenizer && fs::exists(*run.data.tokenizer))
+          out.tokenizer = run.data.tokenizer;
         if (converter_configs.empty()) converter_configs = run.converters;
         config_problem.clear();
       } catch (const ConfigError& e) {
         config_problem = fmt::format("its config.yaml does not load: {}", e.what());
       }
     }
-    if (out.description.empty()) out.description = fmt::format("Strata checkpoint {} (step {})", first.dir, out.step);
+    if (out.description.empty())
+      out.description = fmt::format("Strata checkpoint {} (step {})", first.dir, out.step);
   }
   for (ConverterConfig& c : converter_configs) c.export_mode = "merged";
   const Converters converters(converter_configs);
@@ -267,7 +319,8 @@ ModelSource load_model_source(const std::string& given) {
   trained.materialize(at::kCPU);
   const WeightTarget target{&out.config, &converters, &converter_configs,
                             [&] { return state_pieces(trained, nullptr, 0, 1, PieceUse::kLoad); }};
-  if (first.kind == WeightSource::Kind::kStrata) check_fits(first.dir, target.pieces(), converters, config_problem);
+  if (first.kind == WeightSource::Kind::kStrata)
+    check_fits(first.dir, target.pieces(), converters, config_problem);
   std::map<std::string, std::string> provider;
   load_weight_sources(sources, target, provider, nullptr, [](const std::string&) {});
   std::set<std::string> loaded;
@@ -278,7 +331,8 @@ ModelSource load_model_source(const std::string& given) {
   out.model->materialize(at::kCPU);
   {
     at::NoGradGuard no_grad;
-    for (const auto& [fqn, t] : converters.export_view(trained.parameters())) out.model->parameters().at(fqn).copy_(t);
+    for (const auto& [fqn, t] : converters.export_view(trained.parameters()))
+      out.model->parameters().at(fqn).copy_(t);
   }
   std::set<std::string> all;
   for (const auto& [fqn, t] : out.model->parameters()) all.insert(fqn);

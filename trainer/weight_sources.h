@@ -37,8 +37,8 @@ using LocalDir = std::function<std::string(const std::string&)>;
 // What `dir` holds: a PEFT adapter (checked first: an export with the adapter beside its base
 // is both), an HF model, or a Strata checkpoint (its step directory, `load_step` or the
 // latest). Throws CheckpointError naming `role` and `given` when it is none of them.
-WeightSource classify_source(const std::string& given, const std::string& dir, std::optional<int64_t> load_step,
-                             const std::string& role);
+WeightSource classify_source(const std::string& given, const std::string& dir,
+                             std::optional<int64_t> load_step, const std::string& role);
 
 // The sources `given` stands for, in loading order: a PEFT adapter is its base (the HF model
 // base_model_name_or_path names) then the adapter; an adapter-only Strata checkpoint is itself
@@ -51,7 +51,8 @@ std::vector<WeightSource> expand_source(const std::string& given, const LocalDir
 // *.safetensors and *.json). The recorded bases of the checkpoint `step_dir`, verified (throws
 // CheckpointError when a base changed); empty for a checkpoint that is not adapter-only.
 std::string source_fingerprint(const std::string& dir);
-std::vector<WeightSource> adapter_only_bases(const std::string& step_dir, const LocalDir& local_dir);
+std::vector<WeightSource> adapter_only_bases(const std::string& step_dir,
+                                             const LocalDir& local_dir);
 
 // What the sources fill: this rank's pieces of the model's parameters (whole tensors or
 // shards), the run's converters (their keys come from sources that have them, else the
@@ -78,7 +79,7 @@ struct ModelSource {
   ModelConfig config;
   std::unique_ptr<Llama> model;          // materialised on the CPU, every parameter loaded
   std::optional<std::string> tokenizer;  // tokenizer.model of the source, when it has one
-  std::string description;               // "Strata checkpoint DIR (step N)" / "Hugging Face model DIR"
+  std::string description;  // "Strata checkpoint DIR (step N)" / "Hugging Face model DIR"
   int64_t step = 0;
 };
 ModelSource load_model_source(const std::string& given);

@@ -35,7 +35,8 @@ std::string env(const char* name) {
 
 bool truthy(const std::string& value) {
   std::string upper = value;
-  std::transform(upper.begin(), upper.end(), upper.begin(), [](unsigned char c) { return std::toupper(c); });
+  std::transform(upper.begin(), upper.end(), upper.begin(),
+                 [](unsigned char c) { return std::toupper(c); });
   return upper == "1" || upper == "ON" || upper == "YES" || upper == "TRUE";
 }
 
@@ -43,7 +44,8 @@ bool truthy(const std::string& value) {
 // `${VAR}` are replaced by their values (unset ones are left as written).
 std::string expand(const std::string& path) {
   std::string text = path;
-  if (!text.empty() && text[0] == '~' && (text.size() == 1 || text[1] == '/')) text = env("HOME") + text.substr(1);
+  if (!text.empty() && text[0] == '~' && (text.size() == 1 || text[1] == '/'))
+    text = env("HOME") + text.substr(1);
   std::string out;
   for (size_t i = 0; i < text.size(); ++i) {
     if (text[i] != '$') {
@@ -52,7 +54,9 @@ std::string expand(const std::string& path) {
     }
     const bool braced = i + 1 < text.size() && text[i + 1] == '{';
     size_t start = i + (braced ? 2 : 1), end = start;
-    while (end < text.size() && (std::isalnum(static_cast<unsigned char>(text[end])) || text[end] == '_')) ++end;
+    while (end < text.size() &&
+           (std::isalnum(static_cast<unsigned char>(text[end])) || text[end] == '_'))
+      ++end;
     if (end == start || (braced && (end >= text.size() || text[end] != '}'))) {
       out += text[i];
       continue;
@@ -71,7 +75,8 @@ double seconds_from(const char* name, double fallback) {
   char* end = nullptr;
   const double value = std::strtod(text.c_str(), &end);
   if (end == text.c_str() || *end != '\0' || !(value > 0)) {
-    throw CheckpointError(fmt::format("environment variable {}='{}' is not a positive number of seconds", name, text));
+    throw CheckpointError(fmt::format(
+        "environment variable {}='{}' is not a positive number of seconds", name, text));
   }
   return value;
 }
@@ -97,18 +102,21 @@ void write_replacing(const fs::path& path, const std::string& content) {
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     out << content;
-    if (!out.flush()) throw IoError(fmt::format("cannot write {}: {}", tmp.string(), std::strerror(errno)));
+    if (!out.flush())
+      throw IoError(fmt::format("cannot write {}: {}", tmp.string(), std::strerror(errno)));
   }
   std::error_code ec;
   fs::rename(tmp, path, ec);
   if (ec) {
     fs::remove(tmp);
-    throw IoError(fmt::format("cannot rename {} to {}: {}", tmp.string(), path.string(), ec.message()));
+    throw IoError(
+        fmt::format("cannot rename {} to {}: {}", tmp.string(), path.string(), ec.message()));
   }
 }
 
 bool ends_with(const std::string& text, const std::string& suffix) {
-  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return text.size() >= suffix.size() &&
+         text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::vector<std::string> missing_in(const fs::path& dir, int depth);
@@ -137,7 +145,8 @@ std::vector<std::string> missing_in(const fs::path& dir, int depth) {
     const fs::path index = dir / "model.safetensors.index.json";
     if (fs::exists(dir / "model.safetensors")) return missing;
     if (!fs::exists(index)) {
-      missing.push_back((dir / "model.safetensors").string() + " (or model.safetensors.index.json and its shards)");
+      missing.push_back((dir / "model.safetensors").string() +
+                        " (or model.safetensors.index.json and its shards)");
       return missing;
     }
     try {
@@ -157,14 +166,16 @@ std::vector<std::string> missing_in(const fs::path& dir, int depth) {
     return missing;
   }
   if (fs::exists(dir / "adapter_config.json")) {  // a PEFT adapter
-    if (!fs::exists(dir / "adapter_model.safetensors")) missing.push_back((dir / "adapter_model.safetensors").string());
+    if (!fs::exists(dir / "adapter_model.safetensors"))
+      missing.push_back((dir / "adapter_model.safetensors").string());
     return missing;
   }
   if (fs::exists(dir / "metadata.json")) return missing_in_step(dir);  // a Strata step directory
-  if (fs::exists(dir / "latest") && depth == 0) {                    // a Strata checkpoint folder
+  if (fs::exists(dir / "latest") && depth == 0) {                      // a Strata checkpoint folder
     const std::string step = trim(read_text(dir / "latest"));
     if (step.empty() || step.find('/') != std::string::npos || step == "." || step == "..") {
-      missing.push_back(fmt::format("{} (names no step directory: '{}')", (dir / "latest").string(), step));
+      missing.push_back(
+          fmt::format("{} (names no step directory: '{}')", (dir / "latest").string(), step));
       return missing;
     }
     if (!fs::exists(dir / step / "metadata.json")) {
@@ -173,9 +184,10 @@ std::vector<std::string> missing_in(const fs::path& dir, int depth) {
     }
     return missing_in(dir / step, depth + 1);
   }
-  missing.push_back(fmt::format("{}/config.json (an HF model), adapter_config.json (a PEFT adapter), or "
-                                "metadata.json or latest (a Strata checkpoint)",
-                                dir.string()));
+  missing.push_back(
+      fmt::format("{}/config.json (an HF model), adapter_config.json (a PEFT adapter), or "
+                  "metadata.json or latest (a Strata checkpoint)",
+                  dir.string()));
   return missing;
 }
 
@@ -184,8 +196,8 @@ std::vector<std::string> missing_in(const fs::path& dir, int depth) {
 HubSettings HubSettings::from_environment() {
   HubSettings s;
   const std::string xdg = env("XDG_CACHE_HOME");
-  const std::string home = expand(!env("HF_HOME").empty() ? env("HF_HOME")
-                                  : (xdg.empty() ? "~/.cache" : xdg) + "/huggingface");
+  const std::string home = expand(
+      !env("HF_HOME").empty() ? env("HF_HOME") : (xdg.empty() ? "~/.cache" : xdg) + "/huggingface");
   std::string cache = env("HF_HUB_CACHE");
   if (cache.empty()) cache = env("HUGGINGFACE_HUB_CACHE");
   cache = cache.empty() ? home + "/hub" : expand(cache);
@@ -205,10 +217,13 @@ HubSettings HubSettings::from_environment() {
       s.token = trim(env("HUGGING_FACE_HUB_TOKEN"));
       s.token_source = "HUGGING_FACE_HUB_TOKEN";
     } else {
-      const std::string file = !env("HF_TOKEN_PATH").empty() ? expand(env("HF_TOKEN_PATH")) : home + "/token";
+      const std::string file =
+          !env("HF_TOKEN_PATH").empty() ? expand(env("HF_TOKEN_PATH")) : home + "/token";
       if (fs::exists(file)) {
         std::string text = read_text(file);
-        text.erase(std::remove_if(text.begin(), text.end(), [](char c) { return c == '\r' || c == '\n'; }), text.end());
+        text.erase(
+            std::remove_if(text.begin(), text.end(), [](char c) { return c == '\r' || c == '\n'; }),
+            text.end());
         s.token = trim(text);
         s.token_source = file;
       }
@@ -225,27 +240,34 @@ HubSettings HubSettings::from_environment() {
       s.attempts = 0;
     }
     if (s.attempts < 1 || std::to_string(s.attempts) != attempts) {
-      throw CheckpointError(fmt::format("environment variable STRATA_HUB_ATTEMPTS='{}' is not a positive integer", attempts));
+      throw CheckpointError(fmt::format(
+          "environment variable STRATA_HUB_ATTEMPTS='{}' is not a positive integer", attempts));
     }
   }
   return s;
 }
 
 bool is_commit_hash(const std::string& text) {
-  return text.size() == 40 &&
-         std::all_of(text.begin(), text.end(), [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+  return text.size() == 40 && std::all_of(text.begin(), text.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
 }
 
-std::string spec_revision(const HubSpec& spec) { return spec.revision.empty() ? "main" : spec.revision; }
+std::string spec_revision(const HubSpec& spec) {
+  return spec.revision.empty() ? "main" : spec.revision;
+}
 
 std::string describe_spec(const HubSpec& spec) {
   return fmt::format("repo {}{}, revision {}", spec.repo_id,
-                     spec.subfolder.empty() ? "" : ", subfolder " + spec.subfolder, spec_revision(spec));
+                     spec.subfolder.empty() ? "" : ", subfolder " + spec.subfolder,
+                     spec_revision(spec));
 }
 
-HubRepoCache::HubRepoCache(const std::string& cache_dir, const std::string& repo_id) : cache_dir_(cache_dir) {
+HubRepoCache::HubRepoCache(const std::string& cache_dir, const std::string& repo_id)
+    : cache_dir_(cache_dir) {
   std::string folder = "models--" + repo_id;
-  for (size_t at = folder.find('/'); at != std::string::npos; at = folder.find('/', at)) folder.replace(at, 1, "--");
+  for (size_t at = folder.find('/'); at != std::string::npos; at = folder.find('/', at))
+    folder.replace(at, 1, "--");
   repo_dir_ = (fs::path(cache_dir) / folder).string();
   lock_dir_ = (fs::path(cache_dir) / ".locks" / folder).string();
 }
@@ -254,7 +276,8 @@ std::string HubRepoCache::snapshot_dir(const std::string& commit) const {
   return (fs::path(repo_dir_) / "snapshots" / commit).string();
 }
 
-std::string HubRepoCache::pointer_path(const std::string& commit, const std::string& path_in_repo) const {
+std::string HubRepoCache::pointer_path(const std::string& commit,
+                                       const std::string& path_in_repo) const {
   return (fs::path(snapshot_dir(commit)) / path_in_repo).string();
 }
 
@@ -296,8 +319,8 @@ void HubRepoCache::prepare() const {
   }
 }
 
-void HubRepoCache::link(const std::string& commit, const std::string& path_in_repo, const std::string& etag,
-                        bool symlinks) const {
+void HubRepoCache::link(const std::string& commit, const std::string& path_in_repo,
+                        const std::string& etag, bool symlinks) const {
   const fs::path pointer = pointer_path(commit, path_in_repo);
   const fs::path blob = blob_path(etag);
   fs::create_directories(pointer.parent_path());
@@ -311,18 +334,21 @@ void HubRepoCache::link(const std::string& commit, const std::string& path_in_re
   if (!ec) fs::rename(tmp, pointer, ec);
   if (ec) {
     fs::remove(tmp);
-    throw IoError(fmt::format("cannot create {} -> {}: {}", pointer.string(), blob.string(), ec.message()));
+    throw IoError(
+        fmt::format("cannot create {} -> {}: {}", pointer.string(), blob.string(), ec.message()));
   }
 }
 
 FileLock::FileLock(const std::string& path) {
   fs::create_directories(fs::path(path).parent_path());
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0664);
-  if (fd_ < 0) throw IoError(fmt::format("cannot open lock file {}: {}", path, std::strerror(errno)));
+  if (fd_ < 0)
+    throw IoError(fmt::format("cannot open lock file {}: {}", path, std::strerror(errno)));
   (void)::fchmod(fd_, 0664);  // as filelock does; not fatal on a shared cache owned by another user
   while (::flock(fd_, LOCK_EX) != 0) {
     if (errno == EINTR) continue;
-    if (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS) break;  // no flock here: like filelock's soft lock, go on
+    if (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS)
+      break;  // no flock here: like filelock's soft lock, go on
     const int saved = errno;
     ::close(fd_);
     throw IoError(fmt::format("cannot lock {}: {}", path, std::strerror(saved)));
@@ -340,22 +366,27 @@ bool is_loadable_hub_file(const std::string& name) {
   return name == "latest";
 }
 
-std::vector<std::string> missing_source_files(const std::string& dir) { return missing_in(dir, 0); }
+std::vector<std::string> missing_source_files(const std::string& dir) {
+  return missing_in(dir, 0);
+}
 
-CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settings, const std::string& why) {
+CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settings,
+                                  const std::string& why) {
   const HubRepoCache cache(settings.cache_dir, spec.repo_id);
   const std::string revision = spec_revision(spec);
   const std::string hint = fmt::format(
       "HINT: run once with network access (HF_HUB_OFFLINE unset) to fill the cache, or download "
       "ahead with `hf download {} --revision {}{}` into the same cache (HF_HUB_CACHE or HF_HOME)",
-      spec.repo_id, revision, spec.subfolder.empty() ? "" : fmt::format(" --include '{}/*'", spec.subfolder));
+      spec.repo_id, revision,
+      spec.subfolder.empty() ? "" : fmt::format(" --include '{}/*'", spec.subfolder));
   auto fail = [&](const std::string& what) -> CachedSnapshot {
-    throw CheckpointError(fmt::format("Hub spec '{}' ({}) is not available: {}, and it is not in the cache "
-                                      "{}: {}\n{}",
-                                      spec.text, describe_spec(spec), why, settings.cache_dir, what, hint));
+    throw CheckpointError(
+        fmt::format("Hub spec '{}' ({}) is not available: {}, and it is not in the cache "
+                    "{}: {}\n{}",
+                    spec.text, describe_spec(spec), why, settings.cache_dir, what, hint));
   };
-  std::optional<std::string> commit = is_commit_hash(revision) ? std::optional<std::string>(revision)
-                                                                : cache.read_ref(revision);
+  std::optional<std::string> commit =
+      is_commit_hash(revision) ? std::optional<std::string>(revision) : cache.read_ref(revision);
   if (!commit) {
     return fail(fmt::format("no {} (the revision has never been downloaded)",
                             (fs::path(cache.repo_dir()) / "refs" / revision).string()));
@@ -371,9 +402,12 @@ CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settin
       const std::string prefix = spec.subfolder.empty() ? "" : spec.subfolder + "/";
       const json listing = json::parse(read_text(tree));  // outlives the loop over its items
       for (const auto& [path, info] : listing.at("files").items()) {
-        if (path.rfind(prefix, 0) != 0 || path.find('/', prefix.size()) != std::string::npos) continue;
-        if (is_loadable_hub_file(fs::path(path).filename().string()) && !fs::exists(snapshot / path) &&
-            std::find(missing.begin(), missing.end(), (snapshot / path).string()) == missing.end()) {
+        if (path.rfind(prefix, 0) != 0 || path.find('/', prefix.size()) != std::string::npos)
+          continue;
+        if (is_loadable_hub_file(fs::path(path).filename().string()) &&
+            !fs::exists(snapshot / path) &&
+            std::find(missing.begin(), missing.end(), (snapshot / path).string()) ==
+                missing.end()) {
           missing.push_back((snapshot / path).string());
         }
       }

@@ -1,5 +1,6 @@
 // The Hugging Face Hub cache on disk, laid out exactly as huggingface_hub does (docs/formats.md
-// "Hub cache"), so that a cache filled by Python or JavaScript clients serves Strata and the reverse:
+// "Hub cache"), so that a cache filled by Python or JavaScript clients serves Strata and the
+// reverse:
 // `<cache>/models--owner--repo/{blobs/<etag>, refs/<revision>, snapshots/<commit>/<path>}`,
 // refs holding the 40-hex commit without a newline, snapshot files relative symlinks into
 // blobs, `.locks/models--owner--repo/<etag>.lock` taken with flock. Also the Hub settings read
@@ -16,15 +17,18 @@ namespace strata {
 
 // Hub settings from the environment. A variable set to the empty string counts as unset.
 struct HubSettings {
-  std::string cache_dir;     // HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub
-  std::string endpoint;      // HF_ENDPOINT (default the public Hub), no trailing '/'
-  std::string token;         // HF_TOKEN, HUGGING_FACE_HUB_TOKEN, or the token file; "" for none. Never printed.
-  std::string token_source;  // where the token came from, for hints ("HF_TOKEN", a file path)
-  bool offline = false;      // HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is 1/ON/YES/TRUE
-  bool symlinks = true;      // false under HF_HUB_DISABLE_SYMLINKS: snapshot files are copies
+  std::string cache_dir;  // HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub,
+                          // XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub
+  std::string endpoint;   // HF_ENDPOINT (default the public Hub), no trailing '/'
+  std::string
+      token;  // HF_TOKEN, HUGGING_FACE_HUB_TOKEN, or the token file; "" for none. Never printed.
+  std::string token_source;        // where the token came from, for hints ("HF_TOKEN", a file path)
+  bool offline = false;            // HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is 1/ON/YES/TRUE
+  bool symlinks = true;            // false under HF_HUB_DISABLE_SYMLINKS: snapshot files are copies
   double metadata_timeout_s = 10;  // HF_HUB_ETAG_TIMEOUT: API and HEAD requests
-  double download_timeout_s = 10;  // HF_HUB_DOWNLOAD_TIMEOUT: a stalled transfer is retried after this
-  int attempts = 5;                // STRATA_HUB_ATTEMPTS: tries of a request failing transiently
+  double download_timeout_s =
+      10;            // HF_HUB_DOWNLOAD_TIMEOUT: a stalled transfer is retried after this
+  int attempts = 5;  // STRATA_HUB_ATTEMPTS: tries of a request failing transiently
 
   static HubSettings from_environment();
 };
@@ -93,7 +97,8 @@ struct CachedSnapshot {
   std::string commit;
   std::string dir;
 };
-CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settings, const std::string& why);
+CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settings,
+                                  const std::string& why);
 
 // "repo owner/repo, subfolder s, revision r" for messages.
 std::string describe_spec(const HubSpec& spec);

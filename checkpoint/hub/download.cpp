@@ -45,8 +45,8 @@ json parse_answer(const HttpResponse& response) {
   try {
     return json::parse(response.body);
   } catch (const json::exception&) {
-    throw HubError(fmt::format("GET {} answered {} with no JSON: '{}'", response.url, response.status,
-                               response.body.substr(0, 120)),
+    throw HubError(fmt::format("GET {} answered {} with no JSON: '{}'", response.url,
+                               response.status, response.body.substr(0, 120)),
                    response.status, "", true);
   }
 }
@@ -54,7 +54,8 @@ json parse_answer(const HttpResponse& response) {
 // The etag as huggingface_hub normalises it: no W/ prefix, no quotes.
 std::string normalise_etag(std::string etag) {
   if (etag.rfind("W/", 0) == 0) etag = etag.substr(2);
-  if (etag.size() >= 2 && etag.front() == '"' && etag.back() == '"') etag = etag.substr(1, etag.size() - 2);
+  if (etag.size() >= 2 && etag.front() == '"' && etag.back() == '"')
+    etag = etag.substr(1, etag.size() - 2);
   return etag;
 }
 
@@ -67,10 +68,12 @@ std::string next_link(const std::string& link) {
 
 // Checks a downloaded blob against its etag: SHA-256 for LFS files (64 hex), the git blob SHA-1
 // for regular ones (40 hex). Other etags (a CDN's own) are left to the size check.
-void verify_blob(const std::string& path, const std::string& etag, uint64_t size, const std::string& label) {
+void verify_blob(const std::string& path, const std::string& etag, uint64_t size,
+                 const std::string& label) {
   const bool sha256 = etag.size() == 64, sha1 = etag.size() == 40;
   if (!sha256 && !sha1) return;
-  MessageDigest digest(sha256 ? MessageDigest::Algorithm::kSha256 : MessageDigest::Algorithm::kSha1);
+  MessageDigest digest(sha256 ? MessageDigest::Algorithm::kSha256
+                              : MessageDigest::Algorithm::kSha1);
   if (sha1) {
     const std::string prefix = fmt::format("blob {}", size);
     digest.update(prefix.data(), prefix.size() + 1);  // with the terminating NUL
@@ -84,17 +87,23 @@ void verify_blob(const std::string& path, const std::string& etag, uint64_t size
   const std::string actual = digest.hex_digest();
   if (actual != etag) {
     fs::remove(path);
-    throw HubError(fmt::format("the content of {} does not match its etag {} (got {} {}); the partial file was "
-                               "removed, run again to download it anew",
-                               label, etag, sha256 ? "sha256" : "git sha1", actual),
-                   0, "", false);
+    throw HubError(
+        fmt::format(
+            "the content of {} does not match its etag {} (got {} {}); the partial file was "
+            "removed, run again to download it anew",
+            label, etag, sha256 ? "sha256" : "git sha1", actual),
+        0, "", false);
   }
 }
 
 class SnapshotDownload {
  public:
   SnapshotDownload(const HubSpec& spec, const HubSettings& settings, const HubLog& log)
-      : spec_(spec), settings_(settings), log_(log), http_(settings, log), cache_(settings.cache_dir, spec.repo_id) {}
+      : spec_(spec),
+        settings_(settings),
+        log_(log),
+        http_(settings, log),
+        cache_(settings.cache_dir, spec.repo_id) {}
 
   HubResolution run() {
     HubResolution result;
@@ -102,10 +111,13 @@ class SnapshotDownload {
     const std::string api = fmt::format("{}/api/models/{}", settings_.endpoint, spec_.repo_id);
     result.commit = is_commit_hash(revision)
                         ? revision
-                        : parse_answer(http_.call("GET", fmt::format("{}/revision/{}", api, url_quote(revision))))
+                        : parse_answer(http_.call("GET", fmt::format("{}/revision/{}", api,
+                                                                     url_quote(revision))))
                               .value("sha", std::string());
     if (!is_commit_hash(result.commit)) {
-      throw HubError(fmt::format("the Hub answered commit '{}' for revision {}", result.commit, revision), 0, "", false);
+      throw HubError(
+          fmt::format("the Hub answered commit '{}' for revision {}", result.commit, revision), 0,
+          "", false);
     }
     const std::vector<RepoFile> files = list_files(api, result.commit);
     cache_.prepare();
@@ -122,30 +134,37 @@ class SnapshotDownload {
     };
     std::vector<RepoFile> wanted = top_level(prefix);
     if (wanted.empty()) {
-      throw HubError(fmt::format("the repo has no loadable file (*.safetensors, *.json, tokenizer files) {} at commit {}",
-                                 spec_.subfolder.empty() ? "at its top level" : "in subfolder " + spec_.subfolder,
+      throw HubError(fmt::format("the repo has no loadable file (*.safetensors, *.json, tokenizer "
+                                 "files) {} at commit {}",
+                                 spec_.subfolder.empty() ? "at its top level"
+                                                         : "in subfolder " + spec_.subfolder,
                                  result.commit),
                      0, "", false);
     }
     for (const RepoFile& f : wanted) fetch(result, f);
     // A Strata checkpoint folder: its `latest` names the step directory to fetch as well.
     auto has = [&](const char* name) {
-      return std::any_of(wanted.begin(), wanted.end(), [&](const RepoFile& f) { return f.path == prefix + name; });
+      return std::any_of(wanted.begin(), wanted.end(),
+                         [&](const RepoFile& f) { return f.path == prefix + name; });
     };
-    if (has("latest") && !has("config.json") && !has("adapter_config.json") && !has("metadata.json")) {
+    if (has("latest") && !has("config.json") && !has("adapter_config.json") &&
+        !has("metadata.json")) {
       std::string step = read_text(cache_.pointer_path(result.commit, prefix + "latest"));
       step.erase(step.find_last_not_of(" \t\r\n") + 1);
       if (!step.empty() && step.find('/') == std::string::npos && step != "." && step != "..") {
         for (const RepoFile& f : top_level(prefix + step + "/")) fetch(result, f);
       }
     }
-    result.dir = spec_.subfolder.empty() ? cache_.snapshot_dir(result.commit)
-                                         : (fs::path(cache_.snapshot_dir(result.commit)) / spec_.subfolder).string();
+    result.dir = spec_.subfolder.empty()
+                     ? cache_.snapshot_dir(result.commit)
+                     : (fs::path(cache_.snapshot_dir(result.commit)) / spec_.subfolder).string();
     const std::vector<std::string> missing = missing_source_files(result.dir);
     if (!missing.empty()) {
       std::string list;
       for (const std::string& m : missing) list += "\n  missing: " + m;
-      throw HubError(fmt::format("the downloaded files do not form a model Strata can load:{}", list), 0, "", false);
+      throw HubError(
+          fmt::format("the downloaded files do not form a model Strata can load:{}", list), 0, "",
+          false);
     }
     result.how = result.downloaded > 0 ? "downloaded" : "cached";
     return result;
@@ -154,8 +173,9 @@ class SnapshotDownload {
  private:
   // Every file under the subfolder at `commit` (the /tree listing, followed across pages).
   std::vector<RepoFile> list_files(const std::string& api, const std::string& commit) {
-    std::string url = fmt::format("{}/tree/{}{}?recursive=true&expand=false", api, url_quote(commit),
-                                  spec_.subfolder.empty() ? "" : "/" + url_quote(spec_.subfolder));
+    std::string url =
+        fmt::format("{}/tree/{}{}?recursive=true&expand=false", api, url_quote(commit),
+                    spec_.subfolder.empty() ? "" : "/" + url_quote(spec_.subfolder));
     std::vector<RepoFile> files;
     for (int page = 0; !url.empty(); ++page) {
       if (page > 100000) throw HubError("the file listing does not end", 0, "", false);
@@ -164,13 +184,15 @@ class SnapshotDownload {
         response = http_.call("GET", url);
       } catch (const HubError& e) {
         if (e.error_code == "EntryNotFound" && !spec_.subfolder.empty()) {
-          throw HubError(fmt::format("subfolder {} does not exist at commit {} ({})", spec_.subfolder, commit, e.what()),
+          throw HubError(fmt::format("subfolder {} does not exist at commit {} ({})",
+                                     spec_.subfolder, commit, e.what()),
                          e.status, e.error_code, false);
         }
         throw;
       }
       const json listing = parse_answer(response);
-      if (!listing.is_array()) throw HubError(fmt::format("GET {} answered no file list", response.url), 0, "", true);
+      if (!listing.is_array())
+        throw HubError(fmt::format("GET {} answered no file list", response.url), 0, "", true);
       for (const json& entry : listing) {
         if (entry.value("type", "") != "file") continue;
         files.push_back({entry.at("path").get<std::string>(), entry.value("size", uint64_t{0})});
@@ -186,27 +208,33 @@ class SnapshotDownload {
     ++result.files;
     const std::string pointer = cache_.pointer_path(result.commit, file.path);
     if (fs::exists(pointer)) return;  // a complete snapshot file (a dangling link does not count)
-    const std::string resolve = fmt::format("{}/{}/resolve/{}/{}", settings_.endpoint, spec_.repo_id,
-                                            url_quote(result.commit), url_quote(file.path, "/"));
+    const std::string resolve =
+        fmt::format("{}/{}/resolve/{}/{}", settings_.endpoint, spec_.repo_id,
+                    url_quote(result.commit), url_quote(file.path, "/"));
     const HttpResponse head = http_.call("HEAD", resolve);
-    const std::string etag = normalise_etag(!head.header("x-linked-etag").empty() ? head.header("x-linked-etag")
-                                                                                   : head.header("etag"));
+    const std::string etag = normalise_etag(
+        !head.header("x-linked-etag").empty() ? head.header("x-linked-etag") : head.header("etag"));
     const bool redirect = head.status >= 300 && head.status < 400;
-    const std::string size_text = !head.header("x-linked-size").empty() ? head.header("x-linked-size")
-                                  : redirect                             ? ""
-                                                                         : head.header("content-length");
+    const std::string size_text = !head.header("x-linked-size").empty()
+                                      ? head.header("x-linked-size")
+                                  : redirect ? ""
+                                             : head.header("content-length");
     if (head.header("x-repo-commit").empty() || etag.empty() || size_text.empty() ||
         etag.find_first_of("/\\") != std::string::npos || etag == "." || etag == "..") {
-      throw HubError(fmt::format("HEAD {} answered {} without a usable X-Repo-Commit, ETag and size", resolve, head.status),
-                     head.status, "", false);
+      throw HubError(
+          fmt::format("HEAD {} answered {} without a usable X-Repo-Commit, ETag and size", resolve,
+                      head.status),
+          head.status, "", false);
     }
     uint64_t size = 0;
     try {
       size = std::stoull(size_text);
     } catch (const std::exception&) {
-      throw HubError(fmt::format("HEAD {}: size '{}' is not a number", resolve, size_text), head.status, "", false);
+      throw HubError(fmt::format("HEAD {}: size '{}' is not a number", resolve, size_text),
+                     head.status, "", false);
     }
-    const std::string location = redirect && !head.header("location").empty() ? head.header("location") : resolve;
+    const std::string location =
+        redirect && !head.header("location").empty() ? head.header("location") : resolve;
     const FileLock lock(cache_.lock_path(etag));
     const std::string blob = cache_.blob_path(etag);
     if (!fs::exists(blob)) {
@@ -231,22 +259,27 @@ class SnapshotDownload {
 };
 
 std::string hint_for(const HubError& e, const HubSpec& spec, const HubSettings& settings) {
-  if (e.status == 401 || e.status == 403 || e.error_code == "GatedRepo" || e.error_code == "RepoNotFound") {
-    const std::string token = settings.token.empty()
-                                  ? "no token is set"
-                                  : fmt::format("the token from {} was sent", settings.token_source);
-    return fmt::format("HINT: {}; for a private or gated repo set HF_TOKEN (or write the token to "
-                       "$HF_HOME/token) with a token that can read {}, and accept the repo's terms on "
-                       "the Hub if it is gated; check the repo id and that HF_ENDPOINT ({}) is right",
-                       token, spec.repo_id, settings.endpoint);
+  if (e.status == 401 || e.status == 403 || e.error_code == "GatedRepo" ||
+      e.error_code == "RepoNotFound") {
+    const std::string token =
+        settings.token.empty() ? "no token is set"
+                               : fmt::format("the token from {} was sent", settings.token_source);
+    return fmt::format(
+        "HINT: {}; for a private or gated repo set HF_TOKEN (or write the token to "
+        "$HF_HOME/token) with a token that can read {}, and accept the repo's terms on "
+        "the Hub if it is gated; check the repo id and that HF_ENDPOINT ({}) is right",
+        token, spec.repo_id, settings.endpoint);
   }
   if (e.error_code == "RevisionNotFound") {
-    return fmt::format("HINT: check the revision '{}' (a branch, a tag, a 40-hex commit or refs/pr/N)", spec_revision(spec));
+    return fmt::format(
+        "HINT: check the revision '{}' (a branch, a tag, a 40-hex commit or refs/pr/N)",
+        spec_revision(spec));
   }
   if (e.transient) {
-    return fmt::format("HINT: the Hub at {} could not be reached or failed; retry later, or fill the cache "
-                       "elsewhere and set HF_HUB_OFFLINE=1",
-                       settings.endpoint);
+    return fmt::format(
+        "HINT: the Hub at {} could not be reached or failed; retry later, or fill the cache "
+        "elsewhere and set HF_HUB_OFFLINE=1",
+        settings.endpoint);
   }
   return "HINT: check the spec, or download the repo and give its local directory";
 }
@@ -265,23 +298,27 @@ HubResolution from_cache(const CachedSnapshot& cached, std::string how) {
 
 }  // namespace
 
-HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings, const HubLog& log) {
+HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
+                               const HubLog& log) {
   if (settings.offline) {
-    return from_cache(resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set"), "from the cache (HF_HUB_OFFLINE is set)");
+    return from_cache(resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set"),
+                      "from the cache (HF_HUB_OFFLINE is set)");
   }
   try {
     return SnapshotDownload(spec, settings, log).run();
   } catch (const HubError& e) {
-    const std::string message = fmt::format("cannot resolve Hub spec '{}' ({}) from {}: {}", spec.text,
-                                            describe_spec(spec), settings.endpoint, e.what());
+    const std::string message =
+        fmt::format("cannot resolve Hub spec '{}' ({}) from {}: {}", spec.text, describe_spec(spec),
+                    settings.endpoint, e.what());
     // The Hub unreachable or refusing: the cache answers if it can (never for a revision the
     // Hub says does not exist, nor for an incomplete or inconsistent download).
     const bool cache_may_answer = e.transient || e.status == 401 || e.status == 403 ||
                                   e.error_code == "RepoNotFound" || e.error_code == "GatedRepo";
     if (cache_may_answer) {
       try {
-        HubResolution result = from_cache(resolve_from_cache(spec, settings, e.what()),
-                                          fmt::format("from the cache, because the Hub failed: {}", e.what()));
+        HubResolution result =
+            from_cache(resolve_from_cache(spec, settings, e.what()),
+                       fmt::format("from the cache, because the Hub failed: {}", e.what()));
         log(fmt::format("hub: WARNING: {}; using the cached snapshot {}", message, result.dir));
         return result;
       } catch (const CheckpointError&) {
@@ -292,7 +329,8 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
   }
 }
 
-std::string resolve_model_path(const std::string& path, const ProcessGroup* group, const HubLog& log) {
+std::string resolve_model_path(const std::string& path, const ProcessGroup* group,
+                               const HubLog& log) {
   const bool several = group && group->world_size() > 1;
   std::optional<HubSpec> spec;
   if (!several) {
@@ -315,18 +353,21 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
       kinds.insert(view["spec"].get<bool>());
     }
     if (kinds.size() > 1) {
-      throw CheckpointError(fmt::format("'{}' is a local path on some ranks and a Hub spec on others (it exists on "
-                                        "some nodes only)\nHINT: write hf://{} for the Hub, or ./{} or an absolute "
-                                        "path for a directory every node has",
-                                        path, path, path));
+      throw CheckpointError(
+          fmt::format("'{}' is a local path on some ranks and a Hub spec on others (it exists on "
+                      "some nodes only)\nHINT: write hf://{} for the Hub, or ./{} or an absolute "
+                      "path for a directory every node has",
+                      path, path, path));
     }
   }
   if (!spec) return path;
   const auto start = Clock::now();
   auto summary = [&](const HubResolution& r) {
-    return fmt::format("hub: {} -> commit {} ({}; {} files, {} downloaded, {:.1f} MiB, {:.1f} s) at {}", path,
-                       r.commit.substr(0, 12), r.how, r.files, r.downloaded, static_cast<double>(r.bytes) / (1 << 20),
-                       std::chrono::duration<double>(Clock::now() - start).count(), r.dir);
+    return fmt::format(
+        "hub: {} -> commit {} ({}; {} files, {} downloaded, {:.1f} MiB, {:.1f} s) at {}", path,
+        r.commit.substr(0, 12), r.how, r.files, r.downloaded,
+        static_cast<double>(r.bytes) / (1 << 20),
+        std::chrono::duration<double>(Clock::now() - start).count(), r.dir);
   };
   if (!several) {
     const HubResolution r = resolve_hub_spec(*spec, HubSettings::from_environment(), log);
@@ -354,38 +395,46 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
       // The same text on every rank: the failure, which rank met it, then the hint.
       std::string message = outcome["error"];
       const size_t hint = std::min(message.find("\nHINT"), message.size());
-      message.insert(hint, fmt::format(" (on rank {}, which downloaded for node {} ({}); every rank stops)", r,
-                                       outcome["node"].get<int>(),
-                                       group->node_hostnames().at(outcome["node"].get<size_t>())));
+      message.insert(
+          hint, fmt::format(" (on rank {}, which downloaded for node {} ({}); every rank stops)", r,
+                            outcome["node"].get<int>(),
+                            group->node_hostnames().at(outcome["node"].get<size_t>())));
       throw CheckpointError(message);
     }
-    if (outcome["leader"].get<bool>() && outcome["node"].get<int>() == group->node_index()) dir = outcome["dir"];
+    if (outcome["leader"].get<bool>() && outcome["node"].get<int>() == group->node_index())
+      dir = outcome["dir"];
   }
   // Nodes resolving a branch at different moments may see different commits.
   std::map<std::string, std::vector<std::string>> nodes_of;  // commit -> node hosts
   for (const std::string& text : outcomes) {
     const json outcome = json::parse(text);
     if (outcome["leader"].get<bool>()) {
-      nodes_of[outcome["commit"]].push_back(group->node_hostnames().at(outcome["node"].get<size_t>()));
+      nodes_of[outcome["commit"]].push_back(
+          group->node_hostnames().at(outcome["node"].get<size_t>()));
     }
   }
   if (nodes_of.size() > 1) {
     std::string list;
-    for (const auto& [commit, hosts] : nodes_of) list += fmt::format("\n  {}: {}", commit, fmt::join(hosts, ", "));
-    throw CheckpointError(fmt::format("Hub spec '{}' resolved to different commits on different nodes (the revision "
-                                      "moved during start-up):{}\nHINT: pin the commit: hf://{}@<40-hex commit>",
-                                      path, list, spec->repo_id + (spec->subfolder.empty() ? "" : "/" + spec->subfolder)));
+    for (const auto& [commit, hosts] : nodes_of)
+      list += fmt::format("\n  {}: {}", commit, fmt::join(hosts, ", "));
+    throw CheckpointError(fmt::format(
+        "Hub spec '{}' resolved to different commits on different nodes (the revision "
+        "moved during start-up):{}\nHINT: pin the commit: hf://{}@<40-hex commit>",
+        path, list, spec->repo_id + (spec->subfolder.empty() ? "" : "/" + spec->subfolder)));
   }
   if (group->is_main()) log(json::parse(outcomes[0])["summary"].get<std::string>());
   // Every rank must see its node's snapshot before any starts loading.
   const std::vector<std::string> missing = missing_source_files(dir);
-  const std::string problem =
-      missing.empty() ? "" : fmt::format("rank {} on {} cannot read {} (missing {})", group->rank(), group->hostname(), dir, missing[0]);
+  const std::string problem = missing.empty()
+                                  ? ""
+                                  : fmt::format("rank {} on {} cannot read {} (missing {})",
+                                                group->rank(), group->hostname(), dir, missing[0]);
   for (const std::string& p : group->all_gather_strings(problem)) {
     if (!p.empty()) {
-      throw CheckpointError(fmt::format("Hub spec '{}' resolved, but {}\nHINT: ranks of one node must share "
-                                        "HF_HOME / HF_HUB_CACHE",
-                                        path, p));
+      throw CheckpointError(
+          fmt::format("Hub spec '{}' resolved, but {}\nHINT: ranks of one node must share "
+                      "HF_HOME / HF_HUB_CACHE",
+                      path, p));
     }
   }
   return dir;

@@ -17,7 +17,7 @@ namespace strata {
 class ProcessGroup;
 
 struct HubResolution {
-  std::string dir;     // snapshots/<commit>[/<subfolder>]
+  std::string dir;  // snapshots/<commit>[/<subfolder>]
   std::string commit;
   int files = 0;       // loadable files under the subfolder
   int downloaded = 0;  // of which fetched now (the rest were cached)
@@ -38,6 +38,7 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
 // that carries every rank's outcome: all ranks then return their node's directory, or all throw
 // the same message when any node failed. `log` gets progress lines (downloading ranks only) and
 // one summary line (rank 0).
-std::string resolve_model_path(const std::string& path, const ProcessGroup* group, const HubLog& log);
+std::string resolve_model_path(const std::string& path, const ProcessGroup* group,
+                               const HubLog& log);
 
 }  // namespace strata

@@ -28,7 +28,8 @@ constexpr int kMaxRedirects = 10;
 constexpr size_t kMaxErrorBody = 64 << 10;
 
 std::string lower(std::string text) {
-  std::transform(text.begin(), text.end(), text.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::transform(text.begin(), text.end(), text.begin(),
+                 [](unsigned char c) { return std::tolower(c); });
   return text;
 }
 
@@ -47,7 +48,8 @@ void init_curl() {
 class Url {
  public:
   explicit Url(const std::string& url, const std::string& base = "") : handle_(curl_url()) {
-    if (!base.empty() && curl_url_set(handle_, CURLUPART_URL, base.c_str(), 0) != CURLUE_OK) ok_ = false;
+    if (!base.empty() && curl_url_set(handle_, CURLUPART_URL, base.c_str(), 0) != CURLUE_OK)
+      ok_ = false;
     if (ok_ && curl_url_set(handle_, CURLUPART_URL, url.c_str(), 0) != CURLUE_OK) ok_ = false;
   }
   ~Url() { curl_url_cleanup(handle_); }
@@ -79,7 +81,9 @@ bool is_absolute_location(const std::string& location) {
   return colon != std::string::npos && (slash == std::string::npos || colon < slash);
 }
 
-bool transient_status(long status) { return status == 429 || status >= 500; }
+bool transient_status(long status) {
+  return status == 429 || status >= 500;
+}
 
 bool transient_curl(CURLcode code) {
   switch (code) {
@@ -122,7 +126,8 @@ std::string status_message(const std::string& method, const HttpResponse& respon
   if (detail.empty() && !response.body.empty()) {
     try {
       const auto body = nlohmann::json::parse(response.body);
-      if (body.is_object() && body.contains("error") && body["error"].is_string()) detail = body["error"];
+      if (body.is_object() && body.contains("error") && body["error"].is_string())
+        detail = body["error"];
     } catch (const nlohmann::json::exception&) {
       detail = response.body.substr(0, 200);
     }
@@ -130,7 +135,8 @@ std::string status_message(const std::string& method, const HttpResponse& respon
   const std::string code = response.header("x-error-code");
   std::string paren;
   if (!code.empty() || !detail.empty()) {
-    paren = fmt::format(" ({}{}{})", code, !code.empty() && !detail.empty() ? ": " : "", trim(detail));
+    paren =
+        fmt::format(" ({}{}{})", code, !code.empty() && !detail.empty() ? ": " : "", trim(detail));
   }
   return fmt::format("HTTP {}{} for {} {}", response.status, paren, method, shown(response.url));
 }
@@ -156,7 +162,8 @@ std::string HttpResponse::header(const std::string& name) const {
 std::string url_quote(const std::string& text, const std::string& safe) {
   std::string out;
   for (unsigned char c : text) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' || safe.find(static_cast<char>(c)) != std::string::npos) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' ||
+        safe.find(static_cast<char>(c)) != std::string::npos) {
       out += static_cast<char>(c);
     } else {
       out += fmt::format("%{:02X}", c);
@@ -204,14 +211,17 @@ HubHttp::HubHttp(const HubSettings& settings, Log log) : settings_(settings), lo
   if (!curl_) throw CheckpointError("libcurl: cannot create a handle");
   const Url endpoint(settings_.endpoint);
   if (!endpoint.ok() || endpoint.part(CURLUPART_HOST).empty()) {
-    throw CheckpointError(fmt::format("HF_ENDPOINT '{}' is not a URL\nHINT: unset it for the public Hub, or give "
-                                      "http(s)://host[:port]",
-                                      settings_.endpoint));
+    throw CheckpointError(
+        fmt::format("HF_ENDPOINT '{}' is not a URL\nHINT: unset it for the public Hub, or give "
+                    "http(s)://host[:port]",
+                    settings_.endpoint));
   }
   endpoint_origin_ = endpoint.origin();
 }
 
-HubHttp::~HubHttp() { curl_easy_cleanup(static_cast<CURL*>(curl_)); }
+HubHttp::~HubHttp() {
+  curl_easy_cleanup(static_cast<CURL*>(curl_));
+}
 
 bool HubHttp::to_endpoint_host(const std::string& url) const {
   const Url parsed(url);
@@ -230,53 +240,59 @@ HttpResponse HubHttp::send(Request& request) {
   curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
   curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 0L);
   if (request.method == "HEAD") curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
-  curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(settings_.metadata_timeout_s * 1000));
-  if (request.timeout_s > 0) curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, static_cast<long>(request.timeout_s * 1000));
+  curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS,
+                   static_cast<long>(settings_.metadata_timeout_s * 1000));
+  if (request.timeout_s > 0)
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, static_cast<long>(request.timeout_s * 1000));
   if (request.sink) curl_easy_setopt(curl, CURLOPT_BUFFERSIZE, 256L << 10);
   if (request.stall_timeout) {
     curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
-    curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, static_cast<long>(std::ceil(settings_.download_timeout_s)));
+    curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME,
+                     static_cast<long>(std::ceil(settings_.download_timeout_s)));
   }
   curl_slist* headers = nullptr;
   std::vector<std::string> lines = {"Accept-Encoding: identity", "User-Agent: strata/0.1"};
   lines.insert(lines.end(), request.headers.begin(), request.headers.end());
   // The token goes to the Hub's own host only: never to a CDN a download is redirected to.
-  if (!settings_.token.empty() && to_endpoint_host(request.url)) lines.push_back("Authorization: Bearer " + settings_.token);
+  if (!settings_.token.empty() && to_endpoint_host(request.url))
+    lines.push_back("Authorization: Bearer " + settings_.token);
   for (const std::string& line : lines) headers = curl_slist_append(headers, line.c_str());
   curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
   curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, on_header);
   curl_easy_setopt(curl, CURLOPT_HEADERDATA, &request.response);
   WriteTarget target{curl, &request};
   curl_easy_setopt(curl, CURLOPT_WRITEDATA, &target);
-  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION,
-                   +[](char* data, size_t size, size_t count, void* user) -> size_t {
-                     auto* t = static_cast<WriteTarget*>(user);
-                     auto* r = static_cast<Request*>(t->request);
-                     long status = 0;
-                     curl_easy_getinfo(static_cast<CURL*>(t->curl), CURLINFO_RESPONSE_CODE, &status);
-                     const size_t bytes = size * count;
-                     if (status >= 200 && status < 300 && r->sink) {
-                       try {  // no exception may cross libcurl's C frames
-                         return r->sink(data, bytes, status) ? bytes : 0;
-                       } catch (const std::exception& e) {
-                         r->sink_error = e.what();
-                         return 0;
-                       }
-                     }
-                     if (r->response.body.size() < kMaxErrorBody) r->response.body.append(data, bytes);
-                     return bytes;
-                   });
+  curl_easy_setopt(
+      curl, CURLOPT_WRITEFUNCTION,
+      +[](char* data, size_t size, size_t count, void* user) -> size_t {
+        auto* t = static_cast<WriteTarget*>(user);
+        auto* r = static_cast<Request*>(t->request);
+        long status = 0;
+        curl_easy_getinfo(static_cast<CURL*>(t->curl), CURLINFO_RESPONSE_CODE, &status);
+        const size_t bytes = size * count;
+        if (status >= 200 && status < 300 && r->sink) {
+          try {  // no exception may cross libcurl's C frames
+            return r->sink(data, bytes, status) ? bytes : 0;
+          } catch (const std::exception& e) {
+            r->sink_error = e.what();
+            return 0;
+          }
+        }
+        if (r->response.body.size() < kMaxErrorBody) r->response.body.append(data, bytes);
+        return bytes;
+      });
   if (request.progress) {
     curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
     curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &request);
-    curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION,
-                     +[](void* user, curl_off_t, curl_off_t now, curl_off_t, curl_off_t) -> int {
-                       try {  // no exception may cross libcurl's C frames
-                         static_cast<Request*>(user)->progress(static_cast<double>(now));
-                       } catch (...) {
-                       }
-                       return 0;
-                     });
+    curl_easy_setopt(
+        curl, CURLOPT_XFERINFOFUNCTION,
+        +[](void* user, curl_off_t, curl_off_t now, curl_off_t, curl_off_t) -> int {
+          try {  // no exception may cross libcurl's C frames
+            static_cast<Request*>(user)->progress(static_cast<double>(now));
+          } catch (...) {
+          }
+          return 0;
+        });
   }
   const CURLcode code = curl_easy_perform(curl);
   // Nothing the handle keeps may point at this frame or at freed lists.
@@ -287,8 +303,9 @@ HttpResponse HubHttp::send(Request& request) {
   if (code != CURLE_OK) {
     if (code == CURLE_WRITE_ERROR && !request.sink_error.empty()) throw IoError(request.sink_error);
     const std::string reason = error_buffer[0] ? error_buffer : curl_easy_strerror(code);
-    throw HubError(fmt::format("{} {} failed: {}", request.method, shown(request.url), trim(reason)), 0, "",
-                   transient_curl(code));
+    throw HubError(
+        fmt::format("{} {} failed: {}", request.method, shown(request.url), trim(reason)), 0, "",
+        transient_curl(code));
   }
   return request.response;
 }
@@ -304,36 +321,44 @@ HttpResponse HubHttp::call(const std::string& method, const std::string& url) {
         request.timeout_s = settings_.metadata_timeout_s;
         HttpResponse response = send(request);
         const std::string location = response.header("location");
-        if (response.status >= 300 && response.status < 400 && !location.empty() && !is_absolute_location(location)) {
-          if (hop == kMaxRedirects) throw HubError(fmt::format("too many redirects from {}", shown(url)), response.status, "", false);
+        if (response.status >= 300 && response.status < 400 && !location.empty() &&
+            !is_absolute_location(location)) {
+          if (hop == kMaxRedirects)
+            throw HubError(fmt::format("too many redirects from {}", shown(url)), response.status,
+                           "", false);
           current = Url(location, current).part(CURLUPART_URL);
           continue;
         }
         if (response.status >= 400) {
-          throw HubError(status_message(method, response), response.status, response.header("x-error-code"),
-                         transient_status(response.status));
+          throw HubError(status_message(method, response), response.status,
+                         response.header("x-error-code"), transient_status(response.status));
         }
         return response;
       }
     } catch (const HubError& e) {
       if (!e.transient || attempt >= settings_.attempts) {
         if (!e.transient || settings_.attempts == 1) throw;
-        throw HubError(fmt::format("{} (gave up after {} attempts)", e.what(), attempt), e.status, e.error_code, true);
+        throw HubError(fmt::format("{} (gave up after {} attempts)", e.what(), attempt), e.status,
+                       e.error_code, true);
       }
       sleep_backoff(attempt);
     }
   }
 }
 
-void HubHttp::download(const std::string& url, const std::string& path, uint64_t size, const std::string& label) {
+void HubHttp::download(const std::string& url, const std::string& path, uint64_t size,
+                       const std::string& label) {
   const auto start = Clock::now();
   if (size == 0) {  // nothing to fetch
-    std::unique_ptr<std::FILE, int (*)(std::FILE*)> empty(std::fopen(path.c_str(), "wb"), &std::fclose);
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> empty(std::fopen(path.c_str(), "wb"),
+                                                          &std::fclose);
     if (!empty) throw IoError(fmt::format("cannot create {}: {}", path, std::strerror(errno)));
     return;
   }
   const uint64_t initial = std::min(file_size_or_zero(path), size);
-  if (initial > 0) log_(fmt::format("hub: {}: resuming a partial download at {} of {}", label, human_bytes(initial), human_bytes(size)));
+  if (initial > 0)
+    log_(fmt::format("hub: {}: resuming a partial download at {} of {}", label,
+                     human_bytes(initial), human_bytes(size)));
   auto last_report = start;
   int attempts_without_progress = 0;
   while (true) {
@@ -361,7 +386,9 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
               const size_t space = range.find(' '), dash = range.find('-');
               if (space == std::string::npos || dash == std::string::npos ||
                   range.substr(space + 1, dash - space - 1) != std::to_string(have)) {
-                request.sink_error = fmt::format("{}: the server answered Range bytes={}- with Content-Range '{}'", label, have, range);
+                request.sink_error =
+                    fmt::format("{}: the server answered Range bytes={}- with Content-Range '{}'",
+                                label, have, range);
                 return false;
               }
             } else {
@@ -387,14 +414,17 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
           const double done = static_cast<double>(base) + received;
           const double elapsed = std::chrono::duration<double>(now - start).count();
           const double rate = (done - static_cast<double>(initial)) / std::max(elapsed, 1e-9);
-          log_(fmt::format("hub: {}: {} of {} ({:.0f}%), {}/s, ETA {:.0f} s", label, human_bytes(done),
-                           human_bytes(static_cast<double>(size)), 100.0 * done / std::max<double>(size, 1),
-                           human_bytes(rate), rate > 0 ? (static_cast<double>(size) - done) / rate : 0.0));
+          log_(fmt::format("hub: {}: {} of {} ({:.0f}%), {}/s, ETA {:.0f} s", label,
+                           human_bytes(done), human_bytes(static_cast<double>(size)),
+                           100.0 * done / std::max<double>(size, 1), human_bytes(rate),
+                           rate > 0 ? (static_cast<double>(size) - done) / rate : 0.0));
         };
         response = send(request);
         const std::string location = response.header("location");
         if (response.status >= 300 && response.status < 400 && !location.empty()) {
-          if (hop == kMaxRedirects) throw HubError(fmt::format("too many redirects from {}", shown(url)), response.status, "", false);
+          if (hop == kMaxRedirects)
+            throw HubError(fmt::format("too many redirects from {}", shown(url)), response.status,
+                           "", false);
           current = Url(location, current).part(CURLUPART_URL);
           continue;
         }
@@ -406,11 +436,13 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
         throw HubError(status_message("GET", response), response.status, "", true);
       }
       if (response.status >= 300) {
-        throw HubError(status_message("GET", response), response.status, response.header("x-error-code"),
-                       transient_status(response.status));
+        throw HubError(status_message("GET", response), response.status,
+                       response.header("x-error-code"), transient_status(response.status));
       }
       if (file_size_or_zero(path) < size && file_size_or_zero(path) <= before) {
-        throw HubError(fmt::format("GET {}: answered {} without data", shown(current), response.status), response.status, "", true);
+        throw HubError(
+            fmt::format("GET {}: answered {} without data", shown(current), response.status),
+            response.status, "", true);
       }
     } catch (const HubError& e) {
       file.reset();
@@ -418,9 +450,12 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
       const uint64_t now_have = file_size_or_zero(path);
       attempts_without_progress = now_have > before ? 0 : attempts_without_progress + 1;
       if (attempts_without_progress >= settings_.attempts) {
-        throw HubError(fmt::format("{} (download of {} gave up after {} attempts without progress, at {} of {})",
-                                   e.what(), label, attempts_without_progress, human_bytes(now_have), human_bytes(size)),
-                       e.status, e.error_code, true);
+        throw HubError(
+            fmt::format(
+                "{} (download of {} gave up after {} attempts without progress, at {} of {})",
+                e.what(), label, attempts_without_progress, human_bytes(now_have),
+                human_bytes(size)),
+            e.status, e.error_code, true);
       }
       log_(fmt::format("hub: {}: {}; retrying from byte {}", label, e.what(), now_have));
       if (attempts_without_progress > 0) sleep_backoff(attempts_without_progress);
@@ -428,12 +463,15 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
     if (file_size_or_zero(path) > size) {
       const uint64_t got = file_size_or_zero(path);
       fs::remove(path);
-      throw HubError(fmt::format("consistency check failed for {}: expected {} bytes, received {}", label, size, got), 0, "", false);
+      throw HubError(fmt::format("consistency check failed for {}: expected {} bytes, received {}",
+                                 label, size, got),
+                     0, "", false);
     }
   }
   const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
   if (size < (1u << 20)) return;  // small files: the summary line counts them
-  log_(fmt::format("hub: {}: {} in {:.1f} s ({}/s)", label, human_bytes(static_cast<double>(size)), elapsed,
+  log_(fmt::format("hub: {}: {} in {:.1f} s ({}/s)", label, human_bytes(static_cast<double>(size)),
+                   elapsed,
                    human_bytes(static_cast<double>(size - initial) / std::max(elapsed, 1e-9))));
 }
 

@@ -17,9 +17,9 @@ namespace strata {
 
 struct HttpResponse {
   long status = 0;
-  std::map<std::string, std::string> headers;  // lower-case names
-  std::string body;                            // error bodies and API answers, not downloads
-  std::string url;                             // the URL that answered
+  std::map<std::string, std::string> headers;         // lower-case names
+  std::string body;                                   // error bodies and API answers, not downloads
+  std::string url;                                    // the URL that answered
   std::string header(const std::string& name) const;  // "" when absent
 };
 
@@ -45,7 +45,8 @@ class HubHttp {
   // already holds with a Range request, until it holds `size` bytes. Retries transient failures
   // as long as they make progress (settings.attempts tries without progress). `label` names the
   // file in progress lines.
-  void download(const std::string& url, const std::string& path, uint64_t size, const std::string& label);
+  void download(const std::string& url, const std::string& path, uint64_t size,
+                const std::string& label);
 
  private:
   struct Request;

@@ -32,7 +32,8 @@ std::string percent_decode(const std::string& text, const std::string& spec) {
     }
     if (i + 2 >= text.size() || !std::isxdigit(static_cast<unsigned char>(text[i + 1])) ||
         !std::isxdigit(static_cast<unsigned char>(text[i + 2]))) {
-      throw CheckpointError(fmt::format("Hub spec '{}': bad percent-encoding in revision '{}'", spec, text));
+      throw CheckpointError(
+          fmt::format("Hub spec '{}': bad percent-encoding in revision '{}'", spec, text));
     }
     out += static_cast<char>(std::stoi(text.substr(i + 1, 2), nullptr, 16));
     i += 2;
@@ -44,23 +45,26 @@ std::string percent_decode(const std::string& text, const std::string& spec) {
 std::string repo_part_problem(const std::string& part) {
   static const std::regex allowed(R"([A-Za-z0-9_.\-]{1,96})");
   if (part.empty()) return "is empty";
-  if (!std::regex_match(part, allowed)) return "may hold only letters, digits, '_', '-' and '.' (at most 96)";
+  if (!std::regex_match(part, allowed))
+    return "may hold only letters, digits, '_', '-' and '.' (at most 96)";
   if (part.front() == '-' || part.front() == '.' || part.back() == '-' || part.back() == '.') {
     return "may not start or end with '-' or '.'";
   }
   if (part.find("--") != std::string::npos || part.find("..") != std::string::npos) {
     return "may not contain '--' or '..'";
   }
-  if (part.size() >= 4 && part.compare(part.size() - 4, 4, ".git") == 0) return "may not end in '.git'";
+  if (part.size() >= 4 && part.compare(part.size() - 4, 4, ".git") == 0)
+    return "may not end in '.git'";
   return "";
 }
 
 HubSpec parse_body(const std::string& body, const std::string& text) {
   auto fail = [&](const std::string& what) -> HubSpec {
-    throw CheckpointError(fmt::format("Hub spec '{}': {}\nHINT: write hf://owner/repo[/subdir][@revision] "
-                                      "(or hf://owner/repo@revision[/subdir]); refs/pr/N goes right "
-                                      "after the repo id",
-                                      text, what));
+    throw CheckpointError(
+        fmt::format("Hub spec '{}': {}\nHINT: write hf://owner/repo[/subdir][@revision] "
+                    "(or hf://owner/repo@revision[/subdir]); refs/pr/N goes right "
+                    "after the repo id",
+                    text, what));
   };
   if (body.find('\\') != std::string::npos) return fail("backslashes are not allowed");
   std::vector<std::string> segments = split(body, '/');
@@ -87,7 +91,8 @@ HubSpec parse_body(const std::string& body, const std::string& text) {
     if (!problem.empty()) return fail(fmt::format("repo id part '{}' {}", part, problem));
   }
   spec.repo_id = segments[0] + "/" + name;
-  std::vector<std::string> sub(segments.begin() + static_cast<std::ptrdiff_t>(next), segments.end());
+  std::vector<std::string> sub(segments.begin() + static_cast<std::ptrdiff_t>(next),
+                               segments.end());
   std::string late_revision;
   if (!sub.empty()) {
     std::string& last = sub.back();
@@ -102,13 +107,17 @@ HubSpec parse_body(const std::string& body, const std::string& text) {
   }
   for (const std::string& segment : sub) {
     if (segment.empty()) return fail("empty path segment (a '//', a leading or a trailing '/')");
-    if (segment == "." || segment == "..") return fail(fmt::format("path segment '{}' is not allowed", segment));
-    if (segment.find('@') != std::string::npos) return fail("'@' appears in two places: give the revision once");
+    if (segment == "." || segment == "..")
+      return fail(fmt::format("path segment '{}' is not allowed", segment));
+    if (segment.find('@') != std::string::npos)
+      return fail("'@' appears in two places: give the revision once");
   }
   for (size_t i = 0; i < sub.size(); ++i) spec.subfolder += (i ? "/" : "") + sub[i];
   spec.revision = percent_decode(early_revision.empty() ? late_revision : early_revision, text);
-  if (spec.revision.find("..") != std::string::npos || (!spec.revision.empty() && spec.revision.front() == '/')) {
-    return fail(fmt::format("revision '{}' is not a branch, tag, commit or refs/... name", spec.revision));
+  if (spec.revision.find("..") != std::string::npos ||
+      (!spec.revision.empty() && spec.revision.front() == '/')) {
+    return fail(
+        fmt::format("revision '{}' is not a branch, tag, commit or refs/... name", spec.revision));
   }
   return spec;
 }
@@ -127,8 +136,9 @@ std::optional<HubSpec> parse_hub_spec(const std::string& text, bool local_path_e
   try {
     return parse_body(text, text);
   } catch (const CheckpointError& e) {
-    throw CheckpointError(fmt::format("'{}' is no existing local path, and not a Hub spec either: {}",
-                                      text, std::string(e.what()).substr(std::string(e.what()).find(": ") + 2)));
+    throw CheckpointError(
+        fmt::format("'{}' is no existing local path, and not a Hub spec either: {}", text,
+                    std::string(e.what()).substr(std::string(e.what()).find(": ") + 2)));
   }
 }
 

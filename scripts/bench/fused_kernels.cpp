@@ -45,7 +45,8 @@ double median(std::vector<double> v) {
 }
 
 // forward + backward of out = fn(leaves) with a fixed upstream gradient.
-Step fwd_bwd(std::vector<at::Tensor> leaves, std::function<at::Tensor(const std::vector<at::Tensor>&)> fn) {
+Step fwd_bwd(std::vector<at::Tensor> leaves,
+             std::function<at::Tensor(const std::vector<at::Tensor>&)> fn) {
   for (auto& t : leaves) t.requires_grad_(true);
   const at::Tensor probe = fn(leaves);
   const at::Tensor upstream = at::randn(probe.sizes());
@@ -74,55 +75,72 @@ std::vector<Row> rows_for(const Shape& s) {
   std::vector<Row> rows;
   {
     const at::Tensor x = at::randn({s.batch, s.seq, s.dim}), w = at::rand({s.dim});
-    rows.push_back({"RMSNorm", "at::rms_norm",
-                    fwd_bwd({x.clone(), w.clone()}, [](const auto& in) { return strata::fused::rms_norm(in[0], in[1], 1e-5); }),
-                    fwd_bwd({x.clone(), w.clone()},
-                            [&](const auto& in) { return at::rms_norm(in[0], {in[0].size(-1)}, in[1], 1e-5); })});
+    rows.push_back(
+        {"RMSNorm", "at::rms_norm",
+         fwd_bwd({x.clone(), w.clone()},
+                 [](const auto& in) { return strata::fused::rms_norm(in[0], in[1], 1e-5); }),
+         fwd_bwd({x.clone(), w.clone()}, [&](const auto& in) {
+           return at::rms_norm(in[0], {in[0].size(-1)}, in[1], 1e-5);
+         })});
   }
   {
     const at::Tensor x = at::randn({s.batch, s.seq, s.heads, hd});
-    rows.push_back({"RoPE (q)", "unflatten/select/mul/stack",
-                    fwd_bwd({x.clone()}, [cos, sin](const auto& in) { return strata::fused::rope(in[0], cos, sin); }),
-                    fwd_bwd({x.clone()}, [cos, sin](const auto& in) { return aten_rope(in[0], cos, sin); })});
+    rows.push_back(
+        {"RoPE (q)", "unflatten/select/mul/stack",
+         fwd_bwd({x.clone()},
+                 [cos, sin](const auto& in) { return strata::fused::rope(in[0], cos, sin); }),
+         fwd_bwd({x.clone()}, [cos, sin](const auto& in) { return aten_rope(in[0], cos, sin); })});
   }
   {
     const at::Tensor ab = at::randn({s.batch, s.seq, 2 * s.ffn});
-    rows.push_back({"SwiGLU (packed)", "silu(a) * b on chunks",
-                    fwd_bwd({ab.clone()}, [](const auto& in) { return strata::fused::swiglu(in[0]); }),
-                    fwd_bwd({ab.clone()}, [](const auto& in) {
-                      const auto parts = in[0].chunk(2, -1);
-                      return at::silu(parts[0]) * parts[1];
-                    })});
-  }
-  {
-    const at::Tensor q = at::randn({s.batch, s.seq, s.heads, hd}), k = at::randn({s.batch, s.seq, s.kv_heads, hd}),
-                     v = at::randn({s.batch, s.seq, s.kv_heads, hd});
-    rows.push_back({"causal attention (GQA)", "scaled_dot_product_attention(is_causal, enable_gqa)",
-                    fwd_bwd({q.clone(), k.clone(), v.clone()},
-                            [](const auto& in) { return strata::fused::causal_attention(in[0], in[1], in[2]); }),
-                    fwd_bwd({q.clone(), k.clone(), v.clone()}, [gqa = s.kv_heads != s.heads](const auto& in) {
-                      return at::scaled_dot_product_attention(in[0].transpose(1, 2), in[1].transpose(1, 2),
-                                                              in[2].transpose(1, 2), {}, 0.0, true, std::nullopt, gqa)
-                          .transpose(1, 2);
-                    })});
-  }
-  {
-    const at::Tensor logits = at::randn({n, s.vocab}), targets = at::randint(0, s.vocab, {n}, at::kLong);
     rows.push_back(
-        {"cross-entropy", "at::cross_entropy_loss",
-         fwd_bwd({logits.clone()}, [targets](const auto& in) { return strata::fused::cross_entropy(in[0], targets); }),
-         fwd_bwd({logits.clone()}, [targets](const auto& in) { return at::cross_entropy_loss(in[0], targets); })});
+        {"SwiGLU (packed)", "silu(a) * b on chunks",
+         fwd_bwd({ab.clone()}, [](const auto& in) { return strata::fused::swiglu(in[0]); }),
+         fwd_bwd({ab.clone()}, [](const auto& in) {
+           const auto parts = in[0].chunk(2, -1);
+           return at::silu(parts[0]) * parts[1];
+         })});
+  }
+  {
+    const at::Tensor q = at::randn({s.batch, s.seq, s.heads, hd}),
+                     k = at::randn({s.batch, s.seq, s.kv_heads, hd}),
+                     v = at::randn({s.batch, s.seq, s.kv_heads, hd});
+    rows.push_back(
+        {"causal attention (GQA)", "scaled_dot_product_attention(is_causal, enable_gqa)",
+         fwd_bwd(
+             {q.clone(), k.clone(), v.clone()},
+             [](const auto& in) { return strata::fused::causal_attention(in[0], in[1], in[2]); }),
+         fwd_bwd({q.clone(), k.clone(), v.clone()}, [gqa = s.kv_heads != s.heads](const auto& in) {
+           return at::scaled_dot_product_attention(in[0].transpose(1, 2), in[1].transpose(1, 2),
+                                                   in[2].transpose(1, 2), {}, 0.0, true,
+                                                   std::nullopt, gqa)
+               .transpose(1, 2);
+         })});
+  }
+  {
+    const at::Tensor logits = at::randn({n, s.vocab}),
+                     targets = at::randint(0, s.vocab, {n}, at::kLong);
+    rows.push_back({"cross-entropy", "at::cross_entropy_loss",
+                    fwd_bwd({logits.clone()},
+                            [targets](const auto& in) {
+                              return strata::fused::cross_entropy(in[0], targets);
+                            }),
+                    fwd_bwd({logits.clone()}, [targets](const auto& in) {
+                      return at::cross_entropy_loss(in[0], targets);
+                    })});
   }
   {
     // AdamW over all of a block's matrices at once: 4 d^2 (attention, roughly) + 3 d f.
     const int64_t numel = 4 * s.dim * s.dim + 3 * s.dim * s.ffn;
-    auto p = at::randn({numel}), g = at::randn({numel}), m = at::zeros({numel}), v = at::zeros({numel});
+    auto p = at::randn({numel}), g = at::randn({numel}), m = at::zeros({numel}),
+         v = at::zeros({numel});
     auto p2 = p.clone(), m2 = m.clone(), v2 = v.clone(), steps = at::zeros({1});
     const strata::fused::AdamWScalars sc{1e-4f, 0.9f, 0.95f, 1e-3f, 1.0f, 1e-8f};
     rows.push_back({"AdamW update", "at::_fused_adamw_ (torch.optim.AdamW(fused=True))",
                     [=]() mutable { strata::fused::adamw_update(p, g, m, v, at::Tensor(), sc); },
                     [=]() mutable {
-                      at::_fused_adamw_({p2}, {g}, {m2}, {v2}, {}, {steps}, 1e-3, 0.9, 0.95, 0.1, 1e-8, false, false);
+                      at::_fused_adamw_({p2}, {g}, {m2}, {v2}, {}, {steps}, 1e-3, 0.9, 0.95, 0.1,
+                                        1e-8, false, false);
                     }});
   }
   return rows;
@@ -147,7 +165,9 @@ int main(int argc, char** argv) {
   }
   at::set_num_threads(threads);
   at::manual_seed(1);
-  std::printf("| shape | threads | kernel (fwd + bwd) | fused ms | ATen ms | ATen op | fused / ATen time |\n");
+  std::printf(
+      "| shape | threads | kernel (fwd + bwd) | fused ms | ATen ms | ATen op | fused / ATen time "
+      "|\n");
   std::printf("| --- | ---: | --- | ---: | ---: | --- | ---: |\n");
   for (const Row& row : rows_for(shape)) {
     for (int i = 0; i < 3; ++i) {  // warm-up
@@ -160,9 +180,10 @@ int main(int argc, char** argv) {
       reference.push_back(seconds(row.reference));
     }
     const double f = median(fused) * 1e3, r = median(reference) * 1e3;
-    std::printf("| %s (B %lld, T %lld, D %lld) | %d | %s | %.3f | %.3f | %s | **%.2f** |\n", shape.name,
-                static_cast<long long>(shape.batch), static_cast<long long>(shape.seq),
-                static_cast<long long>(shape.dim), threads, row.kernel.c_str(), f, r, row.aten.c_str(), f / r);
+    std::printf("| %s (B %lld, T %lld, D %lld) | %d | %s | %.3f | %.3f | %s | **%.2f** |\n",
+                shape.name, static_cast<long long>(shape.batch), static_cast<long long>(shape.seq),
+                static_cast<long long>(shape.dim), threads, row.kernel.c_str(), f, r,
+                row.aten.c_str(), f / r);
   }
   return 0;
 }

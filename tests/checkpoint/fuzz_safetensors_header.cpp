@@ -7,7 +7,8 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
-    const strata::SafetensorsHeader header = strata::parse_safetensors_header(data, size, "fuzz.safetensors");
+    const strata::SafetensorsHeader header =
+        strata::parse_safetensors_header(data, size, "fuzz.safetensors");
     // A parsed header's ranges lie inside the image.
     for (const strata::SafetensorsEntry& e : header.entries) {
       if (header.data_offset + e.end > size || e.begin > e.end) __builtin_trap();

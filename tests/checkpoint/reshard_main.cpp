@@ -29,8 +29,12 @@ constexpr uint64_t kSeed = 11;
 
 // The moments the saved state holds: elementwise functions of the parameter values, so any
 // layout can recompute them from its own parameters.
-at::Tensor expected_exp_avg(const at::Tensor& p) { return at::sin(p * 3.0); }
-at::Tensor expected_exp_avg_sq(const at::Tensor& p) { return p * p + 0.5; }
+at::Tensor expected_exp_avg(const at::Tensor& p) {
+  return at::sin(p * 3.0);
+}
+at::Tensor expected_exp_avg_sq(const at::Tensor& p) {
+  return p * p + 0.5;
+}
 
 struct State {
   ModelConfig config;
@@ -150,7 +154,8 @@ int run(const std::string& mode, const std::string& dir, const std::string& layo
   int mismatches = 0, checked = 0;
   for (const auto& [fqn, p] : reference.parameters()) {
     const at::Tensor expected[3] = {p, expected_exp_avg(p), expected_exp_avg_sq(p)};
-    const std::string keys[3] = {fqn, "optimizer." + fqn + ".exp_avg", "optimizer." + fqn + ".exp_avg_sq"};
+    const std::string keys[3] = {fqn, "optimizer." + fqn + ".exp_avg",
+                                 "optimizer." + fqn + ".exp_avg_sq"};
     for (int i = 0; i < 3; ++i) {
       ++checked;
       if (!at::equal(got.at(keys[i]), expected[i])) {
@@ -186,7 +191,8 @@ int run(const std::string& mode, const std::string& dir, const std::string& layo
                     flags[1].item<int32_t>() ? "non-finite loss" : "values differ"));
     return 1;
   }
-  log(fmt::format("reshard: {} saved on {} rank(s) loaded on {} rank(s) ({}): {} tensors "
+  log(
+      fmt::format("reshard: {} saved on {} rank(s) loaded on {} rank(s) ({}): {} tensors "
                   "bit-identical, async files == sync files, next step loss {:.4f}",
                   step_dir, sync_reader.metadata().at("world_size").get<int>(), comm->world_size(),
                   layout, checked, loss.item<double>()));

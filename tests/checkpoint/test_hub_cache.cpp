@@ -34,14 +34,18 @@ class ScopedEnv {
     for (const auto& [name, value] : values) {
       const char* old = std::getenv(name.c_str());
       saved_[name] = old ? std::optional<std::string>(old) : std::nullopt;
-      if (value) setenv(name.c_str(), value->c_str(), 1);
-      else unsetenv(name.c_str());
+      if (value)
+        setenv(name.c_str(), value->c_str(), 1);
+      else
+        unsetenv(name.c_str());
     }
   }
   ~ScopedEnv() {
     for (const auto& [name, value] : saved_) {
-      if (value) setenv(name.c_str(), value->c_str(), 1);
-      else unsetenv(name.c_str());
+      if (value)
+        setenv(name.c_str(), value->c_str(), 1);
+      else
+        unsetenv(name.c_str());
     }
   }
 
@@ -50,11 +54,19 @@ class ScopedEnv {
 };
 
 const std::map<std::string, std::optional<std::string>> kClean = {
-    {"HF_HOME", std::nullopt},          {"HF_HUB_CACHE", std::nullopt},     {"HUGGINGFACE_HUB_CACHE", std::nullopt},
-    {"XDG_CACHE_HOME", std::nullopt},   {"HF_TOKEN", std::nullopt},         {"HUGGING_FACE_HUB_TOKEN", std::nullopt},
-    {"HF_TOKEN_PATH", std::nullopt},    {"HF_HUB_OFFLINE", std::nullopt},   {"TRANSFORMERS_OFFLINE", std::nullopt},
-    {"HF_ENDPOINT", std::nullopt},      {"HF_HUB_DISABLE_SYMLINKS", std::nullopt},
-    {"HF_HUB_DISABLE_IMPLICIT_TOKEN", std::nullopt}, {"STRATA_HUB_ATTEMPTS", std::nullopt}};
+    {"HF_HOME", std::nullopt},
+    {"HF_HUB_CACHE", std::nullopt},
+    {"HUGGINGFACE_HUB_CACHE", std::nullopt},
+    {"XDG_CACHE_HOME", std::nullopt},
+    {"HF_TOKEN", std::nullopt},
+    {"HUGGING_FACE_HUB_TOKEN", std::nullopt},
+    {"HF_TOKEN_PATH", std::nullopt},
+    {"HF_HUB_OFFLINE", std::nullopt},
+    {"TRANSFORMERS_OFFLINE", std::nullopt},
+    {"HF_ENDPOINT", std::nullopt},
+    {"HF_HUB_DISABLE_SYMLINKS", std::nullopt},
+    {"HF_HUB_DISABLE_IMPLICIT_TOKEN", std::nullopt},
+    {"STRATA_HUB_ATTEMPTS", std::nullopt}};
 
 std::string read(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -82,7 +94,8 @@ TEST(HubSettings, CacheLocationFollowsHuggingfaceHub) {
   ScopedEnv clean(kClean);
   {
     ScopedEnv e({{"HOME", tmp.path().string()}});
-    EXPECT_EQ(HubSettings::from_environment().cache_dir, (tmp.path() / ".cache/huggingface/hub").string());
+    EXPECT_EQ(HubSettings::from_environment().cache_dir,
+              (tmp.path() / ".cache/huggingface/hub").string());
   }
   {
     ScopedEnv e({{"XDG_CACHE_HOME", tmp / "xdg"}});
@@ -97,13 +110,15 @@ TEST(HubSettings, CacheLocationFollowsHuggingfaceHub) {
     EXPECT_EQ(HubSettings::from_environment().cache_dir, tmp / "legacy");
   }
   {
-    ScopedEnv e({{"HF_HUB_CACHE", "$STRATA_TEST_ROOT/c"}, {"HUGGINGFACE_HUB_CACHE", tmp / "legacy"},
+    ScopedEnv e({{"HF_HUB_CACHE", "$STRATA_TEST_ROOT/c"},
+                 {"HUGGINGFACE_HUB_CACHE", tmp / "legacy"},
                  {"STRATA_TEST_ROOT", tmp.path().string()}});
     EXPECT_EQ(HubSettings::from_environment().cache_dir, tmp / "c");  // $VAR expanded
   }
   {
     ScopedEnv e({{"HF_HOME", ""}, {"HOME", tmp.path().string()}});  // empty counts as unset
-    EXPECT_EQ(HubSettings::from_environment().cache_dir, (tmp.path() / ".cache/huggingface/hub").string());
+    EXPECT_EQ(HubSettings::from_environment().cache_dir,
+              (tmp.path() / ".cache/huggingface/hub").string());
   }
 }
 
@@ -121,7 +136,9 @@ TEST(HubSettings, EndpointTokenOfflineAndTimeouts) {
   EXPECT_EQ(s.token, "hf_from_file");
   EXPECT_EQ(s.token_source, tmp / "token");
   {
-    ScopedEnv e({{"HF_TOKEN", "hf_from_env"}, {"HF_ENDPOINT", "http://127.0.0.1:9/"}, {"HF_HUB_OFFLINE", "yes"},
+    ScopedEnv e({{"HF_TOKEN", "hf_from_env"},
+                 {"HF_ENDPOINT", "http://127.0.0.1:9/"},
+                 {"HF_HUB_OFFLINE", "yes"},
                  {"HF_HUB_DISABLE_SYMLINKS", "1"}});
     s = HubSettings::from_environment();
     EXPECT_EQ(s.token, "hf_from_env");
@@ -131,7 +148,9 @@ TEST(HubSettings, EndpointTokenOfflineAndTimeouts) {
     EXPECT_FALSE(s.symlinks);
   }
   {
-    ScopedEnv e({{"HF_TOKEN", "hf_from_env"}, {"HF_HUB_DISABLE_IMPLICIT_TOKEN", "true"}, {"TRANSFORMERS_OFFLINE", "1"}});
+    ScopedEnv e({{"HF_TOKEN", "hf_from_env"},
+                 {"HF_HUB_DISABLE_IMPLICIT_TOKEN", "true"},
+                 {"TRANSFORMERS_OFFLINE", "1"}});
     s = HubSettings::from_environment();
     EXPECT_EQ(s.token, "");
     EXPECT_TRUE(s.offline);
@@ -142,12 +161,15 @@ TEST(HubSettings, EndpointTokenOfflineAndTimeouts) {
   }
   {
     ScopedEnv e({{"HF_HUB_ETAG_TIMEOUT", std::string("soon")}});
-    EXPECT_NE(error_of([] { HubSettings::from_environment(); }).find("HF_HUB_ETAG_TIMEOUT='soon' is not a positive number"),
+    EXPECT_NE(error_of([] {
+                HubSettings::from_environment();
+              }).find("HF_HUB_ETAG_TIMEOUT='soon' is not a positive number"),
               std::string::npos);
   }
   {
     ScopedEnv e({{"STRATA_HUB_ATTEMPTS", std::string("0")}});
-    EXPECT_NE(error_of([] { HubSettings::from_environment(); }).find("STRATA_HUB_ATTEMPTS='0'"), std::string::npos);
+    EXPECT_NE(error_of([] { HubSettings::from_environment(); }).find("STRATA_HUB_ATTEMPTS='0'"),
+              std::string::npos);
   }
 }
 
@@ -157,17 +179,20 @@ TEST(HubRepoCache, LayoutRefsAndLinks) {
   EXPECT_EQ(cache.repo_dir(), tmp / "models--owner--my-repo");
   EXPECT_EQ(cache.blob_path("abc"), tmp / "models--owner--my-repo/blobs/abc");
   EXPECT_EQ(cache.lock_path("abc"), tmp / ".locks/models--owner--my-repo/abc.lock");
-  EXPECT_EQ(cache.pointer_path(kCommit, "sub/a.json"), tmp / ("models--owner--my-repo/snapshots/" + kCommit + "/sub/a.json"));
+  EXPECT_EQ(cache.pointer_path(kCommit, "sub/a.json"),
+            tmp / ("models--owner--my-repo/snapshots/" + kCommit + "/sub/a.json"));
 
   cache.prepare();
   EXPECT_TRUE(fs::is_directory(tmp / "models--owner--my-repo/blobs"));
-  EXPECT_EQ(read(tmp / "CACHEDIR.TAG").rfind("Signature: 8a477f597d28d172789f06886806bc55\n", 0), 0u);
+  EXPECT_EQ(read(tmp / "CACHEDIR.TAG").rfind("Signature: 8a477f597d28d172789f06886806bc55\n", 0),
+            0u);
 
   EXPECT_FALSE(cache.read_ref("main").has_value());
   cache.write_ref("main", kCommit);
   cache.write_ref("refs/pr/1", kCommit);
   cache.write_ref(kCommit, kCommit);  // a commit gets no ref
-  EXPECT_EQ(read(tmp / "models--owner--my-repo/refs/main"), kCommit);  // exactly 40 bytes, no newline
+  EXPECT_EQ(read(tmp / "models--owner--my-repo/refs/main"),
+            kCommit);  // exactly 40 bytes, no newline
   EXPECT_EQ(read(tmp / "models--owner--my-repo/refs/refs/pr/1"), kCommit);
   EXPECT_FALSE(fs::exists(tmp / ("models--owner--my-repo/refs/" + kCommit)));
   EXPECT_EQ(cache.read_ref("refs/pr/1"), kCommit);
@@ -178,7 +203,8 @@ TEST(HubRepoCache, LayoutRefsAndLinks) {
   cache.link(kCommit, "a.json", "e1", true);
   cache.link(kCommit, "sub/dir/b.json", "e1", true);
   EXPECT_EQ(fs::read_symlink(cache.pointer_path(kCommit, "a.json")).string(), "../../blobs/e1");
-  EXPECT_EQ(fs::read_symlink(cache.pointer_path(kCommit, "sub/dir/b.json")).string(), "../../../../blobs/e1");
+  EXPECT_EQ(fs::read_symlink(cache.pointer_path(kCommit, "sub/dir/b.json")).string(),
+            "../../../../blobs/e1");
   EXPECT_EQ(read(cache.pointer_path(kCommit, "sub/dir/b.json")), "content");
   cache.link(kCommit, "c.json", "e1", false);  // HF_HUB_DISABLE_SYMLINKS: a copy
   EXPECT_FALSE(fs::is_symlink(cache.pointer_path(kCommit, "c.json")));
@@ -211,11 +237,13 @@ TEST(FileLock, ExcludesOtherProcesses) {
 }
 
 TEST(HubFiles, LoadableNamesAndUrlQuoting) {
-  for (const char* name : {"model.safetensors", "model-00001-of-00002.safetensors", "config.json", "tokenizer.model",
-                           "config.yaml", "latest", "merges.txt", "adapter_model.safetensors"}) {
+  for (const char* name :
+       {"model.safetensors", "model-00001-of-00002.safetensors", "config.json", "tokenizer.model",
+        "config.yaml", "latest", "merges.txt", "adapter_model.safetensors"}) {
     EXPECT_TRUE(is_loadable_hub_file(name)) << name;
   }
-  for (const char* name : {"pytorch_model.bin", "README.md", "model.gguf", ".gitattributes", "consolidated.00.pth"}) {
+  for (const char* name :
+       {"pytorch_model.bin", "README.md", "model.gguf", ".gitattributes", "consolidated.00.pth"}) {
     EXPECT_FALSE(is_loadable_hub_file(name)) << name;
   }
   EXPECT_EQ(url_quote("refs/pr/1"), "refs%2Fpr%2F1");
@@ -232,20 +260,24 @@ TEST(HubFiles, MissingSourceFiles) {
   write(hf / "config.json", "{}");
   ASSERT_EQ(missing_source_files(hf.string()).size(), 1u);
   EXPECT_NE(missing_source_files(hf.string())[0].find("model.safetensors"), std::string::npos);
-  write(hf / "model.safetensors.index.json",
-        R"({"metadata":{"total_size":8},"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors"}})");
+  write(
+      hf / "model.safetensors.index.json",
+      R"({"metadata":{"total_size":8},"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors"}})");
   write(hf / "model-00001-of-00002.safetensors", "x");
-  EXPECT_EQ(missing_source_files(hf.string()), std::vector<std::string>{(hf / "model-00002-of-00002.safetensors").string()});
+  EXPECT_EQ(missing_source_files(hf.string()),
+            std::vector<std::string>{(hf / "model-00002-of-00002.safetensors").string()});
   write(hf / "model-00002-of-00002.safetensors", "x");
   EXPECT_TRUE(missing_source_files(hf.string()).empty());
 
   const fs::path peft = tmp.path() / "peft";
   write(peft / "adapter_config.json", "{}");
-  EXPECT_EQ(missing_source_files(peft.string()), std::vector<std::string>{(peft / "adapter_model.safetensors").string()});
+  EXPECT_EQ(missing_source_files(peft.string()),
+            std::vector<std::string>{(peft / "adapter_model.safetensors").string()});
 
   const fs::path run = tmp.path() / "run";
   write(run / "latest", "step-0000010");
-  EXPECT_EQ(missing_source_files(run.string()), std::vector<std::string>{(run / "step-0000010/metadata.json").string()});
+  EXPECT_EQ(missing_source_files(run.string()),
+            std::vector<std::string>{(run / "step-0000010/metadata.json").string()});
   write(run / "step-0000010/metadata.json", R"({"files":{"rank-00000.safetensors":{}}})");
   write(run / "step-0000010/train_state.json", "{}");
   write(run / "step-0000010/config.yaml", "");
@@ -257,7 +289,8 @@ TEST(HubFiles, MissingSourceFiles) {
   const fs::path empty = tmp.path() / "empty";
   fs::create_directories(empty);
   ASSERT_EQ(missing_source_files(empty.string()).size(), 1u);
-  EXPECT_NE(missing_source_files(empty.string())[0].find("config.json (an HF model)"), std::string::npos);
+  EXPECT_NE(missing_source_files(empty.string())[0].find("config.json (an HF model)"),
+            std::string::npos);
 }
 
 TEST(HubOffline, ResolvesBranchesCommitsAndReportsWhatIsMissing) {
@@ -267,23 +300,31 @@ TEST(HubOffline, ResolvesBranchesCommitsAndReportsWhatIsMissing) {
   const HubSettings settings = HubSettings::from_environment();
   HubSpec spec = *parse_hub_spec("hf://owner/repo/sub@main", false);
 
-  std::string message = error_of([&] { resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set"); });
-  EXPECT_NE(message.find("Hub spec 'hf://owner/repo/sub@main' (repo owner/repo, subfolder sub, revision main) is "
-                         "not available: HF_HUB_OFFLINE is set, and it is not in the cache"),
+  std::string message =
+      error_of([&] { resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set"); });
+  EXPECT_NE(
+      message.find(
+          "Hub spec 'hf://owner/repo/sub@main' (repo owner/repo, subfolder sub, revision main) is "
+          "not available: HF_HUB_OFFLINE is set, and it is not in the cache"),
+      std::string::npos)
+      << message;
+  EXPECT_NE(message.find("refs/main (the revision has never been downloaded)"), std::string::npos)
+      << message;
+  EXPECT_NE(message.find("hf download owner/repo --revision main --include 'sub/*'"),
             std::string::npos)
       << message;
-  EXPECT_NE(message.find("refs/main (the revision has never been downloaded)"), std::string::npos) << message;
-  EXPECT_NE(message.find("hf download owner/repo --revision main --include 'sub/*'"), std::string::npos) << message;
 
   const HubRepoCache cache(settings.cache_dir, "owner/repo");
   cache.write_ref("main", kCommit);
   message = error_of([&] { resolve_from_cache(spec, settings, "offline"); });
-  EXPECT_NE(message.find("no directory " + cache.snapshot_dir(kCommit) + "/sub"), std::string::npos) << message;
+  EXPECT_NE(message.find("no directory " + cache.snapshot_dir(kCommit) + "/sub"), std::string::npos)
+      << message;
 
   write(cache.blob_path("c"), "{}");
   cache.link(kCommit, "sub/config.json", "c", true);
   message = error_of([&] { resolve_from_cache(spec, settings, "offline"); });
-  EXPECT_NE(message.find("is incomplete:\n  missing: " + cache.snapshot_dir(kCommit) + "/sub/model.safetensors"),
+  EXPECT_NE(message.find("is incomplete:\n  missing: " + cache.snapshot_dir(kCommit) +
+                         "/sub/model.safetensors"),
             std::string::npos)
       << message;
 
@@ -295,17 +336,22 @@ TEST(HubOffline, ResolvesBranchesCommitsAndReportsWhatIsMissing) {
 
   // A commit needs no ref; an unknown one is not cached.
   spec = *parse_hub_spec("hf://owner/repo/sub@" + kCommit, false);
-  EXPECT_EQ(resolve_from_cache(spec, settings, "offline").dir, cache.snapshot_dir(kCommit) + "/sub");
+  EXPECT_EQ(resolve_from_cache(spec, settings, "offline").dir,
+            cache.snapshot_dir(kCommit) + "/sub");
   spec = *parse_hub_spec("hf://owner/repo/sub@" + std::string(40, 'a'), false);
-  EXPECT_NE(error_of([&] { resolve_from_cache(spec, settings, "offline"); }).find("no directory"), std::string::npos);
+  EXPECT_NE(error_of([&] { resolve_from_cache(spec, settings, "offline"); }).find("no directory"),
+            std::string::npos);
 
   // A listing written by huggingface_hub (trees/<commit>.json) names files that must be there.
-  write(fs::path(cache.repo_dir()) / "trees" / (kCommit + ".json"),
-        R"({"format_version":1,"files":{"sub/config.json":{"size":2},"sub/model.safetensors":{"size":7},)"
-        R"("sub/tokenizer.model":{"size":3},"sub/README.md":{"size":1}}})");
+  write(
+      fs::path(cache.repo_dir()) / "trees" / (kCommit + ".json"),
+      R"({"format_version":1,"files":{"sub/config.json":{"size":2},"sub/model.safetensors":{"size":7},)"
+      R"("sub/tokenizer.model":{"size":3},"sub/README.md":{"size":1}}})");
   spec = *parse_hub_spec("hf://owner/repo/sub", false);
   message = error_of([&] { resolve_from_cache(spec, settings, "offline"); });
-  EXPECT_NE(message.find("missing: " + cache.snapshot_dir(kCommit) + "/sub/tokenizer.model"), std::string::npos) << message;
+  EXPECT_NE(message.find("missing: " + cache.snapshot_dir(kCommit) + "/sub/tokenizer.model"),
+            std::string::npos)
+      << message;
   EXPECT_EQ(message.find("README.md"), std::string::npos) << message;
 }
 

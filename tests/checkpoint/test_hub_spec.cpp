@@ -82,7 +82,8 @@ TEST(HubSpec, BareNamesAreLocalPathsFirst) {
     parse_hub_spec("runs/a b/c", false);
     FAIL();
   } catch (const CheckpointError& e) {
-    EXPECT_NE(std::string(e.what()).find("'runs/a b/c' is no existing local path, and not a Hub spec either"),
+    EXPECT_NE(std::string(e.what()).find(
+                  "'runs/a b/c' is no existing local path, and not a Hub spec either"),
               std::string::npos)
         << e.what();
   }

@@ -32,7 +32,8 @@ std::string image(const std::string& header, const std::string& data = "") {
 
 std::string parse_error(const std::string& bytes) {
   try {
-    parse_safetensors_header(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "x.safetensors");
+    parse_safetensors_header(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(),
+                             "x.safetensors");
   } catch (const CheckpointError& e) {
     return e.what();
   }
@@ -83,7 +84,8 @@ TEST(Safetensors, RoundTripsEveryDtypeInTheReferenceOrder) {
   EXPECT_EQ(order.back(), "g.bool");
   EXPECT_EQ(file.header().data_offset % 8, 0u);
   // Partial reads touch only the requested range.
-  EXPECT_TRUE(at::equal(file.read_elements("b.f32", 5, 4), tensors[0].second.flatten().narrow(0, 5, 4)));
+  EXPECT_TRUE(
+      at::equal(file.read_elements("b.f32", 5, 4), tensors[0].second.flatten().narrow(0, 5, 4)));
   EXPECT_THROW(file.read_elements("b.f32", 10, 4), CheckpointError);
   EXPECT_THROW(file.tensor("missing"), CheckpointError);
 }
@@ -96,7 +98,8 @@ TEST(Safetensors, AcceptsTheEmptyFileOfTheReference) {
   EXPECT_TRUE(h.entries.empty());
   // Surrounding JSON whitespace is accepted, as by the reference reader.
   const std::string spaced = image("\t\n{}\r ");
-  EXPECT_NO_THROW(parse_safetensors_header(reinterpret_cast<const uint8_t*>(spaced.data()), spaced.size(), "s"));
+  EXPECT_NO_THROW(parse_safetensors_header(reinterpret_cast<const uint8_t*>(spaced.data()),
+                                           spaced.size(), "s"));
 }
 
 TEST(Safetensors, RejectsMalformedFilesNamingTheProblem) {
@@ -107,38 +110,50 @@ TEST(Safetensors, RejectsMalformedFilesNamingTheProblem) {
   } cases[] = {
       {"abc", "3 bytes, shorter than the 8-byte header length"},
       {std::string("\xff\xff\xff\xff\x00\x00\x00\x00", 8), "exceeds the limit of 100000000 bytes"},
-      {std::string("\x40\x00\x00\x00\x00\x00\x00\x00{}", 10), "runs past the end of the 10-byte file"},
+      {std::string("\x40\x00\x00\x00\x00\x00\x00\x00{}", 10),
+       "runs past the end of the 10-byte file"},
       {image("{\"t\": [1, 2"), "header is not valid UTF-8 JSON"},
       {image("{\"\xff\xfe\": 1}"), "header is not valid UTF-8 JSON"},
       {image("[1, 2]"), "header is not a JSON object"},
       {image("{" + t + "," + t + "}", data8), "tensor 't' appears twice"},
-      {image(R"({"t":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}})", data8), "unknown dtype \"F33\""},
-      {image(R"({"t":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", data8), "non-integer or negative size"},
-      {image(R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", data8), "non-integer or negative size"},
+      {image(R"({"t":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}})", data8),
+       "unknown dtype \"F33\""},
+      {image(R"({"t":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", data8),
+       "non-integer or negative size"},
+      {image(R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", data8),
+       "non-integer or negative size"},
       {image(R"({"t":{"dtype":"F32","shape":[2]}})", data8), "lacks dtype, shape or data_offsets"},
-      {image(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", data8), "ends (byte 0) before it begins (byte 8)"},
-      {image(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", std::string(12, '\0')), "starts at byte 4 but the previous one ends at 0"},
-      {image(R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data8), "needs 12 bytes, its data_offsets give 8"},
-      {image("{" + t + R"(,"u":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", data8), "starts at byte 4 but the previous one ends at 8"},
+      {image(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", data8),
+       "ends (byte 0) before it begins (byte 8)"},
+      {image(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", std::string(12, '\0')),
+       "starts at byte 4 but the previous one ends at 0"},
+      {image(R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data8),
+       "needs 12 bytes, its data_offsets give 8"},
+      {image("{" + t + R"(,"u":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", data8),
+       "starts at byte 4 but the previous one ends at 8"},
       {image("{" + t + "}", data8 + "x"), "trailing bytes"},
       {image("{" + t + "}", "1234"), "truncated"},
       {image(R"({"__metadata__":{"step":7}})"), "__metadata__ value of 'step' is not a string"},
-      {image(R"({"t":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}})", "12"), "not a whole number of bytes"},
+      {image(R"({"t":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}})", "12"),
+       "not a whole number of bytes"},
   };
   for (const Case& c : cases) {
     const std::string e = parse_error(c.bytes);
     EXPECT_NE(e.find("x.safetensors is not a valid safetensors file: "), std::string::npos) << e;
-    EXPECT_NE(e.find(c.expected), std::string::npos) << "got: " << e << "\nexpected: " << c.expected;
+    EXPECT_NE(e.find(c.expected), std::string::npos)
+        << "got: " << e << "\nexpected: " << c.expected;
   }
 }
 
 TEST(Safetensors, WriterRejectsDuplicateNamesAndKeepsTheOldFile) {
   TempDir dir;
   write_safetensors(dir / "m.safetensors", {{"a", at::ones({1})}});
-  EXPECT_THROW(write_safetensors(dir / "m.safetensors", {{"a", at::ones({1})}, {"a", at::ones({1})}}),
-               CheckpointError);
+  EXPECT_THROW(
+      write_safetensors(dir / "m.safetensors", {{"a", at::ones({1})}, {"a", at::ones({1})}}),
+      CheckpointError);
   EXPECT_TRUE(at::equal(SafetensorsFile(dir / "m.safetensors").tensor("a"), at::ones({1})));
-  EXPECT_THROW(write_safetensors(dir / "no/such/dir.safetensors", {{"a", at::ones({1})}}), CheckpointError);
+  EXPECT_THROW(write_safetensors(dir / "no/such/dir.safetensors", {{"a", at::ones({1})}}),
+               CheckpointError);
 }
 
 }  // namespace

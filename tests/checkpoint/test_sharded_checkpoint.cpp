@@ -43,8 +43,9 @@ std::vector<TensorPiece> partition(const std::vector<std::pair<std::string, at::
 }
 
 // What the CheckpointManager does across n ranks, in one process.
-void save_simulated(const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                    int n, int64_t step = 5) {
+void save_simulated(const std::string& dir,
+                    const std::vector<std::pair<std::string, at::Tensor>>& tensors, int n,
+                    int64_t step = 5) {
   fs::create_directories(dir);
   std::vector<nlohmann::json> reports;
   for (int r = 0; r < n; ++r) reports.push_back(write_rank_file(dir, r, partition(tensors, r, n)));
@@ -53,8 +54,9 @@ void save_simulated(const std::string& dir, const std::vector<std::pair<std::str
 }
 
 // Empty tensors of the same shapes, partitioned for m readers.
-std::vector<TensorPiece> empty_pieces(const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                                      int rank, int m, at::ScalarType dtype = at::kFloat) {
+std::vector<TensorPiece> empty_pieces(
+    const std::vector<std::pair<std::string, at::Tensor>>& tensors, int rank, int m,
+    at::ScalarType dtype = at::kFloat) {
   std::vector<std::pair<std::string, at::Tensor>> zeros;
   for (const auto& [key, t] : tensors) zeros.emplace_back(key, at::full(t.sizes(), -1.0, dtype));
   return partition(zeros, rank, m);
@@ -97,7 +99,8 @@ TEST(ShardedCheckpoint, EveryWriterCountLoadsUnderEveryReaderCount) {
         for (size_t i = 0; i < pieces.size(); ++i) {
           const at::Tensor expected =
               tensors[i].second.reshape({-1}).narrow(0, pieces[i].begin, pieces[i].local.numel());
-          EXPECT_TRUE(at::equal(pieces[i].local, expected)) << tensors[i].first << " n=" << n << " m=" << m;
+          EXPECT_TRUE(at::equal(pieces[i].local, expected))
+              << tensors[i].first << " n=" << n << " m=" << m;
         }
       }
     }
@@ -244,7 +247,9 @@ TEST(ShardedCheckpoint, ModelMismatchListsEveryKeyWithBothShapes) {
   other[1].first = "norm.bias";
   const std::string e = load_error(dir / "ck", empty_pieces(other, 0, 1));
   EXPECT_HAS(e, "does not fit the model");
-  EXPECT_HAS(e, "'layers.0.attention.wq.weight' has shape [7, 5] in the checkpoint but [5, 7] in the model");
+  EXPECT_HAS(
+      e,
+      "'layers.0.attention.wq.weight' has shape [7, 5] in the checkpoint but [5, 7] in the model");
   EXPECT_HAS(e, "'norm.bias' is missing (model expects shape [13])");
 }
 
@@ -275,12 +280,13 @@ TEST(PurgeCheckpoints, KeepsTheNewestKAndLatestAndDropsIncompleteDirs) {
   TempDir dir;
   const auto tensors = sample_tensors();
   const std::string folder = dir / "ck";
-  for (int step : {1, 2, 3, 4, 5}) save_simulated(folder + "/" + step_dir_name(step), tensors, 1, step);
+  for (int step : {1, 2, 3, 4, 5})
+    save_simulated(folder + "/" + step_dir_name(step), tensors, 1, step);
   fs::create_directories(folder + "/step-0000006.incomplete");
   fs::create_directories(folder + "/step-0000007.incomplete");
   write_file_atomic(folder + "/latest", "step-0000001\n");
   const auto removed = purge_checkpoints(folder, 2, /*stale_below=*/7);
-  EXPECT_EQ(removed.size(), 3u);  // steps 2 and 3, and step 6's incomplete dir
+  EXPECT_EQ(removed.size(), 3u);                      // steps 2 and 3, and step 6's incomplete dir
   EXPECT_TRUE(fs::exists(folder + "/step-0000001"));  // named by latest
   EXPECT_FALSE(fs::exists(folder + "/step-0000002"));
   EXPECT_FALSE(fs::exists(folder + "/step-0000003"));

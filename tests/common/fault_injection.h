@@ -35,10 +35,12 @@ inline std::function<void(int, int64_t)> fault_injection_from_environment() {
   const std::string fail_spec = fail ? fail : "", slow_spec = slow ? slow : "";
   return [fail_spec, slow_spec](int rank, int64_t step) {
     double value = 0;
-    if (fault_applies(slow_spec.c_str(), step, &value)) std::this_thread::sleep_for(std::chrono::duration<double>(value));
+    if (fault_applies(slow_spec.c_str(), step, &value))
+      std::this_thread::sleep_for(std::chrono::duration<double>(value));
     if (fault_applies(fail_spec.c_str(), step, &value) && static_cast<int>(value) == rank) {
-      throw IoError(fmt::format("cannot write rank {} file: injected failure (STRATA_TEST_FAIL_SAVE={})", rank,
-                                fail_spec));
+      throw IoError(
+          fmt::format("cannot write rank {} file: injected failure (STRATA_TEST_FAIL_SAVE={})",
+                      rank, fail_spec));
     }
   };
 }

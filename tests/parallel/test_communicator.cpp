@@ -48,7 +48,8 @@ TEST_F(CommunicatorTest, AllReduceAverageMaxMin) {
 }
 
 TEST_F(CommunicatorTest, AllGatherConcatenatesInRankOrder) {
-  for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kLong, at::kByte}) {
+  for (at::ScalarType dtype :
+       {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kLong, at::kByte}) {
     for (int64_t n : {1, 3, 7, 1000}) {  // sizes that divide nothing in particular
       at::Tensor mine = at::full({n}, rank() * 10, at::TensorOptions().dtype(dtype));
       at::Tensor all = at::empty({world() * n}, mine.options());

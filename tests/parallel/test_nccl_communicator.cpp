@@ -30,7 +30,8 @@ TEST_F(NcclTest, CollectivesMatchTheirDefinition) {
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kLong}) {
     at::Tensor t = at::arange(1, 4, cuda.dtype(at::kDouble)).mul(rank + 1).to(dtype);
     comm->all_reduce(t, ReduceOp::kSum);
-    EXPECT_TRUE(at::equal(t.cpu(), at::arange(1, 4, at::kDouble).mul(world * (world + 1) / 2.0).to(dtype)));
+    EXPECT_TRUE(
+        at::equal(t.cpu(), at::arange(1, 4, at::kDouble).mul(world * (world + 1) / 2.0).to(dtype)));
     at::Tensor mine = at::full({3}, rank, cuda.dtype(dtype));
     at::Tensor all = at::empty({3 * world}, mine.options());
     comm->all_gather(mine, all);

@@ -210,8 +210,9 @@ TEST(Config, ConverterEntriesCanBeOverriddenByIndex) {
              "converters.0.rank must be an integer, got 'x' (--set converters.0.rank=x)");
   EXPECT_HAS(error_of(one, {"converters.0.rank=0"}),
              "converters.0.rank = 0 must be positive (--set converters.0.rank=0)");
-  EXPECT_HAS(error_of(one, {"converters.0.type=prune"}),
-             "converters.0.type = 'prune' is not one of: lora, int8_qat (--set converters.0.type=prune)");
+  EXPECT_HAS(
+      error_of(one, {"converters.0.type=prune"}),
+      "converters.0.type = 'prune' is not one of: lora, int8_qat (--set converters.0.type=prune)");
   EXPECT_HAS(
       error_of(one, {"converters.0={type: lora, rank: y}"}),
       "converters.0.rank must be an integer, got 'y' (--set converters.0={type: lora, rank: y})");
@@ -219,10 +220,12 @@ TEST(Config, ConverterEntriesCanBeOverriddenByIndex) {
              "unknown key converters.0.rnk (--set converters.0.rnk=4)");
   EXPECT_HAS(error_of(one, {"converters.0.target_modules=[wq, lm_head]"}),
              "converters.0.target_modules = 'lm_head' is not one of: wq, wk, wv, wo, w1, w2, w3");
-  EXPECT_HAS(error_of(one, {"converters.0.dropout=1"}), "converters.0.dropout = 1 must be in [0, 1)");
+  EXPECT_HAS(error_of(one, {"converters.0.dropout=1"}),
+             "converters.0.dropout = 1 must be in [0, 1)");
   EXPECT_HAS(error_of(one, {"converters.0.save=some"}),
              "converters.0.save = 'some' is not one of: full, adapter_only");
-  EXPECT_HAS(error_of(one, {"converters=[{type: lora}, {type: lora}]"}), "converters.1.type = 'lora' appears twice");
+  EXPECT_HAS(error_of(one, {"converters=[{type: lora}, {type: lora}]"}),
+             "converters.1.type = 'lora' appears twice");
   const std::string e = error_of(one, {"converters.3.rank=4"});
   EXPECT_HAS(e, "converters has 1 entry, '3' is not an index of it (--set converters.3.rank=4)");
   EXPECT_HAS(e, "HINT: to replace the whole list: --set converters=[...]");
@@ -467,8 +470,10 @@ TEST(Config, CheckpointValuesAreChecked) {
              "dataloader, rng (--set checkpoint.exclude_from_loading=[optimizer, model])");
   EXPECT_HAS(error_of(kMinimal, {"checkpoint.keep_latest_k=-1"}),
              "checkpoint.keep_latest_k = -1 must be >= 0 (0 keeps every checkpoint)");
-  EXPECT_HAS(error_of(kMinimal, {"checkpoint.load_step=-3"}), "checkpoint.load_step = -3 must be >= 0");
-  EXPECT_HAS(error_of(kMinimal, {"checkpoint.load_step=x"}), "checkpoint.load_step must be an integer");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.load_step=-3"}),
+             "checkpoint.load_step = -3 must be >= 0");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.load_step=x"}),
+             "checkpoint.load_step must be an integer");
   EXPECT_HAS(error_of(kMinimal, {"checkpoint.async_mode=background"}),
              "checkpoint.async_mode = 'background' is not one of: disabled, async");
   EXPECT_HAS(error_of(kMinimal, {"checkpoint.model_only=maybe"}),
@@ -478,8 +483,10 @@ TEST(Config, CheckpointValuesAreChecked) {
              "checkpoint.hf_max_shard_size = '5XB' is not a size: unknown unit 'XB'");
   EXPECT_HAS(error_of(kMinimal, {"checkpoint.hf_max_shard_size=big"}),
              "checkpoint.hf_max_shard_size = 'big' is not a size");
-  EXPECT_HAS(error_of(kMinimal, {"checkpoint.hf_max_keep=-1"}), "checkpoint.hf_max_keep = -1 must be >= 0");
-  EXPECT_EQ(parse(kMinimal, {"checkpoint.hf_max_shard_size=500MB"}).checkpoint.hf_max_shard_size, "500MB");
+  EXPECT_HAS(error_of(kMinimal, {"checkpoint.hf_max_keep=-1"}),
+             "checkpoint.hf_max_keep = -1 must be >= 0");
+  EXPECT_EQ(parse(kMinimal, {"checkpoint.hf_max_shard_size=500MB"}).checkpoint.hf_max_shard_size,
+            "500MB");
   EXPECT_EQ(parse(kMinimal, {"checkpoint.resume_path=runs/x"}).checkpoint.resume_path, "runs/x");
 }
 
@@ -504,8 +511,9 @@ TEST(Config, ConverterEntriesAreChecked) {
              "converters.0.target_modules must be a list");
   EXPECT_HAS(error_of(kMinimal, {"converters=[{type: lora, export: fused}]"}),
              "converters.0.export = 'fused' is not one of");
-  const Config c = parse(with_minimal("converters:\n  - type: lora\n    rank: 4\n    export: merged\n"
-                                      "  - {type: int8_qat, target_modules: [w1, w2, w3]}\n"));
+  const Config c =
+      parse(with_minimal("converters:\n  - type: lora\n    rank: 4\n    export: merged\n"
+                         "  - {type: int8_qat, target_modules: [w1, w2, w3]}\n"));
   ASSERT_EQ(c.converters.size(), 2u);
   EXPECT_EQ(c.converters[0].export_mode, "merged");
   EXPECT_EQ(c.converters[0].target_modules, (std::vector<std::string>{"wq", "wv"}));
@@ -548,13 +556,14 @@ TEST(Config, EveryMessageHasTheDocumentedShape) {
 // ---- writing ----------------------------------------------------------------------------
 
 TEST(Config, ResolvedYamlRoundTrips) {
-  const Config original = parse(
-      kMinimal,
-      {"model.ffn_dim_multiplier=1.3", "job.name='a: b \"c\"'", "model.norm_eps=1e-05",
-       "model.rope_theta=500000", "data.val=v_*.bin", "optimizer.weight_decay=0",
-       "optimizer.lr=0.1", "optimizer.eps=1e-300", "parallel.threads_per_rank=2", "job.run_dir=123",
-       "training.grad_clip=0.3333333333333333", "lr_scheduler.decay=linear",
-       "model.tie_embeddings=true", "checkpoint.exclude_from_loading=[rng, \"lr_scheduler\"]", "checkpoint.load_step=7"});
+  const Config original =
+      parse(kMinimal,
+            {"model.ffn_dim_multiplier=1.3", "job.name='a: b \"c\"'", "model.norm_eps=1e-05",
+             "model.rope_theta=500000", "data.val=v_*.bin", "optimizer.weight_decay=0",
+             "optimizer.lr=0.1", "optimizer.eps=1e-300", "parallel.threads_per_rank=2",
+             "job.run_dir=123", "training.grad_clip=0.3333333333333333",
+             "lr_scheduler.decay=linear", "model.tie_embeddings=true",
+             "checkpoint.exclude_from_loading=[rng, \"lr_scheduler\"]", "checkpoint.load_step=7"});
   const std::string yaml = to_yaml(original);
   const Config again = parse(yaml);
   EXPECT_EQ(to_yaml(again), yaml);
@@ -572,7 +581,8 @@ TEST(Config, ResolvedYamlRoundTrips) {
   EXPECT_EQ(*again.data.val, "v_*.bin");
   EXPECT_FALSE(again.data.tokenizer.has_value());
   EXPECT_EQ(again.parallel.threads_per_rank, 2);
-  EXPECT_EQ(again.checkpoint.exclude_from_loading, (std::vector<std::string>{"rng", "lr_scheduler"}));
+  EXPECT_EQ(again.checkpoint.exclude_from_loading,
+            (std::vector<std::string>{"rng", "lr_scheduler"}));
   EXPECT_EQ(again.checkpoint.load_step, 7);
 }
 
@@ -632,7 +642,8 @@ TEST(Config, ConvertersAreWrittenAsABlockListThatReadsBack) {
   const std::string yaml = to_yaml(c);
   EXPECT_HAS(yaml,
              "converters:\n  - type: lora\n    rank: 4\n    alpha: 8.0\n    dropout: 0.1\n"
-             "    use_rslora: false\n    target_modules: [wq, wk]\n    export: merged\n    save: adapter_only\nlogging:");
+             "    use_rslora: false\n    target_modules: [wq, wk]\n    export: merged\n    save: "
+             "adapter_only\nlogging:");
   const Config again = parse(yaml);
   ASSERT_EQ(again.converters.size(), 1u);
   EXPECT_EQ(again.converters[0].rank, 4);

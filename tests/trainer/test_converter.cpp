@@ -14,7 +14,8 @@
 namespace strata {
 namespace {
 
-ConverterConfig lora_config(std::vector<std::string> targets = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}) {
+ConverterConfig lora_config(std::vector<std::string> targets = {"wq", "wk", "wv", "wo", "w1", "w2",
+                                                                "w3"}) {
   ConverterConfig c;
   c.type = "lora";
   c.rank = 4;
@@ -48,7 +49,8 @@ TEST(LoraConverter, AddsFactorsInitialisesThemAndWithBZeroIsTheBaseModelExactly)
   const StateDict p = lora.parameters();
   EXPECT_EQ(p.at("layers.1.attention.wq.lora_a").sizes(), (at::IntArrayRef{4, 32}));
   EXPECT_EQ(p.at("layers.1.attention.wq.lora_b").sizes(), (at::IntArrayRef{32, 4}));
-  EXPECT_EQ(p.at("layers.0.feed_forward.w2.lora_a").sizes(), (at::IntArrayRef{4, c.ffn_hidden_dim()}));
+  EXPECT_EQ(p.at("layers.0.feed_forward.w2.lora_a").sizes(),
+            (at::IntArrayRef{4, c.ffn_hidden_dim()}));
   EXPECT_TRUE(at::equal(p.at("layers.0.attention.wk.lora_b"), at::zeros({16, 4})));
   const double bound = 1.0 / std::sqrt(32.0);  // kaiming_uniform(a=sqrt(5)) on fan_in 32
   EXPECT_LE(p.at("layers.0.attention.wk.lora_a").abs().max().item<double>(), bound);
@@ -80,7 +82,8 @@ TEST(LoraConverter, TrainingMovesOnlyTheAdaptersAndTheMergeEqualsTheForward) {
   for (int step = 0; step < 3; ++step) {
     at::manual_seed(step);
     const at::Tensor tokens = at::randint(0, c.vocab_size, {4, 11}, at::kLong);
-    at::cross_entropy_loss(lora.forward(tokens.narrow(1, 0, 10)).flatten(0, 1), tokens.narrow(1, 1, 10).flatten())
+    at::cross_entropy_loss(lora.forward(tokens.narrow(1, 0, 10)).flatten(0, 1),
+                           tokens.narrow(1, 1, 10).flatten())
         .backward();
     optimizer.step(oc.lr);
     optimizer.zero_grad();
@@ -104,7 +107,8 @@ TEST(LoraConverter, TrainingMovesOnlyTheAdaptersAndTheMergeEqualsTheForward) {
   for (const auto& [fqn, t] : exported) {
     const std::string prefix = fqn.substr(0, fqn.size() - 7);  // without ".weight"
     if (full.contains(prefix + ".lora_a")) {
-      const at::Tensor expected = full.at(fqn) + scale * at::mm(full.at(prefix + ".lora_b"), full.at(prefix + ".lora_a"));
+      const at::Tensor expected =
+          full.at(fqn) + scale * at::mm(full.at(prefix + ".lora_b"), full.at(prefix + ".lora_a"));
       EXPECT_TRUE(at::allclose(t, expected, 0, 1e-7)) << fqn;
       EXPECT_FALSE(at::equal(t, full.at(fqn))) << fqn;
     } else {
@@ -137,7 +141,8 @@ TEST(LoraConverter, RsloraScalesByTheSquareRootOfTheRank) {
   sd.insert("layers.0.attention.wq.lora_a", at::ones({16, 6}));
   sd.insert("layers.0.attention.wq.lora_b", at::ones({8, 16}));
   const at::Tensor merged = converters.export_view(sd).at("layers.0.attention.wq.weight");
-  EXPECT_TRUE(at::allclose(merged, at::full({8, 6}, 16.0 * 8.0 / 4.0)));  // 16 terms x alpha / sqrt(16)
+  EXPECT_TRUE(
+      at::allclose(merged, at::full({8, 6}, 16.0 * 8.0 / 4.0)));  // 16 terms x alpha / sqrt(16)
 }
 
 TEST(LoraConverter, PeftKeysAndAdapterConfigFollowHfFormats) {
@@ -149,21 +154,30 @@ TEST(LoraConverter, PeftKeysAndAdapterConfigFollowHfFormats) {
   EXPECT_EQ(adapter->weights_file(), "adapter_model.safetensors");
   EXPECT_EQ(adapter->config_file(), "adapter_config.json");
   const std::vector<std::pair<std::string, std::string>> keys = {
-      {"layers.3.attention.wq.lora_a", "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"},
-      {"layers.3.attention.wk.lora_b", "base_model.model.model.layers.3.self_attn.k_proj.lora_B.weight"},
-      {"layers.0.attention.wv.lora_a", "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"},
-      {"layers.0.attention.wo.lora_b", "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"},
-      {"layers.12.feed_forward.w1.lora_a", "base_model.model.model.layers.12.mlp.gate_proj.lora_A.weight"},
-      {"layers.12.feed_forward.w2.lora_b", "base_model.model.model.layers.12.mlp.down_proj.lora_B.weight"},
-      {"layers.12.feed_forward.w3.lora_a", "base_model.model.model.layers.12.mlp.up_proj.lora_A.weight"}};
+      {"layers.3.attention.wq.lora_a",
+       "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"},
+      {"layers.3.attention.wk.lora_b",
+       "base_model.model.model.layers.3.self_attn.k_proj.lora_B.weight"},
+      {"layers.0.attention.wv.lora_a",
+       "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"},
+      {"layers.0.attention.wo.lora_b",
+       "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"},
+      {"layers.12.feed_forward.w1.lora_a",
+       "base_model.model.model.layers.12.mlp.gate_proj.lora_A.weight"},
+      {"layers.12.feed_forward.w2.lora_b",
+       "base_model.model.model.layers.12.mlp.down_proj.lora_B.weight"},
+      {"layers.12.feed_forward.w3.lora_a",
+       "base_model.model.model.layers.12.mlp.up_proj.lora_A.weight"}};
   for (const auto& [fqn, key] : keys) {
     EXPECT_EQ(adapter->to_file_key(fqn), key);
     EXPECT_EQ(adapter->from_file_key(key), fqn);
   }
   // Other spellings loaders accept: without the PeftModel prefix, with the adapter name.
-  EXPECT_EQ(adapter->from_file_key("model.layers.2.self_attn.q_proj.lora_A.weight"), "layers.2.attention.wq.lora_a");
-  EXPECT_EQ(adapter->from_file_key("base_model.model.model.layers.2.mlp.up_proj.lora_B.default.weight"),
-            "layers.2.feed_forward.w3.lora_b");
+  EXPECT_EQ(adapter->from_file_key("model.layers.2.self_attn.q_proj.lora_A.weight"),
+            "layers.2.attention.wq.lora_a");
+  EXPECT_EQ(
+      adapter->from_file_key("base_model.model.model.layers.2.mlp.up_proj.lora_B.default.weight"),
+      "layers.2.feed_forward.w3.lora_b");
   EXPECT_FALSE(adapter->from_file_key("base_model.model.lm_head.lora_A.weight").has_value());
 
   const nlohmann::json config = adapter->config_json("/models/base");
@@ -174,7 +188,8 @@ TEST(LoraConverter, PeftKeysAndAdapterConfigFollowHfFormats) {
   EXPECT_TRUE(config["r"].is_number_integer());
   EXPECT_EQ(config["lora_alpha"], 8.0);
   EXPECT_EQ(config["lora_dropout"], 0.05);
-  EXPECT_EQ(config["target_modules"], (nlohmann::json{"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}));
+  EXPECT_EQ(config["target_modules"], (nlohmann::json{"down_proj", "gate_proj", "k_proj", "o_proj",
+                                                      "q_proj", "up_proj", "v_proj"}));
   EXPECT_EQ(config["bias"], "none");
   EXPECT_EQ(config["fan_in_fan_out"], false);
   EXPECT_EQ(config["use_rslora"], false);
@@ -237,14 +252,17 @@ TEST(Converters, ComposeFiltersAndApplyTransformsInReverseOrder) {
   const at::Tensor w = sd.at("layers.0.feed_forward.w1.weight");
   const at::Tensor scale = w.abs().amax({1}, true) / 127.0;
   const at::Tensor expected = at::clamp(at::round(w / scale), -127, 127) * scale +
-                              2.0 * at::mm(sd.at("layers.0.feed_forward.w1.lora_b"), sd.at("layers.0.feed_forward.w1.lora_a"));
+                              2.0 * at::mm(sd.at("layers.0.feed_forward.w1.lora_b"),
+                                           sd.at("layers.0.feed_forward.w1.lora_a"));
   const StateDict exported = converters.export_view(sd);
   ASSERT_EQ(exported.size(), 1u);
   EXPECT_TRUE(at::allclose(exported.at("layers.0.feed_forward.w1.weight"), expected, 1e-6, 1e-6));
   const at::Tensor x = at::randn({3, 5});
-  EXPECT_TRUE(at::allclose(converters.linear("w1", x, w, {sd.at("layers.0.feed_forward.w1.lora_a"),
-                                                           sd.at("layers.0.feed_forward.w1.lora_b")}),
-                           at::linear(x, exported.at("layers.0.feed_forward.w1.weight")), 1e-5, 1e-5));
+  EXPECT_TRUE(at::allclose(
+      converters.linear(
+          "w1", x, w,
+          {sd.at("layers.0.feed_forward.w1.lora_a"), sd.at("layers.0.feed_forward.w1.lora_b")}),
+      at::linear(x, exported.at("layers.0.feed_forward.w1.weight")), 1e-5, 1e-5));
 }
 
 }  // namespace

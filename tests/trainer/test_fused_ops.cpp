@@ -25,7 +25,8 @@ double max_error(const at::Tensor& a, const at::Tensor& b) {
 // gradient; compares the outputs and the gradients of the leaves that require them.
 void expect_matches(const std::vector<at::Tensor>& inputs, const std::vector<bool>& requires_grad,
                     const std::function<at::Tensor(const std::vector<at::Tensor>&)>& fused,
-                    const std::function<at::Tensor(const std::vector<at::Tensor>&)>& reference, double tol) {
+                    const std::function<at::Tensor(const std::vector<at::Tensor>&)>& reference,
+                    double tol) {
   std::vector<at::Tensor> f32, f64;
   for (size_t i = 0; i < inputs.size(); ++i) {
     f32.push_back(inputs[i].clone().requires_grad_(requires_grad[i]));
@@ -60,7 +61,8 @@ at::Tensor reference_attention(const at::Tensor& q, const at::Tensor& k, const a
   const int64_t b = q.size(0), t = q.size(1), h = q.size(2), kv = k.size(2), hd = q.size(3);
   const at::Tensor ke = k.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});
   const at::Tensor ve = v.unsqueeze(3).expand({b, t, kv, h / kv, hd}).reshape({b, t, h, hd});
-  at::Tensor scores = at::matmul(q.transpose(1, 2), ke.transpose(1, 2).transpose(-2, -1)) / std::sqrt(double(hd));
+  at::Tensor scores =
+      at::matmul(q.transpose(1, 2), ke.transpose(1, 2).transpose(-2, -1)) / std::sqrt(double(hd));
   const at::Tensor future = at::ones({t, t}, at::kBool).triu(1);
   scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
   return at::matmul(at::softmax(scores, -1), ve.transpose(1, 2)).transpose(1, 2);  // (B, T, H, hd)
@@ -73,8 +75,12 @@ class FusedOps : public ::testing::Test {
 
 TEST_F(FusedOps, RmsNormMatchesTheComposition) {
   const at::Tensor x = at::randn({3, 70, 48}), w = at::rand({48}) + 0.5;
-  auto fused = [](const std::vector<at::Tensor>& in) { return fused::rms_norm(in[0], in[1], 1e-5); };
-  auto reference = [](const std::vector<at::Tensor>& in) { return reference_rms_norm(in[0], in[1], 1e-5); };
+  auto fused = [](const std::vector<at::Tensor>& in) {
+    return fused::rms_norm(in[0], in[1], 1e-5);
+  };
+  auto reference = [](const std::vector<at::Tensor>& in) {
+    return reference_rms_norm(in[0], in[1], 1e-5);
+  };
   expect_matches({x, w}, {true, true}, fused, reference, 1e-5);
   // A frozen weight (LoRA's base): only the input gradient.
   expect_matches({x, w}, {true, false}, fused, reference, 1e-5);
@@ -82,7 +88,8 @@ TEST_F(FusedOps, RmsNormMatchesTheComposition) {
 
 TEST_F(FusedOps, RopeMatchesTheComposition) {
   const int64_t hd = 16, max_len = 40;
-  const at::Tensor inv = at::pow(10000.0, at::arange(0, hd, 2, at::kDouble) / double(hd)).reciprocal();
+  const at::Tensor inv =
+      at::pow(10000.0, at::arange(0, hd, 2, at::kDouble) / double(hd)).reciprocal();
   const at::Tensor angles = at::outer(at::arange(max_len, at::kDouble), inv);
   const at::Tensor cos = angles.cos().to(at::kFloat), sin = angles.sin().to(at::kFloat);
   const at::Tensor x = at::randn({2, 33, 3, hd});
@@ -94,7 +101,8 @@ TEST_F(FusedOps, RopeMatchesTheComposition) {
 }
 
 TEST_F(FusedOps, SwiGluMatchesTheComposition) {
-  const at::Tensor a = at::randn({4, 37, 50}) * 4, b = at::randn({4, 37, 50});  // exp over a wide range
+  const at::Tensor a = at::randn({4, 37, 50}) * 4,
+                   b = at::randn({4, 37, 50});  // exp over a wide range
   auto fused = [](const std::vector<at::Tensor>& in) { return fused::swiglu(in[0], in[1]); };
   auto reference = [](const std::vector<at::Tensor>& in) { return at::silu(in[0]) * in[1]; };
   expect_matches({a, b}, {true, true}, fused, reference, 1e-5);
@@ -111,7 +119,8 @@ TEST_F(FusedOps, PackedSwiGluMatchesTheComposition) {
 
 TEST_F(FusedOps, QkvRopeSplitsAndRotatesTheFusedProjection) {
   const int64_t h = 4, kv = 2, hd = 8, t = 19;
-  const at::Tensor inv = at::pow(10000.0, at::arange(0, hd, 2, at::kDouble) / double(hd)).reciprocal();
+  const at::Tensor inv =
+      at::pow(10000.0, at::arange(0, hd, 2, at::kDouble) / double(hd)).reciprocal();
   const at::Tensor angles = at::outer(at::arange(32, at::kDouble), inv);
   const at::Tensor cos = angles.cos().to(at::kFloat), sin = angles.sin().to(at::kFloat);
   const at::Tensor qkv = at::randn({2, t, (h + 2 * kv) * hd});
@@ -123,7 +132,8 @@ TEST_F(FusedOps, QkvRopeSplitsAndRotatesTheFusedProjection) {
   auto reference = [&](const std::vector<at::Tensor>& in) {
     const at::Tensor c = cos.to(at::kDouble), s = sin.to(at::kDouble);
     const at::Tensor q = reference_rope(in[0].narrow(-1, 0, h * hd).reshape({2, t, h, hd}), c, s);
-    const at::Tensor k = reference_rope(in[0].narrow(-1, h * hd, kv * hd).reshape({2, t, kv, hd}), c, s);
+    const at::Tensor k =
+        reference_rope(in[0].narrow(-1, h * hd, kv * hd).reshape({2, t, kv, hd}), c, s);
     return at::cat({q.flatten(2), k.flatten(2), in[0].narrow(-1, (h + kv) * hd, kv * hd)}, -1);
   };
   expect_matches({qkv}, {true}, fused, reference, 1e-5);
@@ -131,11 +141,17 @@ TEST_F(FusedOps, QkvRopeSplitsAndRotatesTheFusedProjection) {
 
 TEST_F(FusedOps, CausalAttentionMatchesTheCompositionAcrossRowBlocksWithGqa) {
   if (!fused::has_blas()) GTEST_SKIP() << "the BLAS exports no sgemm_";
-  const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {{70, 4, 2}, {129, 2, 2}, {5, 3, 1}};
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
+      {70, 4, 2}, {129, 2, 2}, {5, 3, 1}};
   for (const auto& [t, h, kv] : shapes) {
-    const at::Tensor q = at::randn({2, t, h, 8}), k = at::randn({2, t, kv, 8}), v = at::randn({2, t, kv, 8});
-    auto fused = [](const std::vector<at::Tensor>& in) { return fused::causal_attention(in[0], in[1], in[2]); };
-    auto reference = [](const std::vector<at::Tensor>& in) { return reference_attention(in[0], in[1], in[2]); };
+    const at::Tensor q = at::randn({2, t, h, 8}), k = at::randn({2, t, kv, 8}),
+                     v = at::randn({2, t, kv, 8});
+    auto fused = [](const std::vector<at::Tensor>& in) {
+      return fused::causal_attention(in[0], in[1], in[2]);
+    };
+    auto reference = [](const std::vector<at::Tensor>& in) {
+      return reference_attention(in[0], in[1], in[2]);
+    };
     SCOPED_TRACE(::testing::Message() << "T " << t << ", heads " << h << ", kv heads " << kv);
     expect_matches({q, k, v}, {true, true, true}, fused, reference, 1e-5);
   }
@@ -147,17 +163,23 @@ TEST_F(FusedOps, CausalAttentionRefusesHeadsThatDoNotGroup) {
     fused::causal_attention(q, k, k);
     FAIL() << "expected an error";
   } catch (const std::invalid_argument& e) {
-    EXPECT_STREQ(e.what(), "causal_attention: 3 query heads are not a multiple of 2 key/value heads");
+    EXPECT_STREQ(e.what(),
+                 "causal_attention: 3 query heads are not a multiple of 2 key/value heads");
   }
 }
 
 TEST_F(FusedOps, CrossEntropyMatchesTheCompositionWithAndWithoutGrad) {
   const at::Tensor logits = at::randn({150, 300}) * 3, targets = at::randint(0, 300, {150});
-  auto fused = [&](const std::vector<at::Tensor>& in) { return fused::cross_entropy(in[0], targets); };
-  auto reference = [&](const std::vector<at::Tensor>& in) { return at::cross_entropy_loss(in[0], targets); };
+  auto fused = [&](const std::vector<at::Tensor>& in) {
+    return fused::cross_entropy(in[0], targets);
+  };
+  auto reference = [&](const std::vector<at::Tensor>& in) {
+    return at::cross_entropy_loss(in[0], targets);
+  };
   expect_matches({logits}, {true}, fused, reference, 1e-6);
   at::NoGradGuard no_grad;
-  EXPECT_LT(max_error(fused::cross_entropy(logits, targets), at::cross_entropy_loss(logits.to(at::kDouble), targets)),
+  EXPECT_LT(max_error(fused::cross_entropy(logits, targets),
+                      at::cross_entropy_loss(logits.to(at::kDouble), targets)),
             1e-6);
 }
 
@@ -178,11 +200,14 @@ TEST_F(FusedOps, ResultsDoNotDependOnTheThreadCount) {
   const at::Tensor k = at::randn({2, 150, 2, 16}), v = at::randn({2, 150, 2, 16});
   auto run = [&](int threads) {
     at::set_num_threads(threads);
-    std::vector<at::Tensor> leaves = {x.clone().requires_grad_(true), w.clone().requires_grad_(true),
-                                      k.clone().requires_grad_(true), v.clone().requires_grad_(true)};
-    at::Tensor h = fused::rms_norm(leaves[0].view({2, 150, 64}), leaves[1], 1e-5).view({2, 150, 4, 16});
+    std::vector<at::Tensor> leaves = {
+        x.clone().requires_grad_(true), w.clone().requires_grad_(true),
+        k.clone().requires_grad_(true), v.clone().requires_grad_(true)};
+    at::Tensor h =
+        fused::rms_norm(leaves[0].view({2, 150, 64}), leaves[1], 1e-5).view({2, 150, 4, 16});
     at::Tensor y = fused::causal_attention(h, leaves[2], leaves[3]);
-    at::Tensor loss = fused::cross_entropy(fused::swiglu(y, y).reshape({300, 64}), at::arange(300) % 64);
+    at::Tensor loss =
+        fused::cross_entropy(fused::swiglu(y, y).reshape({300, 64}), at::arange(300) % 64);
     loss.backward();
     std::vector<at::Tensor> out = {loss.detach()};
     for (const at::Tensor& l : leaves) out.push_back(l.grad());

@@ -21,7 +21,6 @@ namespace {
 
 #define EXPECT_HAS(text, part) EXPECT_NE(std::string(text).find(part), std::string::npos) << (text)
 
-
 StateDict initialised(const ModelConfig& c) {
   Llama model(c);
   model.materialize(at::kCPU);
@@ -74,7 +73,8 @@ TEST(HfLlama, RoundTripIsBitIdenticalAndOnlyQAndKMove) {
   ASSERT_EQ(back.keys(), sd.keys());
   for (const auto& [fqn, t] : sd) {
     EXPECT_TRUE(at::equal(back.at(fqn), t)) << fqn;
-    const bool moved = fqn.find(".wq.") != std::string::npos || fqn.find(".wk.") != std::string::npos;
+    const bool moved =
+        fqn.find(".wq.") != std::string::npos || fqn.find(".wk.") != std::string::npos;
     EXPECT_EQ(!at::equal(hf.at(adapter.hf_key(fqn)), t), moved) << fqn;
   }
   // Row r of each HF head comes from interleaved row 2r (first half) or 2(r - d/2) + 1.
@@ -113,12 +113,13 @@ TEST(HfLlama, PermutedWeightsUnderRotateHalfGiveTheSameAttentionScores) {
     const at::Tensor w = sd.at(fqn);
     const int64_t heads = w.size(0) / d;
     const at::Tensor ours = apply_rope(at::matmul(x, w.t()).view({1, T, heads, d}), cos, sin);
-    const at::Tensor theirs =
-        rope_rotate_half(at::matmul(x, adapter.to_hf(fqn, w).t()).view({1, T, heads, d}), d, c.rope_theta);
+    const at::Tensor theirs = rope_rotate_half(
+        at::matmul(x, adapter.to_hf(fqn, w).t()).view({1, T, heads, d}), d, c.rope_theta);
     // Scores q_t . q_s per head: invariant under the same permutation of both vectors.
     const at::Tensor a = at::einsum("bthd,bshd->bhts", {ours, ours});
     const at::Tensor b = at::einsum("bthd,bshd->bhts", {theirs, theirs});
-    EXPECT_TRUE(at::allclose(a, b, 1e-5, 1e-5)) << which << " max diff " << (a - b).abs().max().item<float>();
+    EXPECT_TRUE(at::allclose(a, b, 1e-5, 1e-5))
+        << which << " max diff " << (a - b).abs().max().item<float>();
   }
 }
 
@@ -138,7 +139,8 @@ TEST(HfLlama, TiedSourcesUnexpectedKeysAndBuffers) {
   } catch (const CheckpointError& e) {
     EXPECT_HAS(e.what(), "unexpected keys for a Llama: model.layers.0.self_attn.q_proj.bias");
   }
-  EXPECT_THROW(LlamaStateDictAdapter(untied).hf_key("layers.0.attention.wz.weight"), CheckpointError);
+  EXPECT_THROW(LlamaStateDictAdapter(untied).hf_key("layers.0.attention.wz.weight"),
+               CheckpointError);
 }
 
 TEST(HfLlama, ConfigJsonHasTheFieldsOfBothTransformersLines) {
@@ -164,7 +166,8 @@ TEST(HfLlama, ConfigJsonHasTheFieldsOfBothTransformersLines) {
   EXPECT_HAS(text, "\"rms_norm_eps\":1e-05");
   EXPECT_HAS(text, "\"attention_dropout\":0.0");
   EXPECT_EQ(text.find("\"architectures\""), 1u);  // field order as docs/formats.md gives it
-  const ModelConfig back = LlamaStateDictAdapter::model_config_from_hf(nlohmann::json::parse(text), "config.json");
+  const ModelConfig back =
+      LlamaStateDictAdapter::model_config_from_hf(nlohmann::json::parse(text), "config.json");
   EXPECT_EQ(back.ffn_hidden_dim(), c.ffn_hidden_dim());
   EXPECT_TRUE(LlamaStateDictAdapter::differences(c, back).empty());
   EXPECT_EQ(back.n_kv_heads, c.n_kv_heads);
@@ -188,16 +191,24 @@ TEST(HfLlama, UnsupportedConfigsAreRefusedWithTheReason) {
     }
     return std::string("accepted");
   };
-  EXPECT_HAS(error_for([](auto& c) { c["model_type"] = "mistral"; }), "x/config.json: model_type is 'mistral'");
-  EXPECT_HAS(error_for([](auto& c) { c["rope_scaling"] = {{"rope_type", "llama3"}}; }),
+  EXPECT_HAS(error_for([](auto& c) { c["model_type"] = "mistral"; }),
+             "x/config.json: model_type is 'mistral'");
+  EXPECT_HAS(error_for([](auto& c) {
+               c["rope_scaling"] = {{"rope_type", "llama3"}};
+             }),
              "rope_scaling.rope_type 'llama3' is not supported");
-  EXPECT_HAS(error_for([](auto& c) { c["attention_bias"] = true; }), "attention_bias is true: biases are not supported");
-  EXPECT_HAS(error_for([](auto& c) { c["mlp_bias"] = true; }), "mlp_bias is true: biases are not supported");
+  EXPECT_HAS(error_for([](auto& c) { c["attention_bias"] = true; }),
+             "attention_bias is true: biases are not supported");
+  EXPECT_HAS(error_for([](auto& c) { c["mlp_bias"] = true; }),
+             "mlp_bias is true: biases are not supported");
   // Found by transformers' own files: each of these used to load silently as a plain Llama.
   // A legacy "type" key is the RoPE type (transformers reads it so).
-  EXPECT_HAS(error_for([](auto& c) { c["rope_parameters"] = {{"type", "linear"}, {"factor", 2.0}}; }),
+  EXPECT_HAS(error_for([](auto& c) {
+               c["rope_parameters"] = {{"type", "linear"}, {"factor", 2.0}};
+             }),
              "rope_parameters.rope_type 'linear' is not supported");
-  EXPECT_HAS(error_for([](auto& c) { c["hidden_act"] = "gelu"; }), "hidden_act 'gelu' is not supported");
+  EXPECT_HAS(error_for([](auto& c) { c["hidden_act"] = "gelu"; }),
+             "hidden_act 'gelu' is not supported");
   // rope_scaling, when set, wins over rope_parameters (as in transformers).
   EXPECT_HAS(error_for([](auto& c) {
                c["rope_scaling"] = {{"type", "dynamic"}, {"factor", 2.0}};
@@ -206,7 +217,8 @@ TEST(HfLlama, UnsupportedConfigsAreRefusedWithTheReason) {
              "rope_scaling.rope_type 'dynamic' is not supported");
   EXPECT_HAS(error_for([](auto& c) { c["head_dim"] = 64; }), "head_dim 64 differs");
   EXPECT_HAS(error_for([](auto& c) { c.erase("hidden_size"); }), "invalid or missing field");
-  EXPECT_HAS(error_for([](auto& c) { c["num_key_value_heads"] = 3; }), "not a multiple of num_key_value_heads");
+  EXPECT_HAS(error_for([](auto& c) { c["num_key_value_heads"] = 3; }),
+             "not a multiple of num_key_value_heads");
 }
 
 TEST(HfLlama, ConfigFieldsAreReadAsTransformersReadsThem) {
@@ -238,9 +250,9 @@ namespace strata {
 namespace {
 
 TEST(HfShards, PlanFillsShardsInOrderAndKeepsBigTensorsAlone) {
-  const std::vector<HfTensorSpec> specs = {{"a", {10}, at::kFloat},   // 40 bytes
-                                           {"b", {5}, at::kFloat},    // 20
-                                           {"c", {100}, at::kFloat},  // 400: over the limit
+  const std::vector<HfTensorSpec> specs = {{"a", {10}, at::kFloat},     // 40 bytes
+                                           {"b", {5}, at::kFloat},      // 20
+                                           {"c", {100}, at::kFloat},    // 400: over the limit
                                            {"d", {2}, at::kBFloat16}};  // 4
   const HfShardPlan plan = plan_hf_shards(specs, 64);
   EXPECT_EQ(plan.files, (std::vector<std::string>{"model-00001-of-00003.safetensors",
@@ -252,8 +264,11 @@ TEST(HfShards, PlanFillsShardsInOrderAndKeepsBigTensorsAlone) {
   EXPECT_EQ(plan.file_of.at("d"), 2u);
   EXPECT_EQ(plan.total_size, 464u);
   EXPECT_EQ(plan.owner(2, 2), 0);
-  const HfShardPlan same = plan_from_weight_map(
-      {{"a", "x.safetensors"}, {"b", "y.safetensors"}, {"c", "x.safetensors"}, {"d", "y.safetensors"}}, specs);
+  const HfShardPlan same = plan_from_weight_map({{"a", "x.safetensors"},
+                                                 {"b", "y.safetensors"},
+                                                 {"c", "x.safetensors"},
+                                                 {"d", "y.safetensors"}},
+                                                specs);
   EXPECT_EQ(same.files, (std::vector<std::string>{"x.safetensors", "y.safetensors"}));
   EXPECT_EQ(same.file_of.at("c"), 0u);
   EXPECT_EQ(same.total_size, 464u);

@@ -10,7 +10,9 @@ namespace strata {
 namespace {
 
 // Vocabulary 97: a size no power of two hides.
-ModelConfig micro_config_for_llama() { return testing::micro_model(97, 16); }
+ModelConfig micro_config_for_llama() {
+  return testing::micro_model(97, 16);
+}
 
 Llama initialised_model(const ModelConfig& c, uint64_t seed = 7) {
   Llama model(c);
@@ -27,7 +29,8 @@ TEST(Llama, ParameterCountFormulaMatchesTensors) {
       c.n_kv_heads = kv;
       c.ffn_dim_multiplier = kv == 1 ? std::optional<double>(1.3) : std::nullopt;
       Llama model(c);
-      EXPECT_EQ(model.num_parameters(), Llama::count_parameters(c)) << "tied " << tied << " kv " << kv;
+      EXPECT_EQ(model.num_parameters(), Llama::count_parameters(c))
+          << "tied " << tied << " kv " << kv;
     }
   }
   // Llama-2 7B: 6.74B parameters.
@@ -95,8 +98,10 @@ TEST(Llama, RopeDotProductDependsOnlyOnRelativePosition) {
   auto [cos, sin] = rope_tables(hd, max_len, 10000.0);
   at::Tensor q = at::randn({hd}), k = at::randn({hd});
   // Place q at every position and k at every position of one sequence each.
-  at::Tensor qs = apply_rope(q.expand({1, max_len, 1, hd}).contiguous(), cos, sin).view({max_len, hd});
-  at::Tensor ks = apply_rope(k.expand({1, max_len, 1, hd}).contiguous(), cos, sin).view({max_len, hd});
+  at::Tensor qs =
+      apply_rope(q.expand({1, max_len, 1, hd}).contiguous(), cos, sin).view({max_len, hd});
+  at::Tensor ks =
+      apply_rope(k.expand({1, max_len, 1, hd}).contiguous(), cos, sin).view({max_len, hd});
   at::Tensor dots = at::matmul(qs.to(at::kDouble), ks.to(at::kDouble).t());  // (m, n)
   for (int64_t offset : {0, 3, 17}) {
     const double reference = dots[offset][0].item<double>();
@@ -137,7 +142,8 @@ TEST(Llama, InitialWeightsDependOnlyOnSeedAndName) {
     EXPECT_TRUE(at::equal(t, b.parameters().at(fqn))) << fqn;
   }
   Llama other_seed = initialised_model(c, 12);
-  EXPECT_FALSE(at::equal(a.parameters().at("output.weight"), other_seed.parameters().at("output.weight")));
+  EXPECT_FALSE(
+      at::equal(a.parameters().at("output.weight"), other_seed.parameters().at("output.weight")));
 }
 
 TEST(Llama, InitialisationScalesFollowTheScheme) {

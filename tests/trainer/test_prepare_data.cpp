@@ -384,8 +384,15 @@ TEST(PrepareData, TokenizerJsonEncodesAsTheTokenizer) {
   EXPECT_EQ(tj["model"]["vocab"].size(), 500u);
   EXPECT_EQ(tj["model"]["vocab"]["<s>"], 1);
   EXPECT_EQ(tj["added_tokens"].size(), 3u);  // <unk>, <s>, </s>
-  std::vector<std::string> texts = {"Hello world", "  two  spaces\nnew line\n\n", " a leading space", "trailing ",
-                                    "\ttab", "digits 1234567890", "ünïcödé 日本語 🤖", "<s> and </s> as text", "x"};
+  std::vector<std::string> texts = {"Hello world",
+                                    "  two  spaces\nnew line\n\n",
+                                    " a leading space",
+                                    "trailing ",
+                                    "\ttab",
+                                    "digits 1234567890",
+                                    "ünïcödé 日本語 🤖",
+                                    "<s> and </s> as text",
+                                    "x"};
   std::ifstream in(kFortunes);
   std::string doc, line;
   while (std::getline(in, line) && texts.size() < 200) {
@@ -400,13 +407,15 @@ TEST(PrepareData, TokenizerJsonEncodesAsTheTokenizer) {
   for (const std::string& t : texts) {
     std::vector<uint32_t> expected = {1};
     for (uint32_t id : tokenizer.encode(t)) expected.push_back(id);
-    if (hf_bpe_encode(tj, t) != expected && ++differ <= 3) ADD_FAILURE() << "tokenizer.json encodes differently: " << t;
+    if (hf_bpe_encode(tj, t) != expected && ++differ <= 3)
+      ADD_FAILURE() << "tokenizer.json encodes differently: " << t;
   }
   EXPECT_EQ(differ, 0) << "of " << texts.size() << " texts";
 
   // A model this form cannot reproduce (unigram) gets none.
-  const std::string command = "spm_train --input=" + std::string(kFortunes) + " --model_prefix=" + (dir / "uni") +
-                              " --vocab_size=300 --model_type=unigram --minloglevel=2 >/dev/null 2>&1";
+  const std::string command =
+      "spm_train --input=" + std::string(kFortunes) + " --model_prefix=" + (dir / "uni") +
+      " --vocab_size=300 --model_type=unigram --minloglevel=2 >/dev/null 2>&1";
   if (std::system(command.c_str()) != 0) GTEST_SKIP() << "spm_train (package sentencepiece) absent";
   EXPECT_FALSE(Tokenizer(dir / "uni.model").hf_tokenizer_json().has_value());
 }

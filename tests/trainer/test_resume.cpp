@@ -43,8 +43,9 @@ std::string hf_dir(const fs::path& dir) {
 }
 
 std::string peft_dir(const fs::path& dir, const std::string& base) {
-  write(dir / "adapter_config.json", fmt::format("{{\"peft_type\": \"LORA\", \"base_model_name_or_path\": {}}}",
-                                                 base.empty() ? "null" : "\"" + base + "\""));
+  write(dir / "adapter_config.json",
+        fmt::format("{{\"peft_type\": \"LORA\", \"base_model_name_or_path\": {}}}",
+                    base.empty() ? "null" : "\"" + base + "\""));
   write(dir / "adapter_model.safetensors", "factors");
   return dir.string();
 }
@@ -62,7 +63,8 @@ std::string error_of(const std::function<void()>& body) {
 
 TEST(WeightSources, ClassifiesByTheFilesADirectoryHolds) {
   TempDir tmp;
-  EXPECT_EQ(classify_source("x", hf_dir(tmp.path() / "hf"), std::nullopt, "r").kind, WeightSource::Kind::kHf);
+  EXPECT_EQ(classify_source("x", hf_dir(tmp.path() / "hf"), std::nullopt, "r").kind,
+            WeightSource::Kind::kHf);
   EXPECT_EQ(classify_source("x", peft_dir(tmp.path() / "peft", "b"), std::nullopt, "r").kind,
             WeightSource::Kind::kPeft);
   const std::string step = strata_step(tmp.path() / "ck", 7);
@@ -71,10 +73,14 @@ TEST(WeightSources, ClassifiesByTheFilesADirectoryHolds) {
   EXPECT_EQ(s.dir, step);  // the folder's latest step directory
   // An export with its adapter beside the base model is both: the adapter wins.
   peft_dir(tmp.path() / "hf", "b");
-  EXPECT_EQ(classify_source("x", (tmp.path() / "hf").string(), std::nullopt, "r").kind, WeightSource::Kind::kPeft);
+  EXPECT_EQ(classify_source("x", (tmp.path() / "hf").string(), std::nullopt, "r").kind,
+            WeightSource::Kind::kPeft);
   fs::create_directories(tmp.path() / "empty");
-  EXPECT_HAS(error_of([&] { classify_source("given", tmp / "empty", std::nullopt, "checkpoint.resume_path"); }),
-             "checkpoint.resume_path given (" + (tmp / "empty") + ") holds no committed Strata checkpoint");
+  EXPECT_HAS(error_of([&] {
+               classify_source("given", tmp / "empty", std::nullopt, "checkpoint.resume_path");
+             }),
+             "checkpoint.resume_path given (" + (tmp / "empty") +
+                 ") holds no committed Strata checkpoint");
 }
 
 TEST(WeightSources, APeftAdapterExpandsToItsBaseThenItself) {
@@ -98,14 +104,18 @@ TEST(WeightSources, APeftAdapterExpandsToItsBaseThenItself) {
 TEST(WeightSources, AnAdapterOnlyCheckpointBringsItsVerifiedBases) {
   TempDir tmp;
   const std::string base = hf_dir(tmp.path() / "base");
-  const nlohmann::json record = {{"adapter_only", {{"bases", {{{"source", base}, {"fingerprint", source_fingerprint(base)}}}}}}};
+  const nlohmann::json record = {
+      {"adapter_only",
+       {{"bases", {{{"source", base}, {"fingerprint", source_fingerprint(base)}}}}}}};
   const std::string step = strata_step(tmp.path() / "ck", 3, record.dump());
-  const std::vector<WeightSource> sources = expand_source(tmp / "ck", kSame, std::nullopt, "--from");
+  const std::vector<WeightSource> sources =
+      expand_source(tmp / "ck", kSame, std::nullopt, "--from");
   ASSERT_EQ(sources.size(), 2u);
   EXPECT_EQ(sources[0].dir, step);
   EXPECT_EQ(sources[1].dir, base);
   write(fs::path(base) / "model.safetensors", "other weights");
-  EXPECT_HAS(error_of([&] { expand_source(tmp / "ck", kSame, std::nullopt, "--from"); }), "the base model changed");
+  EXPECT_HAS(error_of([&] { expand_source(tmp / "ck", kSame, std::nullopt, "--from"); }),
+             "the base model changed");
 }
 
 TEST(ResumePlan, FromScratchWithoutCheckpointsOrResumePath) {
@@ -149,11 +159,13 @@ TEST(ResumePlan, ResumePathKinds) {
   // An HF model: weights only; a Hub spec is named in the reason, its snapshot is the dir.
   const std::string hf = hf_dir(tmp.path() / "hf");
   k.resume_path = "hf://owner/repo";
-  ResumePlan plan = plan_resume(k, folder, [&](const std::string& p) { return p == "hf://owner/repo" ? hf : p; });
+  ResumePlan plan =
+      plan_resume(k, folder, [&](const std::string& p) { return p == "hf://owner/repo" ? hf : p; });
   EXPECT_TRUE(plan.hf && plan.weights_only && !plan.own);
   EXPECT_EQ(plan.dir, hf);
   EXPECT_EQ(plan.given, "hf://owner/repo");
-  EXPECT_EQ(plan.reason, "checkpoint.resume_path hf://owner/repo is a Hugging Face model directory");
+  EXPECT_EQ(plan.reason,
+            "checkpoint.resume_path hf://owner/repo is a Hugging Face model directory");
   // A Strata checkpoint: its full state, or the weights alone with resume_model_only.
   const std::string other = strata_step(tmp.path() / "other", 5);
   k.resume_path = (tmp.path() / "other").string();
@@ -195,7 +207,8 @@ TEST(ResumePlan, AdditionalLoadPathsAlone) {
   EXPECT_TRUE(plan.dir.empty());
   EXPECT_EQ(plan.extra.size(), 1u);
   k.additional_load_paths = {(tmp.path() / "nothing").string()};
-  EXPECT_HAS(error_of([&] { plan_resume(k, tmp.path() / "checkpoints", kSame); }), "does not exist");
+  EXPECT_HAS(error_of([&] { plan_resume(k, tmp.path() / "checkpoints", kSame); }),
+             "does not exist");
 }
 
 TEST(ResumePlan, TravelsAsJsonAndMovesToEachRanksDirectories) {
@@ -204,7 +217,8 @@ TEST(ResumePlan, TravelsAsJsonAndMovesToEachRanksDirectories) {
   plan.given = "hf://o/r";
   plan.reason = "why";
   plan.hf = plan.weights_only = true;
-  plan.extra = {{"hf://o/a", "/cache0/adapter", WeightSource::Kind::kPeft}, {"local", "/x", WeightSource::Kind::kStrata}};
+  plan.extra = {{"hf://o/a", "/cache0/adapter", WeightSource::Kind::kPeft},
+                {"local", "/x", WeightSource::Kind::kStrata}};
   ResumePlan back = ResumePlan::from_json(plan.to_json());
   EXPECT_EQ(back.to_json(), plan.to_json());
   back.relocate({{"hf://o/r", "/cache0/snap"}, {"hf://o/a", "/cache0/adapter"}},

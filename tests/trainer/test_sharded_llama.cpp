@@ -34,7 +34,8 @@ TEST_P(ShardedLlamaTest, StartsFromTheUnshardedWeightsAndGivesTheSameLogits) {
   sharded.initialize(21);
   const StateDict gathered = sharded.gather_parameters();
   ASSERT_EQ(gathered.keys(), whole.parameters().keys());
-  for (const auto& [fqn, t] : whole.parameters()) EXPECT_TRUE(at::equal(gathered.at(fqn), t)) << fqn;
+  for (const auto& [fqn, t] : whole.parameters())
+    EXPECT_TRUE(at::equal(gathered.at(fqn), t)) << fqn;
   for (const auto& unit : sharded.units()) {
     EXPECT_EQ(unit->shard_numel(), (unit->numel() + comm->world_size() - 1) / comm->world_size());
   }
@@ -155,7 +156,8 @@ TEST_P(ShardedLlamaTest, LoraTrainsOnlyTheAdaptersAndMatchesTheUnshardedModel) {
     whole_opt.step(oc.lr);
     whole_opt.zero_grad();
     const int64_t per_rank = batch / world;
-    loss_of(sharded, inputs.narrow(0, rank * per_rank, per_rank), targets.narrow(0, rank * per_rank, per_rank))
+    loss_of(sharded, inputs.narrow(0, rank * per_rank, per_rank),
+            targets.narrow(0, rank * per_rank, per_rank))
         .backward();
     sharded_opt.step(oc.lr);
     sharded_opt.zero_grad();
@@ -196,7 +198,8 @@ TEST_P(ShardedLlamaTest, LoraDropoutIsReplayedWhenUnitsRecompute) {
     }
     at::manual_seed(77);
     at::Tensor tokens = at::randint(0, c.vocab_size, {4, 11}, at::kLong);
-    at::cross_entropy_loss(sharded.forward(tokens.narrow(1, 0, 10)).flatten(0, 1), tokens.narrow(1, 1, 10).flatten())
+    at::cross_entropy_loss(sharded.forward(tokens.narrow(1, 0, 10)).flatten(0, 1),
+                           tokens.narrow(1, 1, 10).flatten())
         .backward();
     for (const auto& unit : sharded.units()) {
       if (unit->shard_numel() > 0) grads[mode].push_back(unit->shard().grad().clone());

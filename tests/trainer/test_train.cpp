@@ -120,8 +120,8 @@ TEST(Training, WritesResolvedConfigMetricsAndSamples) {
     (row.contains("val_loss") ? evals : steps).push_back(row);
   }
   ASSERT_EQ(steps.size(), 4u);  // steps 1, 4, 8, 12
-  for (const char* key : {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu", "step_ms",
-                          "mem_mb", "eta_s"}) {
+  for (const char* key :
+       {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu", "step_ms", "mem_mb", "eta_s"}) {
     EXPECT_TRUE(steps.back().contains(key)) << key;
   }
   EXPECT_EQ(steps.back()["step"], 12);

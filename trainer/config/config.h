@@ -41,8 +41,8 @@ struct ModelConfig {
 };
 
 struct DataConfig {
-  std::string train;                 // required: glob of train shards
-  std::optional<std::string> val;    // null: no validation
+  std::string train;                     // required: glob of train shards
+  std::optional<std::string> val;        // null: no validation
   std::optional<std::string> tokenizer;  // SentencePiece model; null: samples print token ids
   int64_t seq_len = 128;
 };
@@ -51,7 +51,7 @@ struct TrainingConfig {
   int64_t steps = 200;
   int64_t global_batch_size = 16;
   int64_t micro_batch_size = 8;
-  double grad_clip = 1.0;  // <= 0 disables clipping
+  double grad_clip = 1.0;      // <= 0 disables clipping
   int64_t eval_interval = 50;  // 0 disables periodic validation
   int64_t eval_batches = 8;
   int64_t log_interval = 10;
@@ -94,21 +94,21 @@ struct ParallelConfig {
 
 struct CheckpointConfig {
   bool enable = true;
-  std::string folder = "checkpoints";  // relative paths are inside job.run_dir
-  int64_t interval = 100;              // full checkpoint every `interval` steps
-  std::string async_mode = "disabled"; // disabled | async
-  int64_t keep_latest_k = 3;           // committed step dirs kept (0: all)
-  bool model_only = false;             // interval saves hold weights only
-  bool last_save_model_only = true;    // the final step's save: weights only, in export_dtype
-  bool last_save_in_hf = true;         // HF export (hf-NNNNNNN/) at the last step
+  std::string folder = "checkpoints";    // relative paths are inside job.run_dir
+  int64_t interval = 100;                // full checkpoint every `interval` steps
+  std::string async_mode = "disabled";   // disabled | async
+  int64_t keep_latest_k = 3;             // committed step dirs kept (0: all)
+  bool model_only = false;               // interval saves hold weights only
+  bool last_save_model_only = true;      // the final step's save: weights only, in export_dtype
+  bool last_save_in_hf = true;           // HF export (hf-NNNNNNN/) at the last step
   std::string export_dtype = "float32";  // model-only saves and HF exports
   std::vector<std::string> export_fp32_keys;  // HF key patterns (fnmatch) kept in float32
-  int64_t hf_export_interval = 0;      // 0: HF exports only at the last step
-  int64_t hf_max_keep = 2;             // committed hf-* dirs kept (0: all)
+  int64_t hf_export_interval = 0;             // 0: HF exports only at the last step
+  int64_t hf_max_keep = 2;                    // committed hf-* dirs kept (0: all)
   std::string hf_max_shard_size = "5GB";
   std::optional<std::string> resume_path;
   bool resume_model_only = false;
-  std::optional<int64_t> load_step;    // null: the latest committed step
+  std::optional<int64_t> load_step;  // null: the latest committed step
   std::vector<std::string> additional_load_paths;
   std::vector<std::string> exclude_from_loading;  // optimizer, lr_scheduler, dataloader, rng
 };
@@ -117,9 +117,9 @@ struct CheckpointConfig {
 // or `int8_qat` (weight-only int8 fake quantisation of the block linears).
 struct ConverterConfig {
   std::string type;
-  int64_t rank = 8;                 // lora: r
-  double alpha = 16.0;              // lora: scaling alpha / r (alpha / sqrt(r) with use_rslora)
-  double dropout = 0.0;             // lora: dropout on the adapter's input while training
+  int64_t rank = 8;      // lora: r
+  double alpha = 16.0;   // lora: scaling alpha / r (alpha / sqrt(r) with use_rslora)
+  double dropout = 0.0;  // lora: dropout on the adapter's input while training
   bool use_rslora = false;
   std::vector<std::string> target_modules = {"wq", "wv"};  // block linears: wq wk wv wo w1 w2 w3
   std::string export_mode = "adapter";  // YAML key: export. lora: adapter | merged | both

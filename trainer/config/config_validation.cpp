@@ -23,7 +23,8 @@ class Validator {
              const std::string& hint = "") const {
     if (!ok) fail(fmt::format("{} {}", path, what), at(path), hint);
   }
-  template <class T> void positive(const std::string& path, T value) const {
+  template <class T>
+  void positive(const std::string& path, T value) const {
     check(value > 0, path, fmt::format("= {} must be positive", value));
   }
   void one_of(const std::string& path, const std::string& value,
@@ -52,20 +53,20 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
   const Validator v(where, file);
   const ModelConfig& m = c.model;
   v.one_of("model.name", m.name, {"llama"});
-  for (auto [path, value] :
-       std::vector<std::pair<std::string, int64_t>>{{"model.vocab_size", m.vocab_size},
-                                                    {"model.dim", m.dim},
-                                                    {"model.n_layers", m.n_layers},
-                                                    {"model.n_heads", m.n_heads},
-                                                    {"model.n_kv_heads", m.n_kv_heads},
-                                                    {"model.multiple_of", m.multiple_of},
-                                                    {"model.max_seq_len", m.max_seq_len},
-                                                    {"data.seq_len", c.data.seq_len},
-                                                    {"training.steps", c.training.steps},
-                                                    {"training.global_batch_size", c.training.global_batch_size},
-                                                    {"training.micro_batch_size", c.training.micro_batch_size},
-                                                    {"training.eval_batches", c.training.eval_batches},
-                                                    {"training.log_interval", c.training.log_interval}}) {
+  for (auto [path, value] : std::vector<std::pair<std::string, int64_t>>{
+           {"model.vocab_size", m.vocab_size},
+           {"model.dim", m.dim},
+           {"model.n_layers", m.n_layers},
+           {"model.n_heads", m.n_heads},
+           {"model.n_kv_heads", m.n_kv_heads},
+           {"model.multiple_of", m.multiple_of},
+           {"model.max_seq_len", m.max_seq_len},
+           {"data.seq_len", c.data.seq_len},
+           {"training.steps", c.training.steps},
+           {"training.global_batch_size", c.training.global_batch_size},
+           {"training.micro_batch_size", c.training.micro_batch_size},
+           {"training.eval_batches", c.training.eval_batches},
+           {"training.log_interval", c.training.log_interval}}) {
     v.positive(path, value);
   }
   v.positive("model.norm_eps", m.norm_eps);
@@ -112,7 +113,8 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
   const ParallelConfig& p = c.parallel;
   v.one_of("parallel.backend", p.backend, {"auto", "mpi", "nccl"});
   v.not_yet(p.backend != "nccl", "parallel.backend", "nccl", "auto or mpi");
-  v.one_of("parallel.fsdp.activation_checkpointing", p.fsdp.activation_checkpointing, {"auto", "full", "none"});
+  v.one_of("parallel.fsdp.activation_checkpointing", p.fsdp.activation_checkpointing,
+           {"auto", "full", "none"});
   const std::vector<std::string> dtypes = {"float32", "bfloat16", "float16"};
   v.one_of("parallel.mixed_precision.param_dtype", p.mixed_precision.param_dtype, dtypes);
   v.one_of("parallel.mixed_precision.reduce_dtype", p.mixed_precision.reduce_dtype, dtypes);
@@ -138,7 +140,8 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
   v.one_of("checkpoint.async_mode", k.async_mode, {"disabled", "async"});
   v.one_of("checkpoint.export_dtype", k.export_dtype, dtypes);
   if (k.load_step) {
-    v.check(*k.load_step >= 0, "checkpoint.load_step", fmt::format("= {} must be >= 0", *k.load_step));
+    v.check(*k.load_step >= 0, "checkpoint.load_step",
+            fmt::format("= {} must be >= 0", *k.load_step));
   }
   for (size_t i = 0; i < k.exclude_from_loading.size(); ++i) {
     v.one_of("checkpoint.exclude_from_loading", k.exclude_from_loading[i],
@@ -152,10 +155,12 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
     v.one_of(base + ".type", cc.type, {"lora", "int8_qat"});
     v.positive(base + ".rank", cc.rank);
     v.check(cc.alpha > 0, base + ".alpha", fmt::format("= {} must be positive", cc.alpha));
-    v.check(cc.dropout >= 0 && cc.dropout < 1, base + ".dropout", fmt::format("= {} must be in [0, 1)", cc.dropout));
+    v.check(cc.dropout >= 0 && cc.dropout < 1, base + ".dropout",
+            fmt::format("= {} must be in [0, 1)", cc.dropout));
     v.one_of(base + ".export", cc.export_mode, {"adapter", "merged", "both"});
     v.one_of(base + ".save", cc.save, {"full", "adapter_only"});
-    v.check(!cc.target_modules.empty(), base + ".target_modules", "must name at least one of wq wk wv wo w1 w2 w3");
+    v.check(!cc.target_modules.empty(), base + ".target_modules",
+            "must name at least one of wq wk wv wo w1 w2 w3");
     for (const std::string& m : cc.target_modules) {
       v.one_of(base + ".target_modules", m, {"wq", "wk", "wv", "wo", "w1", "w2", "w3"});
     }
@@ -164,13 +169,16 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
               "list every target in one entry's target_modules");
     }
     // adapter_only saves keep the keys a converter owns and freezes the rest: only LoRA does.
-    v.check(cc.save == "full" || cc.type == "lora", base + ".save",
-            fmt::format("= adapter_only needs a converter that owns the trained keys, and {} owns none", cc.type),
-            "use save: full");
+    v.check(
+        cc.save == "full" || cc.type == "lora", base + ".save",
+        fmt::format("= adapter_only needs a converter that owns the trained keys, and {} owns none",
+                    cc.type),
+        "use save: full");
     // Forward computes Q(W)·x + scale·B·A·x whatever the order; the export applies transforms
     // last converter first, which gives the same weights only when LoRA comes first.
     v.check(cc.type != "lora" || i == 0 || c.converters[0].type != "int8_qat", base + ".type",
-            "= lora must come before int8_qat in converters (the merged export quantises the base, then adds B·A)",
+            "= lora must come before int8_qat in converters (the merged export quantises the base, "
+            "then adds B·A)",
             "list lora first");
   }
 

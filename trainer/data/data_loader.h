@@ -49,8 +49,8 @@ class TokenDataset {
  private:
   void read_window(int64_t global_start, int64_t* inputs, int64_t* targets) const;
   std::vector<TokenShard> shards_;
-  std::vector<int64_t> shard_offsets_;      // global token offset of each shard
-  std::vector<int64_t> window_prefix_;      // prefix sums of valid window starts per shard
+  std::vector<int64_t> shard_offsets_;  // global token offset of each shard
+  std::vector<int64_t> window_prefix_;  // prefix sums of valid window starts per shard
   int64_t total_tokens_ = 0;
   int64_t seq_len_ = 0;
 };

@@ -10,14 +10,14 @@
 namespace strata {
 
 struct PrepareDataOptions {
-  std::vector<std::string> inputs;        // files, directories (recursed), or globs
+  std::vector<std::string> inputs;  // files, directories (recursed), or globs
   std::string out_dir;
-  std::optional<std::string> tokenizer;   // reuse this tokenizer.model instead of training
-  int64_t vocab_size = 2048;              // when training a tokenizer
-  double val_fraction = 0.05;             // share of documents that go to val
-  std::optional<std::string> separator;   // a line equal to this splits documents
-  int64_t shard_tokens = 100'000'000;     // max tokens per shard file
-  uint64_t seed = 1234;                   // train/val split
+  std::optional<std::string> tokenizer;  // reuse this tokenizer.model instead of training
+  int64_t vocab_size = 2048;             // when training a tokenizer
+  double val_fraction = 0.05;            // share of documents that go to val
+  std::optional<std::string> separator;  // a line equal to this splits documents
+  int64_t shard_tokens = 100'000'000;    // max tokens per shard file
+  uint64_t seed = 1234;                  // train/val split
 };
 
 struct PrepareDataResult {
@@ -25,12 +25,12 @@ struct PrepareDataResult {
   int64_t train_tokens = 0;
   int64_t val_tokens = 0;
   int64_t vocab_size = 0;
-  double unigram_entropy_nats = 0.0;      // of the train tokens
+  double unigram_entropy_nats = 0.0;  // of the train tokens
   std::vector<std::string> train_shards;
   std::vector<std::string> val_shards;
   std::string tokenizer_path;
-  int64_t input_files = 0;                // text files read
-  int64_t skipped_files = 0;              // binary, .dat, hidden or duplicate files not read
+  int64_t input_files = 0;    // text files read
+  int64_t skipped_files = 0;  // binary, .dat, hidden or duplicate files not read
 };
 
 PrepareDataResult prepare_data(const PrepareDataOptions& options);

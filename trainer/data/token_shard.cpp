@@ -70,9 +70,10 @@ void write_token_shard(const std::string& path, const std::vector<uint32_t>& tok
     rename_durable(temp, path);
   } catch (const IoError& e) {
     std::remove(temp.c_str());
-    throw DataError(fmt::format("cannot write token shard {}: {}\nHINT: check free disk space "
-                                "and permissions of the output directory",
-                                path, e.what()));
+    throw DataError(
+        fmt::format("cannot write token shard {}: {}\nHINT: check free disk space "
+                    "and permissions of the output directory",
+                    path, e.what()));
   }
 }
 

@@ -137,7 +137,8 @@ std::vector<size_t> inner_boundaries(const std::string& s) {
 }
 
 size_t code_points(std::string_view s) {
-  return static_cast<size_t>(std::count_if(s.begin(), s.end(), [](char c) { return (static_cast<uint8_t>(c) & 0xC0) != 0x80; }));
+  return static_cast<size_t>(std::count_if(
+      s.begin(), s.end(), [](char c) { return (static_cast<uint8_t>(c) & 0xC0) != 0x80; }));
 }
 
 }  // namespace
@@ -166,9 +167,15 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-int64_t Tokenizer::vocab_size() const { return processor_->GetPieceSize(); }
-int Tokenizer::bos_id() const { return processor_->bos_id(); }
-int Tokenizer::eos_id() const { return processor_->eos_id(); }
+int64_t Tokenizer::vocab_size() const {
+  return processor_->GetPieceSize();
+}
+int Tokenizer::bos_id() const {
+  return processor_->bos_id();
+}
+int Tokenizer::eos_id() const {
+  return processor_->eos_id();
+}
 
 std::vector<uint32_t> Tokenizer::encode(const std::string& text) const {
   std::vector<int> ids;
@@ -200,8 +207,8 @@ std::optional<std::string> Tokenizer::hf_tokenizer_json() const {
   } catch (const std::runtime_error&) {
     return std::nullopt;
   }
-  if (facts.model_type != 2 || facts.charsmap || !facts.add_dummy_prefix || facts.remove_extra_whitespaces ||
-      !facts.escape_whitespaces) {
+  if (facts.model_type != 2 || facts.charsmap || !facts.add_dummy_prefix ||
+      facts.remove_extra_whitespaces || !facts.escape_whitespaces) {
     return std::nullopt;
   }
   const int n = processor_->GetPieceSize();
@@ -211,12 +218,18 @@ std::optional<std::string> Tokenizer::hf_tokenizer_json() const {
   nlohmann::ordered_json added = nlohmann::ordered_json::array();
   for (int id = 0; id < n; ++id) {
     pieces[id] = processor_->IdToPiece(id);
-    if (pieces[id].empty() || pieces[id].find(' ') != std::string::npos) return std::nullopt;  // merges are "left right"
+    if (pieces[id].empty() || pieces[id].find(' ') != std::string::npos)
+      return std::nullopt;  // merges are "left right"
     id_of[pieces[id]] = id;
     if (processor_->IsControl(id) || processor_->IsUnknown(id)) {
       special.insert(pieces[id]);
-      added.push_back({{"id", id}, {"content", pieces[id]}, {"single_word", false}, {"lstrip", false},
-                       {"rstrip", false}, {"normalized", false}, {"special", true}});
+      added.push_back({{"id", id},
+                       {"content", pieces[id]},
+                       {"single_word", false},
+                       {"lstrip", false},
+                       {"rstrip", false},
+                       {"normalized", false},
+                       {"special", true}});
     }
   }
   // The merges transformers derives from a SentencePiece BPE vocabulary: every split of a
@@ -234,16 +247,20 @@ std::optional<std::string> Tokenizer::hf_tokenizer_json() const {
     std::vector<Merge> local;
     for (size_t cut : inner_boundaries(piece)) {
       std::string left = piece.substr(0, cut), right = piece.substr(cut);
-      if (special.count(left) || special.count(right) || !id_of.count(left) || !id_of.count(right)) continue;
-      local.push_back({id, code_points(left), code_points(right), std::move(left), std::move(right)});
+      if (special.count(left) || special.count(right) || !id_of.count(left) || !id_of.count(right))
+        continue;
+      local.push_back(
+          {id, code_points(left), code_points(right), std::move(left), std::move(right)});
     }
     std::stable_sort(local.begin(), local.end(), [&](const Merge& a, const Merge& b) {
-      return std::pair(id_of.at(a.left), id_of.at(a.right)) < std::pair(id_of.at(b.left), id_of.at(b.right));
+      return std::pair(id_of.at(a.left), id_of.at(a.right)) <
+             std::pair(id_of.at(b.left), id_of.at(b.right));
     });
     for (Merge& m : local) merges.push_back(std::move(m));
   }
   std::stable_sort(merges.begin(), merges.end(), [](const Merge& a, const Merge& b) {
-    return std::tuple(a.rank, a.left_len, a.right_len) < std::tuple(b.rank, b.left_len, b.right_len);
+    return std::tuple(a.rank, a.left_len, a.right_len) <
+           std::tuple(b.rank, b.left_len, b.right_len);
   });
 
   const std::string space = "\u2581";  // SentencePiece's whitespace symbol
@@ -253,7 +270,9 @@ std::optional<std::string> Tokenizer::hf_tokenizer_json() const {
   nlohmann::ordered_json post = nullptr;
   if (bos_id() >= 0) {
     post = {{"type", "TemplateProcessing"},
-            {"single", {{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+            {"single",
+             {{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}},
+              {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
             {"pair",
              {{{"SpecialToken", {{"id", bos}, {"type_id", 0}}}},
               {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
@@ -279,21 +298,23 @@ std::optional<std::string> Tokenizer::hf_tokenizer_json() const {
                     {{"type", "ByteFallback"}},
                     {{"type", "Fuse"}},
                     {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-  j["model"] = {{"type", "BPE"},
-                {"dropout", nullptr},
-                {"unk_token", processor_->unk_id() >= 0 ? nlohmann::ordered_json(pieces[processor_->unk_id()])
-                                                        : nlohmann::ordered_json(nullptr)},
-                {"continuing_subword_prefix", nullptr},
-                {"end_of_word_suffix", nullptr},
-                {"fuse_unk", true},
-                {"byte_fallback", true},
-                {"vocab", "@VOCAB@"},
-                {"merges", merge_list}};
+  j["model"] = {
+      {"type", "BPE"},
+      {"dropout", nullptr},
+      {"unk_token", processor_->unk_id() >= 0 ? nlohmann::ordered_json(pieces[processor_->unk_id()])
+                                              : nlohmann::ordered_json(nullptr)},
+      {"continuing_subword_prefix", nullptr},
+      {"end_of_word_suffix", nullptr},
+      {"fuse_unk", true},
+      {"byte_fallback", true},
+      {"vocab", "@VOCAB@"},
+      {"merges", merge_list}};
   try {
     // The vocabulary in id order, written directly (an ordered_json object looks keys up linearly).
     std::string vocab = "{";
     for (int id = 0; id < n; ++id) {
-      vocab += fmt::format("{}\n      {}: {}", id ? "," : "", nlohmann::json(pieces[id]).dump(), id);
+      vocab +=
+          fmt::format("{}\n      {}: {}", id ? "," : "", nlohmann::json(pieces[id]).dump(), id);
     }
     vocab += "\n    }";
     std::string text = j.dump(2) + "\n";

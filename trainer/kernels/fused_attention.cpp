@@ -24,8 +24,9 @@ using torch::autograd::variable_list;
 // ---------------------------------------------------------------------------------------------
 // Causal attention
 
-using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                         const int*, const float*, const int*, const float*, float*, const int*);
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                         const float*, const int*, const float*, const int*, const float*, float*,
+                         const int*);
 
 SgemmFn sgemm() {
   static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
@@ -34,8 +35,8 @@ SgemmFn sgemm() {
 
 // Row-major C (m x n, ldc) = alpha op(A) op(B) + beta C through the column-major BLAS (C^T =
 // op(B)^T op(A)^T, and a row-major matrix is its transpose in column-major terms).
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
   const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
@@ -45,7 +46,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 // Columns [0, causal_span) of row i: the causal ones, [0, i], rounded up to whole vectors of 16
 // (at most r1), so that the loops below run without scalar remainders; the extra columns are
 // masked to 0.
-inline int64_t causal_span(int64_t i, int64_t r1) { return std::min(r1, (i + 16) & ~int64_t{15}); }
+inline int64_t causal_span(int64_t i, int64_t r1) {
+  return std::min(r1, (i + 16) & ~int64_t{15});
+}
 
 // Rows [r0, r1) of the scores P (ld t) hold scaled logits in columns [0, r1): softmax over the
 // causal columns [0, i] of row i, zeros in (i, r1).
@@ -73,7 +76,8 @@ STRATA_CLONES void causal_softmax_rows(float* p, int64_t t, int64_t r0, int64_t 
 
 // dS = P * (dP - rowsum(P * dP)) over the causal columns of rows [r0, r1), in place in dp; P is
 // zero beyond the causal columns, so dS is too.
-STRATA_CLONES void causal_softmax_backward_rows(const float* p, float* dp, int64_t t, int64_t r0, int64_t r1) {
+STRATA_CLONES void causal_softmax_backward_rows(const float* p, float* dp, int64_t t, int64_t r0,
+                                                int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
     const float* pr = p + i * t;
     float* dr = dp + i * t;
@@ -114,9 +118,11 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         float* p = pp + idx * s.t * s.t;
         for (int64_t r0 = 0; r0 < s.t; r0 += kRowBlock) {
           const int64_t r1 = std::min(s.t, r0 + kRowBlock), nb = r1 - r0;
-          gemm(false, true, nb, r1, s.hd, s.scale(), qh + r0 * ldq, ldq, kh, ldk, 0.0f, p + r0 * s.t, s.t);
+          gemm(false, true, nb, r1, s.hd, s.scale(), qh + r0 * ldq, ldq, kh, ldk, 0.0f,
+               p + r0 * s.t, s.t);
           causal_softmax_rows(p, s.t, r0, r1);
-          gemm(false, false, nb, s.hd, r1, 1.0f, p + r0 * s.t, s.t, vh, ldk, 0.0f, yh + r0 * ldq, ldq);
+          gemm(false, false, nb, s.hd, r1, 1.0f, p + r0 * s.t, s.t, vh, ldk, 0.0f, yh + r0 * ldq,
+               ldq);
         }
       }
     });
@@ -152,9 +158,11 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
           for (int64_t r0 = 0; r0 < s.t; r0 += kRowBlock) {
             const int64_t r1 = std::min(s.t, r0 + kRowBlock), nb = r1 - r0;
             float* dsb = ds.data() + r0 * s.t;
-            gemm(false, true, nb, r1, s.hd, 1.0f, dyh + r0 * ldq, ldq, vh, ldk, 0.0f, dsb, s.t);  // dP
-            causal_softmax_backward_rows(p, ds.data(), s.t, r0, r1);                              // dS
-            gemm(true, false, r1, s.hd, nb, 1.0f, p + r0 * s.t, s.t, dyh + r0 * ldq, ldq, 1.0f, dvh, ldk);
+            gemm(false, true, nb, r1, s.hd, 1.0f, dyh + r0 * ldq, ldq, vh, ldk, 0.0f, dsb,
+                 s.t);                                                // dP
+            causal_softmax_backward_rows(p, ds.data(), s.t, r0, r1);  // dS
+            gemm(true, false, r1, s.hd, nb, 1.0f, p + r0 * s.t, s.t, dyh + r0 * ldq, ldq, 1.0f, dvh,
+                 ldk);
             gemm(false, false, nb, s.hd, r1, scale, dsb, s.t, kh, ldk, 0.0f, dqh + r0 * ldq, ldq);
             gemm(true, false, r1, s.hd, nb, scale, dsb, s.t, qh + r0 * ldq, ldq, 1.0f, dkh, ldk);
           }
@@ -167,12 +175,15 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
 }  // namespace
 
-bool has_blas() { return sgemm() != nullptr; }
+bool has_blas() {
+  return sgemm() != nullptr;
+}
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   if (q.size(2) % k.size(2) != 0) {
-    throw std::invalid_argument(fmt::format("causal_attention: {} query heads are not a multiple of {} key/value heads",
-                                            q.size(2), k.size(2)));
+    throw std::invalid_argument(
+        fmt::format("causal_attention: {} query heads are not a multiple of {} key/value heads",
+                    q.size(2), k.size(2)));
   }
   return AttentionFunction::apply(q, k, v)[0];
 }

@@ -33,8 +33,9 @@ at::Tensor swiglu(const at::Tensor& ab);
 // The fused projection qkv (B, T, (heads + 2 kv_heads) hd) = x [wq; wk; wv]^T split into q
 // (B, T, heads, hd) and k (B, T, kv_heads, hd), both rotated as rope() does, and v (B, T,
 // kv_heads, hd): one pass, and one pass back into a single gradient.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, int64_t heads, int64_t kv_heads,
-                                                        const at::Tensor& cos, const at::Tensor& sin);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, int64_t heads,
+                                                        int64_t kv_heads, const at::Tensor& cos,
+                                                        const at::Tensor& sin);
 
 // Causal softmax(q k^T / sqrt(hd)) v with q (B, T, H, hd), k and v (B, T, KV, hd) as the
 // projections produce them (no transposes, GQA without expanding k and v: query head j reads
@@ -56,8 +57,8 @@ at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targets);
 struct AdamWScalars {
   float decay, beta1, beta2, step_size, bias2_sqrt, eps;
 };
-void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                  const at::Tensor& decay_mask, const AdamWScalars& s);
+void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                  at::Tensor& exp_avg_sq, const at::Tensor& decay_mask, const AdamWScalars& s);
 
 // Sum of squares of a contiguous fp32 tensor, accumulated in fp64 over fixed blocks.
 double sum_of_squares(const at::Tensor& t);

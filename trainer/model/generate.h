@@ -14,7 +14,7 @@ struct SamplingOptions {
   double temperature = 0.8;  // 0: greedy
   int64_t top_k = 0;         // > 0: sample among the k most likely tokens only
   uint64_t seed = 0;
-  int64_t stop_token = -1;   // stop after sampling this token (e.g. BOS/EOS), -1: never
+  int64_t stop_token = -1;  // stop after sampling this token (e.g. BOS/EOS), -1: never
 };
 
 // Returns only the new tokens.

@@ -20,7 +20,6 @@
 namespace strata {
 namespace {
 
-
 bool matches_any(const std::string& key, const std::vector<std::string>& patterns) {
   for (const std::string& p : patterns) {
     if (fnmatch(p.c_str(), key.c_str(), 0) == 0) return true;
@@ -53,14 +52,18 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   // HF order (the model's parameter order).
   const Llama& names = sharded ? sharded->meta_model() : *plain;
   const Converters* converters = names.converters();
-  auto export_view = [&](const StateDict& sd) { return converters ? converters->export_view(sd) : sd; };
+  auto export_view = [&](const StateDict& sd) {
+    return converters ? converters->export_view(sd) : sd;
+  };
   std::vector<HfTensorSpec> specs;
   std::map<std::string, const ConverterAdapter*> adapter_of;  // owned key -> its adapter
   for (const auto& [fqn, param] : export_view(names.parameters())) {
     if (const ModelConverter* owner = converters ? converters->owner(fqn) : nullptr) {
       if (!owner->state_dict_adapter()) {
-        throw CheckpointError(fmt::format("converter {} leaves {} in the export and has no state_dict_adapter to "
-                                          "write it", owner->name(), fqn));
+        throw CheckpointError(
+            fmt::format("converter {} leaves {} in the export and has no state_dict_adapter to "
+                        "write it",
+                        owner->name(), fqn));
       }
       adapter_of[fqn] = owner->state_dict_adapter();
       continue;
@@ -80,12 +83,16 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   // adapters' files: rank 0).
   auto tensors = std::make_shared<std::map<std::string, at::Tensor>>();
   // adapter -> its file's tensors, by file key
-  auto adapter_tensors = std::make_shared<std::map<const ConverterAdapter*, std::map<std::string, at::Tensor>>>();
+  auto adapter_tensors =
+      std::make_shared<std::map<const ConverterAdapter*, std::map<std::string, at::Tensor>>>();
   auto keep = [&](const std::string& fqn, const at::Tensor& value) {
     if (const auto owned = adapter_of.find(fqn); owned != adapter_of.end()) {
       if (rank != 0) return;
       (*adapter_tensors)[owned->second][owned->second->to_file_key(fqn)] =
-          owned->second->to_file(fqn, value.detach(), adapter).to(export_dtype).contiguous().clone();
+          owned->second->to_file(fqn, value.detach(), adapter)
+              .to(export_dtype)
+              .contiguous()
+              .clone();
       return;
     }
     const std::string key = adapter.hf_key(fqn);
@@ -104,10 +111,10 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     for (const auto& [fqn, value] : export_view(plain->parameters())) keep(fqn, value);
   }
 
-
   const int64_t bos = tokenizer ? tokenizer->bos_id() : 1;
   const int64_t eos = tokenizer ? tokenizer->eos_id() : 2;
-  auto model_config = std::make_shared<nlohmann::ordered_json>(adapter.config_json(kc.export_dtype, bos, eos));
+  auto model_config =
+      std::make_shared<nlohmann::ordered_json>(adapter.config_json(kc.export_dtype, bos, eos));
   std::map<std::string, std::string> text_files;
   std::vector<std::string> copy_files;
   if (tokenizer && config.data.tokenizer) {
@@ -145,14 +152,18 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   }
   CommitJob job;
   job.step = step;
-  job.write_rank = [plan, tensors, adapter_tensors, rank, world, hash_thread](const std::string& dir) {
+  job.write_rank = [plan, tensors, adapter_tensors, rank, world,
+                    hash_thread](const std::string& dir) {
     nlohmann::json report = write_hf_shards(dir, *plan, rank, world, *tensors, hash_thread);
     for (const auto& [converter_adapter, files] : *adapter_tensors) {
-      const std::filesystem::path sub = std::filesystem::path(dir) / converter_adapter->subdirectory();
+      const std::filesystem::path sub =
+          std::filesystem::path(dir) / converter_adapter->subdirectory();
       std::filesystem::create_directories(sub);
       std::vector<SafetensorsItem> items;
-      for (const auto& [key, t] : files) items.push_back({key, t.scalar_type(), t.sizes().vec(), t.data_ptr()});
-      write_safetensors_file((sub / converter_adapter->weights_file()).string(), items, {{"format", "pt"}}, hash_thread);
+      for (const auto& [key, t] : files)
+        items.push_back({key, t.scalar_type(), t.sizes().vec(), t.data_ptr()});
+      write_safetensors_file((sub / converter_adapter->weights_file()).string(), items,
+                             {{"format", "pt"}}, hash_thread);
     }
     return report;
   };
@@ -163,18 +174,22 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   for (const auto& [converter_adapter, files] : *adapter_tensors) {
     const bool base_is_export = converter_adapter->base_is_export();
     adapter_configs.emplace_back(
-        (std::filesystem::path(converter_adapter->subdirectory()) / converter_adapter->config_file()).string(),
+        (std::filesystem::path(converter_adapter->subdirectory()) /
+         converter_adapter->config_file())
+            .string(),
         base_is_export ? "" : converter_adapter->config_json(source_base).dump(2) + "\n");
     on_export.push_back(converter_adapter);
   }
   job.finalize = [plan, model_config, bos, eos, text_files, copy_files, adapter_configs, on_export](
                      const std::string& dir, const std::vector<nlohmann::json>&) {
     write_hf_shared_files(dir, *plan, *model_config,
-                          LlamaStateDictAdapter::generation_config_json(bos, eos), text_files, copy_files);
+                          LlamaStateDictAdapter::generation_config_json(bos, eos), text_files,
+                          copy_files);
     // `dir` is the export's .incomplete directory; the adapter names the committed one.
     std::string final_dir = std::filesystem::absolute(dir).lexically_normal().string();
     const std::string suffix = ".incomplete";
-    if (final_dir.size() > suffix.size() && final_dir.compare(final_dir.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    if (final_dir.size() > suffix.size() &&
+        final_dir.compare(final_dir.size() - suffix.size(), suffix.size(), suffix) == 0) {
       final_dir.resize(final_dir.size() - suffix.size());
     }
     for (size_t i = 0; i < adapter_configs.size(); ++i) {
@@ -194,9 +209,11 @@ std::map<std::string, std::string> hf_weight_map(const std::string& dir) {
   std::ifstream in(path);
   try {
     const nlohmann::json index = nlohmann::json::parse(in);
-    for (const auto& [key, file] : index.at("weight_map").items()) out[key] = file.get<std::string>();
+    for (const auto& [key, file] : index.at("weight_map").items())
+      out[key] = file.get<std::string>();
   } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(fmt::format("{}/model.safetensors.index.json has no valid weight_map: {}", dir, e.what()));
+    throw CheckpointError(
+        fmt::format("{}/model.safetensors.index.json has no valid weight_map: {}", dir, e.what()));
   }
   return out;
 }
@@ -221,15 +238,17 @@ bool is_hf_model_dir(const std::string& path) {
           fs::exists(fs::path(path) / "model.safetensors.index.json"));
 }
 
-void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector<TensorPiece>& pieces) {
+void load_hf_model(const std::string& dir, const ModelConfig& model,
+                   std::vector<TensorPiece>& pieces) {
   namespace fs = std::filesystem;
   const fs::path root(dir);
   const ModelConfig theirs = hf_model_config(dir);
   const std::vector<std::string> differences = LlamaStateDictAdapter::differences(model, theirs);
   if (!differences.empty()) {
-    throw CheckpointError(fmt::format("{} holds another model shape than this run's:\n  {}\nHINT: set "
-                                      "the model keys to match its config.json",
-                                      dir, fmt::join(differences, "\n  ")));
+    throw CheckpointError(
+        fmt::format("{} holds another model shape than this run's:\n  {}\nHINT: set "
+                    "the model keys to match its config.json",
+                    dir, fmt::join(differences, "\n  ")));
   }
 
   // Which file holds each tensor.
@@ -275,9 +294,10 @@ void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector
     if (!missing.empty()) text += fmt::format("\n  missing: {}", fmt::join(missing, ", "));
     if (!unexpected.empty()) text += fmt::format("\n  unexpected: {}", fmt::join(unexpected, ", "));
     if (!mismatched.empty()) text += fmt::format("\n  mismatched: {}", fmt::join(mismatched, "; "));
-    throw CheckpointError(fmt::format("{} does not fit the model:{}\nHINT: check that the directory "
-                                      "holds a LlamaForCausalLM of this shape",
-                                      dir, text));
+    throw CheckpointError(
+        fmt::format("{} does not fit the model:{}\nHINT: check that the directory "
+                    "holds a LlamaForCausalLM of this shape",
+                    dir, text));
   }
 
   at::NoGradGuard no_grad;
@@ -295,9 +315,12 @@ void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector
     const int64_t cols = piece.shape[1], head_elems = model.head_dim() * cols;
     const int64_t first_head = piece.begin / head_elems;
     const int64_t end_head = (piece.begin + count + head_elems - 1) / head_elems;
-    const at::Tensor slab = file.read_elements(key, first_head * head_elems, (end_head - first_head) * head_elems)
-                                .view({(end_head - first_head) * model.head_dim(), cols});
-    piece.local.copy_(adapter.from_hf(piece.key, slab).reshape({-1}).narrow(0, piece.begin - first_head * head_elems, count));
+    const at::Tensor slab =
+        file.read_elements(key, first_head * head_elems, (end_head - first_head) * head_elems)
+            .view({(end_head - first_head) * model.head_dim(), cols});
+    piece.local.copy_(adapter.from_hf(piece.key, slab)
+                          .reshape({-1})
+                          .narrow(0, piece.begin - first_head * head_elems, count));
   }
 }
 

@@ -45,6 +45,7 @@ bool is_hf_model_dir(const std::string& path);
 // each piece reads only the rows it needs (for wq / wk the heads it lies in), converting to
 // Strata's layout and dtype. The directory's config.json must describe `model`; differing
 // fields, and missing, unexpected and mismatched tensors, are errors naming every one.
-void load_hf_model(const std::string& dir, const ModelConfig& model, std::vector<TensorPiece>& pieces);
+void load_hf_model(const std::string& dir, const ModelConfig& model,
+                   std::vector<TensorPiece>& pieces);
 
 }  // namespace strata

@@ -57,12 +57,18 @@ const std::vector<std::pair<std::string, std::string>>& hf_fields() {
 // (i, i + d/2). Works on any block of whole heads.
 at::Tensor interleaved_to_half(const at::Tensor& w, int64_t head_dim) {
   const int64_t rows = w.size(0), cols = w.size(1);
-  return w.reshape({rows / head_dim, head_dim / 2, 2, cols}).transpose(1, 2).reshape({rows, cols}).contiguous();
+  return w.reshape({rows / head_dim, head_dim / 2, 2, cols})
+      .transpose(1, 2)
+      .reshape({rows, cols})
+      .contiguous();
 }
 
 at::Tensor half_to_interleaved(const at::Tensor& w, int64_t head_dim) {
   const int64_t rows = w.size(0), cols = w.size(1);
-  return w.reshape({rows / head_dim, 2, head_dim / 2, cols}).transpose(1, 2).reshape({rows, cols}).contiguous();
+  return w.reshape({rows / head_dim, 2, head_dim / 2, cols})
+      .transpose(1, 2)
+      .reshape({rows, cols})
+      .contiguous();
 }
 
 }  // namespace
@@ -94,12 +100,14 @@ std::string LlamaStateDictAdapter::internal_key(const std::string& hf_key) const
       if (m[2] == hf) return fmt::format("layers.{}.{}", m[1].str(), internal);
     }
   }
-  throw CheckpointError(fmt::format("'{}' is not a LlamaForCausalLM weight this model has", hf_key));
+  throw CheckpointError(
+      fmt::format("'{}' is not a LlamaForCausalLM weight this model has", hf_key));
 }
 
 namespace {
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 }  // namespace
 
@@ -125,7 +133,7 @@ StateDict LlamaStateDictAdapter::from_hf(const StateDict& hf) const {
   StateDict out;
   std::vector<std::string> unexpected;
   for (const auto& [key, t] : hf) {
-    if (ends_with(key, "rotary_emb.inv_freq")) continue;  // a non-persistent buffer
+    if (ends_with(key, "rotary_emb.inv_freq")) continue;              // a non-persistent buffer
     if (key == "lm_head.weight" && config_.tie_embeddings) continue;  // tied: the embedding serves
     std::string fqn;
     try {
@@ -137,16 +145,19 @@ StateDict LlamaStateDictAdapter::from_hf(const StateDict& hf) const {
     out.insert(fqn, from_hf(fqn, t));
   }
   if (!unexpected.empty()) {
-    throw CheckpointError(fmt::format("unexpected keys for a Llama: {}", fmt::join(unexpected, ", ")));
+    throw CheckpointError(
+        fmt::format("unexpected keys for a Llama: {}", fmt::join(unexpected, ", ")));
   }
-  if (!config_.tie_embeddings && !out.contains("output.weight") && out.contains("tok_embeddings.weight")) {
+  if (!config_.tie_embeddings && !out.contains("output.weight") &&
+      out.contains("tok_embeddings.weight")) {
     out.insert("output.weight", out.at("tok_embeddings.weight").clone());  // a tied source
   }
   return out;
 }
 
-nlohmann::ordered_json LlamaStateDictAdapter::config_json(const std::string& dtype, int64_t bos_token_id,
-                                                  int64_t eos_token_id) const {
+nlohmann::ordered_json LlamaStateDictAdapter::config_json(const std::string& dtype,
+                                                          int64_t bos_token_id,
+                                                          int64_t eos_token_id) const {
   // nlohmann writes a double with a fraction or exponent ("10000.0", "1e-05"), as transformers
   // v5's strict float fields require.
   nlohmann::ordered_json c;
@@ -174,18 +185,21 @@ nlohmann::ordered_json LlamaStateDictAdapter::config_json(const std::string& dty
   return c;
 }
 
-nlohmann::json LlamaStateDictAdapter::generation_config_json(int64_t bos_token_id, int64_t eos_token_id) {
+nlohmann::json LlamaStateDictAdapter::generation_config_json(int64_t bos_token_id,
+                                                             int64_t eos_token_id) {
   return {{"_from_model_config", true},
           {"bos_token_id", bos_token_id},
           {"eos_token_id", eos_token_id},
           {"transformers_version", "4.56.0"}};
 }
 
-ModelConfig LlamaStateDictAdapter::model_config_from_hf(const nlohmann::json& c, const std::string& where) {
+ModelConfig LlamaStateDictAdapter::model_config_from_hf(const nlohmann::json& c,
+                                                        const std::string& where) {
   auto fail = [&](const std::string& what) {
-    throw CheckpointError(fmt::format("{}: {}\nHINT: Strata loads plain Llama checkpoints "
-                                      "(LlamaForCausalLM with SiLU, without biases or RoPE scaling)",
-                                      where, what));
+    throw CheckpointError(
+        fmt::format("{}: {}\nHINT: Strata loads plain Llama checkpoints "
+                    "(LlamaForCausalLM with SiLU, without biases or RoPE scaling)",
+                    where, what));
   };
   // transformers gives a null field its default value.
   auto given = [&](const char* key) { return c.contains(key) && !c[key].is_null(); };
@@ -194,10 +208,12 @@ ModelConfig LlamaStateDictAdapter::model_config_from_hf(const nlohmann::json& c,
   };
   try {
     if (c.value("model_type", std::string()) != "llama") {
-      fail(fmt::format("model_type is '{}', not 'llama'", c.value("model_type", std::string("(missing)"))));
+      fail(fmt::format("model_type is '{}', not 'llama'",
+                       c.value("model_type", std::string("(missing)"))));
     }
     // transformers' defaults for the optional fields.
-    nlohmann::json hf = {{"max_position_embeddings", 2048}, {"rms_norm_eps", 1e-6}, {"tie_word_embeddings", false}};
+    nlohmann::json hf = {
+        {"max_position_embeddings", 2048}, {"rms_norm_eps", 1e-6}, {"tie_word_embeddings", false}};
     hf["num_key_value_heads"] = c.at("num_attention_heads");
     for (const auto& [name, key] : hf_fields()) {
       if (given(name.c_str())) hf[name] = c[name];
@@ -213,9 +229,11 @@ ModelConfig LlamaStateDictAdapter::model_config_from_hf(const nlohmann::json& c,
                                    ? rp["rope_type"].get<std::string>()
                                    : rp.value("type", std::string("default"));
       if (type != "default") {
-        fail(fmt::format("{}.rope_type '{}' is not supported (only the default RoPE is)", field, type));
+        fail(fmt::format("{}.rope_type '{}' is not supported (only the default RoPE is)", field,
+                         type));
       }
-      if (rp.contains("rope_theta") && !rp["rope_theta"].is_null()) theta = rp["rope_theta"].get<double>();
+      if (rp.contains("rope_theta") && !rp["rope_theta"].is_null())
+        theta = rp["rope_theta"].get<double>();
       break;
     }
     hf["rope_theta"] = theta;
@@ -233,12 +251,15 @@ ModelConfig LlamaStateDictAdapter::model_config_from_hf(const nlohmann::json& c,
     for (const auto& [name, key] : hf_fields()) model[key] = hf.at(name);
     const int64_t dim = model["dim"], width = model["ffn_hidden_dim"], base = 2 * (4 * dim) / 3;
     model["multiple_of"] = width;
-    model["ffn_dim_multiplier"] = width < base ? nlohmann::json(static_cast<double>(width) / base) : nlohmann::json();
+    model["ffn_dim_multiplier"] =
+        width < base ? nlohmann::json(static_cast<double>(width) / base) : nlohmann::json();
     ModelConfig m = model_config_from_json(model, where);
     if (m.ffn_hidden_dim() != width) {
-      fail(fmt::format("intermediate_size {} cannot be expressed as a SwiGLU width of dim {}", width, dim));
+      fail(fmt::format("intermediate_size {} cannot be expressed as a SwiGLU width of dim {}",
+                       width, dim));
     }
-    if (m.n_heads <= 0 || m.dim % m.n_heads != 0) fail("hidden_size is not a multiple of num_attention_heads");
+    if (m.n_heads <= 0 || m.dim % m.n_heads != 0)
+      fail("hidden_size is not a multiple of num_attention_heads");
     if (given("head_dim") && c["head_dim"].get<int64_t>() != m.head_dim()) {
       fail(fmt::format("head_dim {} differs from hidden_size / num_attention_heads = {}",
                        c["head_dim"].get<int64_t>(), m.head_dim()));
@@ -253,12 +274,15 @@ ModelConfig LlamaStateDictAdapter::model_config_from_hf(const nlohmann::json& c,
   return {};
 }
 
-std::vector<std::string> LlamaStateDictAdapter::differences(const ModelConfig& ours, const ModelConfig& theirs) {
+std::vector<std::string> LlamaStateDictAdapter::differences(const ModelConfig& ours,
+                                                            const ModelConfig& theirs) {
   const nlohmann::json a = model_config_json(ours), b = model_config_json(theirs);
   std::vector<std::string> out;
   for (const auto& [hf, key] : hf_fields()) {
     if (key == "max_seq_len" || key == "tie_embeddings") continue;  // no bearing on the weights
-    if (a.at(key) != b.at(key)) out.push_back(fmt::format("model.{} = {} but {} = {}", key, a.at(key).dump(), hf, b.at(key).dump()));
+    if (a.at(key) != b.at(key))
+      out.push_back(
+          fmt::format("model.{} = {} but {} = {}", key, a.at(key).dump(), hf, b.at(key).dump()));
   }
   if (ours.tie_embeddings && !theirs.tie_embeddings) {
     out.push_back("model.tie_embeddings = true but tie_word_embeddings = false");
@@ -269,7 +293,8 @@ std::vector<std::string> LlamaStateDictAdapter::differences(const ModelConfig& o
 std::string LlamaStateDictAdapter::hf_module(const std::string& linear) {
   for (const auto& [internal, hf] : layer_names()) {
     const size_t dot = internal.find('.');
-    if (internal.compare(dot + 1, std::string::npos, linear + ".weight") == 0) return hf.substr(0, hf.size() - 7);
+    if (internal.compare(dot + 1, std::string::npos, linear + ".weight") == 0)
+      return hf.substr(0, hf.size() - 7);
   }
   throw CheckpointError(fmt::format("'{}' is not a block linear of a Llama", linear));
 }

@@ -43,7 +43,7 @@ class LlamaStateDictAdapter {
   // torch_dtype and dtype) for tensors of `dtype` ("float32", "bfloat16", "float16"). The
   // model fields come from model_config_json (the config schema) through one name table.
   nlohmann::ordered_json config_json(const std::string& dtype, int64_t bos_token_id,
-                             int64_t eos_token_id) const;
+                                     int64_t eos_token_id) const;
   static nlohmann::json generation_config_json(int64_t bos_token_id, int64_t eos_token_id);
   // The model config a config.json describes, read through the same name table (the SwiGLU
   // width reproduced exactly); `where` names the file in errors (missing or unsupported

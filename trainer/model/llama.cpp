@@ -27,7 +27,8 @@ const at::Tensor& LlamaLayer::linear(size_t index) const {
   return *weights[index];
 }
 
-Llama::Llama(const ModelConfig& config, const Converters* converters) : config_(config), converters_(converters) {
+Llama::Llama(const ModelConfig& config, const Converters* converters)
+    : config_(config), converters_(converters) {
   const auto meta = at::TensorOptions().device(at::kMeta).dtype(at::kFloat);
   const int64_t d = config.dim, v = config.vocab_size, hd = config.head_dim();
   const int64_t f = config.ffn_hidden_dim();
@@ -46,12 +47,14 @@ Llama::Llama(const ModelConfig& config, const Converters* converters) : config_(
     std::vector<std::vector<std::pair<std::string, std::vector<int64_t>>>> specs;
     for (size_t j = 0; j < block_linears().size(); ++j) {
       const std::string& name = block_linears()[j];
-      const std::string prefix = fmt::format("layers.{}.{}.{}", i, j < 4 ? "attention" : "feed_forward", name);
+      const std::string prefix =
+          fmt::format("layers.{}.{}.{}", i, j < 4 ? "attention" : "feed_forward", name);
       const at::Tensor& w = layer.linear(j);
       specs.push_back(converters ? converters->extra_parameters(prefix, name, w.size(0), w.size(1))
                                  : std::vector<std::pair<std::string, std::vector<int64_t>>>());
       layer.extras.emplace_back();
-      for (const auto& spec : specs.back()) layer.extras.back().push_back(at::empty(spec.second, meta));
+      for (const auto& spec : specs.back())
+        layer.extras.back().push_back(at::empty(spec.second, meta));
     }
     extra_specs_.push_back(std::move(specs));
     layers_.push_back(std::move(layer));
@@ -75,7 +78,8 @@ void Llama::for_each_parameter(const std::function<void(const std::string&, at::
     fn(p + "feed_forward.w2.weight", l.w2);
     fn(p + "feed_forward.w3.weight", l.w3);
     for (size_t j = 0; j < l.extras.size(); ++j) {
-      for (size_t e = 0; e < l.extras[j].size(); ++e) fn(extra_specs_[i][j][e].first, l.extras[j][e]);
+      for (size_t e = 0; e < l.extras[j].size(); ++e)
+        fn(extra_specs_[i][j][e].first, l.extras[j][e]);
     }
   }
   fn("norm.weight", norm_);
@@ -89,10 +93,13 @@ StateDict Llama::parameters() const {
   return sd;
 }
 
-bool Llama::trainable(const std::string& fqn) const { return !converters_ || converters_->trainable(fqn); }
+bool Llama::trainable(const std::string& fqn) const {
+  return !converters_ || converters_->trainable(fqn);
+}
 
 LlamaLayer Llama::layer_from(size_t index, const std::vector<at::Tensor>& p) const {
-  LlamaLayer layer{p.at(0), p.at(1), p.at(2), p.at(3), p.at(4), p.at(5), p.at(6), p.at(7), p.at(8), {}};
+  LlamaLayer layer{p.at(0), p.at(1), p.at(2), p.at(3), p.at(4),
+                   p.at(5), p.at(6), p.at(7), p.at(8), {}};
   size_t next = 9;
   for (const auto& specs : extra_specs_.at(index)) {
     layer.extras.emplace_back();
@@ -168,8 +175,7 @@ at::Tensor Llama::rms_norm(const at::Tensor& x, const at::Tensor& weight) const 
   return x * rms * weight;
 }
 
-std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_len,
-                                              double theta) {
+std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_len, double theta) {
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   at::Tensor inv_freq =
       at::pow(theta, at::arange(0, head_dim, 2, f64).div(static_cast<double>(head_dim)))
@@ -190,7 +196,8 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_table,
 
 at::Tensor Llama::linear(const LlamaLayer& layer, size_t index, const at::Tensor& x) const {
   if (!converters_ || converters_->empty()) return at::linear(x, layer.linear(index));
-  return converters_->linear(block_linears()[index], x, layer.linear(index), layer.extras.at(index));
+  return converters_->linear(block_linears()[index], x, layer.linear(index),
+                             layer.extras.at(index));
 }
 
 at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const {
@@ -199,8 +206,8 @@ at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const 
   if (fused::enabled(x) && fused::has_blas()) {
     at::Tensor q, k, v;
     if (!converters_ || converters_->empty()) {  // one GEMM for the three projections
-      std::tie(q, k, v) = fused::qkv_rope(at::linear(x, at::cat({layer.wq, layer.wk, layer.wv})), h, kv, rope_cos_,
-                                          rope_sin_);
+      std::tie(q, k, v) = fused::qkv_rope(at::linear(x, at::cat({layer.wq, layer.wk, layer.wv})), h,
+                                          kv, rope_cos_, rope_sin_);
     } else {
       q = fused::rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
       k = fused::rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
@@ -212,9 +219,10 @@ at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const 
   at::Tensor k = apply_rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
   at::Tensor v = linear(layer, 2, x).view({b, t, kv, hd});
   // GQA: query head j uses key/value head j / (h / kv), without copies (enable_gqa).
-  at::Tensor y = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
-                                                  /*scale=*/std::nullopt, /*enable_gqa=*/kv != h);  // (B, H, T, hd)
+  at::Tensor y = at::scaled_dot_product_attention(
+      q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+      /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
+      /*scale=*/std::nullopt, /*enable_gqa=*/kv != h);  // (B, H, T, hd)
   return linear(layer, 3, y.transpose(1, 2).reshape({b, t, h * hd}));
 }
 
@@ -237,7 +245,8 @@ at::Tensor Llama::block(const LlamaLayer& layer, const at::Tensor& h) const {
   return x + feed_forward(layer, rms_norm(x, layer.ffn_norm));
 }
 
-at::Tensor Llama::head(const at::Tensor& norm, const at::Tensor& output, const at::Tensor& h) const {
+at::Tensor Llama::head(const at::Tensor& norm, const at::Tensor& output,
+                       const at::Tensor& h) const {
   return at::linear(rms_norm(h, norm), output);  // (B, T, V)
 }
 

@@ -24,10 +24,10 @@ namespace strata {
 class Converters;
 
 struct LlamaLayer {
-  at::Tensor attention_norm;           // (D)
-  at::Tensor wq, wk, wv, wo;           // (H*hd, D), (KV*hd, D), (KV*hd, D), (D, H*hd)
-  at::Tensor ffn_norm;                 // (D)
-  at::Tensor w1, w2, w3;               // (F, D), (D, F), (F, D)
+  at::Tensor attention_norm;  // (D)
+  at::Tensor wq, wk, wv, wo;  // (H*hd, D), (KV*hd, D), (KV*hd, D), (D, H*hd)
+  at::Tensor ffn_norm;        // (D)
+  at::Tensor w1, w2, w3;      // (F, D), (D, F), (F, D)
   // Converter parameters of each block linear (block_linears() order: wq wk wv wo w1 w2 w3),
   // e.g. LoRA's A and B; empty without converters.
   std::vector<std::vector<at::Tensor>> extras;
@@ -101,8 +101,8 @@ class Llama : public LanguageModel {
   std::vector<std::vector<std::vector<std::pair<std::string, std::vector<int64_t>>>>> extra_specs_;
   at::Tensor tok_embeddings_;  // (V, D)
   std::vector<LlamaLayer> layers_;
-  at::Tensor norm_;            // (D)
-  at::Tensor output_;          // (V, D); undefined when tied to tok_embeddings
+  at::Tensor norm_;                 // (D)
+  at::Tensor output_;               // (V, D); undefined when tied to tok_embeddings
   at::Tensor rope_cos_, rope_sin_;  // (max_seq_len, hd/2), not parameters
 };
 

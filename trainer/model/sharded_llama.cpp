@@ -57,7 +57,8 @@ at::Tensor ShardedLlama::forward(const at::Tensor& tokens) const {
   return head_unit.run(h, head_body_, recompute_);
 }
 
-std::vector<std::string> ShardedLlama::initialize(uint64_t seed, const std::set<std::string>& loaded) {
+std::vector<std::string> ShardedLlama::initialize(uint64_t seed,
+                                                  const std::set<std::string>& loaded) {
   std::vector<std::string> initialised;
   for (auto& unit : units_) {
     for (size_t i = 0; i < unit->params().size(); ++i) {

@@ -36,10 +36,11 @@ void AdamW::step(double lr) {
     if (fused::enabled(s.param) && s.param.is_contiguous() && grad.is_contiguous()) {
       const double decay = s.decay ? lr * config_.weight_decay : 0.0;
       at::Tensor param = s.param.detach();
-      fused::adamw_update(param, grad, s.exp_avg, s.exp_avg_sq, s.decay ? s.decay_mask : at::Tensor(),
-                          {static_cast<float>(decay), static_cast<float>(beta1), static_cast<float>(beta2),
-                           static_cast<float>(step_size), static_cast<float>(bias2_sqrt),
-                           static_cast<float>(config_.eps)});
+      fused::adamw_update(param, grad, s.exp_avg, s.exp_avg_sq,
+                          s.decay ? s.decay_mask : at::Tensor(),
+                          {static_cast<float>(decay), static_cast<float>(beta1),
+                           static_cast<float>(beta2), static_cast<float>(step_size),
+                           static_cast<float>(bias2_sqrt), static_cast<float>(config_.eps)});
       continue;
     }
     if (s.decay && config_.weight_decay != 0.0) {
@@ -71,8 +72,7 @@ StateDict AdamW::state() const {
   return sd;
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm,
-                      Communicator* comm) {
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, Communicator* comm) {
   at::NoGradGuard no_grad;
   at::Tensor total = at::zeros({1}, at::kDouble);
   for (const at::Tensor& p : params) {

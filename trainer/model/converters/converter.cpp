@@ -23,13 +23,17 @@ std::optional<LinearKey> parse_linear_key(const std::string& fqn) {
   return std::nullopt;
 }
 
-std::vector<ModelConverter::Extra> ModelConverter::extra_parameters(const std::string&, int64_t, int64_t) const {
+std::vector<ModelConverter::Extra> ModelConverter::extra_parameters(const std::string&, int64_t,
+                                                                    int64_t) const {
   return {};
 }
 
-at::Tensor ModelConverter::transform_weight(const std::string&, const at::Tensor& weight) const { return weight; }
+at::Tensor ModelConverter::transform_weight(const std::string&, const at::Tensor& weight) const {
+  return weight;
+}
 
-at::Tensor ModelConverter::linear_delta(const std::string&, const at::Tensor&, const std::vector<at::Tensor>&) const {
+at::Tensor ModelConverter::linear_delta(const std::string&, const at::Tensor&,
+                                        const std::vector<at::Tensor>&) const {
   return at::Tensor();
 }
 
@@ -76,7 +80,8 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> Converters::extra_para
   return extras;
 }
 
-at::Tensor Converters::linear(const std::string& linear, const at::Tensor& x, const at::Tensor& weight,
+at::Tensor Converters::linear(const std::string& linear, const at::Tensor& x,
+                              const at::Tensor& weight,
                               const std::vector<at::Tensor>& extras) const {
   at::Tensor w = weight;
   for (const auto& c : list_) w = c->transform_weight(linear, w);

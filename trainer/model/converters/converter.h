@@ -69,7 +69,8 @@ class ModelConverter {
     std::string suffix;
     std::vector<int64_t> shape;
   };
-  virtual std::vector<Extra> extra_parameters(const std::string& linear, int64_t out, int64_t in) const;
+  virtual std::vector<Extra> extra_parameters(const std::string& linear, int64_t out,
+                                              int64_t in) const;
   // Whether the base weights (everything this converter does not own) stop training.
   virtual bool freezes_base() const { return false; }
   // The weight block linear `linear` computes with (QAT: its fake-quantised value).
@@ -79,7 +80,8 @@ class ModelConverter {
   virtual at::Tensor linear_delta(const std::string& linear, const at::Tensor& x,
                                   const std::vector<at::Tensor>& extras) const;
   // Initial value of an owned parameter (only called for keys it owns that no source loaded).
-  virtual void initialize(const std::string& fqn, at::Tensor& value, at::Generator& generator) const;
+  virtual void initialize(const std::string& fqn, at::Tensor& value,
+                          at::Generator& generator) const;
   // Training or evaluating (LoRA dropout applies only while training).
   virtual void set_training(bool) {}
   // One line for the start-up log.
@@ -112,9 +114,8 @@ class Converters {
   bool trainable(const std::string& fqn) const;
   // block linear `linear` (fqn prefix `linear_fqn`, e.g. "layers.0.attention.wq"): every
   // converter's extras, as (fqn, shape), in converter order.
-  std::vector<std::pair<std::string, std::vector<int64_t>>> extra_parameters(const std::string& linear_fqn,
-                                                                             const std::string& linear,
-                                                                             int64_t out, int64_t in) const;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> extra_parameters(
+      const std::string& linear_fqn, const std::string& linear, int64_t out, int64_t in) const;
   // y = x·W'ᵀ + Σ deltas, W' = every converter's transform_weight in order. `extras` are the
   // linear's extra parameters in extra_parameters order (all converters).
   at::Tensor linear(const std::string& linear, const at::Tensor& x, const at::Tensor& weight,

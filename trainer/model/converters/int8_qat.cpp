@@ -21,7 +21,8 @@ class Int8QatConverter : public ModelConverter {
   explicit Int8QatConverter(const ConverterConfig& c) : config_(c) {}
   std::string name() const override { return "int8_qat"; }
   bool targets(const std::string& linear) const {
-    return std::find(config_.target_modules.begin(), config_.target_modules.end(), linear) != config_.target_modules.end();
+    return std::find(config_.target_modules.begin(), config_.target_modules.end(), linear) !=
+           config_.target_modules.end();
   }
   // Forward sees the quantised weight; the gradient passes straight through to the fp32 one.
   at::Tensor transform_weight(const std::string& linear, const at::Tensor& weight) const override {
@@ -32,7 +33,8 @@ class Int8QatConverter : public ModelConverter {
   std::string describe() const override {
     std::string targets;
     for (const std::string& t : config_.target_modules) targets += (targets.empty() ? "" : " ") + t;
-    return fmt::format("int8_qat (per-output-channel symmetric, straight-through; targets {})", targets);
+    return fmt::format("int8_qat (per-output-channel symmetric, straight-through; targets {})",
+                       targets);
   }
   // The export holds what forward computed with: the quantise-dequantised weights.
   StateDict state_dict_transform(const StateDict& sd) const override {

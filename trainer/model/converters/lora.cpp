@@ -11,7 +11,8 @@ namespace strata {
 namespace {
 
 bool ends_with(const std::string& text, const std::string& suffix) {
-  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return text.size() >= suffix.size() &&
+         text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // PEFT's adapter files (docs/formats.md): keys base_model.model.model.layers.{i}.<module>.
@@ -28,7 +29,8 @@ class PeftLoraAdapter : public ConverterAdapter {
       throw std::invalid_argument("not a LoRA key: " + fqn);
     }
     const std::string layer = fqn.substr(7, fqn.find('.', 7) - 7);
-    return fmt::format("base_model.model.model.layers.{}.{}.lora_{}.weight", layer, LlamaStateDictAdapter::hf_module(key->linear),
+    return fmt::format("base_model.model.model.layers.{}.{}.lora_{}.weight", layer,
+                       LlamaStateDictAdapter::hf_module(key->linear),
                        key->suffix == "lora_a" ? "A" : "B");
   }
 
@@ -43,22 +45,27 @@ class PeftLoraAdapter : public ConverterAdapter {
     const std::string layer = rest.substr(7, dot - 7), module = rest.substr(dot + 1);
     for (const std::string& linear : block_linears()) {
       for (const char* ab : {"A", "B"}) {
-        if (module == fmt::format("{}.lora_{}.weight", LlamaStateDictAdapter::hf_module(linear), ab) ||
-            module == fmt::format("{}.lora_{}.default.weight", LlamaStateDictAdapter::hf_module(linear), ab)) {
-          return fmt::format("layers.{}.{}.{}.lora_{}", layer, linear == "w1" || linear == "w2" || linear == "w3"
-                                                                   ? "feed_forward" : "attention",
-                             linear, ab[0] == 'A' ? "a" : "b");
+        if (module ==
+                fmt::format("{}.lora_{}.weight", LlamaStateDictAdapter::hf_module(linear), ab) ||
+            module == fmt::format("{}.lora_{}.default.weight",
+                                  LlamaStateDictAdapter::hf_module(linear), ab)) {
+          return fmt::format(
+              "layers.{}.{}.{}.lora_{}", layer,
+              linear == "w1" || linear == "w2" || linear == "w3" ? "feed_forward" : "attention",
+              linear, ab[0] == 'A' ? "a" : "b");
         }
       }
     }
     return std::nullopt;
   }
 
-  at::Tensor to_file(const std::string& fqn, const at::Tensor& tensor, const LlamaStateDictAdapter& model) const override {
+  at::Tensor to_file(const std::string& fqn, const at::Tensor& tensor,
+                     const LlamaStateDictAdapter& model) const override {
     const std::string weight = permuted_weight(fqn);
     return weight.empty() ? tensor : model.to_hf(weight, tensor);
   }
-  at::Tensor from_file(const std::string& fqn, const at::Tensor& tensor, const LlamaStateDictAdapter& model) const override {
+  at::Tensor from_file(const std::string& fqn, const at::Tensor& tensor,
+                       const LlamaStateDictAdapter& model) const override {
     const std::string weight = permuted_weight(fqn);
     return weight.empty() ? tensor : model.from_hf(weight, tensor);
   }
@@ -67,7 +74,9 @@ class PeftLoraAdapter : public ConverterAdapter {
 
   nlohmann::json config_json(const std::string& base) const override {
     std::vector<std::string> targets;
-    for (const std::string& t : config_.target_modules) targets.push_back(LlamaStateDictAdapter::hf_module(t).substr(LlamaStateDictAdapter::hf_module(t).find('.') + 1));
+    for (const std::string& t : config_.target_modules)
+      targets.push_back(LlamaStateDictAdapter::hf_module(t).substr(
+          LlamaStateDictAdapter::hf_module(t).find('.') + 1));
     std::sort(targets.begin(), targets.end());
     return {{"peft_type", "LORA"},
             {"task_type", "CAUSAL_LM"},
@@ -106,16 +115,19 @@ class LoraConverter : public ModelConverter {
  public:
   explicit LoraConverter(const ConverterConfig& c)
       : config_(c),
-        scale_(c.use_rslora ? c.alpha / std::sqrt(static_cast<double>(c.rank)) : c.alpha / static_cast<double>(c.rank)),
+        scale_(c.use_rslora ? c.alpha / std::sqrt(static_cast<double>(c.rank))
+                            : c.alpha / static_cast<double>(c.rank)),
         adapter_(c) {}
 
   std::string name() const override { return "lora"; }
 
   bool targets(const std::string& linear) const {
-    return std::find(config_.target_modules.begin(), config_.target_modules.end(), linear) != config_.target_modules.end();
+    return std::find(config_.target_modules.begin(), config_.target_modules.end(), linear) !=
+           config_.target_modules.end();
   }
 
-  std::vector<Extra> extra_parameters(const std::string& linear, int64_t out, int64_t in) const override {
+  std::vector<Extra> extra_parameters(const std::string& linear, int64_t out,
+                                      int64_t in) const override {
     if (!targets(linear)) return {};
     return {{"lora_a", {config_.rank, in}}, {"lora_b", {out, config_.rank}}};
   }
@@ -125,11 +137,13 @@ class LoraConverter : public ModelConverter {
   at::Tensor linear_delta(const std::string& linear, const at::Tensor& x,
                           const std::vector<at::Tensor>& extras) const override {
     if (!targets(linear)) return at::Tensor();
-    const at::Tensor input = config_.dropout > 0 && training() ? at::dropout(x, config_.dropout, true) : x;
+    const at::Tensor input =
+        config_.dropout > 0 && training() ? at::dropout(x, config_.dropout, true) : x;
     return at::linear(at::linear(input, extras.at(0)), extras.at(1)).mul(scale_);
   }
 
-  void initialize(const std::string& fqn, at::Tensor& value, at::Generator& generator) const override {
+  void initialize(const std::string& fqn, at::Tensor& value,
+                  at::Generator& generator) const override {
     if (ends_with(fqn, ".lora_b")) {
       value.zero_();
     } else {  // PEFT's A: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in))
@@ -176,9 +190,10 @@ class LoraConverter : public ModelConverter {
   std::string describe() const override {
     std::string targets;
     for (const std::string& t : config_.target_modules) targets += (targets.empty() ? "" : " ") + t;
-    return fmt::format("lora (r {}, alpha {}, scale {:g}{}, dropout {}, targets {}; export {}, interval saves {})",
-                       config_.rank, config_.alpha, scale_, config_.use_rslora ? " rslora" : "", config_.dropout, targets,
-                       config_.export_mode, config_.save);
+    return fmt::format(
+        "lora (r {}, alpha {}, scale {:g}{}, dropout {}, targets {}; export {}, interval saves {})",
+        config_.rank, config_.alpha, scale_, config_.use_rslora ? " rslora" : "", config_.dropout,
+        targets, config_.export_mode, config_.save);
   }
 
  private:

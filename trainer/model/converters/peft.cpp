@@ -30,7 +30,8 @@ nlohmann::json read_adapter_config(const std::string& dir) {
 
 bool is_peft_adapter_dir(const std::string& path) {
   namespace fs = std::filesystem;
-  return fs::exists(fs::path(path) / "adapter_config.json") && fs::exists(fs::path(path) / "adapter_model.safetensors");
+  return fs::exists(fs::path(path) / "adapter_config.json") &&
+         fs::exists(fs::path(path) / "adapter_model.safetensors");
 }
 
 std::string peft_base(const std::string& dir) {
@@ -43,16 +44,21 @@ ConverterConfig peft_converter_config(const std::string& dir) {
   const std::string where = (std::filesystem::path(dir) / "adapter_config.json").string();
   const nlohmann::json c = read_adapter_config(dir);
   auto fail = [&](const std::string& what) -> ConverterConfig {
-    throw CheckpointError(fmt::format("{}: {}\nHINT: Strata loads plain LoRA adapters (no DoRA, biases, "
-                                      "rank/alpha patterns or regex targets)",
-                                      where, what));
+    throw CheckpointError(
+        fmt::format("{}: {}\nHINT: Strata loads plain LoRA adapters (no DoRA, biases, "
+                    "rank/alpha patterns or regex targets)",
+                    where, what));
   };
-  if (c.value("peft_type", "") != "LORA") return fail(fmt::format("peft_type is {}, not LORA", c.value("peft_type", nlohmann::json()).dump()));
+  if (c.value("peft_type", "") != "LORA")
+    return fail(
+        fmt::format("peft_type is {}, not LORA", c.value("peft_type", nlohmann::json()).dump()));
   if (c.value("use_dora", false)) return fail("use_dora is true");
-  if (c.value("bias", "none") != "none") return fail(fmt::format("bias is '{}'", c.value("bias", "")));
+  if (c.value("bias", "none") != "none")
+    return fail(fmt::format("bias is '{}'", c.value("bias", "")));
   if (c.value("fan_in_fan_out", false)) return fail("fan_in_fan_out is true");
   for (const char* pattern : {"rank_pattern", "alpha_pattern"}) {
-    if (c.contains(pattern) && !c[pattern].is_null() && !c[pattern].empty()) return fail(fmt::format("{} is not empty", pattern));
+    if (c.contains(pattern) && !c[pattern].is_null() && !c[pattern].empty())
+      return fail(fmt::format("{} is not empty", pattern));
   }
   ConverterConfig out;
   out.type = "lora";
@@ -63,7 +69,8 @@ ConverterConfig peft_converter_config(const std::string& dir) {
     out.dropout = c.value("lora_dropout", 0.0);
     out.use_rslora = c.value("use_rslora", false);
   } catch (const nlohmann::json::exception& e) {
-    return fail(fmt::format("r, lora_alpha, lora_dropout or use_rslora has the wrong type: {}", e.what()));
+    return fail(
+        fmt::format("r, lora_alpha, lora_dropout or use_rslora has the wrong type: {}", e.what()));
   }
   std::map<std::string, std::string> ours;  // q_proj -> wq, ...
   for (const std::string& linear : block_linears()) {
@@ -79,13 +86,16 @@ ConverterConfig peft_converter_config(const std::string& dir) {
       std::string name = t.is_string() ? t.get<std::string>() : "";
       if (const size_t dot = name.rfind('.'); dot != std::string::npos) name = name.substr(dot + 1);
       const auto it = ours.find(name);
-      if (it == ours.end()) return fail(fmt::format("target module {} is not a Llama block linear", t.dump()));
-      if (std::find(out.target_modules.begin(), out.target_modules.end(), it->second) == out.target_modules.end()) {
+      if (it == ours.end())
+        return fail(fmt::format("target module {} is not a Llama block linear", t.dump()));
+      if (std::find(out.target_modules.begin(), out.target_modules.end(), it->second) ==
+          out.target_modules.end()) {
         out.target_modules.push_back(it->second);
       }
     }
   } else {
-    return fail(fmt::format("target_modules {} is neither a list nor \"all-linear\"", targets.dump()));
+    return fail(
+        fmt::format("target_modules {} is neither a list nor \"all-linear\"", targets.dump()));
   }
   if (out.target_modules.empty()) return fail("target_modules is empty");
   return out;
@@ -96,28 +106,37 @@ std::set<std::string> load_peft_adapter(const std::string& dir, const ModelConfi
                                         std::vector<TensorPiece>& pieces) {
   const ConverterConfig theirs = peft_converter_config(dir);
   std::vector<std::string> differences;
-  if (theirs.rank != run.rank) differences.push_back(fmt::format("r = {} but the run's LoRA rank is {}", theirs.rank, run.rank));
-  if (theirs.alpha != run.alpha) differences.push_back(fmt::format("lora_alpha = {} but the run's alpha is {}", theirs.alpha, run.alpha));
+  if (theirs.rank != run.rank)
+    differences.push_back(
+        fmt::format("r = {} but the run's LoRA rank is {}", theirs.rank, run.rank));
+  if (theirs.alpha != run.alpha)
+    differences.push_back(
+        fmt::format("lora_alpha = {} but the run's alpha is {}", theirs.alpha, run.alpha));
   if (theirs.use_rslora != run.use_rslora) {
-    differences.push_back(fmt::format("use_rslora = {} but the run's is {}", theirs.use_rslora, run.use_rslora));
+    differences.push_back(
+        fmt::format("use_rslora = {} but the run's is {}", theirs.use_rslora, run.use_rslora));
   }
   for (const std::string& t : theirs.target_modules) {
-    if (std::find(run.target_modules.begin(), run.target_modules.end(), t) == run.target_modules.end()) {
+    if (std::find(run.target_modules.begin(), run.target_modules.end(), t) ==
+        run.target_modules.end()) {
       differences.push_back(fmt::format("it targets {} but the run's target_modules do not", t));
     }
   }
   if (!differences.empty()) {
-    throw CheckpointError(fmt::format("PEFT adapter {} does not match the run's LoRA converter:\n  {}\nHINT: set "
-                                      "the converter's rank, alpha, use_rslora and target_modules to the "
-                                      "adapter's",
-                                      dir, fmt::join(differences, "\n  ")));
+    throw CheckpointError(
+        fmt::format("PEFT adapter {} does not match the run's LoRA converter:\n  {}\nHINT: set "
+                    "the converter's rank, alpha, use_rslora and target_modules to the "
+                    "adapter's",
+                    dir, fmt::join(differences, "\n  ")));
   }
   const SafetensorsFile file((std::filesystem::path(dir) / "adapter_model.safetensors").string());
   const ModelConverter* lora = nullptr;
   for (const auto& c : converters.list()) {
     if (c->state_dict_adapter() && c->name() == "lora") lora = c.get();
   }
-  if (!lora) throw CheckpointError(fmt::format("{} is a LoRA adapter, but the run has no LoRA converter", dir));
+  if (!lora)
+    throw CheckpointError(
+        fmt::format("{} is a LoRA adapter, but the run has no LoRA converter", dir));
   const ConverterAdapter& peft = *lora->state_dict_adapter();
   const LlamaStateDictAdapter llama(model);
   std::map<std::string, TensorPiece*> by_key;
@@ -131,7 +150,8 @@ std::set<std::string> load_peft_adapter(const std::string& dir, const ModelConfi
     if (!fqn || !by_key.count(*fqn)) {
       unexpected.push_back(e.name);
     } else if (e.shape != by_key.at(*fqn)->shape) {
-      mismatched.push_back(fmt::format("{} is [{}] in the adapter, [{}] in the model", e.name, fmt::join(e.shape, ", "),
+      mismatched.push_back(fmt::format("{} is [{}] in the adapter, [{}] in the model", e.name,
+                                       fmt::join(e.shape, ", "),
                                        fmt::join(by_key.at(*fqn)->shape, ", ")));
     } else {
       fqn_of[e.name] = *fqn;
@@ -141,15 +161,17 @@ std::set<std::string> load_peft_adapter(const std::string& dir, const ModelConfi
     std::string text;
     if (!unexpected.empty()) text += fmt::format("\n  unexpected: {}", fmt::join(unexpected, ", "));
     if (!mismatched.empty()) text += fmt::format("\n  mismatched: {}", fmt::join(mismatched, "; "));
-    throw CheckpointError(fmt::format("PEFT adapter {} does not fit the model:{}\nHINT: check that the adapter "
-                                      "was trained on a Llama of this shape",
-                                      dir, text));
+    throw CheckpointError(
+        fmt::format("PEFT adapter {} does not fit the model:{}\nHINT: check that the adapter "
+                    "was trained on a Llama of this shape",
+                    dir, text));
   }
   at::NoGradGuard no_grad;
   std::set<std::string> filled;
   for (const auto& [key, fqn] : fqn_of) {
     TensorPiece& piece = *by_key.at(fqn);
-    const at::Tensor full = peft.from_file(fqn, file.tensor(key).to(at::kFloat), llama).reshape({-1});
+    const at::Tensor full =
+        peft.from_file(fqn, file.tensor(key).to(at::kFloat), llama).reshape({-1});
     piece.local.copy_(full.narrow(0, piece.begin, piece.local.numel()));
     filled.insert(fqn);
   }
