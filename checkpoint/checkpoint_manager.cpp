@@ -228,14 +228,14 @@ bool CheckpointManager::maybe_save(int64_t step, bool last_step, bool stop_reque
                                    const std::string& signal, const SavePolicy& policy,
                                    Checkpointable& source) {
   const bool stop = poll(stop_requested);
-  source.on_save_started();  // a background save may have just finished
+  source.on_writer_change();  // a background save may have just finished
   auto save_at = [&](bool model_only) {
     save(source.save_request(step, model_only));
-    source.on_save_started();
+    source.on_writer_change();
   };
   auto export_at = [&] {
     export_hf(source.export_job(step));
-    source.on_save_started();
+    source.on_writer_change();
   };
   const bool export_due = policy.hf_export_interval > 0 && step % policy.hf_export_interval == 0;
   if (last_step) {

@@ -91,8 +91,9 @@ class Checkpointable {
   virtual ~Checkpointable() = default;
   virtual SaveRequest save_request(int64_t step, bool model_only) = 0;
   virtual CommitJob export_job(int64_t step) = 0;
-  // Called after every save or export started (async: the writer may now be running).
-  virtual void on_save_started() {}
+  // Called whenever this rank's background writer may have started or finished (after each
+  // save or export, and after a commit at the step boundary).
+  virtual void on_writer_change() {}
 };
 
 // "step-0000100"

@@ -34,14 +34,6 @@ bool excluded(const CheckpointConfig& k, const std::string& what) {
          k.exclude_from_loading.end();
 }
 
-std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces,
-                                 const std::function<bool(const std::string&)>& keep) {
-  pieces.erase(std::remove_if(pieces.begin(), pieces.end(),
-                              [&](const TensorPiece& p) { return !keep(p.key); }),
-               pieces.end());
-  return pieces;
-}
-
 void set_primary(ResumePlan& plan, const WeightSource& source) {
   plan.dir = source.dir;
   plan.given = source.given;

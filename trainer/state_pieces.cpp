@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace strata {
 namespace {
 
@@ -15,6 +17,14 @@ std::string moment_key(const std::string& fqn, const char* moment) {
 std::string parameter_of(const std::string& key) {
   if (key.rfind("optimizer.", 0) != 0) return key;
   return key.substr(10, key.rfind('.') - 10);
+}
+
+std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces,
+                                 const std::function<bool(const std::string&)>& keep) {
+  pieces.erase(std::remove_if(pieces.begin(), pieces.end(),
+                              [&](const TensorPiece& p) { return !keep(p.key); }),
+               pieces.end());
+  return pieces;
 }
 
 std::vector<TensorPiece> state_pieces(const ShardedLlama& model, const AdamW* optimizer) {

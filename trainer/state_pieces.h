@@ -6,6 +6,8 @@
 // "optimizer.<fqn>.exp_avg" / "optimizer.<fqn>.exp_avg_sq".
 #pragma once
 
+#include <functional>
+#include <string>
 #include <vector>
 
 #include "checkpoint/sharded_checkpoint.h"
@@ -26,6 +28,9 @@ enum class PieceUse { kSave, kLoad };
 
 // The parameter a piece key belongs to: the key itself, or <fqn> of "optimizer.<fqn>.exp_avg".
 std::string parameter_of(const std::string& key);
+// The pieces whose keys `keep` accepts, in order.
+std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces,
+                                 const std::function<bool(const std::string&)>& keep);
 std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer, int rank,
                                       int world, PieceUse use);
 

@@ -41,7 +41,6 @@ TrainState::Saved TrainState::read(const std::string& step_dir) {
   try {
     const nlohmann::json state = nlohmann::json::parse(in);
     Saved saved;
-    saved.step = state.value("step", int64_t{0});
     saved.optimizer_steps = state.at("optimizer").at("steps_taken").get<int64_t>();
     saved.data_seed = state.at("dataloader").at("seed").get<uint64_t>();
     saved.data_step = state.at("dataloader").at("step").get<int64_t>();

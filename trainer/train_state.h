@@ -35,7 +35,6 @@ struct TrainState {
   // The parts a checkpoint's train_state.json gives back. Throws CheckpointError naming the
   // file when it is missing or damaged.
   struct Saved {
-    int64_t step = 0;
     int64_t optimizer_steps = 0;
     uint64_t data_seed = 0;
     int64_t data_step = 0;

@@ -415,7 +415,7 @@ void Trainer::end_step() {
 // While an async save is in flight, its writer needs a core: with every core running an
 // intra-op thread, OpenMP regions would wait on a descheduled thread at every op. One
 // intra-op thread fewer while this rank's writer runs keeps the step time predictable.
-void Trainer::on_save_started() {
+void Trainer::on_writer_change() {
   const bool want = config.checkpoint.enable && config.checkpoint.async_mode == "async" &&
                     threads_ > 1 && checkpoints->writing();
   if (want != fewer_threads_) {

@@ -72,7 +72,7 @@ class Trainer final : public Checkpointable {
   // Checkpointable: what a save or an HF export at `step` holds.
   SaveRequest save_request(int64_t step, bool model_only) override;
   CommitJob export_job(int64_t step) override;
-  void on_save_started() override;
+  void on_writer_change() override;
 
   const Config config;
   const ProcessGroup& group;

@@ -25,12 +25,9 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces,
-                                 const std::function<bool(const std::string&)>& keep) {
-  pieces.erase(std::remove_if(pieces.begin(), pieces.end(),
-                              [&](const TensorPiece& p) { return !keep(p.key); }),
-               pieces.end());
-  return pieces;
+void print_to_stderr(const std::string& line) {
+  fmt::print(stderr, "{}\n", line);
+  std::fflush(stderr);
 }
 
 // A step directory's metadata.json, or a CheckpointError naming it when it is damaged.
@@ -188,12 +185,11 @@ std::vector<WeightSource> adapter_only_bases(const std::string& step_dir,
   const nlohmann::json meta = read_metadata(step_dir);
   std::vector<WeightSource> bases;
   if (!meta.contains("adapter_only")) return bases;
-  nlohmann::json recorded;
+  std::vector<std::pair<std::string, std::string>> recorded;  // source, fingerprint
   try {
-    recorded = meta.at("adapter_only").at("bases");
-    for (const nlohmann::json& base : recorded) {
-      base.at("source").get<std::string>();
-      base.at("fingerprint").get<std::string>();
+    for (const nlohmann::json& base : meta.at("adapter_only").at("bases")) {
+      recorded.emplace_back(base.at("source").get<std::string>(),
+                            base.at("fingerprint").get<std::string>());
     }
   } catch (const nlohmann::json::exception& e) {
     throw CheckpointError(
@@ -201,22 +197,20 @@ std::vector<WeightSource> adapter_only_bases(const std::string& step_dir,
                     "from another step (checkpoint.load_step)",
                     step_dir, e.what()));
   }
-  for (const nlohmann::json& base : recorded) {
-    const std::string given = base.at("source");
+  for (const auto& [given, fingerprint] : recorded) {
+    const std::string dir = local_dir(given);
     WeightSource source =
-        classify_source(given, local_dir(given), std::nullopt,
+        classify_source(given, dir, std::nullopt,
                         fmt::format("the base recorded in adapter-only checkpoint {}", step_dir));
     if (source.kind == WeightSource::Kind::kPeft) source.kind = WeightSource::Kind::kHf;
-    const std::string now = source_fingerprint(
-        source.kind == WeightSource::Kind::kStrata ? source.dir : local_dir(given));
-    if (now != base.at("fingerprint").get<std::string>()) {
+    const std::string now =
+        source_fingerprint(source.kind == WeightSource::Kind::kStrata ? source.dir : dir);
+    if (now != fingerprint) {
       throw CheckpointError(fmt::format(
           "adapter-only checkpoint {} was saved on base {} with fingerprint {}, but {} now has "
-          "fingerprint {}: "
-          "the base model changed\nHINT: point the run at the original base, or resume from a full "
-          "checkpoint "
-          "(converters.N.save: full)",
-          step_dir, given, base.at("fingerprint").get<std::string>(), local_dir(given), now));
+          "fingerprint {}: the base model changed\nHINT: point the run at the original base, or "
+          "resume from a full checkpoint (converters.N.save: full)",
+          step_dir, given, fingerprint, dir, now));
     }
     bases.push_back(source);
   }
@@ -268,11 +262,11 @@ void load_weight_sources(const std::vector<WeightSource>& sources, const WeightT
 ModelSource load_model_source(const std::string& given) {
   // Hub specs resolve to their snapshots in the HF cache; progress goes to stderr, so that
   // stdout carries only the command's own output.
-  const LocalDir local_dir = [](const std::string& path) {
-    return resolve_model_path(path, nullptr, [](const std::string& line) {
-      fmt::print(stderr, "{}\n", line);
-      std::fflush(stderr);
-    });
+  // Each path resolves once (a Hub spec is looked up in the cache, or downloaded, once).
+  std::map<std::string, std::string> resolved;
+  const LocalDir local_dir = [&resolved](const std::string& path) {
+    if (!resolved.count(path)) resolved[path] = resolve_model_path(path, nullptr, print_to_stderr);
+    return resolved.at(path);
   };
   const std::vector<WeightSource> sources = expand_source(given, local_dir, std::nullopt, "--from");
   const WeightSource& first = sources.front();

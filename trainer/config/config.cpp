@@ -652,7 +652,10 @@ ModelConfig model_config_from_json(const nlohmann::json& model, const std::strin
     JsonReader reader(model);
     visit(reader, config);
   } catch (const nlohmann::json::exception& e) {
-    throw ConfigError(fmt::format("{}: the \"model\" entry is incomplete ({})", where, e.what()));
+    throw ConfigError(fmt::format(
+        "{}: the \"model\" entry is incomplete ({})\nHINT: the file is damaged or was not written "
+        "by Strata; load another checkpoint, or convert the model from its Hugging Face directory",
+        where, e.what()));
   }
   return config;
 }

@@ -358,7 +358,10 @@ void copy_file_to(const fs::path& from, const fs::path& to) {
 
 }  // namespace
 
-PrepareDataResult prepare_data(const PrepareDataOptions& options) {
+namespace {
+
+// The options' own ranges, before anything is read or written.
+void check_options(const PrepareDataOptions& options) {
   if (!(options.val_fraction >= 0.0 && options.val_fraction < 1.0)) {
     throw DataError(
         fmt::format("--val-fraction {} is out of range\nHINT: use a value in [0, 1), "
@@ -376,6 +379,52 @@ PrepareDataResult prepare_data(const PrepareDataOptions& options) {
   }
   if (options.inputs.empty()) throw DataError(fmt::format("no --input given\n{}", kInputHint));
   if (options.out_dir.empty()) throw DataError("no --out directory given");
+}
+
+// Tokenizer: reuse (copied into the output unless it is already there), or train one on the
+// train documents. Returns the staged tokenizer.model; `stale_vocab_file`: a reused tokenizer
+// without its .vocab beside it (the output's old one must go).
+fs::path stage_tokenizer(const PrepareDataOptions& options, const InputFiles& inputs,
+                         const DocumentSplit& split, Staging& staging, bool* stale_vocab_file) {
+  std::error_code ec;
+  const fs::path tokenizer_path = staging.final_path("tokenizer.model");
+  fs::path staged_tokenizer = tokenizer_path;
+  if (options.tokenizer) {
+    Tokenizer check(*options.tokenizer);  // fails early with a clear message
+    if (!fs::equivalent(*options.tokenizer, tokenizer_path, ec)) {
+      staged_tokenizer = staging.add("tokenizer.model");
+      copy_file_to(*options.tokenizer, staged_tokenizer);
+      const fs::path vocab_file = fs::path(*options.tokenizer).replace_extension(".vocab");
+      if (fs::is_regular_file(vocab_file, ec)) {
+        copy_file_to(vocab_file, staging.add("tokenizer.vocab"));
+      } else {
+        *stale_vocab_file = true;
+      }
+    }
+  } else {
+    const fs::path corpus = staging.scratch(".pending-tokenizer-corpus.txt");
+    {
+      std::ofstream text(corpus, std::ios::trunc);
+      for_each_document(inputs, options.separator, [&](int64_t i, std::string_view doc) {
+        if (!split.is_val(i)) text << doc << '\n';
+      });
+      if (!text) {
+        throw DataError(fmt::format("cannot write {}: {}\nHINT: check free disk space",
+                                    corpus.string(), std::strerror(errno)));
+      }
+    }
+    staged_tokenizer = staging.add("tokenizer.model");
+    staging.add("tokenizer.vocab");
+    const fs::path prefix = staging.pending("tokenizer");  // SentencePiece adds .model/.vocab
+    train_tokenizer(corpus.string(), prefix.string(), options.vocab_size);
+  }
+  return staged_tokenizer;
+}
+
+}  // namespace
+
+PrepareDataResult prepare_data(const PrepareDataOptions& options) {
+  check_options(options);
   const fs::path out(options.out_dir);
   const InputFiles inputs = gather_inputs(options.inputs, fs::weakly_canonical(out));
 
@@ -399,40 +448,10 @@ PrepareDataResult prepare_data(const PrepareDataOptions& options) {
   }
   Staging staging(out);
 
-  // Tokenizer: reuse (copied into the output unless it is already there), or train one on
-  // the train documents.
-  const fs::path tokenizer_path = staging.final_path("tokenizer.model");
-  fs::path staged_tokenizer = tokenizer_path;
   bool stale_vocab_file = false;
-  if (options.tokenizer) {
-    Tokenizer check(*options.tokenizer);  // fails early with a clear message
-    if (!fs::equivalent(*options.tokenizer, tokenizer_path, ec)) {
-      staged_tokenizer = staging.add("tokenizer.model");
-      copy_file_to(*options.tokenizer, staged_tokenizer);
-      const fs::path vocab_file = fs::path(*options.tokenizer).replace_extension(".vocab");
-      if (fs::is_regular_file(vocab_file, ec)) {
-        copy_file_to(vocab_file, staging.add("tokenizer.vocab"));
-      } else {
-        stale_vocab_file = true;
-      }
-    }
-  } else {
-    const fs::path corpus = staging.scratch(".pending-tokenizer-corpus.txt");
-    {
-      std::ofstream text(corpus, std::ios::trunc);
-      for_each_document(inputs, options.separator, [&](int64_t i, std::string_view doc) {
-        if (!split.is_val(i)) text << doc << '\n';
-      });
-      if (!text) {
-        throw DataError(fmt::format("cannot write {}: {}\nHINT: check free disk space",
-                                    corpus.string(), std::strerror(errno)));
-      }
-    }
-    staged_tokenizer = staging.add("tokenizer.model");
-    staging.add("tokenizer.vocab");
-    const fs::path prefix = staging.pending("tokenizer");  // SentencePiece adds .model/.vocab
-    train_tokenizer(corpus.string(), prefix.string(), options.vocab_size);
-  }
+  const fs::path staged_tokenizer =
+      stage_tokenizer(options, inputs, split, staging, &stale_vocab_file);
+  const fs::path tokenizer_path = staging.final_path("tokenizer.model");
   const Tokenizer tokenizer(staged_tokenizer.string());
   const int64_t vocab_size = tokenizer.vocab_size();
   if (tokenizer.bos_id() < 0) {

@@ -27,6 +27,70 @@ bool matches_any(const std::string& key, const std::vector<std::string>& pattern
   return false;
 }
 
+// The tokenizer files of an HF export beside tokenizer.model: special_tokens_map.json,
+// tokenizer_config.json and, when the tokenizer can be expressed as one, tokenizer.json.
+std::map<std::string, std::string> hf_tokenizer_files(const Tokenizer& tokenizer,
+                                                      int64_t max_seq_len) {
+  std::map<std::string, std::string> text_files;
+  nlohmann::ordered_json special;
+  special["bos_token"] = "<s>";
+  special["eos_token"] = "</s>";
+  special["unk_token"] = "<unk>";
+  // With tokenizer.json (the same BPE for the `tokenizers` library) transformers loads the
+  // tokenizer as that file says, with no SentencePiece or protobuf, and encodes exactly as
+  // SentencePiece does: control pieces written in the text are text ("<s>" is not BOS), and
+  // a text starting with a space still gets the dummy prefix (LlamaTokenizer's Metaspace
+  // pre-tokenizer would drop it). A tokenizer it cannot express keeps the LlamaTokenizer
+  // (SentencePiece) route.
+  const std::optional<std::string> fast = tokenizer.hf_tokenizer_json();
+  nlohmann::ordered_json tc;
+  tc["tokenizer_class"] = fast ? "PreTrainedTokenizerFast" : "LlamaTokenizer";
+  tc["add_bos_token"] = true;
+  tc["add_eos_token"] = false;
+  tc["bos_token"] = "<s>";
+  tc["eos_token"] = "</s>";
+  tc["unk_token"] = "<unk>";
+  tc["pad_token"] = nullptr;
+  tc["clean_up_tokenization_spaces"] = false;
+  if (fast) {
+    tc["split_special_tokens"] = true;
+    text_files["tokenizer.json"] = *fast;
+  } else {
+    tc["legacy"] = true;
+    tc["sp_model_kwargs"] = nlohmann::ordered_json::object();
+  }
+  tc["model_max_length"] = max_seq_len;
+  text_files["special_tokens_map.json"] = special.dump(2) + "\n";
+  text_files["tokenizer_config.json"] = tc.dump(2) + "\n";
+  return text_files;
+}
+
+// The export's shard files: the layout of the HF directory the run started from when its
+// weight_map names exactly these tensors, else fresh shards of at most `max_shard_size`.
+HfShardPlan export_shard_plan(const std::vector<HfTensorSpec>& specs,
+                              const std::map<std::string, std::string>* source_layout,
+                              const std::string& max_shard_size) {
+  if (source_layout && !source_layout->empty()) {
+    try {
+      return plan_from_weight_map(*source_layout, specs);
+    } catch (const CheckpointError&) {  // other keys (e.g. a tied source): fresh shards
+    }
+  }
+  return plan_hf_shards(specs, parse_byte_size(max_shard_size));
+}
+
+// The committed directory an export's `<dir>.incomplete` becomes (absolute): what an adapter
+// written inside it names as its base.
+std::string committed_dir(const std::string& dir) {
+  std::string out = std::filesystem::absolute(dir).lexically_normal().string();
+  const std::string suffix = ".incomplete";
+  if (out.size() > suffix.size() &&
+      out.compare(out.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    out.resize(out.size() - suffix.size());
+  }
+  return out;
+}
+
 }  // namespace
 
 at::ScalarType dtype_named(const std::string& name) {
@@ -71,13 +135,8 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     const std::string key = adapter.hf_key(fqn);
     specs.push_back({key, param.sizes().vec(), dtype_of(key)});
   }
-  auto plan = std::make_shared<HfShardPlan>();
-  try {
-    if (!source_layout || source_layout->empty()) throw CheckpointError("no source layout");
-    *plan = plan_from_weight_map(*source_layout, specs);
-  } catch (const CheckpointError&) {  // none, or other keys (e.g. a tied source): fresh shards
-    *plan = plan_hf_shards(specs, parse_byte_size(kc.hf_max_shard_size));
-  }
+  auto plan =
+      std::make_shared<HfShardPlan>(export_shard_plan(specs, source_layout, kc.hf_max_shard_size));
 
   // This rank's tensors: converted, cast, and only those of the files it writes (converter
   // adapters' files: rank 0).
@@ -115,40 +174,11 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   const int64_t eos = tokenizer ? tokenizer->eos_id() : 2;
   auto model_config =
       std::make_shared<nlohmann::ordered_json>(adapter.config_json(kc.export_dtype, bos, eos));
-  std::map<std::string, std::string> text_files;
+  std::map<std::string, std::string> text_files;  // name -> content
   std::vector<std::string> copy_files;
   if (tokenizer && config.data.tokenizer) {
     copy_files.push_back(*config.data.tokenizer);
-    nlohmann::ordered_json special;
-    special["bos_token"] = "<s>";
-    special["eos_token"] = "</s>";
-    special["unk_token"] = "<unk>";
-    // With tokenizer.json (the same BPE for the `tokenizers` library) transformers loads the
-    // tokenizer as that file says, with no SentencePiece or protobuf, and encodes exactly as
-    // SentencePiece does: control pieces written in the text are text ("<s>" is not BOS), and
-    // a text starting with a space still gets the dummy prefix (LlamaTokenizer's Metaspace
-    // pre-tokenizer would drop it). A tokenizer it cannot express keeps the LlamaTokenizer
-    // (SentencePiece) route.
-    const std::optional<std::string> fast = tokenizer->hf_tokenizer_json();
-    nlohmann::ordered_json tc;
-    tc["tokenizer_class"] = fast ? "PreTrainedTokenizerFast" : "LlamaTokenizer";
-    tc["add_bos_token"] = true;
-    tc["add_eos_token"] = false;
-    tc["bos_token"] = "<s>";
-    tc["eos_token"] = "</s>";
-    tc["unk_token"] = "<unk>";
-    tc["pad_token"] = nullptr;
-    tc["clean_up_tokenization_spaces"] = false;
-    if (fast) {
-      tc["split_special_tokens"] = true;
-      text_files["tokenizer.json"] = *fast;
-    } else {
-      tc["legacy"] = true;
-      tc["sp_model_kwargs"] = nlohmann::ordered_json::object();
-    }
-    tc["model_max_length"] = config.model.max_seq_len;
-    text_files["special_tokens_map.json"] = special.dump(2) + "\n";
-    text_files["tokenizer_config.json"] = tc.dump(2) + "\n";
+    text_files = hf_tokenizer_files(*tokenizer, config.model.max_seq_len);
   }
   CommitJob job;
   job.step = step;
@@ -185,13 +215,7 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
     write_hf_shared_files(dir, *plan, *model_config,
                           LlamaStateDictAdapter::generation_config_json(bos, eos), text_files,
                           copy_files);
-    // `dir` is the export's .incomplete directory; the adapter names the committed one.
-    std::string final_dir = std::filesystem::absolute(dir).lexically_normal().string();
-    const std::string suffix = ".incomplete";
-    if (final_dir.size() > suffix.size() &&
-        final_dir.compare(final_dir.size() - suffix.size(), suffix.size(), suffix) == 0) {
-      final_dir.resize(final_dir.size() - suffix.size());
-    }
+    const std::string final_dir = committed_dir(dir);
     for (size_t i = 0; i < adapter_configs.size(); ++i) {
       const std::string content = !adapter_configs[i].second.empty()
                                       ? adapter_configs[i].second
