@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -132,15 +133,41 @@ int run_prepare_data(const strata::PrepareDataOptions& options) {
 struct EvalArgs {
   std::string from, data;
   int64_t seq_len = 0;  // 0: the model's max_seq_len
+  bool seq_len_given = false;
   int64_t max_tokens = 0;
+  bool skip_memory_check = false;
 };
 
 int run_eval(const EvalArgs& args) {
-  const strata::ModelSource source = strata::load_model_source(args.from);
+  if (args.seq_len_given && args.seq_len <= 0) {
+    throw strata::ConfigError(
+        fmt::format("eval --seq-len {}: the window length must be a positive number of tokens\n"
+                    "HINT: leave out --seq-len to use the model's max_seq_len, or pass a length "
+                    "such as --seq-len 128",
+                    args.seq_len));
+  }
+  if (args.max_tokens < 0) {
+    throw strata::ConfigError(
+        fmt::format("eval --max-tokens {}: the number of tokens to score must be >= 0\n"
+                    "HINT: leave out --max-tokens (or pass 0) to score every window of --data",
+                    args.max_tokens));
+  }
+  strata::InferenceWorkload workload;
+  workload.batch = 8;  // evaluate's micro batch below
+  workload.seq_len = args.seq_len;
+  workload.seq_len_option = "--seq-len";
+  workload.skip_check = args.skip_memory_check;
+  const strata::ModelSource source = strata::load_model_source(args.from, workload);
   const int64_t seq_len = args.seq_len > 0 ? args.seq_len : source.config.max_seq_len;
   if (seq_len > source.config.max_seq_len) {
     throw strata::ConfigError(fmt::format("--seq-len {} exceeds the model's max_seq_len {}",
                                           seq_len, source.config.max_seq_len));
+  }
+  if (args.max_tokens > 0 && args.max_tokens < seq_len) {
+    throw strata::ConfigError(fmt::format(
+        "eval --max-tokens {} is less than one window of {} tokens: nothing would be scored\n"
+        "HINT: pass --max-tokens {} or more, or a smaller --seq-len",
+        args.max_tokens, seq_len, seq_len));
   }
   const strata::TokenDataset data(args.data, seq_len, source.config.vocab_size);
   const int64_t windows =
@@ -157,10 +184,38 @@ struct GenerateArgs {
   std::string from, prompt;
   std::string tokenizer;  // overrides the source's
   strata::SamplingOptions sampling;
+  bool skip_memory_check = false;
 };
 
 int run_generate(GenerateArgs args) {
-  const strata::ModelSource source = strata::load_model_source(args.from);
+  const strata::SamplingOptions& s = args.sampling;
+  if (s.max_new_tokens < 0) {
+    throw strata::ConfigError(
+        fmt::format("generate --max-new-tokens {}: the number of tokens to sample must be >= 0\n"
+                    "HINT: pass e.g. --max-new-tokens 48",
+                    s.max_new_tokens));
+  }
+  if (!std::isfinite(s.temperature) || s.temperature < 0) {
+    throw strata::ConfigError(
+        fmt::format("generate --temperature {}: the temperature must be a finite number >= 0\n"
+                    "HINT: pass 0 for greedy decoding, or e.g. --temperature 0.8 to sample",
+                    s.temperature));
+  }
+  if (s.top_k < 0) {
+    throw strata::ConfigError(
+        fmt::format("generate --top-k {}: k must be >= 0\n"
+                    "HINT: pass 0 to sample among every token, or e.g. --top-k 40",
+                    s.top_k));
+  }
+  // One sequence: BOS, the prompt (at most a token per byte, plus one) and the new tokens.
+  strata::InferenceWorkload workload;
+  workload.batch = 1;
+  workload.seq_len = std::min<int64_t>(
+      strata::kMaxModelSize,
+      std::min<int64_t>(s.max_new_tokens, strata::kMaxModelSize) +
+          static_cast<int64_t>(std::min<size_t>(args.prompt.size(), strata::kMaxModelSize)) + 2);
+  workload.skip_check = args.skip_memory_check;
+  const strata::ModelSource source = strata::load_model_source(args.from, workload);
   const std::string tokenizer_path =
       !args.tokenizer.empty() ? args.tokenizer : source.tokenizer.value_or("");
   if (tokenizer_path.empty()) {
@@ -182,6 +237,7 @@ int run_generate(GenerateArgs args) {
 
 struct ConvertArgs {
   std::string from, to_hf, to_strata, dtype = "float32";
+  bool skip_memory_check = false;
 };
 
 int run_convert(const ConvertArgs& args, int* argc, char*** argv,
@@ -194,7 +250,9 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
                     "output directory",
                     out));
   }
-  const strata::ModelSource source = strata::load_model_source(args.from);
+  strata::InferenceWorkload workload;  // no forward pass
+  workload.skip_check = args.skip_memory_check;
+  const strata::ModelSource source = strata::load_model_source(args.from, workload);
   strata::Config config;
   config.model = source.config;
   config.data.tokenizer = source.tokenizer;
@@ -256,7 +314,13 @@ int run_inspect(const std::string& path, bool verify) {
   const strata::CheckpointReader reader(*dir);
   fmt::print("{}", strata::describe_checkpoint(reader));
   if (!verify) return 0;
-  const std::vector<std::string> problems = reader.verify_files();
+  std::vector<std::string> problems = reader.verify_files();
+  try {
+    strata::TrainState::read(*dir, reader.step());
+  } catch (const strata::CheckpointError& e) {
+    const std::string message = e.what();
+    problems.push_back(message.substr(0, message.find("\nHINT:")));
+  }
   if (!problems.empty()) {
     throw strata::CheckpointError(
         fmt::format("checkpoint {} failed verification:\n  {}\nHINT: "
@@ -330,6 +394,8 @@ int main(int argc, char** argv) {
   eval->add_option("--seq-len", eval_args.seq_len,
                    "Window length (default: the model's max_seq_len)");
   eval->add_option("--max-tokens", eval_args.max_tokens, "Score at most this many tokens (0: all)");
+  eval->add_flag("--skip-memory-check", eval_args.skip_memory_check,
+                 "Run even when the memory estimate exceeds the memory available");
 
   GenerateArgs gen_args;
   CLI::App* gen = app.add_subcommand("generate", "Sample text from a model.");
@@ -344,6 +410,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   gen->add_option("--seed", gen_args.sampling.seed, "Sampling seed")->capture_default_str();
   gen->add_option("--tokenizer", gen_args.tokenizer, "tokenizer.model (default: the source's)");
+  gen->add_flag("--skip-memory-check", gen_args.skip_memory_check,
+                "Run even when the memory estimate exceeds the memory available");
 
   ConvertArgs convert_args;
   CLI::App* convert = app.add_subcommand(
@@ -360,6 +428,8 @@ int main(int argc, char** argv) {
   convert->add_option("--dtype", convert_args.dtype, "Output dtype")
       ->check(CLI::IsMember({"float32", "bfloat16", "float16"}))
       ->capture_default_str();
+  convert->add_flag("--skip-memory-check", convert_args.skip_memory_check,
+                    "Run even when the memory estimate exceeds the memory available");
 
   std::string inspect_path;
   bool inspect_verify = false;
@@ -385,7 +455,10 @@ int main(int argc, char** argv) {
       return run_train(train_args, &argc, &argv, group);
     }
     if (*inspect) return run_inspect(inspect_path, inspect_verify);
-    if (*eval) return run_eval(eval_args);
+    if (*eval) {
+      eval_args.seq_len_given = eval->count("--seq-len") > 0;
+      return run_eval(eval_args);
+    }
     if (*gen) return run_generate(gen_args);
     if (*convert) {
       if (convert_args.to_hf.empty() && convert_args.to_strata.empty()) {

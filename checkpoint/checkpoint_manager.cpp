@@ -11,6 +11,7 @@
 #include <fstream>
 #include <regex>
 
+#include "checkpoint/checkpoint_metadata.h"
 #include "checkpoint/file_io.h"
 
 namespace strata {
@@ -29,7 +30,7 @@ double seconds_since(Clock::time_point start) {
 std::vector<std::pair<int64_t, std::string>> committed_steps(
     const fs::path& folder, const std::string& prefix = "step",
     const std::string& marker = "metadata.json") {
-  const std::regex pattern(prefix + "-([0-9]+)");
+  const std::regex pattern(prefix + "-([0-9]{1,18})");
   std::vector<std::pair<int64_t, std::string>> out;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(folder, ec)) {
@@ -55,6 +56,12 @@ std::string read_pointer(const fs::path& folder, const DirectorySeries& series) 
   return name;
 }
 
+std::vector<std::string> step_numbers(const std::vector<std::pair<int64_t, std::string>>& steps) {
+  std::vector<std::string> out;
+  for (const auto& s : steps) out.push_back(std::to_string(s.first));
+  return out;
+}
+
 void write_durable(const fs::path& path, const std::string& content) {
   HashingFileWriter out(path.string());
   out.write(content.data(), content.size());
@@ -64,6 +71,7 @@ void write_durable(const fs::path& path, const std::string& content) {
 }  // namespace
 
 std::string step_dir_name(int64_t step) {
+  if (step < 0) throw std::logic_error(fmt::format("step_dir_name: negative step {}", step));
   return fmt::format("step-{:07d}", step);
 }
 
@@ -96,19 +104,53 @@ std::optional<std::string> find_checkpoint(const std::string& path, std::optiona
   if (step) {
     const fs::path dir = root / step_dir_name(*step);
     if (fs::exists(dir / "metadata.json")) return dir.string();
-    std::vector<std::string> names;
-    for (const auto& s : steps) names.push_back(std::to_string(s.first));
+    const std::vector<std::string> names = step_numbers(steps);
     throw CheckpointError(fmt::format(
         "{} has no committed checkpoint for step {} (committed steps: "
         "{})\nHINT: set checkpoint.load_step to one of them, or "
         "remove it to load the latest",
         path, *step, names.empty() ? "none" : fmt::format("{}", fmt::join(names, ", "))));
   }
+  const std::vector<std::string> damaged = uncommitted_step_dirs(path);
+  const std::string committed =
+      steps.empty() ? std::string("none") : fmt::format("{}", fmt::join(step_numbers(steps), ", "));
+  if (!damaged.empty()) {
+    throw CheckpointError(fmt::format(
+        "{} holds {}, a step directory without metadata.json: not a committed checkpoint "
+        "(damaged, or not written by Strata); Strata neither resumes from it nor writes over "
+        "it\nHINT: move it out of the folder and relaunch (committed steps: {})",
+        path, fmt::join(damaged, ", "), committed));
+  }
   const std::string latest = read_pointer(root, checkpoint_series());
-  if (!latest.empty() && fs::exists(root / latest / "metadata.json"))
-    return (root / latest).string();
-  if (steps.empty()) return std::nullopt;
-  return (root / steps.back().second).string();
+  if (latest.empty()) {
+    if (steps.empty()) return std::nullopt;
+    return (root / steps.back().second).string();
+  }
+  if (step_of_dir_name(latest) < 0) {
+    throw CheckpointError(fmt::format(
+        "{}/{} names '{}', which is not a step directory of that folder (step-NNNNNNN)\nHINT: "
+        "the pointer is damaged; set checkpoint.load_step to a committed step ({}), or write "
+        "the newest one's name into it",
+        path, checkpoint_series().pointer, latest, committed));
+  }
+  if (!fs::exists(root / latest / "metadata.json")) {
+    throw CheckpointError(fmt::format(
+        "{}/{} names {}, which is not a committed checkpoint (it does not exist)\nHINT: set "
+        "checkpoint.load_step to a committed step ({}), or write its name into {}",
+        path, checkpoint_series().pointer, latest, committed, checkpoint_series().pointer));
+  }
+  return (root / latest).string();
+}
+
+std::vector<std::string> uncommitted_step_dirs(const std::string& folder) {
+  const auto all = committed_steps(folder, "step", "");
+  const auto committed = committed_steps(folder);
+  std::vector<std::string> out;
+  for (const auto& entry : all) {
+    if (std::find(committed.begin(), committed.end(), entry) == committed.end())
+      out.push_back(entry.second);
+  }
+  return out;
 }
 
 CheckpointManager::CheckpointManager(CheckpointOptions options, Communicator& comm, Log log)
@@ -184,10 +226,19 @@ void CheckpointManager::commit(InFlight& save) {
       const fs::path dir(save.incomplete_dir);
       save.job.finalize(dir.string(), reports);
       fsync_directory(dir.string());
-      // A committed directory of the same step (an earlier timeline) is replaced.
+      // A committed directory of the same step (an earlier timeline, after resuming from an
+      // older step) is replaced, saying so; anything else there is never written over.
       const fs::path replaced = folder / (dir_name(series, step) + ".replaced");
       std::error_code ec;
       if (fs::exists(final_dir)) {
+        if (&series == &checkpoint_series() && !fs::exists(final_dir / "metadata.json")) {
+          throw CheckpointError(fmt::format(
+              "{} exists but is not a committed checkpoint (no metadata.json); Strata does not "
+              "write over it\nHINT: move it out of {}",
+              final_dir.string(), folder.string()));
+        }
+        log_(fmt::format("checkpoint: {} replaces the committed {} of an earlier run",
+                         dir_name(series, step), final_dir.string()));
         fs::remove_all(replaced, ec);
         rename_durable(final_dir.string(), replaced.string());
       }
@@ -436,7 +487,7 @@ std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t ke
       if (!ec) removed.push_back(steps[i].second);
     }
   }
-  const std::regex leftover(series.prefix + "-([0-9]+)\\.(incomplete|replaced)");
+  const std::regex leftover(series.prefix + "-([0-9]{1,18})\\.(incomplete|replaced)");
   for (const auto& entry : fs::directory_iterator(root, ec)) {
     const std::string name = entry.path().filename().string();
     std::smatch m;

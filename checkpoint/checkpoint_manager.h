@@ -100,11 +100,17 @@ class Checkpointable {
 std::string step_dir_name(int64_t step);
 
 // The step directory `path` designates: a step dir itself (has metadata.json), or a folder's
-// checkpoint named by `step` or else by `latest` (falling back to the newest committed
-// step-* dir). nullopt when `path` is a folder without committed checkpoints. Throws
-// CheckpointError when `step` is given and absent, or `path` does not exist.
+// checkpoint named by `step` or else by `latest` (the newest committed step-* dir when there is
+// no pointer). nullopt when `path` is a folder without any step directory. Throws
+// CheckpointError when `step` is given and absent, when `path` does not exist, when `latest`
+// names anything but a committed step directory of the folder, and (without `step`) when a
+// step directory lacks metadata.json: nothing falls back silently.
 std::optional<std::string> find_checkpoint(const std::string& path,
                                            std::optional<int64_t> step = std::nullopt);
+
+// The "step-N" directories of `folder` without metadata.json (damaged: a commit renames only
+// complete directories).
+std::vector<std::string> uncommitted_step_dirs(const std::string& folder);
 
 class CheckpointManager {
  public:

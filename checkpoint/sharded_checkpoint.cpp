@@ -13,6 +13,8 @@
 #include <sstream>
 
 #include "checkpoint/file_io.h"
+#include "checkpoint/json_file.h"
+#include "checkpoint/safe_path.h"
 
 namespace strata {
 namespace {
@@ -20,20 +22,8 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-int64_t numel_of(const std::vector<int64_t>& shape) {
-  return std::accumulate(shape.begin(), shape.end(), int64_t{1}, std::multiplies<>());
-}
-
 std::string shape_text(const std::vector<int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
-}
-
-[[noreturn]] void bad_metadata(const std::string& path, const std::string& what) {
-  throw CheckpointError(
-      fmt::format("{} is not a valid Strata checkpoint description: {}\nHINT: "
-                  "the checkpoint is damaged; resume from an older step "
-                  "(checkpoint.load_step) or delete this step directory",
-                  path, what));
 }
 
 }  // namespace
@@ -103,8 +93,7 @@ json build_metadata(const std::vector<json>& rank_reports, const std::vector<Ten
 
 CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
   const std::string path = (fs::path(dir_) / "metadata.json").string();
-  std::ifstream in(path);
-  if (!in) {
+  if (!fs::exists(path)) {
     throw CheckpointError(
         fmt::format("{} is not a Strata checkpoint: no readable metadata.json "
                     "in it\nHINT: point at a committed step-NNNNNNN directory "
@@ -112,91 +101,47 @@ CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
                     dir_));
   }
   try {
-    metadata_ = json::parse(in);
-  } catch (const json::exception& e) {
-    bad_metadata(path, fmt::format("invalid JSON ({})", e.what()));
+    metadata_ = read_json_file(path);
+  } catch (const JsonDocumentError& e) {
+    throw_damaged_metadata(path, fmt::format("invalid JSON ({})", e.reason));
+  } catch (const CheckpointError& e) {
+    throw_damaged_metadata(path, e.what());
   }
-  try {
-    if (metadata_.at("format").get<std::string>() != "strata-checkpoint") {
-      bad_metadata(path, "\"format\" is not \"strata-checkpoint\"");
-    }
-    const int version = metadata_.at("format_version").get<int>();
-    if (version != kCheckpointFormatVersion) {
-      throw CheckpointError(
-          fmt::format("{}: checkpoint format version {} is not supported (this "
-                      "build reads version {})\nHINT: use the Strata version "
-                      "that wrote it, or convert it",
-                      path, version, kCheckpointFormatVersion));
-    }
-    const json& files = metadata_.at("files");
-    for (const auto& [key, value] : metadata_.at("tensors").items()) {
-      Tensor t;
-      t.dtype = value.at("dtype").get<std::string>();
-      torch_dtype(t.dtype);  // known dtype
-      t.shape = value.at("shape").get<std::vector<int64_t>>();
-      for (const json& c : value.at("chunks")) {
-        Chunk chunk{c.at("file").get<std::string>(), c.at("key").get<std::string>(),
-                    c.at("begin").get<int64_t>(), c.at("end").get<int64_t>()};
-        if (!files.contains(chunk.file)) {
-          bad_metadata(path, fmt::format("tensor '{}' has a chunk in {}, which is not listed "
-                                         "under \"files\"",
-                                         key, chunk.file));
-        }
-        t.chunks.push_back(chunk);
-      }
-      std::sort(t.chunks.begin(), t.chunks.end(),
-                [](const Chunk& a, const Chunk& b) { return a.begin < b.begin; });
-      int64_t covered = 0;
-      for (const Chunk& chunk : t.chunks) {
-        if (chunk.begin != covered || chunk.end <= chunk.begin) {
-          bad_metadata(path, fmt::format("the chunks of tensor '{}' do not tile it (element {})",
-                                         key, covered));
-        }
-        covered = chunk.end;
-      }
-      if (covered != numel_of(t.shape)) {
-        bad_metadata(path, fmt::format("the chunks of tensor '{}' cover {} of its {} elements", key,
-                                       covered, numel_of(t.shape)));
-      }
-      tensors_.emplace(key, std::move(t));
-    }
-    for (const auto& [file, value] : files.items()) {
-      value.at("size").get<uint64_t>();
-      value.at("sha256").get<std::string>();
-      if (value.at("block_bytes").get<uint64_t>() == 0) bad_metadata(path, "block_bytes is 0");
-      value.at("block_xxh3").get<std::string>();
-    }
-    step();
-  } catch (const json::exception& e) {
-    bad_metadata(path, e.what());
-  }
+  parsed_ = validate_checkpoint_metadata(metadata_, path, dir_);
 }
 
 CheckpointReader::~CheckpointReader() = default;
 
 int64_t CheckpointReader::step() const {
-  return metadata_.at("step").get<int64_t>();
+  return parsed_.step;
 }
 
 bool CheckpointReader::model_only() const {
-  return metadata_.value("model_only", false);
+  return parsed_.model_only;
 }
 
 std::vector<std::string> CheckpointReader::keys() const {
   std::vector<std::string> out;
-  for (const auto& [key, t] : tensors_) out.push_back(key);
+  for (const auto& [key, t] : parsed_.tensors) out.push_back(key);
   return out;
 }
 
 std::vector<int64_t> CheckpointReader::shape(const std::string& key) const {
-  return tensors_.at(key).shape;
+  return parsed_.tensors.at(key).shape;
+}
+
+std::string CheckpointReader::file_path(const std::string& file) const {
+  // Inside the step directory (inside the repo folder for a Hub cache snapshot, whose files
+  // link into blobs/).
+  return path_inside(dir_, file, fmt::format("{}/metadata.json: file", dir_),
+                     confinement_root(dir_));
 }
 
 const SafetensorsFile& CheckpointReader::open(const std::string& file) const {
   auto it = files_.find(file);
   if (it != files_.end()) return *it->second;
-  const std::string path = (fs::path(dir_) / file).string();
-  const json& info = metadata_.at("files").at(file);
+  const std::string path = file_path(file);
+  const CheckpointFile& info = parsed_.files.at(file);
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
     throw CheckpointError(
@@ -205,7 +150,7 @@ const SafetensorsFile& CheckpointReader::open(const std::string& file) const {
                     "(checkpoint.load_step)",
                     path));
   }
-  const uint64_t expected = info.at("size").get<uint64_t>();
+  const uint64_t expected = info.size;
   if (static_cast<uint64_t>(st.st_size) != expected) {
     throw CheckpointError(
         fmt::format("checkpoint file {} is {} bytes but metadata.json says {} "
@@ -214,9 +159,7 @@ const SafetensorsFile& CheckpointReader::open(const std::string& file) const {
                     path, st.st_size, expected));
   }
   auto opened = std::make_unique<SafetensorsFile>(path);
-  verified_blocks_[file].assign((expected + info.at("block_bytes").get<uint64_t>() - 1) /
-                                    info.at("block_bytes").get<uint64_t>(),
-                                false);
+  verified_blocks_[file].assign((expected + info.block_bytes - 1) / info.block_bytes, false);
   verify_range(*opened, 0, opened->header().data_offset);
   return *files_.emplace(file, std::move(opened)).first->second;
 }
@@ -224,9 +167,9 @@ const SafetensorsFile& CheckpointReader::open(const std::string& file) const {
 void CheckpointReader::verify_range(const SafetensorsFile& file, uint64_t first,
                                     uint64_t last) const {
   const std::string name = fs::path(file.path()).filename().string();
-  const json& info = metadata_.at("files").at(name);
-  const uint64_t block = info.at("block_bytes").get<uint64_t>();
-  const std::string& expected = info.at("block_xxh3").get_ref<const std::string&>();
+  const CheckpointFile& info = parsed_.files.at(name);
+  const uint64_t block = info.block_bytes;
+  const std::string& expected = info.block_xxh3;
   std::vector<bool>& done = verified_blocks_[name];
   if (last <= first) return;
   for (uint64_t b = first / block; b * block < last; ++b) {
@@ -248,8 +191,8 @@ void CheckpointReader::verify_range(const SafetensorsFile& file, uint64_t first,
 void CheckpointReader::load(std::vector<TensorPiece>& pieces) const {
   std::vector<std::string> problems;
   for (const TensorPiece& piece : pieces) {
-    auto it = tensors_.find(piece.key);
-    if (it == tensors_.end()) {
+    auto it = parsed_.tensors.find(piece.key);
+    if (it == parsed_.tensors.end()) {
       problems.push_back(fmt::format("'{}' is missing (model expects shape {})", piece.key,
                                      shape_text(piece.shape)));
     } else if (it->second.shape != piece.shape) {
@@ -266,10 +209,10 @@ void CheckpointReader::load(std::vector<TensorPiece>& pieces) const {
                     dir_, fmt::join(problems, "\n  ")));
   }
   for (TensorPiece& piece : pieces) {
-    const Tensor& t = tensors_.at(piece.key);
+    const CheckpointTensor& t = parsed_.tensors.at(piece.key);
     const int64_t want_begin = piece.begin, want_end = piece.begin + piece.local.numel();
     const at::ScalarType stored = torch_dtype(t.dtype);
-    for (const Chunk& chunk : t.chunks) {
+    for (const CheckpointChunk& chunk : t.chunks) {
       const int64_t lo = std::max(want_begin, chunk.begin), hi = std::min(want_end, chunk.end);
       if (lo >= hi) continue;
       const SafetensorsFile& file = open(chunk.file);
@@ -296,24 +239,47 @@ void CheckpointReader::load(std::vector<TensorPiece>& pieces) const {
 
 std::vector<std::string> CheckpointReader::verify_files() const {
   std::vector<std::string> problems;
-  for (const auto& [file, info] : metadata_.at("files").items()) {
-    const std::string path = (fs::path(dir_) / file).string();
+  for (const auto& [file, info] : parsed_.files) {
     FileDigest digest;
+    std::string path;
     try {
+      path = file_path(file);
       digest = digest_file(path);
-    } catch (const IoError& e) {
+    } catch (const std::exception& e) {
       problems.push_back(fmt::format("{}: {}", file, e.what()));
       continue;
     }
-    if (digest.size != info.at("size").get<uint64_t>()) {
-      problems.push_back(fmt::format("{}: {} bytes, metadata.json says {}", path, digest.size,
-                                     info.at("size").get<uint64_t>()));
-    } else if (digest.sha256 != info.at("sha256").get<std::string>()) {
+    if (digest.size != info.size) {
+      problems.push_back(
+          fmt::format("{}: {} bytes, metadata.json says {}", path, digest.size, info.size));
+    } else if (digest.sha256 != info.sha256) {
       problems.push_back(fmt::format("{}: SHA-256 {} does not match metadata.json ({})", path,
-                                     digest.sha256, info.at("sha256").get<std::string>()));
-    } else if (info.at("block_bytes").get<uint64_t>() == kChecksumBlockBytes &&
-               digest.block_xxh3 != info.at("block_xxh3").get<std::string>()) {
+                                     digest.sha256, info.sha256));
+    } else if (info.block_bytes == kChecksumBlockBytes && digest.block_xxh3 != info.block_xxh3) {
       problems.push_back(fmt::format("{}: block checksums do not match metadata.json", path));
+    }
+  }
+  if (!problems.empty()) return problems;
+  // Every chunk is where metadata.json says, with its dtype and length.
+  for (const auto& [key, t] : parsed_.tensors) {
+    for (const CheckpointChunk& chunk : t.chunks) {
+      try {
+        const SafetensorsFile& file = open(chunk.file);
+        if (!file.contains(chunk.key)) {
+          problems.push_back(fmt::format("{}: tensor '{}' (a chunk of '{}') is missing", chunk.file,
+                                         chunk.key, key));
+          continue;
+        }
+        const SafetensorsEntry& entry = file.entry(chunk.key);
+        if (entry.dtype != t.dtype ||
+            entry.shape != std::vector<int64_t>{chunk.end - chunk.begin}) {
+          problems.push_back(fmt::format(
+              "{}: tensor '{}' is {} {} but metadata.json says {} [{}]", chunk.file, chunk.key,
+              entry.dtype, shape_text(entry.shape), t.dtype, chunk.end - chunk.begin));
+        }
+      } catch (const CheckpointError& e) {
+        problems.push_back(e.what());
+      }
     }
   }
   return problems;

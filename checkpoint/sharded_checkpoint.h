@@ -15,11 +15,10 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/checkpoint_metadata.h"
 #include "checkpoint/safetensors.h"
 
 namespace strata {
-
-constexpr int kCheckpointFormatVersion = 1;
 
 // One rank's contiguous piece of a logical tensor: elements [begin, begin + local.numel()) of
 // the row-major flattening of a tensor of `shape`. `local` is 1-D, contiguous, on the CPU.
@@ -45,7 +44,7 @@ nlohmann::json build_metadata(const std::vector<nlohmann::json>& rank_reports,
 // A committed step directory, opened for reading.
 class CheckpointReader {
  public:
-  // Reads and validates `dir`/metadata.json (structure, chunks cover each tensor exactly).
+  // Reads and validates `dir`/metadata.json (validate_checkpoint_metadata).
   explicit CheckpointReader(std::string dir);
   ~CheckpointReader();
 
@@ -53,7 +52,7 @@ class CheckpointReader {
   const nlohmann::json& metadata() const { return metadata_; }
   int64_t step() const;
   bool model_only() const;
-  bool contains(const std::string& key) const { return tensors_.count(key) != 0; }
+  bool contains(const std::string& key) const { return parsed_.tensors.count(key) != 0; }
   std::vector<std::string> keys() const;
   std::vector<int64_t> shape(const std::string& key) const;
 
@@ -62,25 +61,18 @@ class CheckpointReader {
   // mismatches are reported together, naming each key and both shapes.
   void load(std::vector<TensorPiece>& pieces) const;
 
-  // Recomputes every file's size and checksums; returns one line per problem (empty: intact).
+  // Recomputes every file's size and checksums and checks each chunk's dtype and length in its
+  // file's header; returns one line per problem (empty: intact).
   std::vector<std::string> verify_files() const;
 
  private:
-  struct Chunk {
-    std::string file, key;
-    int64_t begin = 0, end = 0;
-  };
-  struct Tensor {
-    std::string dtype;
-    std::vector<int64_t> shape;
-    std::vector<Chunk> chunks;  // sorted by begin, covering [0, numel)
-  };
   const SafetensorsFile& open(const std::string& file) const;
+  std::string file_path(const std::string& file) const;  // confined to dir_
   void verify_range(const SafetensorsFile& file, uint64_t first, uint64_t last) const;
 
   std::string dir_;
   nlohmann::json metadata_;
-  std::map<std::string, Tensor> tensors_;
+  CheckpointMetadata parsed_;
   mutable std::map<std::string, std::unique_ptr<SafetensorsFile>> files_;
   mutable std::map<std::string, std::vector<bool>> verified_blocks_;
 };

@@ -63,8 +63,7 @@ ResumePlan ResumePlan::from_json(const std::string& text) {
 nlohmann::json adapter_only_record(const ResumePlan& plan) {
   nlohmann::json bases = nlohmann::json::array();
   if (plan.own) {
-    const nlohmann::json meta =
-        nlohmann::json::parse(std::ifstream(fs::path(plan.dir) / "metadata.json"));
+    const nlohmann::json meta = CheckpointReader(plan.dir).metadata();
     if (meta.contains("adapter_only")) return meta["adapter_only"]["bases"];
   } else if (!plan.dir.empty()) {
     bases.push_back({{"source", plan.given}, {"fingerprint", source_fingerprint(plan.dir)}});
@@ -233,7 +232,7 @@ Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_s
       for (const TensorPiece& piece : pieces)
         load_bytes += static_cast<double>(piece.local.nbytes());
       load_seconds = seconds_since(load_start);
-      saved = TrainState::read(plan.dir);
+      saved = TrainState::read(plan.dir, checkpoint_step);
       if (want_optimizer) optimizer.set_steps_taken(saved.optimizer_steps);
     });
     restored.push_back("model");

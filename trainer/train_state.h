@@ -32,15 +32,18 @@ struct TrainState {
   };
   nlohmann::json to_json(const Context& context) const;
 
-  // The parts a checkpoint's train_state.json gives back. Throws CheckpointError naming the
-  // file when it is missing or damaged.
+  // The parts a checkpoint's train_state.json gives back, after checking the document against
+  // its schema and the checkpoint at `step` (the step agrees, positions lie in [0, step], counts
+  // are consistent). Throws CheckpointError naming the file and the field when it is missing or
+  // damaged.
   struct Saved {
     int64_t optimizer_steps = 0;
     uint64_t data_seed = 0;
     int64_t data_step = 0;
     uint64_t sample_seed = 0;
   };
-  static Saved read(const std::string& step_dir);
+  static Saved read(const std::string& step_dir, int64_t step);
+  static Saved validate(const nlohmann::json& state, const std::string& path, int64_t step);
 };
 
 }  // namespace strata

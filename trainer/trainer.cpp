@@ -14,6 +14,7 @@
 #include "trainer/evaluate.h"
 #include "trainer/kernels/blas.h"
 #include "trainer/kernels/fused_ops.h"
+#include "trainer/memory_estimate.h"
 #include "trainer/model/generate.h"
 #include "trainer/model/hf_io.h"
 #include "trainer/seed.h"
@@ -108,9 +109,9 @@ void RunLog::operator()(const std::string& line) const {
 
 Trainer::Trainer(const Config& cfg, const ProcessGroup& g, const TrainOptions& options)
     : config(cfg), group(g), log(g.is_main()), before_write_(options.before_checkpoint_write) {
+  comm_ = make_mpi_communicator(group);
   setup_run_dir();
   setup_data();
-  comm_ = make_mpi_communicator(group);
   setup_model();
   setup_resume(options);
 }
@@ -124,7 +125,10 @@ void Trainer::setup_run_dir() {
   // Run directory: the resolved config first, so a failed run still says what it ran.
   const fs::path run_dir(config.job.run_dir);
   config_yaml_ = to_yaml(config);
-  if (group.is_main()) {
+  // Rank 0 locks the run directory before writing into it (one job per run_dir, see
+  // checkpoint/run_lock.h); every rank fails alike when another job holds it.
+  run_on_all_ranks<CheckpointError>(*comm_, "setting up job.run_dir", [&] {
+    if (!group.is_main()) return;
     std::error_code ec;
     fs::create_directories(run_dir, ec);
     if (ec) {
@@ -133,7 +137,15 @@ void Trainer::setup_run_dir() {
                       "writable directory (--set job.run_dir=...)",
                       run_dir.string(), ec.message()));
     }
+    run_lock_.emplace(run_dir.string());
     write_text_file(run_dir / "config.yaml", config_yaml_);
+  });
+  if (run_lock_ && !run_lock_->locked()) log("warning: " + run_lock_->warning());
+  if (run_lock_ && run_lock_->locked() && !run_lock_->previous().empty()) {
+    log(fmt::format(
+        "run lock: {} named {}, which no longer held it (killed, its node went down, or locks are "
+        "not shared between nodes here); taken over",
+        run_lock_->path(), run_lock_->previous().describe()));
   }
   log(config_yaml_);
   log(fmt::format("world: {}; {} intra-op thread(s) per rank", group.describe(), threads_));
@@ -174,6 +186,13 @@ void Trainer::setup_data() {
 // ShardedLlama. Construction contract: storage first (meta -> CPU), then load whatever the
 // checkpoint holds, then initialise only the rest (per-(seed, fqn) generators).
 void Trainer::setup_model() {
+  // Before anything is allocated: refuse what cannot fit (every rank alike; nodes may differ).
+  std::string memory_line;
+  run_on_all_ranks<ConfigError>(*comm_, "the memory check", [&] {
+    memory_line = check_training_memory(config, group.world_size(), group.local_world_size(),
+                                        available_memory());
+  });
+  log(memory_line);
   sharded_ = group.world_size() > 1 && config.parallel.fsdp.enabled;
   replicated_ = group.world_size() > 1 && !sharded_;
   optimizer_ = std::make_unique<AdamW>(config.optimizer);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checkpoint/checkpoint_manager.h"
+#include "checkpoint/run_lock.h"
 #include "parallel/communicator.h"
 #include "parallel/process_group.h"
 #include "trainer/config/config.h"
@@ -50,6 +51,10 @@ struct StepResult {
 };
 
 class Trainer final : public Checkpointable {
+  // Rank 0's lock on job.run_dir (checkpoint/run_lock.h). The first member: released after
+  // everything that writes into the run directory (a background save joins on destruction).
+  std::optional<RunLock> run_lock_;
+
  public:
   // The set-up: writes <run_dir>/config.yaml, opens the data, builds the model (whole, or FSDP
   // units) and the optimizer, resumes (plan on rank 0, load on all), initialises the rest.

@@ -30,18 +30,10 @@ void print_to_stderr(const std::string& line) {
   std::fflush(stderr);
 }
 
-// A step directory's metadata.json, or a CheckpointError naming it when it is damaged.
+// A step directory's metadata.json, validated (CheckpointReader), or a CheckpointError naming
+// it when it is damaged.
 nlohmann::json read_metadata(const std::string& step_dir) {
-  const std::string path = (fs::path(step_dir) / "metadata.json").string();
-  try {
-    return nlohmann::json::parse(std::ifstream(path));
-  } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(fmt::format(
-        "{} is not a valid Strata checkpoint description: invalid JSON ({})\nHINT: the checkpoint "
-        "is "
-        "damaged; resume from an older step (checkpoint.load_step) or delete this step directory",
-        path, e.what()));
-  }
+  return CheckpointReader(step_dir).metadata();
 }
 
 // Runs `body` on every rank of `comm` agreeing on failures, or here alone.
@@ -103,10 +95,14 @@ void check_fits(const std::string& dir, const std::vector<TensorPiece>& pieces,
                 const Converters& converters, const std::string& config_problem) {
   const CheckpointReader reader(dir);
   std::set<std::string> placed;
-  std::vector<std::string> unplaced, absent;
+  std::vector<std::string> unplaced, absent, reshaped;
   for (const TensorPiece& p : pieces) {
     if (reader.contains(p.key)) {
       placed.insert(p.key);
+      if (reader.shape(p.key) != p.shape)
+        reshaped.push_back(fmt::format("{} is [{}] but the model block makes it [{}]", p.key,
+                                       fmt::join(reader.shape(p.key), ", "),
+                                       fmt::join(p.shape, ", ")));
     } else if (!converters.owned(p.key) && !reader.metadata().contains("adapter_only")) {
       absent.push_back(p.key);
     }
@@ -114,9 +110,12 @@ void check_fits(const std::string& dir, const std::vector<TensorPiece>& pieces,
   for (const std::string& key : reader.keys()) {
     if (key.rfind("optimizer.", 0) != 0 && !placed.count(key)) unplaced.push_back(key);
   }
-  if (unplaced.empty() && absent.empty()) return;
+  if (unplaced.empty() && absent.empty() && reshaped.empty()) return;
   throw CheckpointError(fmt::format(
-      "Strata checkpoint {} does not fit the model its metadata describes{}{}\nHINT: {}", dir,
+      "Strata checkpoint {} does not fit the model its metadata describes{}{}{}\nHINT: {}", dir,
+      reshaped.empty() ? ""
+                       : fmt::format("\n  shapes that disagree with metadata.json's \"model\": {}",
+                                     fmt::join(reshaped, "; ")),
       unplaced.empty() ? ""
                        : fmt::format("\n  tensors the model lacks: {}", fmt::join(unplaced, ", ")),
       absent.empty() ? "" : fmt::format("\n  missing: {}", fmt::join(absent, ", ")),
@@ -259,7 +258,7 @@ void load_weight_sources(const std::vector<WeightSource>& sources, const WeightT
   }
 }
 
-ModelSource load_model_source(const std::string& given) {
+ModelSource load_model_source(const std::string& given, const InferenceWorkload& workload) {
   // Hub specs resolve to their snapshots in the HF cache; progress goes to stderr, so that
   // stdout carries only the command's own output.
   // Each path resolves once (a Hub spec is looked up in the cache, or downloaded, once).
@@ -307,14 +306,23 @@ ModelSource load_model_source(const std::string& given) {
     if (out.description.empty())
       out.description = fmt::format("Strata checkpoint {} (step {})", first.dir, out.step);
   }
+  // Nothing allocated yet: a model (or window) too large for this machine stops here.
+  ModelKeyNames names;
+  if (first.kind == WeightSource::Kind::kHf) {
+    names = hf_model_key_names((fs::path(first.dir) / "config.json").string());
+  } else {
+    names.file = (fs::path(first.dir) / "metadata.json").string();
+  }
+  check_inference_memory(out.config, converter_configs, workload, names, available_memory());
   for (ConverterConfig& c : converter_configs) c.export_mode = "merged";
   const Converters converters(converter_configs);
   Llama trained(out.config, &converters);
-  trained.materialize(at::kCPU);
   const WeightTarget target{&out.config, &converters, &converter_configs,
                             [&] { return state_pieces(trained, nullptr, 0, 1, PieceUse::kLoad); }};
+  // The model block against the tensors, on the meta device: nothing allocated yet.
   if (first.kind == WeightSource::Kind::kStrata)
     check_fits(first.dir, target.pieces(), converters, config_problem);
+  trained.materialize(at::kCPU);
   std::map<std::string, std::string> provider;
   load_weight_sources(sources, target, provider, nullptr, [](const std::string&) {});
   std::set<std::string> loaded;

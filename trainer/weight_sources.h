@@ -18,6 +18,7 @@
 #include "checkpoint/sharded_checkpoint.h"
 #include "parallel/communicator.h"
 #include "trainer/config/config.h"
+#include "trainer/memory_estimate.h"
 #include "trainer/model/converters/converter.h"
 #include "trainer/model/llama.h"
 
@@ -75,6 +76,8 @@ void load_weight_sources(const std::vector<WeightSource>& sources, const WeightT
 
 // A model to run (eval, generate, convert) from anything resume_path accepts. One process,
 // whole tensors, every converter folded in (LoRA merged as PEFT's merge_and_unload does).
+// Before building it, the model and `workload` are checked against the memory available
+// (check_inference_memory): a ConfigError names the sizes that do not fit.
 struct ModelSource {
   ModelConfig config;
   std::unique_ptr<Llama> model;          // materialised on the CPU, every parameter loaded
@@ -82,6 +85,6 @@ struct ModelSource {
   std::string description;  // "Strata checkpoint DIR (step N)" / "Hugging Face model DIR"
   int64_t step = 0;
 };
-ModelSource load_model_source(const std::string& given);
+ModelSource load_model_source(const std::string& given, const InferenceWorkload& workload = {});
 
 }  // namespace strata

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -19,6 +20,7 @@
 #include <sstream>
 
 #include "checkpoint/file_io.h"
+#include "checkpoint/safe_path.h"
 #include "checkpoint/safetensors_header.h"
 
 namespace strata {
@@ -77,6 +79,37 @@ double seconds_from(const char* name, double fallback) {
   if (end == text.c_str() || *end != '\0' || !(value > 0)) {
     throw CheckpointError(fmt::format(
         "environment variable {}='{}' is not a positive number of seconds", name, text));
+  }
+  return value;
+}
+
+// A number >= 0 from the environment (`unit` names it in the message), or `fallback`.
+double non_negative_from(const char* name, double fallback, const char* unit) {
+  const std::string text = env(name);
+  if (text.empty()) return fallback;
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || *end != '\0' || !(value >= 0) || !std::isfinite(value)) {
+    throw CheckpointError(fmt::format(
+        "environment variable {}='{}' is not a number >= 0 of {}\nHINT: unset it for the "
+        "default, or give e.g. {}=0 to turn the bound off",
+        name, text, unit, name));
+  }
+  return value;
+}
+
+// A whole number from the environment, at least `min`, or `fallback`.
+int integer_from(const char* name, int fallback, int min) {
+  const std::string text = env(name);
+  if (text.empty()) return fallback;
+  int value = min - 1;
+  try {
+    value = std::stoi(text);
+  } catch (const std::exception&) {
+  }
+  if (value < min || std::to_string(value) != text) {
+    throw CheckpointError(
+        fmt::format("environment variable {}='{}' is not an integer >= {}", name, text, min));
   }
   return value;
 }
@@ -158,7 +191,13 @@ std::vector<std::string> missing_in(const fs::path& dir, int depth) {
       std::sort(shards.begin(), shards.end());
       shards.erase(std::unique(shards.begin(), shards.end()), shards.end());
       for (const std::string& shard : shards) {
-        if (!fs::exists(dir / shard)) missing.push_back((dir / shard).string());
+        const std::string unsafe = unsafe_name_reason(shard);
+        if (!unsafe.empty()) {
+          missing.push_back(
+              fmt::format("{} (weight_map names '{}': {})", index.string(), shard, unsafe));
+        } else if (!fs::exists(dir / shard)) {
+          missing.push_back((dir / shard).string());
+        }
       }
     } catch (const json::exception& e) {
       missing.push_back(fmt::format("{} (unreadable: {})", index.string(), e.what()));
@@ -244,6 +283,11 @@ HubSettings HubSettings::from_environment() {
           "environment variable STRATA_HUB_ATTEMPTS='{}' is not a positive integer", attempts));
     }
   }
+  s.min_rate = non_negative_from("STRATA_HUB_MIN_RATE", s.min_rate, "bytes per second");
+  s.min_rate_after_s =
+      non_negative_from("STRATA_HUB_MIN_RATE_AFTER", s.min_rate_after_s, "seconds");
+  s.file_deadline_s = non_negative_from("STRATA_HUB_FILE_DEADLINE", s.file_deadline_s, "seconds");
+  s.max_retries = integer_from("STRATA_HUB_MAX_RETRIES", s.max_retries, 0);
   return s;
 }
 
@@ -321,8 +365,13 @@ void HubRepoCache::prepare() const {
 
 void HubRepoCache::link(const std::string& commit, const std::string& path_in_repo,
                         const std::string& etag, bool symlinks) const {
-  const fs::path pointer = pointer_path(commit, path_in_repo);
-  const fs::path blob = blob_path(etag);
+  // The path comes from the Hub's listing: it must stay inside the snapshot, also through
+  // symlinks already there (which may point into blobs/ only).
+  const fs::path pointer =
+      path_inside(snapshot_dir(commit), path_in_repo,
+                  fmt::format("the file list of Hub repo folder {}", repo_dir_), repo_dir_);
+  const fs::path blob = path_inside((fs::path(repo_dir_) / "blobs").string(), etag,
+                                    fmt::format("the ETag of {} in {}", path_in_repo, repo_dir_));
   fs::create_directories(pointer.parent_path());
   const fs::path tmp = pointer.string() + fmt::format(".{:08x}.tmp", std::random_device()());
   std::error_code ec;

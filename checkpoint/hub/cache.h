@@ -29,6 +29,12 @@ struct HubSettings {
   double download_timeout_s =
       10;            // HF_HUB_DOWNLOAD_TIMEOUT: a stalled transfer is retried after this
   int attempts = 5;  // STRATA_HUB_ATTEMPTS: tries of a request failing transiently
+  // Bounds of one file's download, whatever progress its retries make (a server that sends a
+  // few bytes and stalls, again and again):
+  double min_rate = 1024;        // STRATA_HUB_MIN_RATE: bytes/s on average at least (0: off),
+  double min_rate_after_s = 60;  // STRATA_HUB_MIN_RATE_AFTER: once it has run this long
+  double file_deadline_s = 0;    // STRATA_HUB_FILE_DEADLINE: seconds at most (0: none)
+  int max_retries = 100;         // STRATA_HUB_MAX_RETRIES: retries in all
 
   static HubSettings from_environment();
 };

@@ -18,6 +18,7 @@
 
 #include "checkpoint/file_io.h"
 #include "checkpoint/hub/http.h"
+#include "checkpoint/safe_path.h"
 #include "parallel/process_group.h"
 
 namespace strata {
@@ -39,14 +40,19 @@ std::string read_text(const fs::path& path) {
   return buffer.str();
 }
 
+// Pages of a file listing at most: a listing that goes on longer is taken to be endless.
+constexpr int kMaxListingPages = 10000;
+
 // An API answer's JSON. Anything else (an HTML page from a proxy, a wrong HF_ENDPOINT) counts
 // as the Hub being unreachable: the cache may answer.
-json parse_answer(const HttpResponse& response) {
+json parse_answer(const HttpResponse& response, const std::string& token) {
   try {
     return json::parse(response.body);
   } catch (const json::exception&) {
-    throw HubError(fmt::format("GET {} answered {} with no JSON: '{}'", response.url,
-                               response.status, response.body.substr(0, 120)),
+    throw HubError(redact_secrets(fmt::format("GET {} answered {} with no JSON: '{}'", response.url,
+                                              response.status,
+                                              redact_secrets(response.body, token).substr(0, 120)),
+                                  token),
                    response.status, "", true);
   }
 }
@@ -109,11 +115,13 @@ class SnapshotDownload {
     HubResolution result;
     const std::string revision = spec_revision(spec_);
     const std::string api = fmt::format("{}/api/models/{}", settings_.endpoint, spec_.repo_id);
-    result.commit = is_commit_hash(revision)
-                        ? revision
-                        : parse_answer(http_.call("GET", fmt::format("{}/revision/{}", api,
-                                                                     url_quote(revision))))
-                              .value("sha", std::string());
+    result.commit =
+        is_commit_hash(revision)
+            ? revision
+            : parse_answer(
+                  http_.call("GET", fmt::format("{}/revision/{}", api, url_quote(revision))),
+                  settings_.token)
+                  .value("sha", std::string());
     if (!is_commit_hash(result.commit)) {
       throw HubError(
           fmt::format("the Hub answered commit '{}' for revision {}", result.commit, revision), 0,
@@ -151,7 +159,7 @@ class SnapshotDownload {
         !has("metadata.json")) {
       std::string step = read_text(cache_.pointer_path(result.commit, prefix + "latest"));
       step.erase(step.find_last_not_of(" \t\r\n") + 1);
-      if (!step.empty() && step.find('/') == std::string::npos && step != "." && step != "..") {
+      if (unsafe_name_reason(step).empty() && step.find('/') == std::string::npos) {
         for (const RepoFile& f : top_level(prefix + step + "/")) fetch(result, f);
       }
     }
@@ -177,8 +185,28 @@ class SnapshotDownload {
         fmt::format("{}/tree/{}{}?recursive=true&expand=false", api, url_quote(commit),
                     spec_.subfolder.empty() ? "" : "/" + url_quote(spec_.subfolder));
     std::vector<RepoFile> files;
+    std::set<std::string> seen;  // pages fetched: a next link back to one is a cycle
+    const std::string hint = fmt::format(
+        "HINT: the server at {} does not answer as the Hub does (a broken proxy or mirror, or a "
+        "wrong HF_ENDPOINT); fix or unset HF_ENDPOINT, or download the repo another way and "
+        "give its local directory",
+        settings_.endpoint);
     for (int page = 0; !url.empty(); ++page) {
-      if (page > 100000) throw HubError("the file listing does not end", 0, "", false);
+      if (!seen.insert(url).second) {
+        throw HubRuleError(
+            http_.redact(fmt::format(
+                "the file listing of {} at commit {} does not end: after {} page{}, its Link "
+                "rel=\"next\" leads back to {}, a page already fetched",
+                spec_.repo_id, commit, page, page == 1 ? "" : "s", url)),
+            hint, false);
+      }
+      if (page == kMaxListingPages) {
+        throw HubRuleError(
+            http_.redact(fmt::format("the file listing of {} at commit {} does not end: it goes "
+                                     "on past {} pages (next: {})",
+                                     spec_.repo_id, commit, kMaxListingPages, url)),
+            hint, false);
+      }
       HttpResponse response;
       try {
         response = http_.call("GET", url);
@@ -190,12 +218,32 @@ class SnapshotDownload {
         }
         throw;
       }
-      const json listing = parse_answer(response);
-      if (!listing.is_array())
-        throw HubError(fmt::format("GET {} answered no file list", response.url), 0, "", true);
+      const json listing = parse_answer(response, settings_.token);
+      if (!listing.is_array()) {
+        throw HubError(http_.redact(fmt::format("GET {} answered no file list", response.url)), 0,
+                       "", true);
+      }
       for (const json& entry : listing) {
-        if (entry.value("type", "") != "file") continue;
-        files.push_back({entry.at("path").get<std::string>(), entry.value("size", uint64_t{0})});
+        if (!entry.is_object() || entry.value("type", json()) != "file") continue;
+        const json& name = entry.contains("path") ? entry["path"] : entry;
+        const json& bytes = entry.contains("size") ? entry["size"] : json(0);
+        if (!name.is_string() || !bytes.is_number_integer() || bytes.get<int64_t>() < 0) {
+          throw HubError(http_.redact(fmt::format("GET {} answered a file list entry without a "
+                                                  "path or size: {}",
+                                                  response.url, entry.dump().substr(0, 200))),
+                         0, "", false);
+        }
+        const std::string path = name.get<std::string>();
+        // The name becomes a path in the snapshot: it must stay inside it.
+        if (const std::string reason = unsafe_name_reason(path); !reason.empty()) {
+          throw HubRuleError(
+              http_.redact(fmt::format("the file listing of {} at commit {} names the entry "
+                                       "'{}', which is no path inside the repo ({}); nothing "
+                                       "was written for it",
+                                       spec_.repo_id, commit, path.substr(0, 200), reason)),
+              hint + "; Strata only writes files inside the cache's snapshot folder", false);
+        }
+        files.push_back({path, bytes.get<uint64_t>()});
       }
       url = next_link(response.header("link"));
     }
@@ -220,7 +268,7 @@ class SnapshotDownload {
                                   : redirect ? ""
                                              : head.header("content-length");
     if (head.header("x-repo-commit").empty() || etag.empty() || size_text.empty() ||
-        etag.find_first_of("/\\") != std::string::npos || etag == "." || etag == "..") {
+        etag.find_first_of("/\\") != std::string::npos || !unsafe_name_reason(etag).empty()) {
       throw HubError(
           fmt::format("HEAD {} answered {} without a usable X-Repo-Commit, ETag and size", resolve,
                       head.status),
@@ -259,6 +307,7 @@ class SnapshotDownload {
 };
 
 std::string hint_for(const HubError& e, const HubSpec& spec, const HubSettings& settings) {
+  if (const auto* rule = dynamic_cast<const HubRuleError*>(&e)) return rule->hint;
   if (e.status == 401 || e.status == 403 || e.error_code == "GatedRepo" ||
       e.error_code == "RepoNotFound") {
     const std::string token =
@@ -282,6 +331,12 @@ std::string hint_for(const HubError& e, const HubSpec& spec, const HubSettings& 
         settings.endpoint);
   }
   return "HINT: check the spec, or download the repo and give its local directory";
+}
+
+// Whether a local path exists (a name too long for the file system does not).
+bool local_path_exists(const std::string& path) {
+  std::error_code ec;
+  return fs::exists(path, ec);
 }
 
 // A resolution the cache alone answered: the loadable files the snapshot directory holds.
@@ -308,17 +363,19 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
     return SnapshotDownload(spec, settings, log).run();
   } catch (const HubError& e) {
     const std::string message =
-        fmt::format("cannot resolve Hub spec '{}' ({}) from {}: {}", spec.text, describe_spec(spec),
-                    settings.endpoint, e.what());
+        redact_secrets(fmt::format("cannot resolve Hub spec '{}' ({}) from {}: {}", spec.text,
+                                   describe_spec(spec), settings.endpoint, e.what()),
+                       settings.token);
     // The Hub unreachable or refusing: the cache answers if it can (never for a revision the
     // Hub says does not exist, nor for an incomplete or inconsistent download).
     const bool cache_may_answer = e.transient || e.status == 401 || e.status == 403 ||
                                   e.error_code == "RepoNotFound" || e.error_code == "GatedRepo";
     if (cache_may_answer) {
       try {
+        const std::string why = redact_secrets(e.what(), settings.token);
         HubResolution result =
-            from_cache(resolve_from_cache(spec, settings, e.what()),
-                       fmt::format("from the cache, because the Hub failed: {}", e.what()));
+            from_cache(resolve_from_cache(spec, settings, why),
+                       fmt::format("from the cache, because the Hub failed: {}", why));
         log(fmt::format("hub: WARNING: {}; using the cached snapshot {}", message, result.dir));
         return result;
       } catch (const CheckpointError&) {
@@ -326,6 +383,10 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
       }
     }
     throw CheckpointError(fmt::format("{}\n{}", message, hint_for(e, spec, settings)));
+  } catch (const IoError& e) {  // a local failure; its paths may hold names from the Hub
+    throw IoError(redact_secrets(e.what(), settings.token));
+  } catch (const CheckpointError& e) {
+    throw CheckpointError(redact_secrets(e.what(), settings.token));
   }
 }
 
@@ -334,13 +395,13 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
   const bool several = group && group->world_size() > 1;
   std::optional<HubSpec> spec;
   if (!several) {
-    spec = parse_hub_spec(path, fs::exists(path));
+    spec = parse_hub_spec(path, local_path_exists(path));
   } else {
     // Every rank must take the same branch (a bare owner/repo is a local path where it exists):
     // agree first, so that no rank waits in a collective the others never reach.
     json mine;
     try {
-      spec = parse_hub_spec(path, fs::exists(path));
+      spec = parse_hub_spec(path, local_path_exists(path));
       mine["spec"] = spec.has_value();
     } catch (const std::exception& e) {
       mine["error"] = e.what();

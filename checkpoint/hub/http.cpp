@@ -120,8 +120,10 @@ std::string human_bytes(double bytes) {
   return unit == 0 ? fmt::format("{:.0f} B", bytes) : fmt::format("{:.1f} {}", bytes, units[unit]);
 }
 
-// "HTTP 404 (RepoNotFound: Repository not found) for GET URL".
-std::string status_message(const std::string& method, const HttpResponse& response) {
+// "HTTP 404 (RepoNotFound: Repository not found) for GET URL", with the server's text and the
+// URL redacted (before the body is cut to an excerpt, so that no part of a secret is left).
+std::string status_message(const std::string& method, const HttpResponse& response,
+                           const std::string& token) {
   std::string detail = response.header("x-error-message");
   if (detail.empty() && !response.body.empty()) {
     try {
@@ -129,7 +131,7 @@ std::string status_message(const std::string& method, const HttpResponse& respon
       if (body.is_object() && body.contains("error") && body["error"].is_string())
         detail = body["error"];
     } catch (const nlohmann::json::exception&) {
-      detail = response.body.substr(0, 200);
+      detail = redact_secrets(response.body, token).substr(0, 200);
     }
   }
   const std::string code = response.header("x-error-code");
@@ -138,7 +140,15 @@ std::string status_message(const std::string& method, const HttpResponse& respon
     paren =
         fmt::format(" ({}{}{})", code, !code.empty() && !detail.empty() ? ": " : "", trim(detail));
   }
-  return fmt::format("HTTP {}{} for {} {}", response.status, paren, method, shown(response.url));
+  return redact_secrets(
+      fmt::format("HTTP {}{} for {} {}", response.status, paren, method, shown(response.url)),
+      token);
+}
+
+// Characters that end a credential in text: whitespace, quotes, brackets and separators.
+bool ends_secret(char c) {
+  return c == '\0' || std::isspace(static_cast<unsigned char>(c)) ||
+         std::strchr("\"'<>,;()[]{}\\", c) != nullptr;
 }
 
 void sleep_backoff(int attempt) {
@@ -153,6 +163,75 @@ uint64_t file_size_or_zero(const std::string& path) {
 }
 
 }  // namespace
+
+std::string redact_secrets(const std::string& text, const std::string& token) {
+  static const std::string kRedacted = "<redacted>";
+  std::string s = text;
+  if (!token.empty()) {
+    for (const std::string& form : {token, url_quote(token)}) {
+      for (size_t at = s.find(form); at != std::string::npos;
+           at = s.find(form, at + kRedacted.size()))
+        s.replace(at, form.size(), kRedacted);
+    }
+  }
+  const std::string low = lower(s);
+  auto secret_end = [&](size_t from) {
+    while (from < s.size() && !ends_secret(s[from])) ++from;
+    return from;
+  };
+  auto word_start = [&](size_t at) {
+    return at == 0 || !std::isalnum(static_cast<unsigned char>(s[at - 1]));
+  };
+  std::string out;
+  size_t i = 0;
+  while (i < s.size()) {
+    if (low.compare(i, 6, "bearer") == 0 && word_start(i)) {  // Bearer <credentials>
+      size_t k = i + 6;
+      while (k < s.size() && (s[k] == ' ' || s[k] == '\t')) ++k;
+      if (k > i + 6 && k < s.size() && !ends_secret(s[k]) &&
+          s.compare(k, kRedacted.size(), kRedacted) != 0) {
+        out += s.substr(i, k - i) + kRedacted;
+        i = secret_end(k);
+        continue;
+      }
+    }
+    if (low.compare(i, 13, "authorization") == 0 && word_start(i)) {  // Authorization: <value>
+      size_t k = i + 13;
+      while (k < s.size() && (s[k] == '"' || s[k] == '\'' || s[k] == ' ')) ++k;
+      if (k < s.size() && (s[k] == ':' || s[k] == '=')) {
+        ++k;
+        while (k < s.size() && (s[k] == '"' || s[k] == '\'' || s[k] == ' ' || s[k] == '\t')) ++k;
+        if (k < s.size() && !ends_secret(s[k]) && low.compare(k, 6, "bearer") != 0 &&
+            s.compare(k, kRedacted.size(), kRedacted) != 0) {
+          out += s.substr(i, k - i) + kRedacted;  // the scheme and credentials, to the line's end
+          i = k;
+          while (i < s.size() && std::strchr("\r\n\"'<>,;)]}", s[i]) == nullptr) ++i;
+          continue;
+        }
+      }
+    }
+    if (low.compare(i, 3, "hf_") == 0 && word_start(i)) {  // hf_ and 30+ letters and digits
+      size_t k = i + 3;
+      while (k < s.size() && std::isalnum(static_cast<unsigned char>(s[k]))) ++k;
+      if (k - i - 3 >= 30) {
+        out += kRedacted;
+        i = k;
+        continue;
+      }
+    }
+    if (s.compare(i, 3, "://") == 0) {  // scheme://user:password@host
+      size_t k = i + 3;
+      while (k < s.size() && !ends_secret(s[k]) && std::strchr("/?#@", s[k]) == nullptr) ++k;
+      if (k > i + 3 && k < s.size() && s[k] == '@') {
+        out += "://" + kRedacted;
+        i = k;
+        continue;
+      }
+    }
+    out += s[i++];
+  }
+  return out;
+}
 
 std::string HttpResponse::header(const std::string& name) const {
   const auto it = headers.find(lower(name));
@@ -179,7 +258,8 @@ struct HubHttp::Request {
   bool stall_timeout = false;  // fail when no byte arrives for settings.download_timeout_s
   // Receives the body of a 2xx answer; returns false to abort (a local write failure).
   std::function<bool(const char*, size_t, long)> sink;
-  std::function<void(double received)> progress;
+  // Called often during a transfer, also while it stalls; returns false to abort it.
+  std::function<bool(double received)> progress;
   // Filled by the callbacks.
   HttpResponse response;
   std::string sink_error;
@@ -205,7 +285,11 @@ struct WriteTarget {
 
 }  // namespace
 
-HubHttp::HubHttp(const HubSettings& settings, Log log) : settings_(settings), log_(std::move(log)) {
+HubHttp::HubHttp(const HubSettings& settings, Log log)
+    : settings_(settings),
+      log_([log = std::move(log), token = settings.token](const std::string& line) {
+        log(redact_secrets(line, token));
+      }) {
   init_curl();
   curl_ = curl_easy_init();
   if (!curl_) throw CheckpointError("libcurl: cannot create a handle");
@@ -221,6 +305,10 @@ HubHttp::HubHttp(const HubSettings& settings, Log log) : settings_(settings), lo
 
 HubHttp::~HubHttp() {
   curl_easy_cleanup(static_cast<CURL*>(curl_));
+}
+
+std::string HubHttp::redact(const std::string& text) const {
+  return redact_secrets(text, settings_.token);
 }
 
 bool HubHttp::to_endpoint_host(const std::string& url) const {
@@ -288,7 +376,7 @@ HttpResponse HubHttp::send(Request& request) {
         curl, CURLOPT_XFERINFOFUNCTION,
         +[](void* user, curl_off_t, curl_off_t now, curl_off_t, curl_off_t) -> int {
           try {  // no exception may cross libcurl's C frames
-            static_cast<Request*>(user)->progress(static_cast<double>(now));
+            return static_cast<Request*>(user)->progress(static_cast<double>(now)) ? 0 : 1;
           } catch (...) {
           }
           return 0;
@@ -301,11 +389,12 @@ HttpResponse HubHttp::send(Request& request) {
   curl_slist_free_all(headers);
   curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &request.response.status);
   if (code != CURLE_OK) {
-    if (code == CURLE_WRITE_ERROR && !request.sink_error.empty()) throw IoError(request.sink_error);
+    if (code == CURLE_WRITE_ERROR && !request.sink_error.empty())
+      throw IoError(redact(request.sink_error));
     const std::string reason = error_buffer[0] ? error_buffer : curl_easy_strerror(code);
     throw HubError(
-        fmt::format("{} {} failed: {}", request.method, shown(request.url), trim(reason)), 0, "",
-        transient_curl(code));
+        redact(fmt::format("{} {} failed: {}", request.method, shown(request.url), trim(reason))),
+        0, "", transient_curl(code));
   }
   return request.response;
 }
@@ -324,14 +413,15 @@ HttpResponse HubHttp::call(const std::string& method, const std::string& url) {
         if (response.status >= 300 && response.status < 400 && !location.empty() &&
             !is_absolute_location(location)) {
           if (hop == kMaxRedirects)
-            throw HubError(fmt::format("too many redirects from {}", shown(url)), response.status,
-                           "", false);
+            throw HubError(redact(fmt::format("too many redirects from {}", shown(url))),
+                           response.status, "", false);
           current = Url(location, current).part(CURLUPART_URL);
           continue;
         }
         if (response.status >= 400) {
-          throw HubError(status_message(method, response), response.status,
-                         response.header("x-error-code"), transient_status(response.status));
+          throw HubError(status_message(method, response, settings_.token), response.status,
+                         redact(response.header("x-error-code")),
+                         transient_status(response.status));
         }
         return response;
       }
@@ -360,7 +450,42 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
     log_(fmt::format("hub: {}: resuming a partial download at {} of {}", label,
                      human_bytes(initial), human_bytes(size)));
   auto last_report = start;
-  int attempts_without_progress = 0;
+  int attempts_without_progress = 0, attempts = 0;
+  uint64_t received = 0;  // bytes written in this call, over all requests
+  auto seconds = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
+  // The bound of a file's download this one has broken ("" for none), naming its setting.
+  auto broken_bound = [&]() -> std::string {
+    const double elapsed = seconds();
+    if (settings_.file_deadline_s > 0 && elapsed > settings_.file_deadline_s) {
+      return fmt::format("it ran past the deadline of {:g} s per file (STRATA_HUB_FILE_DEADLINE)",
+                         settings_.file_deadline_s);
+    }
+    if (settings_.min_rate > 0 && elapsed >= settings_.min_rate_after_s &&
+        static_cast<double>(received) / elapsed < settings_.min_rate) {
+      return fmt::format(
+          "its average rate, {}/s, is below the minimum of {}/s (STRATA_HUB_MIN_RATE) that "
+          "holds once a download has run {:g} s (STRATA_HUB_MIN_RATE_AFTER)",
+          human_bytes(static_cast<double>(received) / elapsed), human_bytes(settings_.min_rate),
+          settings_.min_rate_after_s);
+    }
+    return "";
+  };
+  // `last`: the failure of the last attempt, when the bound was found after it.
+  auto fail_bound = [&](const std::string& bound, const HubError* last) {
+    throw HubRuleError(
+        redact(fmt::format(
+            "the download of {} was stopped because {}: {} received in {:.1f} s over {} "
+            "attempt{}, the file holds {} of {}{}",
+            label, bound, human_bytes(static_cast<double>(received)), seconds(), attempts,
+            attempts == 1 ? "" : "s", human_bytes(static_cast<double>(file_size_or_zero(path))),
+            human_bytes(static_cast<double>(size)),
+            last ? fmt::format(" (last attempt: {})", last->what()) : "")),
+        "HINT: the server sends this file too slowly or keeps stalling; retry later, or relax "
+        "the bound: STRATA_HUB_MIN_RATE (bytes/s, 0: off), STRATA_HUB_MIN_RATE_AFTER (s), "
+        "STRATA_HUB_FILE_DEADLINE (s, 0: none), STRATA_HUB_MAX_RETRIES; the partial file is "
+        "kept and a later run continues it",
+        true);
+  };
   while (true) {
     uint64_t have = file_size_or_zero(path);
     if (have > size) {  // not ours to continue: start over
@@ -369,6 +494,8 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
     }
     if (have == size) break;
     const uint64_t before = have;
+    ++attempts;
+    std::string broken;  // the bound the running request broke
     std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(nullptr, &std::fclose);
     try {
       std::string current = url;
@@ -404,27 +531,31 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
             request.sink_error = fmt::format("cannot write {}: {}", path, std::strerror(errno));
             return false;
           }
+          received += bytes;
           return true;
         };
         const uint64_t base = have;
-        request.progress = [&, base](double received) {
+        request.progress = [&, base](double now_received) {
+          broken = broken_bound();
+          if (!broken.empty()) return false;
           const auto now = Clock::now();
-          if (now - last_report < std::chrono::seconds(2)) return;
+          if (now - last_report < std::chrono::seconds(2)) return true;
           last_report = now;
-          const double done = static_cast<double>(base) + received;
+          const double done = static_cast<double>(base) + now_received;
           const double elapsed = std::chrono::duration<double>(now - start).count();
           const double rate = (done - static_cast<double>(initial)) / std::max(elapsed, 1e-9);
           log_(fmt::format("hub: {}: {} of {} ({:.0f}%), {}/s, ETA {:.0f} s", label,
                            human_bytes(done), human_bytes(static_cast<double>(size)),
                            100.0 * done / std::max<double>(size, 1), human_bytes(rate),
                            rate > 0 ? (static_cast<double>(size) - done) / rate : 0.0));
+          return true;
         };
         response = send(request);
         const std::string location = response.header("location");
         if (response.status >= 300 && response.status < 400 && !location.empty()) {
           if (hop == kMaxRedirects)
-            throw HubError(fmt::format("too many redirects from {}", shown(url)), response.status,
-                           "", false);
+            throw HubError(redact(fmt::format("too many redirects from {}", shown(url))),
+                           response.status, "", false);
           current = Url(location, current).part(CURLUPART_URL);
           continue;
         }
@@ -433,19 +564,20 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
       file.reset();
       if (response.status == 416) {  // the partial file is no prefix the server knows: start over
         fs::remove(path);
-        throw HubError(status_message("GET", response), response.status, "", true);
+        throw HubError(status_message("GET", response, settings_.token), response.status, "", true);
       }
       if (response.status >= 300) {
-        throw HubError(status_message("GET", response), response.status,
-                       response.header("x-error-code"), transient_status(response.status));
+        throw HubError(status_message("GET", response, settings_.token), response.status,
+                       redact(response.header("x-error-code")), transient_status(response.status));
       }
       if (file_size_or_zero(path) < size && file_size_or_zero(path) <= before) {
-        throw HubError(
-            fmt::format("GET {}: answered {} without data", shown(current), response.status),
-            response.status, "", true);
+        throw HubError(redact(fmt::format("GET {}: answered {} without data", shown(current),
+                                          response.status)),
+                       response.status, "", true);
       }
     } catch (const HubError& e) {
       file.reset();
+      if (!broken.empty()) fail_bound(broken, nullptr);
       if (!e.transient) throw;
       const uint64_t now_have = file_size_or_zero(path);
       attempts_without_progress = now_have > before ? 0 : attempts_without_progress + 1;
@@ -453,9 +585,15 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
         throw HubError(
             fmt::format(
                 "{} (download of {} gave up after {} attempts without progress, at {} of {})",
-                e.what(), label, attempts_without_progress, human_bytes(now_have),
+                e.what(), redact(label), attempts_without_progress, human_bytes(now_have),
                 human_bytes(size)),
             e.status, e.error_code, true);
+      }
+      if (const std::string bound = broken_bound(); !bound.empty()) fail_bound(bound, &e);
+      if (attempts > settings_.max_retries) {
+        fail_bound(fmt::format("it needed more than {} retries (STRATA_HUB_MAX_RETRIES)",
+                               settings_.max_retries),
+                   &e);
       }
       log_(fmt::format("hub: {}: {}; retrying from byte {}", label, e.what(), now_have));
       if (attempts_without_progress > 0) sleep_backoff(attempts_without_progress);
@@ -463,9 +601,10 @@ void HubHttp::download(const std::string& url, const std::string& path, uint64_t
     if (file_size_or_zero(path) > size) {
       const uint64_t got = file_size_or_zero(path);
       fs::remove(path);
-      throw HubError(fmt::format("consistency check failed for {}: expected {} bytes, received {}",
-                                 label, size, got),
-                     0, "", false);
+      throw HubError(
+          redact(fmt::format("consistency check failed for {}: expected {} bytes, received {}",
+                             label, size, got)),
+          0, "", false);
     }
   }
   const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();

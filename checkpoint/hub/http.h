@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checkpoint/hub/cache.h"
@@ -26,6 +27,23 @@ struct HttpResponse {
 // Percent-encoding as Python's urllib.parse.quote: unreserved characters kept, plus `safe`.
 std::string url_quote(const std::string& text, const std::string& safe = "");
 
+// `text` safe to print: every piece of text that came from a server (headers, body excerpts,
+// redirect locations, file names) and every URL passes through here before it reaches a
+// message or a log line. Replaced by "<redacted>": `token` (as sent and percent-encoded),
+// the credentials after "Bearer" or "Basic" and after "Authorization:" (an echoed header),
+// anything shaped like a Hub token (hf_ and 30 or more letters and digits), and the
+// user:password@ of a URL.
+std::string redact_secrets(const std::string& text, const std::string& token);
+
+// A HubError that carries its own hint: a download that broke one of its bounds, a listing
+// that does not end or names a file outside the repo.
+class HubRuleError : public HubError {
+ public:
+  HubRuleError(const std::string& message, std::string hint, bool transient)
+      : HubError(message, 0, "", transient), hint(std::move(hint)) {}
+  std::string hint;  // "HINT: ..."
+};
+
 class HubHttp {
  public:
   using Log = std::function<void(const std::string&)>;
@@ -43,10 +61,16 @@ class HubHttp {
 
   // Downloads `url` (every redirect followed) into `path`, continuing from the bytes `path`
   // already holds with a Range request, until it holds `size` bytes. Retries transient failures
-  // as long as they make progress (settings.attempts tries without progress). `label` names the
-  // file in progress lines.
+  // as long as they make progress (settings.attempts tries without progress), within the
+  // bounds of one file's download (settings.max_retries retries in all, the average rate
+  // settings.min_rate once settings.min_rate_after_s have passed, settings.file_deadline_s);
+  // a broken bound throws HubRuleError naming the file, the bytes received and the bound.
+  // `label` names the file in progress lines and messages.
   void download(const std::string& url, const std::string& path, uint64_t size,
                 const std::string& label);
+
+  // redact_secrets with this client's token.
+  std::string redact(const std::string& text) const;
 
  private:
   struct Request;

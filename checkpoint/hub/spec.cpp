@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cctype>
 #include <regex>
 #include <vector>
@@ -11,6 +12,28 @@
 
 namespace strata {
 namespace {
+
+// Length limits: the Hub's for repo id parts, generous ones for revisions and subfolders (a
+// subfolder component is a file name: 255 bytes on common file systems).
+constexpr size_t kMaxRepoPart = 96;
+constexpr size_t kMaxRevision = 256;
+constexpr size_t kMaxSubfolder = 1024;
+constexpr size_t kMaxSubfolderPart = 255;
+constexpr size_t kMaxQuoted = 120;  // longer specs are shortened in messages
+
+// The spec as messages quote it: whole, or its start and its length when it is very long.
+std::string quoted(const std::string& text) {
+  if (text.size() <= kMaxQuoted) return "'" + text + "'";
+  return fmt::format("'{}...' ({} characters)", text.substr(0, kMaxQuoted), text.size());
+}
+
+// A part of the spec for a message: whole, or its start when it is long.
+std::string excerpt(const std::string& part) {
+  if (part.size() <= 60) return part;
+  std::string out(part, 0, 40);
+  out.append(3, '.');
+  return out;
+}
 
 std::vector<std::string> split(const std::string& text, char sep) {
   std::vector<std::string> parts;
@@ -32,8 +55,8 @@ std::string percent_decode(const std::string& text, const std::string& spec) {
     }
     if (i + 2 >= text.size() || !std::isxdigit(static_cast<unsigned char>(text[i + 1])) ||
         !std::isxdigit(static_cast<unsigned char>(text[i + 2]))) {
-      throw CheckpointError(
-          fmt::format("Hub spec '{}': bad percent-encoding in revision '{}'", spec, text));
+      throw CheckpointError(fmt::format("Hub spec {}: bad percent-encoding in revision '{}'",
+                                        quoted(spec), excerpt(text)));
     }
     out += static_cast<char>(std::stoi(text.substr(i + 1, 2), nullptr, 16));
     i += 2;
@@ -43,10 +66,12 @@ std::string percent_decode(const std::string& text, const std::string& spec) {
 
 // huggingface_hub's validate_repo_id, for one part of owner/repo.
 std::string repo_part_problem(const std::string& part) {
-  static const std::regex allowed(R"([A-Za-z0-9_.\-]{1,96})");
+  static const std::regex allowed(R"([A-Za-z0-9_.\-]+)");
   if (part.empty()) return "is empty";
-  if (!std::regex_match(part, allowed))
-    return "may hold only letters, digits, '_', '-' and '.' (at most 96)";
+  if (part.size() > kMaxRepoPart)
+    return fmt::format("is {} characters long; the Hub allows at most {}", part.size(),
+                       kMaxRepoPart);
+  if (!std::regex_match(part, allowed)) return "may hold only letters, digits, '_', '-' and '.'";
   if (part.front() == '-' || part.front() == '.' || part.back() == '-' || part.back() == '.') {
     return "may not start or end with '-' or '.'";
   }
@@ -61,12 +86,16 @@ std::string repo_part_problem(const std::string& part) {
 HubSpec parse_body(const std::string& body, const std::string& text) {
   auto fail = [&](const std::string& what) -> HubSpec {
     throw CheckpointError(
-        fmt::format("Hub spec '{}': {}\nHINT: write hf://owner/repo[/subdir][@revision] "
+        fmt::format("Hub spec {}: {}\nHINT: write hf://owner/repo[/subdir][@revision] "
                     "(or hf://owner/repo@revision[/subdir]); refs/pr/N goes right "
                     "after the repo id",
-                    text, what));
+                    quoted(text), what));
   };
   if (body.find('\\') != std::string::npos) return fail("backslashes are not allowed");
+  if (const auto ats = std::count(body.begin(), body.end(), '@'); ats > 1) {
+    return fail(ats == 2 ? "'@' appears in two places: give the revision once"
+                         : fmt::format("'@' appears {} times: give the revision once", ats));
+  }
   std::vector<std::string> segments = split(body, '/');
   if (segments.size() >= 1 && segments[0] == "models") segments.erase(segments.begin());
   if (segments.size() < 2) return fail("expected owner/repo");
@@ -88,7 +117,7 @@ HubSpec parse_body(const std::string& body, const std::string& text) {
   }
   for (const std::string& part : {segments[0], name}) {
     const std::string problem = repo_part_problem(part);
-    if (!problem.empty()) return fail(fmt::format("repo id part '{}' {}", part, problem));
+    if (!problem.empty()) return fail(fmt::format("repo id part '{}' {}", excerpt(part), problem));
   }
   spec.repo_id = segments[0] + "/" + name;
   std::vector<std::string> sub(segments.begin() + static_cast<std::ptrdiff_t>(next),
@@ -109,15 +138,42 @@ HubSpec parse_body(const std::string& body, const std::string& text) {
     if (segment.empty()) return fail("empty path segment (a '//', a leading or a trailing '/')");
     if (segment == "." || segment == "..")
       return fail(fmt::format("path segment '{}' is not allowed", segment));
+    if (segment.size() > kMaxSubfolderPart) {
+      return fail(fmt::format("subfolder component '{}' is {} characters long; at most {}",
+                              excerpt(segment), segment.size(), kMaxSubfolderPart));
+    }
     if (segment.find('@') != std::string::npos)
       return fail("'@' appears in two places: give the revision once");
   }
   for (size_t i = 0; i < sub.size(); ++i) spec.subfolder += (i ? "/" : "") + sub[i];
-  spec.revision = percent_decode(early_revision.empty() ? late_revision : early_revision, text);
+  if (spec.subfolder.size() > kMaxSubfolder) {
+    return fail(fmt::format("the subfolder is {} characters long; at most {}",
+                            spec.subfolder.size(), kMaxSubfolder));
+  }
+  const std::string& written = early_revision.empty() ? late_revision : early_revision;
+  if (written.size() > 3 * kMaxRevision) {  // percent-encoded, 3 characters a byte at most
+    return fail(fmt::format("the revision is {} characters long; at most {}", written.size(),
+                            kMaxRevision));
+  }
+  spec.revision = percent_decode(written, text);
+  if (spec.revision.size() > kMaxRevision) {
+    return fail(fmt::format("the revision is {} characters long; at most {}", spec.revision.size(),
+                            kMaxRevision));
+  }
   if (spec.revision.find("..") != std::string::npos ||
       (!spec.revision.empty() && spec.revision.front() == '/')) {
     return fail(
         fmt::format("revision '{}' is not a branch, tag, commit or refs/... name", spec.revision));
+  }
+  if (spec.revision.rfind("refs/pr/", 0) == 0) {
+    const std::string number = spec.revision.substr(8);
+    if (number.empty() || !std::all_of(number.begin(), number.end(),
+                                       [](unsigned char c) { return std::isdigit(c); })) {
+      return fail(
+          fmt::format("revision '{}' is no pull request: refs/pr/ must be followed by its number "
+                      "(e.g. refs/pr/12)",
+                      spec.revision));
+    }
   }
   return spec;
 }
@@ -137,7 +193,7 @@ std::optional<HubSpec> parse_hub_spec(const std::string& text, bool local_path_e
     return parse_body(text, text);
   } catch (const CheckpointError& e) {
     throw CheckpointError(
-        fmt::format("'{}' is no existing local path, and not a Hub spec either: {}", text,
+        fmt::format("{} is no existing local path, and not a Hub spec either: {}", quoted(text),
                     std::string(e.what()).substr(std::string(e.what()).find(": ") + 2)));
   }
 }

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -66,7 +67,11 @@ const std::map<std::string, std::optional<std::string>> kClean = {
     {"HF_ENDPOINT", std::nullopt},
     {"HF_HUB_DISABLE_SYMLINKS", std::nullopt},
     {"HF_HUB_DISABLE_IMPLICIT_TOKEN", std::nullopt},
-    {"STRATA_HUB_ATTEMPTS", std::nullopt}};
+    {"STRATA_HUB_ATTEMPTS", std::nullopt},
+    {"STRATA_HUB_MIN_RATE", std::nullopt},
+    {"STRATA_HUB_MIN_RATE_AFTER", std::nullopt},
+    {"STRATA_HUB_FILE_DEADLINE", std::nullopt},
+    {"STRATA_HUB_MAX_RETRIES", std::nullopt}};
 
 std::string read(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -171,6 +176,75 @@ TEST(HubSettings, EndpointTokenOfflineAndTimeouts) {
     EXPECT_NE(error_of([] { HubSettings::from_environment(); }).find("STRATA_HUB_ATTEMPTS='0'"),
               std::string::npos);
   }
+}
+
+TEST(HubSettings, BoundsOfOneFileDownload) {
+  ScopedEnv clean(kClean);
+  HubSettings s = HubSettings::from_environment();
+  EXPECT_EQ(s.min_rate, 1024);
+  EXPECT_EQ(s.min_rate_after_s, 60);
+  EXPECT_EQ(s.file_deadline_s, 0);  // none
+  EXPECT_EQ(s.max_retries, 100);
+  {
+    ScopedEnv e({{"STRATA_HUB_MIN_RATE", std::string("0")},
+                 {"STRATA_HUB_MIN_RATE_AFTER", std::string("2.5")},
+                 {"STRATA_HUB_FILE_DEADLINE", std::string("30")},
+                 {"STRATA_HUB_MAX_RETRIES", std::string("0")}});
+    s = HubSettings::from_environment();
+    EXPECT_EQ(s.min_rate, 0);
+    EXPECT_EQ(s.min_rate_after_s, 2.5);
+    EXPECT_EQ(s.file_deadline_s, 30);
+    EXPECT_EQ(s.max_retries, 0);
+  }
+  for (const auto& [name, value, expected] : std::vector<std::array<std::string, 3>>{
+           {"STRATA_HUB_MIN_RATE", "-1", "STRATA_HUB_MIN_RATE='-1' is not a number >= 0"},
+           {"STRATA_HUB_MIN_RATE_AFTER", "soon", "STRATA_HUB_MIN_RATE_AFTER='soon'"},
+           {"STRATA_HUB_FILE_DEADLINE", "1h", "STRATA_HUB_FILE_DEADLINE='1h'"},
+           {"STRATA_HUB_MAX_RETRIES", "-2", "STRATA_HUB_MAX_RETRIES='-2' is not an integer >= 0"},
+           {"STRATA_HUB_MAX_RETRIES", "3.5", "STRATA_HUB_MAX_RETRIES='3.5'"}}) {
+    ScopedEnv e({{name, std::optional<std::string>(value)}});
+    EXPECT_NE(error_of([] { HubSettings::from_environment(); }).find(expected), std::string::npos)
+        << name << "=" << value;
+  }
+}
+
+TEST(HubRedaction, SecretsFromServersNeverReachMessages) {
+  const std::string token = "hf_e2e_secret_7f3a9c";
+  const std::string real = "hf_" + std::string("AbCdEfGhIjKlMnOpQrStUvWxYz01234567");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      // the token itself, anywhere, also percent-encoded in a URL
+      {"Invalid credentials (got Authorization: Bearer " + token + ")",
+       "Invalid credentials (got Authorization: Bearer <redacted>)"},
+      {"proxy saw " + token + token, "proxy saw <redacted><redacted>"},
+      {"GET http://127.0.0.1:8/_echo/Bearer%20" + token + " failed",
+       "GET http://127.0.0.1:8/_echo/Bearer%20<redacted> failed"},
+      // credentials after Bearer and Authorization, whatever the token
+      {"authorization: Bearer abc.def-ghi", "authorization: Bearer <redacted>"},
+      {"{\"Authorization\": \"Bearer other\"}", "{\"Authorization\": \"Bearer <redacted>\"}"},
+      {"{\"authorization\":\"zzz\"}", "{\"authorization\":\"<redacted>\"}"},
+      {"Authorization=Basic dXNlcjpwYXNz, next", "Authorization=<redacted>, next"},
+      {"BEARER\tq1w2e3", "BEARER\t<redacted>"},
+      // anything shaped like a Hub token
+      {"token " + real + " rejected", "token <redacted> rejected"},
+      // user:password@ of a URL
+      {"redirected to https://user:pa55@cdn.example/x",
+       "redirected to https://<redacted>@cdn.example/x"},
+      // ordinary text stays as it is
+      {"Invalid credentials in Authorization header",
+       "Invalid credentials in Authorization header"},
+      {"HTTP 404 (RepoNotFound: Repository not found) for GET http://h/api/models/o/r",
+       "HTTP 404 (RepoNotFound: Repository not found) for GET http://h/api/models/o/r"},
+      {"hf://owner/repo@main and hf_export.json", "hf://owner/repo@main and hf_export.json"},
+      {"", ""},
+  };
+  for (const auto& [text, expected] : cases)
+    EXPECT_EQ(redact_secrets(text, token), expected) << text;
+  // Without a token the patterns still apply; the token is also found percent-encoded.
+  EXPECT_EQ(redact_secrets("Bearer x", ""), "Bearer <redacted>");
+  EXPECT_EQ(redact_secrets("a=tok%2Fen b", "tok/en"), "a=<redacted> b");
+  // A body is redacted before it is cut to an excerpt: no prefix of a secret survives a cut.
+  const std::string body = std::string(190, '.') + " " + token;
+  EXPECT_EQ(redact_secrets(body, token).substr(0, 200).find("hf_e2e"), std::string::npos);
 }
 
 TEST(HubRepoCache, LayoutRefsAndLinks) {

@@ -1,5 +1,6 @@
 // Hub spec grammar (docs/formats.md): valid forms and what they resolve to, invalid ones
 // with the user's exact text in the message, and bare names vs local paths.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "checkpoint/hub/spec.h"
@@ -69,6 +70,62 @@ TEST(HubSpec, InvalidFormsAreRejectedQuotingTheInput) {
       EXPECT_NE(message.find(expected), std::string::npos) << text << " -> " << message;
     }
   }
+}
+
+TEST(HubSpec, RevisionsAndLengthsAreChecked) {
+  auto message_of = [](const std::string& text) -> std::string {
+    try {
+      parse_hub_spec(text, false);
+    } catch (const CheckpointError& e) {
+      return e.what();
+    }
+    return "accepted: " + text;
+  };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"hf://o/r@refs/pr/abc",
+       "revision 'refs/pr/abc' is no pull request: refs/pr/ must be followed by its number"},
+      {"hf://o/r@refs%2Fpr%2Fabc", "refs/pr/ must be followed by its number"},
+      {"hf://o/r/sub@refs%2Fpr%2F", "refs/pr/ must be followed by its number"},
+      {"hf://o/r@refs/pr/1x/sub", "refs/pr/ must be followed by its number"},
+      {"hf://o/r@main@main", "'@' appears in two places: give the revision once"},
+      {"hf://o/r/sub@main@main", "'@' appears in two places: give the revision once"},
+      {"o/r@a@b@c", "'@' appears 3 times: give the revision once"},
+  };
+  for (const auto& [text, expected] : cases) {
+    const std::string message = message_of(text);
+    EXPECT_NE(message.find(expected), std::string::npos) << text << " -> " << message;
+    EXPECT_NE(message.find("HINT: "), std::string::npos) << message;
+  }
+  EXPECT_EQ(parse_hub_spec("hf://o/r@refs/pr/0", false)->revision, "refs/pr/0");
+
+  // Over-long parts: a clear message, not the file system's "File name too long", and the
+  // spec shortened in it.
+  const std::string long_text(5000, 'a');
+  std::string deep = "sub";  // 200 short components
+  for (int i = 0; i < 200; ++i) deep += "/abcdef";
+  const std::vector<std::pair<std::string, std::string>> too_long = {
+      {"hf://o/" + long_text,
+       "repo id part 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...' is "
+       "5000 characters long; the Hub allows at most 96"},
+      {"hf://" + long_text + "/r", "is 5000 characters long; the Hub allows at most 96"},
+      {"hf://o/r@" + long_text, "the revision is 5000 characters long; at most 256"},
+      {"hf://o/r@" + std::string(257, 'v'), "the revision is 257 characters long; at most 256"},
+      {"hf://o/r/" + long_text, "subfolder component 'aaaa"},
+      {"hf://o/r/" + long_text, "is 5000 characters long; at most 255"},
+      {"hf://o/r/" + deep, "the subfolder is 1403 characters long; at most 1024"},
+      {"o/" + long_text, "is no existing local path, and not a Hub spec either"},
+      {"hf://" + long_text, "expected owner/repo"},
+  };
+  for (const auto& [text, expected] : too_long) {
+    const std::string message = message_of(text);
+    EXPECT_NE(message.find(expected), std::string::npos) << text.substr(0, 60) << " -> " << message;
+    EXPECT_LT(message.size(), 700u) << message;
+    EXPECT_NE(message.find(fmt::format("...' ({} characters)", text.size())), std::string::npos)
+        << message;
+  }
+  const std::string at_limit = "hf://" + std::string(96, 'o') + "/" + std::string(96, 'r');
+  EXPECT_EQ(parse_hub_spec(at_limit, false)->repo_id.size(), 193u);
+  EXPECT_EQ(parse_hub_spec("hf://o/r@" + std::string(256, 'v'), false)->revision.size(), 256u);
 }
 
 TEST(HubSpec, BareNamesAreLocalPathsFirst) {

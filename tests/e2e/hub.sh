@@ -3,8 +3,9 @@
 # `--from` given as hf:// specs download into an empty HF cache with huggingface_hub's exact
 # layout, give the same weights as the local directory, work offline afterwards (and when the
 # Hub is down), resume an interrupted download with Range, map each HTTP error to its message,
-# never leak the token, fetch each file once for 4 ranks, and fail all 4 ranks with one
-# message when the download fails.
+# never leak the token (not even to a server that echoes it back), end listings that loop and
+# downloads that stall, refuse listed names outside the repo, fetch each file once for 4 ranks,
+# and fail all 4 ranks with one message when the download fails.
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 hub_pid=""
@@ -235,6 +236,72 @@ control '{}'
 check_error "Hub spec 'hf://owner/repo/../x': path segment '..' is not allowed" hf://owner/repo/../x
 HF_ENDPOINT="http://127.0.0.1:1" check_error "GET http://127.0.0.1:1/api/models/owner/repo/revision/main failed: " hf://owner/repo/sub
 grep -qi "connect" out.txt || { cat out.txt; fail "connection refused not reported"; }
+
+# --- Hostile servers (each case takes seconds).
+# A server or proxy that echoes the Authorization header: the token is redacted wherever the
+# server's text reaches a message (X-Error-Message, a body excerpt, a redirect's Location).
+canary=hf_canary_Zq7Lm2Xw9
+for via in message body redirect; do
+  export HF_HUB_CACHE="$work/cache-echo-$via"
+  control "{\"echo_auth\": [{\"match\": \"/revision/\", \"via\": \"$via\"}]}"
+  if HF_TOKEN=$canary "$STRATA_BIN" eval --from hf://owner/repo/sub --data "data/val_*.bin" >echo.out 2>echo.err; then
+    cat echo.out echo.err; fail "echo_auth $via: expected a failure"
+  fi
+  if grep -rlF "$canary" "$work" --exclude=hub.jsonl; then
+    cat echo.out echo.err; fail "echo_auth $via: the token was printed or written"
+  fi
+  case $via in
+    message) expected="HTTP 401 (Invalid credentials in Authorization header (got Authorization: Bearer <redacted>)) for GET $HF_ENDPOINT/api/models/owner/repo/revision/main" ;;
+    body) expected="HTTP 401 (proxy error: request refused (Authorization: Bearer <redacted>)) for GET $HF_ENDPOINT/api/models/owner/repo/revision/main" ;;
+    redirect) expected="HTTP 404 (Not found) for GET $HF_ENDPOINT/_echo/Bearer%20<redacted>" ;;
+  esac
+  grep -qF "cannot resolve Hub spec 'hf://owner/repo/sub' (repo owner/repo, subfolder sub, revision main) from $HF_ENDPOINT: $expected" echo.err ||
+    { cat echo.out echo.err; fail "echo_auth $via: message"; }
+done
+# A listing whose Link rel="next" names the page itself, or leads back to the first page.
+export HF_HUB_CACHE="$work/cache-loop"
+control '{"link_cycle": [{"match": "/tree/", "to": "self"}]}'
+check_error "the file listing of owner/repo at commit $commit does not end: after 1 page, its Link rel=\"next\" leads back to $HF_ENDPOINT/api/models/owner/repo/tree/$commit/sub?recursive=true&expand=false, a page already fetched" hf://owner/repo/sub
+grep -qF "HINT: the server at $HF_ENDPOINT does not answer as the Hub does" out.txt || { cat out.txt; fail "link cycle: no hint"; }
+control '{"link_cycle": [{"match": "/tree/", "to": "first"}]}'
+check_error "the file listing of owner/repo at commit $commit does not end: after" hf://owner/repo/sub
+grep -qE "after [2-9] pages, its Link rel=\"next\" leads back to $HF_ENDPOINT/api/models/owner/repo/tree/$commit/sub\?recursive=true&expand=false, a page" out.txt ||
+  { cat out.txt; fail "link cycle A -> B -> A"; }
+# A file that stalls after a few bytes on every request, or whose every connection drops after a
+# few bytes: each retry makes progress, so only the bounds of a file's download end it (the
+# average rate, the deadline, the retries in all), each in seconds.
+bounded() {  # EXPECTED ENV...: check_error with the environment given, in 15 s at most
+  local expected=$1 started=$SECONDS; shift
+  (export "$@"; check_error "$expected" hf://owner/repo/sub)
+  [ $((SECONDS - started)) -le 15 ] || fail "bounded download took $((SECONDS - started)) s: $*"
+}
+control '{"stall": [{"match": "^/cdn/", "after_bytes": 100, "seconds": 30}]}'
+bounded "was stopped because its average rate," HF_HUB_CACHE="$work/cache-stall1" \
+  STRATA_HUB_MIN_RATE=1000 STRATA_HUB_MIN_RATE_AFTER=3 HF_HUB_DOWNLOAD_TIMEOUT=1
+grep -qE "the download of sub/model-[0-9]+-of-[0-9]+\.safetensors was stopped because its average rate, [0-9.]+ B/s, is below the minimum of 1000 B/s \(STRATA_HUB_MIN_RATE\) that holds once a download has run 3 s \(STRATA_HUB_MIN_RATE_AFTER\): [0-9]+ B received in [0-9.]+ s over [0-9]+ attempts?, the file holds [0-9]+ B of 50.1 KiB" out.txt ||
+  { cat out.txt; fail "stall: rate bound"; }
+grep -qF "HINT: the server sends this file too slowly or keeps stalling" out.txt || { cat out.txt; fail "stall: no hint"; }
+bounded "was stopped because it ran past the deadline of 2 s per file (STRATA_HUB_FILE_DEADLINE): 100 B received in 2." \
+  HF_HUB_CACHE="$work/cache-stall2" STRATA_HUB_MIN_RATE=0 STRATA_HUB_FILE_DEADLINE=2 HF_HUB_DOWNLOAD_TIMEOUT=10
+control '{"interrupt": [{"match": "^/cdn/", "after_bytes": 100}]}'
+bounded "was stopped because it needed more than 2 retries (STRATA_HUB_MAX_RETRIES): 300 B received in" \
+  HF_HUB_CACHE="$work/cache-stall3" STRATA_HUB_MAX_RETRIES=2
+grep -qF "over 3 attempts, the file holds 300 B of 50.1 KiB (last attempt: " out.txt || { cat out.txt; fail "retry bound"; }
+# A listing that names files outside the repo: refused, nothing written anywhere for them.
+rm -f /tmp/strata-escape.json
+touch marker
+for entry in ../escape.json sub/../../escape.json /tmp/strata-escape.json 'sub/%2e%2e/%2e%2e/escape.json' 'sub/%2E%2E%2Fescape.json'; do
+  export HF_HUB_CACHE="$work/cache-entry"
+  control "{\"extra_entry\": [{\"match\": \"/tree/\", \"path\": \"$entry\"}]}"
+  check_error "the file listing of owner/repo at commit $commit names the entry '$entry', which is no path inside the repo (" hf://owner/repo/sub
+done
+[ ! -e /tmp/strata-escape.json ] || fail "a listing entry was written to /tmp"
+written=$(find "$work" -newer marker \( -type f -o -type l \) ! -name out.txt ! -name errors.log ! -name hub.jsonl ! -path "$work/cache-entry/*")
+[ -z "$written" ] || fail "written outside the cache: $written"
+[ -z "$(find "$work" -name '*escape*')" ] || fail "an escaping entry was written: $(find "$work" -name '*escape*')"
+control '{}'
+# A spec too long for any file name: the spec's own message, not the file system's.
+check_error "repo id part 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...' is 4993 characters long; the Hub allows at most 96" "hf://owner/$(head -c 4993 /dev/zero | tr '\0' a)"
 
 # --- 4 ranks on one node: one download of each file; one failure stops every rank alike.
 export HF_HUB_CACHE="$work/cache-ranks"

@@ -243,6 +243,41 @@ TEST(HfLlama, ConfigFieldsAreReadAsTransformersReadsThem) {
   EXPECT_EQ(s.n_kv_heads, s.n_heads);
 }
 
+TEST(HfLlama, SizeFieldsArePositiveWholeNumbers) {
+  const LlamaStateDictAdapter adapter(testing::micro_model(97, 16));
+  const nlohmann::json good = nlohmann::json::parse(adapter.config_json("float32", 1, 2).dump());
+  auto error_for = [&](const char* key, const nlohmann::json& value) {
+    nlohmann::json c = good;
+    c[key] = value;
+    try {
+      LlamaStateDictAdapter::model_config_from_hf(c, "x/config.json");
+    } catch (const CheckpointError& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  EXPECT_HAS(error_for("vocab_size", 512.5),
+             "x/config.json: vocab_size is 512.5, not a whole number");
+  EXPECT_HAS(error_for("vocab_size", 512.5), "HINT: correct vocab_size in x/config.json");
+  EXPECT_HAS(error_for("num_hidden_layers", -4), "num_hidden_layers is -4, not a positive size");
+  EXPECT_HAS(error_for("hidden_size", 0), "hidden_size is 0, not a positive size");
+  EXPECT_HAS(error_for("num_attention_heads", "4"), "num_attention_heads is \"4\", not a number");
+  EXPECT_HAS(error_for("intermediate_size", true), "intermediate_size is true, not a number");
+  EXPECT_HAS(error_for("num_key_value_heads", 1.5), "num_key_value_heads is 1.5, not a whole");
+  EXPECT_HAS(error_for("head_dim", -8), "head_dim is -8, not a positive size");
+  EXPECT_HAS(error_for("max_position_embeddings", 1e12),
+             "max_position_embeddings is 1000000000000.0, more than 2147483648 (2^31)");
+  EXPECT_HAS(error_for("vocab_size", 1000000000000), "vocab_size is 1000000000000, more than");
+  // A whole number written as a float is that number (as Python's int(1e9) is); the memory
+  // check, not the parser, judges whether it fits.
+  nlohmann::json c = good;
+  c["num_hidden_layers"] = 1e9;
+  c["vocab_size"] = 97.0;
+  const ModelConfig m = LlamaStateDictAdapter::model_config_from_hf(c, "x/config.json");
+  EXPECT_EQ(m.n_layers, 1000000000);
+  EXPECT_EQ(m.vocab_size, 97);
+}
+
 }  // namespace
 }  // namespace strata
 

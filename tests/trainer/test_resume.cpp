@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <map>
 #include <string>
@@ -13,6 +14,7 @@
 #include "checkpoint/errors.h"
 #include "tests/common/temp_dir.h"
 #include "trainer/resume.h"
+#include "trainer/train_state.h"
 #include "trainer/weight_sources.h"
 
 namespace strata {
@@ -28,10 +30,19 @@ void write(const fs::path& path, const std::string& text) {
   std::ofstream(path) << text;
 }
 
-// A committed Strata step directory (what find_checkpoint recognises), with `metadata`.
-std::string strata_step(const fs::path& folder, int64_t step, const std::string& metadata = "{}") {
+// A committed Strata step directory (what find_checkpoint recognises) without tensors, its
+// valid metadata.json extended by `extra`.
+std::string strata_step(const fs::path& folder, int64_t step,
+                        const nlohmann::json& extra = nlohmann::json::object()) {
   const fs::path dir = folder / fmt::format("step-{:07d}", step);
-  write(dir / "metadata.json", metadata);
+  nlohmann::json metadata = {{"format", "strata-checkpoint"},
+                             {"format_version", 1},
+                             {"step", step},
+                             {"world_size", 1},
+                             {"files", nlohmann::json::object()},
+                             {"tensors", nlohmann::json::object()}};
+  metadata.update(extra);
+  write(dir / "metadata.json", metadata.dump());
   write(folder / "latest", dir.filename().string() + "\n");
   return dir.string();
 }
@@ -107,7 +118,7 @@ TEST(WeightSources, AnAdapterOnlyCheckpointBringsItsVerifiedBases) {
   const nlohmann::json record = {
       {"adapter_only",
        {{"bases", {{{"source", base}, {"fingerprint", source_fingerprint(base)}}}}}}};
-  const std::string step = strata_step(tmp.path() / "ck", 3, record.dump());
+  const std::string step = strata_step(tmp.path() / "ck", 3, record);
   const std::vector<WeightSource> sources =
       expand_source(tmp / "ck", kSame, std::nullopt, "--from");
   ASSERT_EQ(sources.size(), 2u);
@@ -226,6 +237,67 @@ TEST(ResumePlan, TravelsAsJsonAndMovesToEachRanksDirectories) {
   EXPECT_EQ(back.dir, "/cache1/snap/sub");
   EXPECT_EQ(back.extra[0].dir, "/cache1/adapter");
   EXPECT_EQ(back.extra[1].dir, "/x");
+}
+
+// train_state.json is checked against its schema and the checkpoint's step: every field
+// present, of its type and in range, the counts consistent.
+TEST(TrainStateFile, DamagedFieldsAreRefusedWithTheFieldNamed) {
+  TrainState state = TrainState::fresh(7);
+  state.step = 10;
+  state.data_step_offset = 4;
+  const nlohmann::json good = state.to_json({2, 10, 12, 8});
+  const TrainState::Saved saved = TrainState::validate(good, "t.json", 10);
+  EXPECT_EQ(saved.data_step, 6);
+  EXPECT_EQ(saved.data_seed, 7u);
+  EXPECT_EQ(saved.optimizer_steps, 10);
+  auto error_with = [&](const std::function<void(nlohmann::json&)>& damage, int64_t step = 10) {
+    nlohmann::json j = good;
+    damage(j);
+    try {
+      TrainState::validate(j, "ck/train_state.json", step);
+    } catch (const CheckpointError& e) {
+      return std::string(e.what());
+    }
+    ADD_FAILURE() << "accepted: " << j.dump();
+    return std::string();
+  };
+  EXPECT_HAS(
+      error_with([](nlohmann::json&) {}, 11),
+      "ck/train_state.json is damaged: step = 10 but the checkpoint's metadata.json says 11");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j["dataloader"]["samples_consumed"] = -8; }),
+             "dataloader.samples_consumed = -8 is outside [0, ");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j["dataloader"]["samples_consumed"] = 40; }),
+             "dataloader.samples_consumed = 40 but step 6 x global_batch_size 8");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j["dataloader"]["step"] = 11; }),
+             "dataloader.step = 11 is outside [0, 10]");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j["lr_scheduler"]["step"] = -1; }),
+             "lr_scheduler.step = -1 is outside [0, 10]");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j["optimizer"]["steps_taken"] = "many"; }),
+             "optimizer.steps_taken is not an integer");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j["dataloader"]["seed"] = -3; }),
+             "dataloader.seed is not a non-negative integer");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j.erase("rng"); }), "the document has no \"rng\"");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j["world_size"] = 0; }),
+             "world_size = 0 is outside [1, ");
+  EXPECT_HAS(error_with([](nlohmann::json& j) { j = nlohmann::json::array(); }),
+             "the document is not an object");
+  EXPECT_HAS(error_with([](nlohmann::json&) {}, 11), "HINT: resume from another step");
+}
+
+TEST(TrainStateFile, MissingAndInvalidFilesNameThePath) {
+  TempDir dir;
+  auto error_of = [&](const std::string& step_dir) {
+    try {
+      TrainState::read(step_dir, 0);
+    } catch (const CheckpointError& e) {
+      return std::string(e.what());
+    }
+    ADD_FAILURE();
+    return std::string();
+  };
+  EXPECT_HAS(error_of(dir.path().string()), "/train_state.json is damaged: the file is missing");
+  std::ofstream(dir.path() / "train_state.json") << "{\"step\": 0,";
+  EXPECT_HAS(error_of(dir.path().string()), "/train_state.json is not valid JSON: parse error");
 }
 
 }  // namespace

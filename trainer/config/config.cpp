@@ -116,6 +116,7 @@ template <class V>
 void visit(V& v, ParallelConfig& c) {
   v.field("backend", c.backend);
   v.auto_int("threads_per_rank", c.threads_per_rank);
+  v.field("skip_memory_check", c.skip_memory_check);
   v.section("fsdp", c.fsdp);
   v.section("mixed_precision", c.mixed_precision);
 }

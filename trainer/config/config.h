@@ -21,6 +21,11 @@ struct JobConfig {
   int64_t seed = 1234;
 };
 
+// The largest model size (vocab_size, dim, n_layers, heads, widths, max_seq_len) and sequence
+// or batch length a config or config.json may give: 2^31, far beyond any real model, so that
+// sizes and their products in tensor shapes stay within int64.
+constexpr int64_t kMaxModelSize = int64_t{1} << 31;
+
 struct ModelConfig {
   std::string name = "llama";
   int64_t vocab_size = 2048;
@@ -86,8 +91,9 @@ struct MixedPrecisionConfig {
 };
 
 struct ParallelConfig {
-  std::string backend = "auto";  // auto | mpi | nccl
-  int64_t threads_per_rank = 0;  // 0 = auto: the node's cores / ranks on the node
+  std::string backend = "auto";    // auto | mpi | nccl
+  int64_t threads_per_rank = 0;    // 0 = auto: the node's cores / ranks on the node
+  bool skip_memory_check = false;  // true: start even when the memory estimate does not fit
   FsdpConfig fsdp;
   MixedPrecisionConfig mixed_precision;
 };

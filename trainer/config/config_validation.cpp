@@ -53,25 +53,43 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
   const Validator v(where, file);
   const ModelConfig& m = c.model;
   v.one_of("model.name", m.name, {"llama"});
-  for (auto [path, value] : std::vector<std::pair<std::string, int64_t>>{
-           {"model.vocab_size", m.vocab_size},
-           {"model.dim", m.dim},
-           {"model.n_layers", m.n_layers},
-           {"model.n_heads", m.n_heads},
-           {"model.n_kv_heads", m.n_kv_heads},
-           {"model.multiple_of", m.multiple_of},
-           {"model.max_seq_len", m.max_seq_len},
-           {"data.seq_len", c.data.seq_len},
-           {"training.steps", c.training.steps},
-           {"training.global_batch_size", c.training.global_batch_size},
-           {"training.micro_batch_size", c.training.micro_batch_size},
-           {"training.eval_batches", c.training.eval_batches},
-           {"training.log_interval", c.training.log_interval}}) {
-    v.positive(path, value);
+  // Sizes no model uses (a typo, a missing unit) would overflow shapes long before memory runs
+  // out, so sizes are capped too; the memory estimate at start-up judges the rest.
+  const std::string too_large =
+      fmt::format("exceeds {} (2^31), more than any model uses", kMaxModelSize);
+  struct Count {
+    std::string path;
+    int64_t value;
+    bool size;  // a size: capped at kMaxModelSize
+  };
+  for (const Count& n :
+       std::vector<Count>{{"model.vocab_size", m.vocab_size, true},
+                          {"model.dim", m.dim, true},
+                          {"model.n_layers", m.n_layers, true},
+                          {"model.n_heads", m.n_heads, true},
+                          {"model.n_kv_heads", m.n_kv_heads, true},
+                          {"model.multiple_of", m.multiple_of, true},
+                          {"model.max_seq_len", m.max_seq_len, true},
+                          {"data.seq_len", c.data.seq_len, true},
+                          {"training.steps", c.training.steps, false},
+                          {"training.global_batch_size", c.training.global_batch_size, true},
+                          {"training.micro_batch_size", c.training.micro_batch_size, true},
+                          {"training.eval_batches", c.training.eval_batches, false},
+                          {"training.log_interval", c.training.log_interval, false}}) {
+    v.positive(n.path, n.value);
+    if (n.size)
+      v.check(n.value <= kMaxModelSize, n.path, fmt::format("= {} {}", n.value, too_large),
+              "check the value for a typo");
   }
   v.positive("model.norm_eps", m.norm_eps);
   v.positive("model.rope_theta", m.rope_theta);
-  if (m.ffn_dim_multiplier) v.positive("model.ffn_dim_multiplier", *m.ffn_dim_multiplier);
+  if (m.ffn_dim_multiplier) {
+    v.positive("model.ffn_dim_multiplier", *m.ffn_dim_multiplier);
+    v.check(*m.ffn_dim_multiplier * (8.0 * static_cast<double>(m.dim) / 3.0) <= kMaxModelSize,
+            "model.ffn_dim_multiplier",
+            fmt::format("= {} gives a SwiGLU width that {}", *m.ffn_dim_multiplier, too_large),
+            "the width is about ffn_dim_multiplier x 8/3 x model.dim; check the value");
+  }
   v.check(m.dim % m.n_heads == 0, "model.n_heads",
           fmt::format("= {} does not divide model.dim = {}", m.n_heads, m.dim),
           "choose n_heads so that dim / n_heads is an integer");
@@ -154,6 +172,8 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
     const std::string base = fmt::format("converters.{}", i);
     v.one_of(base + ".type", cc.type, {"lora", "int8_qat"});
     v.positive(base + ".rank", cc.rank);
+    v.check(cc.rank <= kMaxModelSize, base + ".rank", fmt::format("= {} {}", cc.rank, too_large),
+            "a LoRA rank is at most the width of the layers it adapts");
     v.check(cc.alpha > 0, base + ".alpha", fmt::format("= {} must be positive", cc.alpha));
     v.check(cc.dropout >= 0 && cc.dropout < 1, base + ".dropout",
             fmt::format("= {} must be in [0, 1)", cc.dropout));

@@ -13,6 +13,8 @@
 
 #include "checkpoint/file_io.h"
 #include "checkpoint/hf_export.h"
+#include "checkpoint/json_file.h"
+#include "checkpoint/safe_path.h"
 #include "checkpoint/hub/spec.h"
 #include "checkpoint/safetensors.h"
 #include "trainer/model/converters/converter.h"
@@ -228,31 +230,30 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
 
 std::map<std::string, std::string> hf_weight_map(const std::string& dir) {
   std::map<std::string, std::string> out;
-  const std::filesystem::path path = std::filesystem::path(dir) / "model.safetensors.index.json";
+  const std::string path = (std::filesystem::path(dir) / "model.safetensors.index.json").string();
   if (!std::filesystem::exists(path)) return out;
-  std::ifstream in(path);
-  try {
-    const nlohmann::json index = nlohmann::json::parse(in);
-    for (const auto& [key, file] : index.at("weight_map").items())
-      out[key] = file.get<std::string>();
-  } catch (const nlohmann::json::exception& e) {
+  const nlohmann::json index = read_json_file(path);
+  const auto map = index.is_object() ? index.find("weight_map") : index.end();
+  if (map == index.end() || !map->is_object())
     throw CheckpointError(
-        fmt::format("{}/model.safetensors.index.json has no valid weight_map: {}", dir, e.what()));
+        fmt::format("{} has no \"weight_map\" object\nHINT: the model "
+                    "directory is damaged; download or export it again",
+                    path));
+  for (const auto& [key, file] : map->items()) {
+    if (!file.is_string())
+      throw CheckpointError(
+          fmt::format("{}: weight_map[\"{}\"] is not a file name ({})", path, key, file.dump()));
+    // Only names of files inside the directory (the Hub cache's links into blobs/ allowed).
+    path_inside(dir, file.get<std::string>(), fmt::format("{}: weight_map[\"{}\"]", path, key),
+                confinement_root(dir));
+    out[key] = file.get<std::string>();
   }
   return out;
 }
 
 ModelConfig hf_model_config(const std::string& dir) {
   const std::string path = (std::filesystem::path(dir) / "config.json").string();
-  std::ifstream in(path);
-  if (!in) throw CheckpointError(fmt::format("cannot read {}", path));
-  nlohmann::json config;
-  try {
-    config = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(fmt::format("{} is not valid JSON: {}", path, e.what()));
-  }
-  return LlamaStateDictAdapter::model_config_from_hf(config, path);
+  return LlamaStateDictAdapter::model_config_from_hf(read_json_file(path), path);
 }
 
 bool is_hf_model_dir(const std::string& path) {
@@ -285,7 +286,9 @@ void load_hf_model(const std::string& dir, const ModelConfig& model,
   auto open = [&](const std::string& key) -> const SafetensorsFile& {
     const std::string& name = file_of.at(key);
     auto& f = files[name];
-    if (!f) f = std::make_unique<SafetensorsFile>((root / name).string());
+    if (!f)
+      f = std::make_unique<SafetensorsFile>(
+          path_inside(dir, name, fmt::format("{}: tensor file", dir), confinement_root(dir)));
     return *f;
   };
 

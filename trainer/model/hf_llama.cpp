@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
+#include <cmath>
 #include <regex>
 #include <utility>
 #include <vector>
@@ -210,6 +211,31 @@ ModelConfig LlamaStateDictAdapter::model_config_from_hf(const nlohmann::json& c,
     if (c.value("model_type", std::string()) != "llama") {
       fail(fmt::format("model_type is '{}', not 'llama'",
                        c.value("model_type", std::string("(missing)"))));
+    }
+    // Sizes are positive whole numbers (1e9 is one, written as a float; 512.5 and -4 are not),
+    // within the largest size a config may give.
+    for (const char* key :
+         {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim"}) {
+      if (!given(key)) continue;
+      const nlohmann::json& v = c[key];
+      const double x = v.is_number() ? v.get<double>() : std::nan("");
+      std::string problem;
+      if (!v.is_number() || std::isnan(x)) {
+        problem = "not a number";
+      } else if (!std::isfinite(x) || x != std::floor(x)) {
+        problem = "not a whole number";
+      } else if (x <= 0) {
+        problem = "not a positive size";
+      } else if (x > static_cast<double>(kMaxModelSize)) {
+        problem = fmt::format("more than {} (2^31), larger than any model uses", kMaxModelSize);
+      }
+      if (!problem.empty()) {
+        throw CheckpointError(fmt::format(
+            "{}: {} is {}, {}\nHINT: correct {} in {}: the sizes of config.json are positive "
+            "whole numbers",
+            where, key, v.dump(), problem, key, where));
+      }
     }
     // transformers' defaults for the optional fields.
     nlohmann::json hf = {

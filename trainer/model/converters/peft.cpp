@@ -10,6 +10,7 @@
 #include <fstream>
 #include <map>
 
+#include "checkpoint/json_file.h"
 #include "checkpoint/safetensors.h"
 
 namespace strata {
@@ -17,13 +18,7 @@ namespace {
 
 nlohmann::json read_adapter_config(const std::string& dir) {
   const std::string path = (std::filesystem::path(dir) / "adapter_config.json").string();
-  std::ifstream in(path);
-  if (!in) throw CheckpointError(fmt::format("cannot read {}", path));
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(fmt::format("{} is not valid JSON: {}", path, e.what()));
-  }
+  return read_json_file(path);
 }
 
 }  // namespace
