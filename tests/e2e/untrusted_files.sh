@@ -118,6 +118,9 @@ expect_error "duplicate/metadata.json is not a valid Strata checkpoint descripti
 copy vocab; edit vocab/metadata.json "d['model']['vocab_size'] = 401"
 expect_error "shapes that disagree with metadata.json's \"model\": tok_embeddings.weight is [400, 32] but the model block makes it [401, 32]" \
   "$STRATA_BIN" eval --from vocab --data 'data/val_*.bin' --seq-len 32
+edit vocab/metadata.json "d['model']['vocab_size'] = 10**12"
+expect_error "the model does not fit in memory" "$STRATA_BIN" eval --from vocab --data 'data/val_*.bin' --seq-len 32
+grep -qF "model.vocab_size=1000000000000 (sizes from vocab/metadata.json)" out.txt || { cat out.txt; fail "keys not named"; }
 echo "metadata.json: negative and mismatched steps, bad shapes, fields, dtypes, duplicates refused"
 
 # --- train_state.json: present, of its schema, consistent with metadata.json.
