@@ -316,7 +316,7 @@ int run_inspect(const std::string& path, bool verify) {
   if (!verify) return 0;
   std::vector<std::string> problems = reader.verify_files();
   try {
-    strata::TrainState::read(*dir, reader.step());
+    strata::TrainState::read(*dir, reader.step(), reader.model_only());
   } catch (const strata::CheckpointError& e) {
     const std::string message = e.what();
     problems.push_back(message.substr(0, message.find("\nHINT:")));

@@ -101,16 +101,6 @@ std::optional<std::string> find_checkpoint(const std::string& path, std::optiona
   }
   if (fs::exists(root / "metadata.json")) return root.string();
   const auto steps = committed_steps(root);
-  if (step) {
-    const fs::path dir = root / step_dir_name(*step);
-    if (fs::exists(dir / "metadata.json")) return dir.string();
-    const std::vector<std::string> names = step_numbers(steps);
-    throw CheckpointError(fmt::format(
-        "{} has no committed checkpoint for step {} (committed steps: "
-        "{})\nHINT: set checkpoint.load_step to one of them, or "
-        "remove it to load the latest",
-        path, *step, names.empty() ? "none" : fmt::format("{}", fmt::join(names, ", "))));
-  }
   const std::vector<std::string> damaged = uncommitted_step_dirs(path);
   const std::string committed =
       steps.empty() ? std::string("none") : fmt::format("{}", fmt::join(step_numbers(steps), ", "));
@@ -120,6 +110,15 @@ std::optional<std::string> find_checkpoint(const std::string& path, std::optiona
         "(damaged, or not written by Strata); Strata neither resumes from it nor writes over "
         "it\nHINT: move it out of the folder and relaunch (committed steps: {})",
         path, fmt::join(damaged, ", "), committed));
+  }
+  if (step) {
+    const fs::path dir = root / step_dir_name(*step);
+    if (fs::exists(dir / "metadata.json")) return dir.string();
+    throw CheckpointError(
+        fmt::format("{} has no committed checkpoint for step {} (committed steps: "
+                    "{})\nHINT: set checkpoint.load_step to one of them, or "
+                    "remove it to load the latest",
+                    path, *step, committed));
   }
   const std::string latest = read_pointer(root, checkpoint_series());
   if (latest.empty()) {
@@ -483,11 +482,16 @@ std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t ke
     const auto steps = committed_steps(root, series.prefix, "");
     for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) {
       if (steps[i].second == pointed) continue;
-      fs::remove_all(root / steps[i].second, ec);
-      if (!ec) removed.push_back(steps[i].second);
+      // Out of the series first: a purge cut short leaves a `.purging` leftover (removed by a
+      // later purge), never a step directory without its metadata.
+      const fs::path doomed = root / (steps[i].second + ".purging");
+      fs::rename(root / steps[i].second, doomed, ec);
+      if (ec) continue;
+      fs::remove_all(doomed, ec);
+      removed.push_back(steps[i].second);
     }
   }
-  const std::regex leftover(series.prefix + "-([0-9]{1,18})\\.(incomplete|replaced)");
+  const std::regex leftover(series.prefix + "-([0-9]{1,18})\\.(incomplete|replaced|purging)");
   for (const auto& entry : fs::directory_iterator(root, ec)) {
     const std::string name = entry.path().filename().string();
     std::smatch m;
@@ -505,7 +509,8 @@ std::string describe_checkpoint(const CheckpointReader& reader) {
   std::string out = fmt::format(
       "checkpoint {}\n  format {} v{}, step {}, saved on {} rank(s), {}\n", reader.dir(),
       meta.at("format").get<std::string>(), meta.at("format_version").get<int>(), reader.step(),
-      meta.at("world_size").get<int>(), reader.model_only() ? "model only" : "model + optimizer");
+      meta.at("world_size").get<int64_t>(),
+      reader.model_only() ? "model only" : "model + optimizer");
   uint64_t total = 0;
   out += "  files:\n";
   for (const auto& [file, info] : meta.at("files").items()) {

@@ -103,8 +103,9 @@ std::string step_dir_name(int64_t step);
 // checkpoint named by `step` or else by `latest` (the newest committed step-* dir when there is
 // no pointer). nullopt when `path` is a folder without any step directory. Throws
 // CheckpointError when `step` is given and absent, when `path` does not exist, when `latest`
-// names anything but a committed step directory of the folder, and (without `step`) when a
-// step directory lacks metadata.json: nothing falls back silently.
+// names anything but a committed step directory of the folder, and when a step directory lacks
+// metadata.json (a run resuming from the folder would later write over it): nothing falls
+// back silently.
 std::optional<std::string> find_checkpoint(const std::string& path,
                                            std::optional<int64_t> step = std::nullopt);
 
@@ -186,8 +187,9 @@ class CheckpointManager {
 };
 
 // Removes committed dirs of `series` beyond the newest `keep` (never the one its pointer
-// names) and every `.incomplete` (or `.replaced`) dir of the series below step `stale_below`
-// (a later save may be writing its own). Returns the names removed.
+// names; each is renamed to `.purging` first, so a purge cut short leaves no damaged step
+// directory) and every `.incomplete`, `.replaced` or `.purging` dir of the series below step
+// `stale_below` (a later save may be writing its own). Returns the names removed.
 std::vector<std::string> purge_checkpoints(const std::string& folder, int64_t keep,
                                            int64_t stale_below,
                                            const DirectorySeries& series = checkpoint_series());

@@ -57,6 +57,8 @@ fs::path resolved(const fs::path& path) {
 
 std::string unsafe_name_reason(const std::string& name) {
   if (name.empty()) return "it is empty";
+  if (name.size() > kMaxPathBytes)
+    return fmt::format("it is {} bytes long, more than {}", name.size(), kMaxPathBytes);
   for (unsigned char c : name) {
     if (c == 0 || c < 0x20 || c == 0x7f) return "it contains a control character";
     if (c == '\\') return "it contains a backslash";
@@ -74,6 +76,9 @@ std::string unsafe_name_reason(const std::string& name) {
       if (part == "..") return "it climbs out with '..'";
       if (part == ".") return "it has a '.' component";
       if (part.empty() && end != form.size()) return "it has an empty component ('//')";
+      if (part.size() > kMaxNameBytes)
+        return fmt::format("a component is {} bytes long, more than {}", part.size(),
+                           kMaxNameBytes);
       start = end + 1;
     }
   }

@@ -3,12 +3,18 @@
 // a file inside its base directory. One function decides, for every such path.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 namespace strata {
 
-// `base`/`name`, after checking that `name` stays inside `base`: `name` must be non-empty and
-// relative, contain no NUL, backslash or control character, no "." or ".." component (also
+// The longest relative path and path component accepted (Linux's PATH_MAX and NAME_MAX).
+constexpr size_t kMaxPathBytes = 4096;
+constexpr size_t kMaxNameBytes = 255;
+
+// `base`/`name`, after checking that `name` stays inside `base`: `name` must be non-empty,
+// relative and not too long (kMaxPathBytes, kMaxNameBytes a component), contain no NUL,
+// backslash or control character, no "." or ".." component (also
 // when percent-encoded: "%2e%2e", "%2f"), and, once symlinks are resolved, the path must still
 // lie inside `resolve_root` (default: `base` itself; a Hub cache snapshot passes its repo
 // folder, whose snapshots link into blobs/). Throws CheckpointError naming `what` (e.g.

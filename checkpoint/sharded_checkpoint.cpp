@@ -104,9 +104,7 @@ CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
     metadata_ = read_json_file(path);
   } catch (const JsonDocumentError& e) {
     throw_damaged_metadata(path, fmt::format("invalid JSON ({})", e.reason));
-  } catch (const CheckpointError& e) {
-    throw_damaged_metadata(path, e.what());
-  }
+  }  // other errors (unreadable, too large) name the file themselves
   parsed_ = validate_checkpoint_metadata(metadata_, path, dir_);
 }
 

@@ -64,7 +64,7 @@ nlohmann::json adapter_only_record(const ResumePlan& plan) {
   nlohmann::json bases = nlohmann::json::array();
   if (plan.own) {
     const nlohmann::json meta = CheckpointReader(plan.dir).metadata();
-    if (meta.contains("adapter_only")) return meta["adapter_only"]["bases"];
+    if (meta.contains("adapter_only")) return meta.at("adapter_only").at("bases");
   } else if (!plan.dir.empty()) {
     bases.push_back({{"source", plan.given}, {"fingerprint", source_fingerprint(plan.dir)}});
   }
@@ -232,8 +232,11 @@ Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_s
       for (const TensorPiece& piece : pieces)
         load_bytes += static_cast<double>(piece.local.nbytes());
       load_seconds = seconds_since(load_start);
-      saved = TrainState::read(plan.dir, checkpoint_step);
-      if (want_optimizer) optimizer.set_steps_taken(saved.optimizer_steps);
+      // The training state only when it is resumed (weights alone need no train_state.json).
+      if (!plan.weights_only && !lacks_converter_keys) {
+        saved = TrainState::read(plan.dir, checkpoint_step, model_only_checkpoint);
+        if (want_optimizer) optimizer.set_steps_taken(saved.optimizer_steps);
+      }
     });
     restored.push_back("model");
     const bool full =

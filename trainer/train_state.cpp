@@ -81,34 +81,42 @@ uint64_t seed(const json& obj, const char* name, const std::string& where,
 }  // namespace
 
 TrainState::Saved TrainState::validate(const nlohmann::json& state, const std::string& path,
-                                       int64_t step) {
+                                       int64_t step, bool model_only) {
   const int64_t saved_step = count(state, "step", "the document", path);
   if (saved_step != step)
     damaged(path,
             fmt::format("step = {} but the checkpoint's metadata.json says {}", saved_step, step));
-  count(state, "world_size", "the document", path, 1);
+  // Fields a converted model's state gained later: optional there, checked when present.
+  auto has = [&](const json& obj, const char* name) {
+    return !model_only || (obj.is_object() && obj.contains(name));
+  };
+  if (has(state, "world_size")) count(state, "world_size", "the document", path, 1);
   Saved saved;
   const json& optimizer = member(state, "optimizer", "the document", path);
   saved.optimizer_steps = count(optimizer, "steps_taken", "optimizer", path);
-  const json& lr = member(state, "lr_scheduler", "the document", path);
-  count(lr, "step", "lr_scheduler", path, 0, step);
-  count(lr, "total_steps", "lr_scheduler", path);
+  if (has(state, "lr_scheduler")) {
+    const json& lr = member(state, "lr_scheduler", "the document", path);
+    count(lr, "step", "lr_scheduler", path, 0, step);
+    count(lr, "total_steps", "lr_scheduler", path);
+  }
   const json& data = member(state, "dataloader", "the document", path);
   saved.data_seed = seed(data, "seed", "dataloader", path);
   saved.data_step = count(data, "step", "dataloader", path, 0, step);
-  // 0 in a converted model's state: no data drawn yet.
-  const int64_t batch = count(data, "global_batch_size", "dataloader", path);
-  const int64_t consumed = count(data, "samples_consumed", "dataloader", path);
-  if ((batch > 0 && saved.data_step > std::numeric_limits<int64_t>::max() / batch) ||
-      consumed != saved.data_step * batch)
-    damaged(path, fmt::format("dataloader.samples_consumed = {} but step {} x global_batch_size {} "
-                              "samples were drawn",
-                              consumed, saved.data_step, batch));
+  if (has(data, "global_batch_size") || has(data, "samples_consumed")) {
+    // 0 in a converted model's state: no data drawn yet.
+    const int64_t batch = count(data, "global_batch_size", "dataloader", path);
+    const int64_t consumed = count(data, "samples_consumed", "dataloader", path);
+    if ((batch > 0 && saved.data_step > std::numeric_limits<int64_t>::max() / batch) ||
+        consumed != saved.data_step * batch)
+      damaged(path, fmt::format("dataloader.samples_consumed = {} but step {} x global_batch_size "
+                                "{} samples were drawn",
+                                consumed, saved.data_step, batch));
+  }
   saved.sample_seed = seed(member(state, "rng", "the document", path), "sample_seed", "rng", path);
   return saved;
 }
 
-TrainState::Saved TrainState::read(const std::string& step_dir, int64_t step) {
+TrainState::Saved TrainState::read(const std::string& step_dir, int64_t step, bool model_only) {
   const std::string path = (std::filesystem::path(step_dir) / "train_state.json").string();
   if (!std::filesystem::exists(path)) damaged(path, "the file is missing");
   json state;
@@ -117,7 +125,7 @@ TrainState::Saved TrainState::read(const std::string& step_dir, int64_t step) {
   } catch (const CheckpointError& e) {
     throw CheckpointError(e.what() + std::string(kHint));
   }
-  return validate(state, path, step);
+  return validate(state, path, step, model_only);
 }
 
 }  // namespace strata

@@ -42,8 +42,11 @@ struct TrainState {
     int64_t data_step = 0;
     uint64_t sample_seed = 0;
   };
-  static Saved read(const std::string& step_dir, int64_t step);
-  static Saved validate(const nlohmann::json& state, const std::string& path, int64_t step);
+  // `model_only`: the checkpoint holds weights alone (a converted model), whose state may lack
+  // world_size, lr_scheduler and the dataloader's global_batch_size and samples_consumed.
+  static Saved read(const std::string& step_dir, int64_t step, bool model_only = false);
+  static Saved validate(const nlohmann::json& state, const std::string& path, int64_t step,
+                        bool model_only = false);
 };
 
 }  // namespace strata

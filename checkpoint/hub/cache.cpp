@@ -19,6 +19,7 @@
 #include <random>
 #include <sstream>
 
+#include "checkpoint/checkpoint_metadata.h"
 #include "checkpoint/file_io.h"
 #include "checkpoint/safe_path.h"
 #include "checkpoint/safetensors_header.h"
@@ -161,7 +162,12 @@ std::vector<std::string> missing_in_step(const fs::path& dir) {
   try {
     const json parsed = json::parse(read_text(meta));
     for (const auto& [file, info] : parsed.at("files").items()) {
-      if (!fs::exists(dir / file)) missing.push_back((dir / file).string());
+      const std::string unsafe = unsafe_name_reason(file);
+      if (!unsafe.empty()) {
+        missing.push_back(fmt::format("{} (names the file '{}': {})", meta.string(), file, unsafe));
+      } else if (!fs::exists(dir / file)) {
+        missing.push_back((dir / file).string());
+      }
     }
     for (const char* name : {"train_state.json", "config.yaml"}) {
       if (!fs::exists(dir / name)) missing.push_back((dir / name).string());
@@ -212,7 +218,7 @@ std::vector<std::string> missing_in(const fs::path& dir, int depth) {
   if (fs::exists(dir / "metadata.json")) return missing_in_step(dir);  // a Strata step directory
   if (fs::exists(dir / "latest") && depth == 0) {                      // a Strata checkpoint folder
     const std::string step = trim(read_text(dir / "latest"));
-    if (step.empty() || step.find('/') != std::string::npos || step == "." || step == "..") {
+    if (step_of_dir_name(step) < 0) {
       missing.push_back(
           fmt::format("{} (names no step directory: '{}')", (dir / "latest").string(), step));
       return missing;

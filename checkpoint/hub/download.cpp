@@ -16,6 +16,7 @@
 #include <set>
 #include <sstream>
 
+#include "checkpoint/checkpoint_metadata.h"
 #include "checkpoint/file_io.h"
 #include "checkpoint/hub/http.h"
 #include "checkpoint/safe_path.h"
@@ -159,7 +160,7 @@ class SnapshotDownload {
         !has("metadata.json")) {
       std::string step = read_text(cache_.pointer_path(result.commit, prefix + "latest"));
       step.erase(step.find_last_not_of(" \t\r\n") + 1);
-      if (unsafe_name_reason(step).empty() && step.find('/') == std::string::npos) {
+      if (step_of_dir_name(step) >= 0) {
         for (const RepoFile& f : top_level(prefix + step + "/")) fetch(result, f);
       }
     }
@@ -228,20 +229,22 @@ class SnapshotDownload {
         const json& name = entry.contains("path") ? entry["path"] : entry;
         const json& bytes = entry.contains("size") ? entry["size"] : json(0);
         if (!name.is_string() || !bytes.is_number_integer() || bytes.get<int64_t>() < 0) {
-          throw HubError(http_.redact(fmt::format("GET {} answered a file list entry without a "
-                                                  "path or size: {}",
-                                                  response.url, entry.dump().substr(0, 200))),
-                         0, "", false);
+          throw HubError(
+              http_.redact(fmt::format("GET {} answered a file list entry without a "
+                                       "path or size: {}",
+                                       response.url, http_.redact(entry.dump()).substr(0, 200))),
+              0, "", false);
         }
         const std::string path = name.get<std::string>();
         // The name becomes a path in the snapshot: it must stay inside it.
         if (const std::string reason = unsafe_name_reason(path); !reason.empty()) {
-          throw HubRuleError(
-              http_.redact(fmt::format("the file listing of {} at commit {} names the entry "
-                                       "'{}', which is no path inside the repo ({}); nothing "
-                                       "was written for it",
-                                       spec_.repo_id, commit, path.substr(0, 200), reason)),
-              hint + "; Strata only writes files inside the cache's snapshot folder", false);
+          throw HubRuleError(http_.redact(fmt::format(
+                                 "the file listing of {} at commit {} names the entry "
+                                 "'{}', which is no path inside the repo ({}); nothing "
+                                 "was written for it",
+                                 spec_.repo_id, commit, http_.redact(path).substr(0, 200), reason)),
+                             hint + "; Strata only writes files inside the cache's snapshot folder",
+                             false);
         }
         files.push_back({path, bytes.get<uint64_t>()});
       }
@@ -382,7 +385,8 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
         // Not cached either: report the Hub's error.
       }
     }
-    throw CheckpointError(fmt::format("{}\n{}", message, hint_for(e, spec, settings)));
+    throw CheckpointError(redact_secrets(
+        fmt::format("{}\n{}", message, hint_for(e, spec, settings)), settings.token));
   } catch (const IoError& e) {  // a local failure; its paths may hold names from the Hub
     throw IoError(redact_secrets(e.what(), settings.token));
   } catch (const CheckpointError& e) {

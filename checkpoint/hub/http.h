@@ -30,7 +30,7 @@ std::string url_quote(const std::string& text, const std::string& safe = "");
 // `text` safe to print: every piece of text that came from a server (headers, body excerpts,
 // redirect locations, file names) and every URL passes through here before it reaches a
 // message or a log line. Replaced by "<redacted>": `token` (as sent and percent-encoded),
-// the credentials after "Bearer" or "Basic" and after "Authorization:" (an echoed header),
+// the credentials after "Bearer" and after "Authorization:" (an echoed header, any scheme),
 // anything shaped like a Hub token (hf_ and 30 or more letters and digits), and the
 // user:password@ of a URL.
 std::string redact_secrets(const std::string& text, const std::string& token);

@@ -74,6 +74,9 @@ TEST(PathInside, RefusesAbsoluteClimbingAndEncodedNames) {
   EXPECT_HAS(unsafe_name_reason("%2fetc%2fpasswd"), "absolute");
   EXPECT_HAS(unsafe_name_reason("a%5c..%5cb"), "backslash");
   EXPECT_HAS(unsafe_name_reason("a%00b"), "NUL");
+  EXPECT_HAS(unsafe_name_reason("sub/" + std::string(256, 'a')), "a component is 256 bytes long");
+  EXPECT_HAS(unsafe_name_reason(std::string(5000, 'a')), "5000 bytes long, more than 4096");
+  EXPECT_EQ(unsafe_name_reason(std::string(255, 'a')), "");
 }
 
 TEST(PathInside, FollowsSymlinksAndRefusesThoseThatLeave) {
@@ -257,9 +260,13 @@ TEST(FindCheckpoint, AStepDirectoryWithoutMetadataIsNeverSkippedSilently) {
   EXPECT_HAS(error_of([&] { find_checkpoint(folder); }),
              "holds step-0000020, a step directory without metadata.json: not a committed "
              "checkpoint");
-  // An explicit step still loads; an absurd step number is not a step directory.
-  EXPECT_EQ(*find_checkpoint(folder, 10), folder + "/step-0000010");
-  fs::remove_all(fs::path(folder) / "step-0000020");
+  // Not with an explicit step either: the run would write over it later.
+  EXPECT_HAS(error_of([&] { find_checkpoint(folder, 10); }), "holds step-0000020");
+  // A purge cut short leaves a `.purging` directory, which is no step directory; an absurd
+  // step number is none either.
+  fs::rename(fs::path(folder) / "step-0000020", fs::path(folder) / "step-0000020.purging");
+  EXPECT_EQ(*find_checkpoint(folder), folder + "/step-0000010");
+  EXPECT_EQ(purge_checkpoints(folder, 0, 30), std::vector<std::string>{"step-0000020.purging"});
   fs::create_directories(fs::path(folder) / "step-99999999999999999999");
   EXPECT_EQ(*find_checkpoint(folder), folder + "/step-0000010");
   EXPECT_EQ(step_of_dir_name("step-0000010"), 10);

@@ -37,7 +37,8 @@ PY
 copy() { rm -rf "$1"; cp -r "$good" "$1"; }
 # resume_from DIR: training that loads DIR.
 resume_from() {
-  "$STRATA_BIN" train --config job.yaml --set job.run_dir="r-$RANDOM" --set checkpoint.resume_path="$1"
+  local from=$1; shift
+  "$STRATA_BIN" train --config job.yaml --set job.run_dir="r-$RANDOM" --set checkpoint.resume_path="$from" "$@"
 }
 
 # --- Rank-file names in metadata.json that leave the step directory.
@@ -127,6 +128,8 @@ echo "metadata.json: negative and mismatched steps, bad shapes, fields, dtypes, 
 copy nostate; rm nostate/train_state.json
 expect_error "nostate/train_state.json is damaged: the file is missing" "$STRATA_BIN" inspect nostate --verify
 expect_error "nostate/train_state.json is damaged: the file is missing" resume_from nostate
+resume_from nostate --set checkpoint.resume_model_only=true >weights.log 2>&1 ||
+  { cat weights.log; fail "weights alone need no train_state.json"; }
 copy consumed; edit consumed/train_state.json "d['dataloader']['samples_consumed'] = -16"
 expect_error "consumed/train_state.json is damaged: dataloader.samples_consumed = -16 is outside" \
   resume_from consumed

@@ -282,6 +282,14 @@ TEST(TrainStateFile, DamagedFieldsAreRefusedWithTheFieldNamed) {
   EXPECT_HAS(error_with([](nlohmann::json& j) { j = nlohmann::json::array(); }),
              "the document is not an object");
   EXPECT_HAS(error_with([](nlohmann::json&) {}, 11), "HINT: resume from another step");
+  // A converted model's state from before world_size, lr_scheduler and the sample counts were
+  // written: accepted for a model-only checkpoint, where they are optional.
+  const nlohmann::json older = {{"step", 10},
+                                {"optimizer", {{"name", "adamw"}, {"steps_taken", 0}}},
+                                {"dataloader", {{"seed", 0}, {"step", 0}}},
+                                {"rng", {{"sample_seed", 0}}}};
+  EXPECT_EQ(TrainState::validate(older, "t.json", 10, /*model_only=*/true).data_step, 0);
+  EXPECT_THROW(TrainState::validate(older, "t.json", 10), CheckpointError);
 }
 
 TEST(TrainStateFile, MissingAndInvalidFilesNameThePath) {

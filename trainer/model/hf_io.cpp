@@ -286,9 +286,13 @@ void load_hf_model(const std::string& dir, const ModelConfig& model,
   auto open = [&](const std::string& key) -> const SafetensorsFile& {
     const std::string& name = file_of.at(key);
     auto& f = files[name];
+    // A name from the index is confined to the directory (hf_weight_map did the same); the
+    // fixed model.safetensors is opened as it is, like the other fixed names.
     if (!f)
       f = std::make_unique<SafetensorsFile>(
-          path_inside(dir, name, fmt::format("{}: tensor file", dir), confinement_root(dir)));
+          name == "model.safetensors"
+              ? (root / name).string()
+              : path_inside(dir, name, fmt::format("{}: tensor file", dir), confinement_root(dir)));
     return *f;
   };
 
