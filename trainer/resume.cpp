@@ -253,6 +253,8 @@ Resumed resume(const ResumePlan& plan, const CheckpointConfig& kc, int64_t job_s
       if (excluded(kc, "lr_scheduler")) {
         r.state.lr_step_offset = r.state.step;
       } else {
+        // The schedule's saved position (behind the step when an earlier resume restarted it).
+        r.state.lr_step_offset = r.state.step - saved.lr_step;
         restored.push_back("lr_scheduler");
       }
       if (excluded(kc, "dataloader")) {

@@ -96,7 +96,7 @@ TrainState::Saved TrainState::validate(const nlohmann::json& state, const std::s
   saved.optimizer_steps = count(optimizer, "steps_taken", "optimizer", path);
   if (has(state, "lr_scheduler")) {
     const json& lr = member(state, "lr_scheduler", "the document", path);
-    count(lr, "step", "lr_scheduler", path, 0, step);
+    saved.lr_step = count(lr, "step", "lr_scheduler", path, 0, step);
     count(lr, "total_steps", "lr_scheduler", path);
   }
   const json& data = member(state, "dataloader", "the document", path);

@@ -40,6 +40,7 @@ struct TrainState {
     int64_t optimizer_steps = 0;
     uint64_t data_seed = 0;
     int64_t data_step = 0;
+    int64_t lr_step = 0;  // the schedule's position (0 where a converted model's state lacks it)
     uint64_t sample_seed = 0;
   };
   // `model_only`: the checkpoint holds weights alone (a converted model), whose state may lack

@@ -250,6 +250,7 @@ TEST(TrainStateFile, DamagedFieldsAreRefusedWithTheFieldNamed) {
   EXPECT_EQ(saved.data_step, 6);
   EXPECT_EQ(saved.data_seed, 7u);
   EXPECT_EQ(saved.optimizer_steps, 10);
+  EXPECT_EQ(saved.lr_step, 10);
   auto error_with = [&](const std::function<void(nlohmann::json&)>& damage, int64_t step = 10) {
     nlohmann::json j = good;
     damage(j);
