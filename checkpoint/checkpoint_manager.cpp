@@ -199,7 +199,7 @@ void CheckpointManager::commit(InFlight& save) {
   if (save.writer.joinable()) save.writer.join();
   const DirectorySeries& series = *save.series;
   const int64_t step = save.job.step;
-  const std::vector<std::string> texts = all_gather_strings(comm_, save.report.dump());
+  const std::vector<std::string> texts = comm_.all_gather_strings(save.report.dump());
   std::vector<json> reports;
   for (const std::string& text : texts) reports.push_back(json::parse(text));
   const std::string keep_hint = fmt::format(
@@ -255,7 +255,7 @@ void CheckpointManager::commit(InFlight& save) {
       error = e.what();
     }
   }
-  error = broadcast_string(comm_, error, 0);
+  error = comm_.broadcast_string(error, 0);
   if (!error.empty()) {
     throw CheckpointError(fmt::format("{} commit at step {} failed on rank 0: {}{}", series.what,
                                       step, error, keep_hint));

@@ -95,8 +95,18 @@ class MpiCommunicator final : public Communicator {
   }
 
  public:
-  explicit MpiCommunicator(const ProcessGroup& group)
-      : rank_(group.rank()), world_size_(group.world_size()) {}
+  // Over MPI_COMM_WORLD (not owned), or over a communicator made by split (owned).
+  MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
+    check_mpi(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+    check_mpi(MPI_Comm_size(comm_, &world_size_), "MPI_Comm_size");
+  }
+  ~MpiCommunicator() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owned_ && !finalized) MPI_Comm_free(&comm_);
+  }
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
 
   int rank() const override { return rank_; }
   int world_size() const override { return world_size_; }
@@ -114,7 +124,7 @@ class MpiCommunicator final : public Communicator {
     Timed timed(stats_, 2 * ring(tensor));
     check_mpi(
         MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), mpi_count(tensor.numel(), "all_reduce"),
-                      mpi_type(tensor.scalar_type()), mpi_op(op), MPI_COMM_WORLD),
+                      mpi_type(tensor.scalar_type()), mpi_op(op), comm_),
         "MPI_Allreduce");
     if (op == ReduceOp::kAvg) tensor.div_(world_size_);
   }
@@ -128,8 +138,7 @@ class MpiCommunicator final : public Communicator {
     const int count = mpi_count(input.numel(), "all_gather");
     const MPI_Datatype type = mpi_type(input.scalar_type());
     Timed timed(stats_, ring(output));
-    check_mpi(MPI_Allgather(input.data_ptr(), count, type, output.data_ptr(), count, type,
-                            MPI_COMM_WORLD),
+    check_mpi(MPI_Allgather(input.data_ptr(), count, type, output.data_ptr(), count, type, comm_),
               "MPI_Allgather");
   }
 
@@ -149,7 +158,7 @@ class MpiCommunicator final : public Communicator {
     Timed timed(stats_, ring(input));
     check_mpi(MPI_Reduce_scatter_block(input.data_ptr(), output.data_ptr(),
                                        mpi_count(output.numel(), "reduce_scatter"),
-                                       mpi_type(input.scalar_type()), mpi_op(op), MPI_COMM_WORLD),
+                                       mpi_type(input.scalar_type()), mpi_op(op), comm_),
               "MPI_Reduce_scatter_block");
     if (op == ReduceOp::kAvg) output.div_(world_size_);
   }
@@ -158,23 +167,37 @@ class MpiCommunicator final : public Communicator {
     require_cpu_contiguous(tensor, "broadcast");
     Timed timed(stats_, static_cast<double>(tensor.nbytes()));
     check_mpi(MPI_Bcast(tensor.data_ptr(), mpi_count(tensor.numel(), "broadcast"),
-                        mpi_type(tensor.scalar_type()), root, MPI_COMM_WORLD),
+                        mpi_type(tensor.scalar_type()), root, comm_),
               "MPI_Bcast");
   }
 
   CommStats stats() const override { return stats_; }
 
-  void barrier() override { check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+  void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+
+  std::vector<std::string> all_gather_strings(const std::string& text) override {
+    return detail::mpi_all_gather_strings(text, comm_);
+  }
+  std::string broadcast_string(const std::string& text, int root) override {
+    return detail::mpi_broadcast_string(text, root, comm_);
+  }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm part = MPI_COMM_NULL;
+    check_mpi(MPI_Comm_split(comm_, color, key, &part), "MPI_Comm_split");
+    MPI_Comm_set_errhandler(part, MPI_ERRORS_RETURN);
+    return std::make_unique<MpiCommunicator>(part, /*owned=*/true);
+  }
 
   std::optional<RankFailure> agree(bool ok, const std::string& message) override {
     const int mine = ok ? world_size_ : rank_;
     int first = world_size_;
-    check_mpi(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+    check_mpi(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce");
     if (first == world_size_) return std::nullopt;
     long length = rank_ == first ? static_cast<long>(message.size()) : 0;
-    check_mpi(MPI_Bcast(&length, 1, MPI_LONG, first, MPI_COMM_WORLD), "MPI_Bcast");
+    check_mpi(MPI_Bcast(&length, 1, MPI_LONG, first, comm_), "MPI_Bcast");
     std::string text = rank_ == first ? message : std::string(static_cast<size_t>(length), '\0');
-    check_mpi(MPI_Bcast(text.data(), static_cast<int>(length), MPI_CHAR, first, MPI_COMM_WORLD),
+    check_mpi(MPI_Bcast(text.data(), static_cast<int>(length), MPI_CHAR, first, comm_),
               "MPI_Bcast");
     return RankFailure{first, text};
   }
@@ -197,28 +220,18 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
-  int rank_;
-  int world_size_;
+  MPI_Comm comm_;
+  bool owned_;
+  int rank_ = 0;
+  int world_size_ = 1;
   CommStats stats_;
 };
 
 }  // namespace
 
 std::unique_ptr<Communicator> make_mpi_communicator(const ProcessGroup& group) {
-  return std::make_unique<MpiCommunicator>(group);
-}
-
-std::vector<std::string> all_gather_strings(Communicator& comm, const std::string& text) {
-  return detail::mpi_all_gather_strings(text, comm.world_size());
-}
-
-std::string broadcast_string(Communicator& comm, const std::string& text, int root) {
-  long length = comm.rank() == root ? static_cast<long>(text.size()) : 0;
-  detail::check_mpi(MPI_Bcast(&length, 1, MPI_LONG, root, MPI_COMM_WORLD), "MPI_Bcast");
-  std::string out = comm.rank() == root ? text : std::string(static_cast<size_t>(length), '\0');
-  detail::check_mpi(MPI_Bcast(out.data(), static_cast<int>(length), MPI_CHAR, root, MPI_COMM_WORLD),
-                    "MPI_Bcast");
-  return out;
+  (void)group;  // MPI is initialised: the world is MPI_COMM_WORLD
+  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, /*owned=*/false);
 }
 
 std::optional<std::string> run_and_agree(Communicator& comm, const std::string& what,

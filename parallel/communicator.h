@@ -54,14 +54,26 @@ class Communicator {
   // failing rank (with its message), or nothing when all succeeded. One collective round.
   virtual std::optional<RankFailure> agree(bool ok, const std::string& message) = 0;
 
+  // Control plane, over MPI whatever backend moves the tensors: every rank's `text` in rank
+  // order on every rank, and `text` of rank `root`. For small messages (plans, checkpoint
+  // reports, errors).
+  virtual std::vector<std::string> all_gather_strings(const std::string& text) = 0;
+  virtual std::string broadcast_string(const std::string& text, int root) = 0;
+
+  // A communicator over the ranks of this one that pass the same `color`, ranked by `key`
+  // (then by rank here), as MPI_Comm_split: the shard and replica groups of hybrid sharding.
+  // A collective over this communicator; the result has its own stats.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
   virtual CommStats stats() const = 0;
 };
 
-// Control plane, over MPI whatever backend moves the tensors: every rank's `text` in rank
-// order on every rank (ProcessGroup::all_gather_strings), and `text` of rank `root`. For small
-// messages (plans, checkpoint reports, errors).
-std::vector<std::string> all_gather_strings(Communicator& comm, const std::string& text);
-std::string broadcast_string(Communicator& comm, const std::string& text, int root);
+inline CommStats& operator+=(CommStats& a, const CommStats& b) {
+  a.seconds += b.seconds;
+  a.bytes += b.bytes;
+  a.calls += b.calls;
+  return a;
+}
 
 // Runs `body` on every rank and agrees on the outcome: the message of the lowest failing rank
 // ("<what> failed on rank r: <cause>"; "<what> failed: <cause>" on one rank), or nullopt when

@@ -19,8 +19,9 @@ inline void check_mpi(int code, const char* what) {
   throw DistributedError(fmt::format("{} failed: {}", what, std::string(text, length)));
 }
 
-// Every rank's `text` in rank order (MPI_Allgatherv over MPI_COMM_WORLD of `world` ranks): the
-// one string all-gather, behind ProcessGroup::all_gather_strings and all_gather_strings(comm).
-std::vector<std::string> mpi_all_gather_strings(const std::string& text, int world);
+// Every rank's `text` in rank order (MPI_Allgatherv over `comm`), and `text` of rank `root`
+// (MPI_Bcast): the string collectives behind ProcessGroup and the communicators.
+std::vector<std::string> mpi_all_gather_strings(const std::string& text, MPI_Comm comm);
+std::string mpi_broadcast_string(const std::string& text, int root, MPI_Comm comm);
 
 }  // namespace strata::detail

@@ -79,10 +79,12 @@ class NcclCommunicator final : public Communicator {
     detail::check_mpi(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD),
                       "MPI_Bcast(ncclUniqueId)");
     check_nccl(ncclCommInitRank(&comm_, world_size_, id, rank_), "ncclCommInitRank");
-    check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    check_cuda(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming), "cudaEventCreate");
-    check_cuda(cudaEventCreateWithFlags(&outputs_ready_, cudaEventDisableTiming),
-               "cudaEventCreate");
+    create_stream();
+  }
+  // A part of another communicator: `comm` from ncclCommSplit, `host` the matching MPI split.
+  NcclCommunicator(ncclComm_t comm, std::unique_ptr<Communicator> host)
+      : rank_(host->rank()), world_size_(host->world_size()), host_(std::move(host)), comm_(comm) {
+    create_stream();
   }
   ~NcclCommunicator() override {
     cudaEventDestroy(outputs_ready_);
@@ -133,10 +135,28 @@ class NcclCommunicator final : public Communicator {
   std::optional<RankFailure> agree(bool ok, const std::string& message) override {
     return host_->agree(ok, message);
   }
+  std::vector<std::string> all_gather_strings(const std::string& text) override {
+    return host_->all_gather_strings(text);
+  }
+  std::string broadcast_string(const std::string& text, int root) override {
+    return host_->broadcast_string(text, root);
+  }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    std::unique_ptr<Communicator> host = host_->split(color, key);
+    ncclComm_t part = nullptr;
+    check_nccl(ncclCommSplit(comm_, color, key, &part, nullptr), "ncclCommSplit");
+    return std::make_unique<NcclCommunicator>(part, std::move(host));
+  }
   // Time is not measured here: the host only enqueues. Bytes and calls are exact.
   CommStats stats() const override { return stats_; }
 
  private:
+  void create_stream() {
+    check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    check_cuda(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming), "cudaEventCreate");
+    check_cuda(cudaEventCreateWithFlags(&outputs_ready_, cudaEventDisableTiming),
+               "cudaEventCreate");
+  }
   template <class Launch>
   void enqueue(double ring_bytes, Launch launch) {
     // The legacy default stream is where LibTorch computes unless told otherwise.

@@ -96,8 +96,6 @@ int ProcessGroup::threads_per_rank(int requested) const {
   return std::max(1, cpus_ / std::max(1, ranks_sharing_cpus_));
 }
 
-namespace {
-// "0-3,6,8-9": runs of consecutive numbers as ranges, in the order given.
 std::string compact_list(const std::vector<int>& values) {
   std::string out;
   for (size_t i = 0; i < values.size();) {
@@ -109,7 +107,6 @@ std::string compact_list(const std::vector<int>& values) {
   }
   return out;
 }
-}  // namespace
 
 std::string ProcessGroup::describe() const {
   std::string hosts;
@@ -141,28 +138,40 @@ void ProcessGroup::barrier() const {
   check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
 }
 
-std::vector<std::string> detail::mpi_all_gather_strings(const std::string& text, int world_size_) {
+std::vector<std::string> detail::mpi_all_gather_strings(const std::string& text, MPI_Comm comm) {
+  int size = 1;
+  check_mpi(MPI_Comm_size(comm, &size), "MPI_Comm_size");
   const int mine = static_cast<int>(text.size());
-  std::vector<int> sizes(world_size_), offsets(world_size_);
-  detail::check_mpi(MPI_Allgather(&mine, 1, MPI_INT, sizes.data(), 1, MPI_INT, MPI_COMM_WORLD),
+  std::vector<int> sizes(size), offsets(size);
+  detail::check_mpi(MPI_Allgather(&mine, 1, MPI_INT, sizes.data(), 1, MPI_INT, comm),
                     "MPI_Allgather");
   int total = 0;
-  for (int r = 0; r < world_size_; ++r) {
+  for (int r = 0; r < size; ++r) {
     offsets[r] = total;
     total += sizes[r];
   }
   std::vector<char> all(static_cast<size_t>(std::max(total, 1)));
   detail::check_mpi(MPI_Allgatherv(text.data(), mine, MPI_CHAR, all.data(), sizes.data(),
-                                   offsets.data(), MPI_CHAR, MPI_COMM_WORLD),
+                                   offsets.data(), MPI_CHAR, comm),
                     "MPI_Allgatherv");
   std::vector<std::string> out;
-  for (int r = 0; r < world_size_; ++r)
+  for (int r = 0; r < size; ++r)
     out.emplace_back(all.data() + offsets[r], static_cast<size_t>(sizes[r]));
   return out;
 }
 
+std::string detail::mpi_broadcast_string(const std::string& text, int root, MPI_Comm comm) {
+  int rank = 0;
+  check_mpi(MPI_Comm_rank(comm, &rank), "MPI_Comm_rank");
+  long length = rank == root ? static_cast<long>(text.size()) : 0;
+  check_mpi(MPI_Bcast(&length, 1, MPI_LONG, root, comm), "MPI_Bcast");
+  std::string out = rank == root ? text : std::string(static_cast<size_t>(length), '\0');
+  check_mpi(MPI_Bcast(out.data(), static_cast<int>(length), MPI_CHAR, root, comm), "MPI_Bcast");
+  return out;
+}
+
 std::vector<std::string> ProcessGroup::all_gather_strings(const std::string& text) const {
-  return detail::mpi_all_gather_strings(text, world_size_);
+  return detail::mpi_all_gather_strings(text, MPI_COMM_WORLD);
 }
 
 }  // namespace strata

@@ -29,6 +29,8 @@ class ProcessGroup {
   const std::string& hostname() const { return hostname_; }
   // Hostname of every node, in node order.
   const std::vector<std::string>& node_hostnames() const { return node_hostnames_; }
+  // The node index of every world rank, in rank order.
+  const std::vector<int>& rank_nodes() const { return rank_nodes_; }
   bool is_main() const { return rank_ == 0; }
 
   // Intra-op threads for this rank: `requested` when > 0, else the CPUs this process may run
@@ -60,5 +62,8 @@ class ProcessGroup {
   int cpus_ = 1;                       // CPUs this process may run on
   int ranks_sharing_cpus_ = 1;         // local ranks (this one included) allowed on the same CPUs
 };
+
+// "0-3,6,8-9": runs of consecutive numbers as ranges, in the order given (rank lists in logs).
+std::string compact_list(const std::vector<int>& values);
 
 }  // namespace strata

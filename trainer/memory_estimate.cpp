@@ -233,11 +233,12 @@ std::string format_bytes(long double bytes) {
   return fmt::format("{}{:.3g} {}", sign, static_cast<double>(x), kUnits[unit]);
 }
 
-MemoryEstimate estimate_training_memory(const Config& config, int world_size) {
+MemoryEstimate estimate_training_memory(const Config& config, int world_size,
+                                        int shard_group_size) {
   const Shape s = shape_of(config.model, config.converters);
   const Real W = std::max(world_size, 1);
   const bool sharded = world_size > 1 && config.parallel.fsdp.enabled;
-  const Real share = sharded ? W : 1;
+  const Real share = !sharded ? 1 : shard_group_size > 0 ? std::min<Real>(shard_group_size, W) : W;
   const Real P = all_parameters(s), T = trainable_parameters(s);
   MemoryEstimate e;
   e.parameters = 4 * P / share;
@@ -309,8 +310,9 @@ std::optional<AvailableMemory> available_memory(const std::string& root) {
 // ---- the checks -----------------------------------------------------------------------------
 
 std::string check_training_memory(const Config& config, int world_size, int ranks_per_node,
-                                  const std::optional<AvailableMemory>& available) {
-  const MemoryEstimate e = estimate_training_memory(config, world_size);
+                                  const std::optional<AvailableMemory>& available,
+                                  int shard_group_size) {
+  const MemoryEstimate e = estimate_training_memory(config, world_size, shard_group_size);
   const Real total = e.total();
   std::string line =
       fmt::format("memory: estimate {} per rank ({})", format_bytes(total), e.describe());
@@ -361,9 +363,12 @@ std::string check_training_memory(const Config& config, int world_size, int rank
   }
   const std::vector<std::string> named = culprits<Config>(
       config, knobs,
-      [world_size](const Config& c) { return estimate_training_memory(c, world_size).total(); },
+      [world_size, shard_group_size](const Config& c) {
+        return estimate_training_memory(c, world_size, shard_group_size).total();
+      },
       budget);
   const bool can_shard = world_size == 1 || !config.parallel.fsdp.enabled;
+  const bool hybrid = !can_shard && shard_group_size > 0 && shard_group_size < world_size;
   throw ConfigError(fmt::format(
       "config error: the run does not fit in memory: about {} per rank is needed, {}{}\n"
       "  estimate per rank: {}\n"
@@ -375,6 +380,8 @@ std::string check_training_memory(const Config& config, int world_size, int rank
       named.empty() ? "make the model or the micro batch smaller"
                     : fmt::format("make {} smaller", join(names_of(named), " or ")),
       can_shard ? ", or shard the model over more ranks (parallel.fsdp.enabled: true, mpirun -np N)"
+      : hybrid  ? ", or shard the model over more ranks per shard group "
+                  "(parallel.fsdp.shard_group_size)"
                 : ", or shard the model over more ranks or nodes"));
 }
 

@@ -59,8 +59,10 @@ struct MemoryEstimate {
 // "12.0 KiB", "3.25 GiB", "1.2e+15 TiB" (binary units).
 std::string format_bytes(long double bytes);
 
-// One rank of `config` on `world_size` ranks.
-MemoryEstimate estimate_training_memory(const Config& config, int world_size);
+// One rank of `config` on `world_size` ranks, FSDP sharding over `shard_group_size` of them
+// (hybrid sharding; 0: all).
+MemoryEstimate estimate_training_memory(const Config& config, int world_size,
+                                        int shard_group_size = 0);
 
 // What eval, generate and convert run: `batch` sequences of `seq_len` tokens per forward pass.
 struct InferenceWorkload {
@@ -89,7 +91,8 @@ std::optional<AvailableMemory> available_memory(const std::string& root = "");
 // estimate exceeds the rank's share, naming the keys that make it large (key=value) and
 // parallel.skip_memory_check; with that key true, or without `available`, it only reports.
 std::string check_training_memory(const Config& config, int world_size, int ranks_per_node,
-                                  const std::optional<AvailableMemory>& available);
+                                  const std::optional<AvailableMemory>& available,
+                                  int shard_group_size = 0);
 
 // What messages call the model's fields: the config schema's keys (a Strata checkpoint's
 // metadata) or config.json's (a Hugging Face model), and the file they come from.

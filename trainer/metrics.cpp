@@ -27,6 +27,9 @@ std::string MetricsLogger::format(const StepMetrics& m) const {
   std::string comm = m.comm_fraction ? fmt::format(" | comm {:.0f}% {:.1f} MB",
                                                    *m.comm_fraction * 100.0, *m.comm_mb)
                                      : "";
+  if (m.comm_fraction && m.comm_mb_replica && *m.comm_mb_replica > 0) {
+    comm += fmt::format(" (shard {:.1f}, replica {:.1f})", *m.comm_mb_shard, *m.comm_mb_replica);
+  }
   const int64_t eta = static_cast<int64_t>(m.eta_s);
   return fmt::format(
       "step {:>{}}/{} | loss {:.4f} | grad_norm {:.3f} | lr {:.2e} | {:.0f} tok/s | "
@@ -51,6 +54,8 @@ void MetricsLogger::log_step(const StepMetrics& m) {
     row["comm_fraction"] = *m.comm_fraction;
     row["comm_mb"] = *m.comm_mb;
   }
+  if (m.comm_mb_shard) row["comm_mb_shard"] = *m.comm_mb_shard;
+  if (m.comm_mb_replica) row["comm_mb_replica"] = *m.comm_mb_replica;
   file_ << row.dump() << '\n';
   file_.flush();
 }

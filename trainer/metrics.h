@@ -23,6 +23,9 @@ struct StepMetrics {
   double eta_s = 0.0;
   std::optional<double> comm_fraction;  // share of step time inside collectives (several ranks)
   std::optional<double> comm_mb;        // MB moved per step per rank (ring algorithms)
+  // FSDP: the part of comm_mb within this rank's shard group (all-gathers, reduce-scatters)
+  // and across its replica group (the gradient-shard all-reduce of hybrid sharding; 0 without).
+  std::optional<double> comm_mb_shard, comm_mb_replica;
 };
 
 class MetricsLogger {

@@ -27,6 +27,17 @@ std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces,
   return pieces;
 }
 
+std::vector<TensorPiece> share_of_pieces(std::vector<TensorPiece> pieces, int index, int count) {
+  for (TensorPiece& piece : pieces) {
+    const int64_t n = piece.local.numel();
+    const int64_t chunk = (n + count - 1) / count;
+    const int64_t begin = std::min(n, index * chunk), end = std::min(n, begin + chunk);
+    piece.begin += begin;
+    piece.local = piece.local.narrow(0, begin, end - begin);
+  }
+  return pieces;
+}
+
 std::vector<TensorPiece> state_pieces(const ShardedLlama& model, const AdamW* optimizer) {
   std::vector<TensorPiece> model_pieces, moment_pieces;
   const StateDict moments = optimizer ? optimizer->state() : StateDict();
@@ -60,15 +71,7 @@ std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer
   std::vector<TensorPiece> model_pieces, moment_pieces;
   const StateDict moments = optimizer ? optimizer->state() : StateDict();
   auto piece = [&](const std::string& key, const at::Tensor& full) {
-    const at::Tensor flat = full.detach().reshape({-1});
-    const int64_t n = flat.numel();
-    int64_t begin = 0, end = n;
-    if (use == PieceUse::kSave) {
-      const int64_t chunk = (n + world - 1) / world;
-      begin = std::min(n, rank * chunk);
-      end = std::min(n, begin + chunk);
-    }
-    return TensorPiece{key, full.sizes().vec(), begin, flat.narrow(0, begin, end - begin)};
+    return TensorPiece{key, full.sizes().vec(), 0, full.detach().reshape({-1})};
   };
   for (const auto& [fqn, param] : model.parameters()) {
     model_pieces.push_back(piece(fqn, param));
@@ -80,7 +83,8 @@ std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer
     }
   }
   model_pieces.insert(model_pieces.end(), moment_pieces.begin(), moment_pieces.end());
-  return model_pieces;
+  return use == PieceUse::kSave ? share_of_pieces(std::move(model_pieces), rank, world)
+                                : model_pieces;
 }
 
 }  // namespace strata

@@ -34,4 +34,10 @@ std::vector<TensorPiece> keep_if(std::vector<TensorPiece> pieces,
 std::vector<TensorPiece> state_pieces(const Llama& model, const AdamW* optimizer, int rank,
                                       int world, PieceUse use);
 
+// What one of `count` ranks holding the same pieces writes, so that each element is written
+// once: the `index`-th of `count` equal parts of every piece (the last parts may be empty; an
+// empty piece is still listed). Replicated data parallel shares whole tensors among the world;
+// hybrid sharding shares each shard among its replica group.
+std::vector<TensorPiece> share_of_pieces(std::vector<TensorPiece> pieces, int index, int count);
+
 }  // namespace strata

@@ -186,22 +186,35 @@ void Trainer::setup_data() {
 // ShardedLlama. Construction contract: storage first (meta -> CPU), then load whatever the
 // checkpoint holds, then initialise only the rest (per-(seed, fqn) generators).
 void Trainer::setup_model() {
+  sharded_ = group.world_size() > 1 && config.parallel.fsdp.enabled;
+  replicated_ = group.world_size() > 1 && !sharded_;
+  if (sharded_) {
+    try {  // the same on every rank: each throws the same message
+      layout_ = plan_shard_layout(config.parallel.fsdp.shard_group_size, group.rank_nodes(),
+                                  group.node_hostnames());
+    } catch (const DistributedError& e) {
+      throw ConfigError(fmt::format("config error: {}", e.what()));
+    }
+    const int rank = group.rank();
+    shard_comm_ = comm_->split(layout_.shard_group(rank), layout_.shard_rank(rank));
+    if (layout_.hybrid())
+      replica_comm_ = comm_->split(layout_.shard_rank(rank), layout_.shard_group(rank));
+    log(layout_.describe(group.rank_nodes(), group.node_hostnames()));
+  }
   // Before anything is allocated: refuse what cannot fit (every rank alike; nodes may differ).
   std::string memory_line;
   run_on_all_ranks<ConfigError>(*comm_, "the memory check", [&] {
     memory_line = check_training_memory(config, group.world_size(), group.local_world_size(),
-                                        available_memory());
+                                        available_memory(), layout_.shard_size);
   });
   log(memory_line);
-  sharded_ = group.world_size() > 1 && config.parallel.fsdp.enabled;
-  replicated_ = group.world_size() > 1 && !sharded_;
   optimizer_ = std::make_unique<AdamW>(config.optimizer);
   converters_ = std::make_unique<Converters>(config.converters);
   for (const auto& c : converters_->list()) log(fmt::format("converter: {}", c->describe()));
   if (sharded_) {
     const bool recompute = choose_recompute(config, group, log);
     sharded_model_ =
-        std::make_unique<ShardedLlama>(config.model, *comm_, recompute, converters_.get());
+        std::make_unique<ShardedLlama>(config.model, *shard_comm_, recompute, converters_.get());
     params_ = sharded_model_->add_to_optimizer(*optimizer_);
   } else {
     plain_model_ = std::make_unique<Llama>(config.model, converters_.get());
@@ -227,9 +240,9 @@ void Trainer::setup_resume(const TrainOptions& options) {
       return it != local_dirs.end() ? it->second : path;
     });
   });
-  plan = ResumePlan::from_json(broadcast_string(*comm_, plan.to_json(), 0));
+  plan = ResumePlan::from_json(comm_->broadcast_string(plan.to_json(), 0));
   const nlohmann::json rank0 =
-      nlohmann::json::parse(broadcast_string(*comm_, nlohmann::json(local_dirs).dump(), 0));
+      nlohmann::json::parse(comm_->broadcast_string(nlohmann::json(local_dirs).dump(), 0));
   plan.relocate(rank0.get<std::map<std::string, std::string>>(), local_dirs);
   const WeightTarget target{&mc, converters_.get(), &config.converters,
                             [this] { return pieces_of(nullptr, PieceUse::kLoad); }};
@@ -290,9 +303,10 @@ void Trainer::setup_resume(const TrainOptions& options) {
       num_parameters / 1e6, mc.n_layers, mc.dim, mc.n_heads, mc.n_kv_heads, mc.ffn_hidden_dim(),
       mc.vocab_size, resumed.loaded.size(), initialised.size(), config.job.seed, trainable));
   log(memory_report(params_, sharded_model_.get(), num_parameters,
-                    sharded_      ? "FSDP"
-                    : replicated_ ? "replicated data parallel"
-                                  : "one rank"));
+                    layout_.hybrid() ? "hybrid sharding"
+                    : sharded_       ? "FSDP"
+                    : replicated_    ? "replicated data parallel"
+                                     : "one rank"));
 }
 
 void Trainer::begin() {
@@ -326,7 +340,7 @@ void Trainer::begin() {
   save_policy = {kc.enable,          kc.interval,          kc.model_only, kc.last_save_model_only,
                  kc.last_save_in_hf, kc.hf_export_interval};
   if (kc.enable && options.async) checkpoints->reserve_staging(save_pieces(/*model_only=*/false));
-  window_comm_ = comm_->stats();
+  window_comm_ = comm_stats();
 }
 
 StepResult Trainer::train_step(int64_t step) {
@@ -348,8 +362,18 @@ StepResult Trainer::train_step(int64_t step) {
   if (replicated_) {
     for (at::Tensor& p : params_) comm_->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
   }
+  if (replica_comm_) {
+    // Hybrid sharding: the shard group's gradient, accumulated over the micro-batches, averaged
+    // with the other replicas' once per step (one flat shard per unit).
+    for (at::Tensor& p : params_) {
+      if (p.numel() == 0) continue;  // the same on every rank of a replica group
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+      replica_comm_->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
+    }
+  }
+  // The global norm: over the shards of one shard group (every replica holds the same).
   r.grad_norm =
-      clip_grad_norm(params_, config.training.grad_clip, sharded_ ? comm_.get() : nullptr);
+      clip_grad_norm(params_, config.training.grad_clip, sharded_ ? shard_comm_.get() : nullptr);
   r.lr = schedule_->at(step - state.lr_step_offset);
   checkpoints->wait_until_staged();  // an async save may still be copying the state
   optimizer_->step(r.lr);
@@ -384,10 +408,15 @@ void Trainer::log_metrics(int64_t step, const StepResult& result, const TrainSum
   m.mem_mb = resident_memory_mb();
   m.eta_s = (summary.train_seconds / static_cast<double>(step - summary.start_step)) *
             static_cast<double>(tc.steps - step);
-  const CommStats now = comm_->stats();
+  const CommWindow now = comm_stats();
   if (group.world_size() > 1) {
-    m.comm_fraction = (now.seconds - window_comm_.seconds) / window_seconds_;
-    m.comm_mb = (now.bytes - window_comm_.bytes) / 1e6 / window_steps_;
+    const double per_step = 1e6 * static_cast<double>(window_steps_);
+    m.comm_fraction = (now.all.seconds - window_comm_.all.seconds) / window_seconds_;
+    m.comm_mb = (now.all.bytes - window_comm_.all.bytes) / per_step;
+    if (sharded_) {
+      m.comm_mb_shard = (now.shard.bytes - window_comm_.shard.bytes) / per_step;
+      m.comm_mb_replica = (now.replica.bytes - window_comm_.replica.bytes) / per_step;
+    }
   }
   window_comm_ = now;
   log(metrics_->format(m));
@@ -427,8 +456,18 @@ void Trainer::evaluate_and_sample(int64_t step, TrainSummary& summary) {
   samples_->flush();
 }
 
+Trainer::CommWindow Trainer::comm_stats() const {
+  CommWindow w;
+  if (shard_comm_) w.shard = shard_comm_->stats();
+  if (replica_comm_) w.replica = replica_comm_->stats();
+  w.all = comm_->stats();
+  w.all += w.shard;
+  w.all += w.replica;
+  return w;
+}
+
 void Trainer::end_step() {
-  window_comm_ = comm_->stats();
+  window_comm_ = comm_stats();
 }
 
 // While an async save is in flight, its writer needs a core: with every core running an
@@ -444,8 +483,15 @@ void Trainer::on_writer_change() {
 }
 
 std::vector<TensorPiece> Trainer::pieces_of(const AdamW* optimizer, PieceUse use) const {
-  return sharded_ ? state_pieces(*sharded_model_, optimizer)
-                  : state_pieces(*plain_model_, optimizer, group.rank(), group.world_size(), use);
+  if (!sharded_)
+    return state_pieces(*plain_model_, optimizer, group.rank(), group.world_size(), use);
+  std::vector<TensorPiece> pieces = state_pieces(*sharded_model_, optimizer);
+  // Hybrid sharding: each replica of a shard writes its own part of it.
+  if (use == PieceUse::kSave && layout_.hybrid()) {
+    return share_of_pieces(std::move(pieces), layout_.shard_group(group.rank()),
+                           layout_.replicas());
+  }
+  return pieces;
 }
 
 // What a save writes: everything, or under adapter-only the converters' keys and their moments

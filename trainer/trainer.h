@@ -17,6 +17,7 @@
 #include "checkpoint/run_lock.h"
 #include "parallel/communicator.h"
 #include "parallel/process_group.h"
+#include "parallel/shard_layout.h"
 #include "trainer/config/config.h"
 #include "trainer/data/data_loader.h"
 #include "trainer/data/tokenizer.h"
@@ -102,8 +103,12 @@ class Trainer final : public Checkpointable {
   bool fewer_threads_ = false;
   std::optional<Tokenizer> tokenizer_;
   std::optional<TokenDataset> train_data_, val_data_;
-  std::unique_ptr<Communicator> comm_;
+  std::unique_ptr<Communicator> comm_;  // the world: batches, losses, agreements, checkpoints
   bool sharded_ = false, replicated_ = false;
+  // FSDP: the units' shard group (the world, or one group of hybrid sharding) and, under
+  // hybrid sharding, the replica group that averages the gradient shards once per step.
+  ShardLayout layout_;
+  std::unique_ptr<Communicator> shard_comm_, replica_comm_;
   std::unique_ptr<Converters> converters_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<Llama> plain_model_;
@@ -124,7 +129,11 @@ class Trainer final : public Checkpointable {
   // The metrics window since the last log line.
   double window_seconds_ = 0.0, window_grad_norm_ = 0.0;
   int64_t window_steps_ = 0;
-  CommStats window_comm_;
+  struct CommWindow {
+    CommStats all, shard, replica;
+  };
+  CommWindow comm_stats() const;  // cumulative, of every communicator
+  CommWindow window_comm_;
 };
 
 }  // namespace strata

@@ -3,7 +3,9 @@
 // however many ranks it runs, once synchronously and once asynchronously; `load DIR LAYOUT`
 // loads DIR's checkpoint on however many ranks it runs and checks that the gathered parameters
 // and moments are bit-identical to what was saved, then trains one step. LAYOUT: fsdp |
-// replicated | fsdp-tied. tests/checkpoint/reshard.sh runs every save/load world-size pair.
+// replicated | fsdp-tied | hsdpK (hybrid sharding: shard groups of K ranks, each replica
+// saving its part of the shard). tests/checkpoint/reshard.sh runs every save/load world-size
+// pair.
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
@@ -37,6 +39,8 @@ at::Tensor expected_exp_avg_sq(const at::Tensor& p) {
 }
 
 struct State {
+  int shard_size = 0;  // hsdpK: K
+  std::unique_ptr<Communicator> shard_comm, replica_comm;
   ModelConfig config;
   std::unique_ptr<Llama> plain;
   std::unique_ptr<ShardedLlama> sharded;
@@ -48,7 +52,18 @@ State build(const std::string& layout, Communicator& comm) {
   State s;
   s.config = testing::micro_model(97, 16, layout == "fsdp-tied");
   s.optimizer = std::make_unique<AdamW>(OptimizerConfig{});
-  if (layout != "replicated" && comm.world_size() > 1) {
+  if (layout.rfind("hsdp", 0) == 0) {
+    s.shard_size = std::stoi(layout.substr(4));
+    if (comm.world_size() % s.shard_size != 0) {
+      throw std::runtime_error(
+          fmt::format("{} needs a multiple of {} ranks", layout, s.shard_size));
+    }
+    const int rank = comm.rank();
+    s.shard_comm = comm.split(rank / s.shard_size, rank % s.shard_size);
+    s.replica_comm = comm.split(rank % s.shard_size, rank / s.shard_size);
+    s.sharded = std::make_unique<ShardedLlama>(s.config, *s.shard_comm, /*recompute=*/true);
+    s.params = s.sharded->add_to_optimizer(*s.optimizer);
+  } else if (layout != "replicated" && comm.world_size() > 1) {
     s.sharded = std::make_unique<ShardedLlama>(s.config, comm, /*recompute=*/true);
     s.params = s.sharded->add_to_optimizer(*s.optimizer);
   } else {
@@ -63,8 +78,13 @@ State build(const std::string& layout, Communicator& comm) {
 }
 
 std::vector<TensorPiece> pieces(State& s, Communicator& comm, PieceUse use) {
-  return s.sharded ? state_pieces(*s.sharded, s.optimizer.get())
-                   : state_pieces(*s.plain, s.optimizer.get(), comm.rank(), comm.world_size(), use);
+  if (!s.sharded)
+    return state_pieces(*s.plain, s.optimizer.get(), comm.rank(), comm.world_size(), use);
+  std::vector<TensorPiece> out = state_pieces(*s.sharded, s.optimizer.get());
+  if (s.replica_comm && use == PieceUse::kSave) {
+    out = share_of_pieces(std::move(out), s.replica_comm->rank(), s.replica_comm->world_size());
+  }
+  return out;
 }
 
 // Parameters and moments at full size, by key (FSDP: gathered from the shards).
@@ -181,13 +201,19 @@ int run(const std::string& mode, const std::string& dir, const std::string& layo
   if (!s.sharded && comm->world_size() > 1) {
     for (at::Tensor& p : s.params) comm->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
   }
+  if (s.replica_comm) {
+    for (at::Tensor& p : s.params) {
+      if (p.numel() > 0) s.replica_comm->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
+    }
+  }
   s.optimizer->step(1e-3);
   at::Tensor flags = at::tensor({static_cast<int32_t>(mismatches),
                                  static_cast<int32_t>(!std::isfinite(loss.item<double>()))});
   comm->all_reduce(flags, ReduceOp::kMax);
   if (flags[0].item<int32_t>() != 0 || flags[1].item<int32_t>() != 0) {
-    log(fmt::format("reshard: FAILED loading {} ({} saved on {} ranks) on {} ranks ({})", step_dir,
-                    layout, sync_reader.metadata().at("world_size").get<int>(), comm->world_size(),
+    log(fmt::format("reshard: FAILED loading {} on {} ranks as {} (saved on {} ranks) ({})",
+                    step_dir, comm->world_size(), layout,
+                    sync_reader.metadata().at("world_size").get<int>(),
                     flags[1].item<int32_t>() ? "non-finite loss" : "values differ"));
     return 1;
   }
@@ -204,7 +230,7 @@ int run(const std::string& mode, const std::string& dir, const std::string& layo
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: %s save|load DIR fsdp|replicated|fsdp-tied\n", argv[0]);
+    std::fprintf(stderr, "usage: %s save|load DIR fsdp|replicated|fsdp-tied|hsdpK\n", argv[0]);
     return 2;
   }
   strata::ProcessGroup group(&argc, &argv);

@@ -170,10 +170,11 @@ echo "user errors: ok"
 
 # --- Stop signals: SIGUSR1 to one rank of two, SIGTERM to a single process. All ranks agree,
 # save a full checkpoint, exit 0; the same command resumes.
-signal_run() {  # NP SIGNAL DIR
+signal_run() {  # NP SIGNAL DIR [--set ...]
   local np=$1 sig=$2 dir=$3
+  shift 3
   mpirun --oversubscribe -np "$np" "$STRATA_BIN" train --config job.yaml --set job.run_dir="$dir" \
-    --set training.steps=100000 --set training.eval_interval=0 >"$dir.log" 2>&1 &
+    --set training.steps=100000 --set training.eval_interval=0 "$@" >"$dir.log" 2>&1 &
   local launcher=$!
   for _ in $(seq 600); do
     [ -f "$dir/metrics.jsonl" ] && [ "$(grep -c loss "$dir/metrics.jsonl")" -ge 3 ] && break; sleep 0.1
@@ -188,11 +189,12 @@ signal_run() {  # NP SIGNAL DIR
   step=$(sed 's/step-0*//' "$dir/checkpoints/latest")
   [ "$(meta "$dir/checkpoints/step-$(printf %07d "$step")" "m['model_only']")" = False ] ||
     fail "$sig: stop checkpoint is not a full one"
-  train "$np" "$dir" --set training.steps=$((step + 2)) --set training.eval_interval=0
+  train "$np" "$dir" --set training.steps=$((step + 2)) --set training.eval_interval=0 "$@"
   grep -q "training continues at step $((step + 1))" "$dir.log" || { cat "$dir.log"; fail "$sig: no resume"; }
 }
 signal_run 2 USR1 sig2
 signal_run 1 TERM sig1
-echo "signals: SIGUSR1 and SIGTERM save, exit 0 and resume"
+signal_run 4 USR1 sig_hsdp --set parallel.fsdp.shard_group_size=2 --set training.micro_batch_size=1
+echo "signals: SIGUSR1 and SIGTERM save, exit 0 and resume (FSDP, HSDP 2x2, one process)"
 
 echo "checkpoint: all checks passed"

@@ -125,10 +125,12 @@ PY
 [ "$(eval_loss beside/checkpoints/hf-latest/adapter)" = "$(eval_loss beside/checkpoints)" ] || fail "adapter export != checkpoint"
 [ "$(eval_loss beside/checkpoints/hf-latest)" = "$(eval_loss "$base_dir")" ] || fail "the export's model is not the base"
 
-# --- 2 and 3 ranks (FSDP: frozen base in each unit's second buffer) match 1 rank.
+# --- 2 and 3 ranks (FSDP: frozen base in each unit's second buffer) and hybrid sharding on 4
+# (frozen buffers gathered within each shard group of 2) match 1 rank.
 train 2 lora2
 train 3 lora3
-python3 - <(losses lora) <(losses lora2) <(losses lora3) <<'PY'
+train 4 lora_hsdp --set parallel.fsdp.shard_group_size=2 --set training.micro_batch_size=1
+python3 - <(losses lora) <(losses lora2) <(losses lora3) <(losses lora_hsdp) <<'PY'
 import sys
 runs = [dict(l.split() for l in open(p)) for p in sys.argv[1:]]
 for other in runs[1:]:

@@ -7,6 +7,9 @@
 #     the collectives crossing the veth links;
 #   - a checkpoint written into a folder both nodes share resumes on 1 node x 3 ranks, on the
 #     other node, and continues the same curve;
+#   - hybrid sharding (shard_group_size: node) gives the same curve, and the bytes that cross
+#     the veth links per step are at most 0.4 of FSDP's over the world (both keeping
+#     activations, 3 micro-batches per step);
 #   - a Hub spec is resolved by one rank per node (fake Hub request counts per client address):
 #     with a shared cache each file is fetched once; when one node's download fails, every
 #     rank fails with the same message naming that node;
@@ -96,6 +99,50 @@ grep -q "resume: loaded model, optimizer, lr_scheduler, dataloader, rng from sha
 grep -q "training continues at step 5" run3.log || { cat run3.log; fail "1x3 did not continue at step 5"; }
 losses_match one shared/run3 5
 losses_match shared/run4 shared/run3 5
+
+# --- Hybrid sharding: shard groups of one node (n1 = 0-1, n2 = 2-3), replica groups {0,2} and
+# {1,3}. Per step, FSDP over the world all-gathers and reduce-scatters every unit across the
+# nodes for each of the A = 3 micro-batches; HSDP keeps those inside the nodes and all-reduces
+# each gradient shard across them once. Bytes sent by a node = rx on the bridge side of its link.
+sent_bytes() { cat "/sys/class/net/${NETNS_NODE_LINK[$1]}/statistics/rx_bytes"; }
+declare -A crossed
+for mode in world node; do
+  before=$(( $(sent_bytes n1) + $(sent_bytes n2) ))
+  node_mpirun --host n1:2,n2:2 -np 4 "$STRATA_BIN" train --config job.yaml --set job.run_dir="bytes_$mode" \
+    --set parallel.fsdp.shard_group_size=$mode --set parallel.fsdp.activation_checkpointing=none \
+    --set checkpoint.enable=false >"bytes_$mode.log" 2>&1 || { cat "bytes_$mode.log"; fail "2x2 $mode run failed"; }
+  crossed[$mode]=$(( $(sent_bytes n1) + $(sent_bytes n2) - before ))
+  losses_match one "bytes_$mode"
+done
+grep -qF "shard groups [0-1] on n1, [2-3] on n2; replica groups (gradient shards averaged once per step) [0,2], [1,3]" bytes_node.log ||
+  { cat bytes_node.log; fail "no hybrid layout in the start-up report"; }
+python3 - "${crossed[world]}" "${crossed[node]}" <<'PY'
+import json, re, sys
+fsdp, hsdp = int(sys.argv[1]), int(sys.argv[2])
+steps, accumulation = 8, 3
+def report(name):
+    log = open(name + ".log").read()
+    elements = sum(int(n) for n in re.findall(r"unit \S+: (\d+) elements", log))
+    memory = re.search(r"^memory per rank \(.*", log, re.M).group(0)
+    rows = [json.loads(l) for l in open(name + "/metrics.jsonl") if '"loss"' in l]
+    return elements, memory, rows[-1]["comm_mb_shard"], rows[-1]["comm_mb_replica"]
+P = 4 * report("bytes_world")[0]  # parameter bytes (fp32)
+# Ring theory, bytes crossing between the 2 nodes (both directions) per step. FSDP: a ring over
+# the 4 ranks has 2 cross-node edges, each carrying 3/4 of the tensor per all-gather or
+# reduce-scatter: 1.5 P per collective, 2 per micro-batch. HSDP: each of the 2 replica pairs
+# all-reduces a P/2 shard, each rank sending half of it twice: P per pair, 2 P in all, once per
+# step.
+theory_fsdp, theory_hsdp = accumulation * 2 * 1.5 * P, 2 * P
+for mode, name, measured, theory in (("fsdp (world)", "bytes_world", fsdp, theory_fsdp),
+                                     ("hsdp (node)", "bytes_node", hsdp, theory_hsdp)):
+    _, memory, shard, replica = report(name)
+    print("%-12s cross-node %8.0f bytes/step measured, %8.0f theory (P = %d bytes); metrics "
+          "per rank: comm_mb_shard %.3f, comm_mb_replica %.3f; %s" % (
+              mode, measured / steps, theory, P, shard, replica, memory))
+ratio = hsdp / fsdp
+print("hsdp/fsdp cross-node bytes: %.3f measured, %.3f theory (limit 0.4)" % (ratio, theory_hsdp / theory_fsdp))
+assert ratio <= 0.4, ratio
+PY
 
 # --- The fake Hub on its own namespace, serving the 1-process run's (sharded) export.
 mkdir repo

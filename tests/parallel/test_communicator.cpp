@@ -5,6 +5,10 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 #include "parallel/communicator.h"
 #include "tests/common/mpi_environment.h"
 
@@ -107,6 +111,49 @@ TEST_F(CommunicatorTest, AgreeReportsTheLowestFailingRankToEveryRank) {
   ASSERT_TRUE(failure.has_value());
   EXPECT_EQ(failure->rank, 0);
   EXPECT_EQ(failure->message, "rank 0 failed");
+  comm->barrier();
+}
+
+// Hybrid sharding's groups: split by color, ranked by key; each part's collectives, string
+// collectives, agreement and stats stay inside it.
+TEST_F(CommunicatorTest, SplitGivesIndependentGroups) {
+  // Pairs of consecutive ranks (shard groups of 2), and ranks of equal parity (replica groups),
+  // ranked in reverse to check that `key` orders the part.
+  std::unique_ptr<Communicator> pair = comm->split(rank() / 2, rank() % 2);
+  std::unique_ptr<Communicator> parity = comm->split(rank() % 2, -rank());
+  const int pair_size = std::min(2, world() - rank() / 2 * 2);
+  const int parity_size = (world() - rank() % 2 + 1) / 2;
+  EXPECT_EQ(pair->world_size(), pair_size);
+  EXPECT_EQ(pair->rank(), rank() % 2);
+  EXPECT_EQ(parity->world_size(), parity_size);
+  EXPECT_EQ(parity->rank(), parity_size - 1 - rank() / 2);
+
+  at::Tensor sum = at::full({3}, static_cast<double>(rank()), at::kFloat);
+  pair->all_reduce(sum, ReduceOp::kSum);
+  const int first = rank() / 2 * 2;
+  double expected = 0;
+  for (int r = first; r < first + pair_size; ++r) expected += r;
+  EXPECT_TRUE(at::equal(sum, at::full({3}, expected, at::kFloat)));
+
+  // The parity group gathers its world ranks, in the part's (reversed) order.
+  at::Tensor mine = at::full({1}, static_cast<int64_t>(rank()), at::kLong);
+  at::Tensor all = at::empty({parity_size}, at::kLong);
+  parity->all_gather(mine, all);
+  for (int i = 0; i < parity_size; ++i) {
+    EXPECT_EQ(all[i].item<int64_t>(), rank() % 2 + 2 * (parity_size - 1 - i));
+  }
+  const std::vector<std::string> names = parity->all_gather_strings(fmt::format("r{}", rank()));
+  ASSERT_EQ(static_cast<int>(names.size()), parity_size);
+  EXPECT_EQ(names[parity->rank()], fmt::format("r{}", rank()));
+  EXPECT_EQ(pair->broadcast_string(fmt::format("from {}", rank()), 0),
+            fmt::format("from {}", first));
+  const auto failure = pair->agree(pair->rank() != 0, "first of the pair");
+  ASSERT_TRUE(failure.has_value());
+  EXPECT_EQ(failure->rank, 0);
+  // Traffic is counted where it happened: the parent saw none of it.
+  EXPECT_EQ(pair->stats().calls, 1);
+  EXPECT_EQ(parity->stats().calls, 1);
+  EXPECT_EQ(comm->stats().calls, 0);
   comm->barrier();
 }
 

@@ -401,8 +401,27 @@ TEST(Config, OutOfRangeAndInconsistentValuesAreRejected) {
       {{"parallel.fsdp.activation_checkpointing=selective"},
        "parallel.fsdp.activation_checkpointing = 'selective' is not one of: auto, full, none"},
       {{"parallel.backend=gloo"}, "parallel.backend = 'gloo' is not one of: auto, mpi, nccl"},
+      {{"parallel.fsdp.shard_group_size=0"},
+       "parallel.fsdp.shard_group_size = '0' must be world, node or a positive number of ranks"},
+      {{"parallel.fsdp.shard_group_size=-2"}, "parallel.fsdp.shard_group_size = '-2' must be"},
+      {{"parallel.fsdp.shard_group_size=nodes"}, "parallel.fsdp.shard_group_size = 'nodes' must"},
+      {{"parallel.fsdp.shard_group_size=node", "parallel.fsdp.enabled=false"},
+       "parallel.fsdp.shard_group_size = node needs parallel.fsdp.enabled: true"},
   };
   for (const Case& c : cases) EXPECT_HAS(error_of(kMinimal, c.overrides), c.expected);
+}
+
+TEST(Config, ShardGroupSizeIsWorldNodeOrANumber) {
+  EXPECT_EQ(parse(kMinimal).parallel.fsdp.shard_group_size, "world");
+  EXPECT_EQ(parse(with_minimal("parallel: {fsdp: {shard_group_size: node}}"))
+                .parallel.fsdp.shard_group_size,
+            "node");
+  // A YAML integer, in the file or as an override.
+  EXPECT_EQ(
+      parse(with_minimal("parallel: {fsdp: {shard_group_size: 8}}")).parallel.fsdp.shard_group_size,
+      "8");
+  EXPECT_EQ(parse(kMinimal, {"parallel.fsdp.shard_group_size=2"}).parallel.fsdp.shard_group_size,
+            "2");
 }
 
 TEST(Config, WarmupMayOutlastAShortRun) {

@@ -106,6 +106,7 @@ template <class V>
 void visit(V& v, FsdpConfig& c) {
   v.field("enabled", c.enabled);
   v.field("activation_checkpointing", c.activation_checkpointing);
+  v.field("shard_group_size", c.shard_group_size);
 }
 template <class V>
 void visit(V& v, MixedPrecisionConfig& c) {

@@ -83,6 +83,8 @@ struct FsdpConfig {
   bool enabled = true;
   // auto: none when keeping activations fits comfortably in memory, else full | full | none
   std::string activation_checkpointing = "auto";
+  // Ranks per shard group (hybrid sharding, parallel/shard_layout.h): world | node | N.
+  std::string shard_group_size = "world";
 };
 
 struct MixedPrecisionConfig {

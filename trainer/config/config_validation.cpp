@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cctype>
 
 #include "checkpoint/hf_export.h"
 #include "trainer/config/config_detail.h"
@@ -133,6 +134,17 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
   v.not_yet(p.backend != "nccl", "parallel.backend", "nccl", "auto or mpi");
   v.one_of("parallel.fsdp.activation_checkpointing", p.fsdp.activation_checkpointing,
            {"auto", "full", "none"});
+  const std::string& group_size = p.fsdp.shard_group_size;
+  v.check(group_size == "world" || group_size == "node" ||
+              (!group_size.empty() && group_size.size() <= 6 && group_size[0] != '0' &&
+               std::all_of(group_size.begin(), group_size.end(),
+                           [](unsigned char ch) { return std::isdigit(ch) != 0; })),
+          "parallel.fsdp.shard_group_size",
+          fmt::format("= '{}' must be world, node or a positive number of ranks", group_size));
+  v.check(p.fsdp.enabled || group_size == "world", "parallel.fsdp.shard_group_size",
+          fmt::format("= {} needs parallel.fsdp.enabled: true (hybrid sharding is a layout of "
+                      "FSDP)",
+                      group_size));
   const std::vector<std::string> dtypes = {"float32", "bfloat16", "float16"};
   v.one_of("parallel.mixed_precision.param_dtype", p.mixed_precision.param_dtype, dtypes);
   v.one_of("parallel.mixed_precision.reduce_dtype", p.mixed_precision.reduce_dtype, dtypes);
