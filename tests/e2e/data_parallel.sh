@@ -111,6 +111,17 @@ grep -qF "fsdp: hybrid sharding (shard_group_size 2): 2 shard groups of 2 rank(s
 grep -q "unit layers.0: 12352 elements, shard 6176 per rank" hsdp4.log || fail "wrong shard size for HSDP 2x2"
 grep -q "^fsdp: sharded over all 4 rank(s) (shard_group_size world)" fsdp4.log || fail "no FSDP layout line"
 
+# The HF export written under HSDP (each file by one rank) holds the model one process trains.
+for run_dir in one hsdp4; do
+  "$STRATA_BIN" eval --from "$run_dir/checkpoints/hf-latest" --data 'data/val_*.bin' --seq-len 32 | tail -1 >"eval_$run_dir.json"
+done
+python3 - eval_one.json eval_hsdp4.json <<'PY'
+import json, sys
+a, b = (json.load(open(p))["loss"] for p in sys.argv[1:])
+assert abs(a - b) <= 1e-5 * abs(a), (a, b)
+print(f"HF export under HSDP: eval loss {b!r} vs one process {a!r}")
+PY
+
 # Layouts that do not fit, on every rank.
 expect_error "[rank 3] error: config error: parallel.fsdp.shard_group_size = 3 does not divide the world size 4" \
   mpirun --oversubscribe -np 4 "$STRATA_BIN" train --config job.yaml --set parallel.fsdp.shard_group_size=3 --set training.micro_batch_size=3
