@@ -22,6 +22,10 @@ packages=(
   libssl-dev libxxhash-dev
   # tests (clang's libFuzzer runtime: the safetensors header fuzz run)
   libgtest-dev libgmock-dev clang libclang-rt-14-dev
+  # the Slurm tests (tests/slurm: a private cluster per test; srun's pmix plugin comes with
+  # slurm-wlm-basic-plugins). The tests run their own daemons, never the system's: Debian's
+  # slurmd and slurmctld services start only once /etc/slurm/slurm.conf exists.
+  slurm-wlm munge
   # the formatting check of .ci/run (scripts/check_format.sh; the version pins the output)
   clang-format-14
   # default corpus (plain-text English) and the metrics plot script

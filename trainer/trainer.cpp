@@ -11,6 +11,7 @@
 #include <filesystem>
 
 #include "checkpoint/hub/spec.h"
+#include "parallel/launcher.h"
 #include "trainer/evaluate.h"
 #include "trainer/kernels/blas.h"
 #include "trainer/kernels/fused_ops.h"
@@ -149,6 +150,7 @@ void Trainer::setup_run_dir() {
   }
   log(config_yaml_);
   log(fmt::format("world: {}; {} intra-op thread(s) per rank", group.describe(), threads_));
+  log("launch: " + launcher_description());
   log(fmt::format("BLAS: {}", blas_description()));
   log(fmt::format(
       "kernels: {} (training.fused_kernels: {})",
