@@ -1,4 +1,5 @@
-// strata: the one binary. Subcommands: train, prepare-data, eval, generate, convert, inspect.
+// strata: the one binary. Subcommands: train, prepare-data, eval, generate, convert, inspect,
+// tokenize.
 // Errors of any kind end here: one message on every rank (rank-prefixed when there are
 // several), exit code 1. Built a second time with STRATA_FAULT_INJECTION for the test suite
 // (tests/common/fault_injection.h): that binary alone reads fault-injection variables.
@@ -9,16 +10,22 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <atomic>
 #include <exception>
+#include <fstream>
+#include <iostream>
+#include <sstream>
 #include <filesystem>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "checkpoint/checkpoint_manager.h"
@@ -28,6 +35,7 @@
 #include "parallel/nccl_communicator.h"
 #include "parallel/process_group.h"
 #include "trainer/config/config.h"
+#include "trainer/data/chat_template.h"
 #include "trainer/data/data_loader.h"
 #include "trainer/data/prepare_data.h"
 #include "trainer/data/tokenizer.h"
@@ -117,8 +125,66 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
   return 0;
 }
 
+// `strata chat-template`: one conversation rendered with a chat template, printed exactly (no
+// newline added). --template is a Jinja file, or a tokenizer_config.json (or a directory holding
+// one) whose chat_template and bos/eos tokens are used.
+struct ChatTemplateArgs {
+  std::string template_path, messages_path;
+  bool add_generation_prompt = false;
+  std::optional<std::string> bos_token, eos_token;
+};
+
+int run_chat_template(const ChatTemplateArgs& args) {
+  auto read_file = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw strata::DataError(fmt::format("cannot read {}", path));
+    std::ostringstream all;
+    all << in.rdbuf();
+    return all.str();
+  };
+  const std::filesystem::path path = args.template_path;
+  strata::ChatTemplateSource source;
+  if (std::filesystem::is_directory(path) || path.extension() == ".json") {
+    source = strata::load_chat_template(args.template_path);
+  } else {
+    source.source = read_file(args.template_path);
+    source.origin = args.template_path;
+  }
+  const strata::ChatTemplate chat_template(source.source, source.origin);
+  strata::ChatTemplateOptions options;
+  options.bos_token = args.bos_token.value_or(source.bos_token);
+  options.eos_token = args.eos_token.value_or(source.eos_token);
+  options.add_generation_prompt = args.add_generation_prompt;
+  const std::string text = chat_template.render(
+      strata::parse_chat_messages(read_file(args.messages_path), args.messages_path), options);
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fflush(stdout);
+  return 0;
+}
+
 int run_prepare_data(const strata::PrepareDataOptions& options) {
   const strata::PrepareDataResult r = strata::prepare_data(options);
+  if (options.format == "jsonl") {
+    auto split = [](const char* name, const strata::PackingStats& s, size_t shards) {
+      return fmt::format(
+          "  {:<5}  {} records in {} windows of {} tokens ({} shard(s)); {:.1f}% of the tokens "
+          "are targets, {:.1f}% padding; {} truncated, {} dropped (longer than a window)\n",
+          name, s.records, s.windows, s.windows ? s.tokens / s.windows : 0, shards,
+          s.tokens ? 100.0 * s.targets / s.tokens : 0.0,
+          s.tokens ? 100.0 * s.padding / s.tokens : 0.0, s.truncated, s.dropped);
+    };
+    fmt::print(
+        "prepare-data: {} records (jsonl) -> packed windows with loss masks\n{}{}"
+        "  {} record(s) without a target token left out\n"
+        "  tokenizer  {} (vocab {})\n"
+        "  chat template {}\n"
+        "  output     {}\n",
+        r.documents, split("train", r.train_packing, r.train_shards.size()),
+        split("val", r.val_packing, r.val_shards.size()), r.records_without_targets,
+        r.tokenizer_path, r.vocab_size, r.chat_template.empty() ? "none" : r.chat_template,
+        options.out_dir);
+    return 0;
+  }
   fmt::print(
       "prepare-data: {} documents -> train {} tokens in {} shard(s), val {} tokens in {} "
       "shard(s)\n"
@@ -174,8 +240,12 @@ int run_eval(const EvalArgs& args) {
       args.max_tokens > 0 ? args.max_tokens / seq_len : data.num_sequential_windows();
   const auto [loss, tokens] =
       strata::evaluate(*source.model, data, windows, /*micro_batch=*/8, nullptr);
-  fmt::print("eval: {} on {} ({} windows of {} tokens): loss {:.6f}, perplexity {:.3f}\n",
-             source.description, args.data, tokens / seq_len, seq_len, loss, std::exp(loss));
+  const int64_t scored = std::min(windows, data.num_sequential_windows());
+  fmt::print("eval: {} on {} ({} windows of {} tokens{}): loss {:.6f}, perplexity {:.3f}\n",
+             source.description, args.data, scored, seq_len,
+             data.has_loss_mask() ? fmt::format(", {} target tokens by the loss mask", tokens)
+                                  : std::string(),
+             loss, std::exp(loss));
   fmt::print("{}\n", nlohmann::json{{"loss", loss}, {"tokens", tokens}}.dump());
   return 0;
 }
@@ -225,11 +295,20 @@ int run_generate(GenerateArgs args) {
                     source.description));
   }
   const strata::Tokenizer tokenizer(tokenizer_path);
-  std::vector<int64_t> prompt = {tokenizer.bos_id()};
+  // Documents start with BOS, or (a tokenizer without one) follow the previous one's EOS.
+  const int64_t start = tokenizer.bos_id() >= 0 ? tokenizer.bos_id() : tokenizer.eos_id();
+  std::vector<int64_t> prompt;
+  if (start >= 0) prompt.push_back(start);
   for (uint32_t id : tokenizer.encode(args.prompt)) prompt.push_back(id);
+  if (prompt.empty()) {
+    throw strata::ConfigError(
+        fmt::format("generate: the prompt is empty and tokenizer {} has neither BOS nor EOS to "
+                    "start from\nHINT: pass a non-empty --prompt",
+                    tokenizer.path()));
+  }
   args.sampling.stop_token = tokenizer.eos_id();
   const std::vector<int64_t> ids = strata::generate(*source.model, prompt, args.sampling);
-  std::vector<int64_t> all(prompt.begin() + 1, prompt.end());
+  std::vector<int64_t> all(prompt.begin() + (start >= 0 ? 1 : 0), prompt.end());
   all.insert(all.end(), ids.begin(), ids.end());
   fmt::print("{}\n", tokenizer.decode(all));
   return 0;
@@ -300,6 +379,133 @@ int run_convert(const ConvertArgs& args, int* argc, char*** argv,
   return 0;
 }
 
+struct TokenizeArgs {
+  std::string tokenizer, input;
+  bool add_special_tokens = false, decode = false;
+  int threads = 0;     // > 0: encode chunks of lines on this many threads (a benchmark mode)
+  bool count = false;  // print counts and the encoding time instead of the ids
+  bool lines = false;  // JSON Lines: a text or a JSON array of ids per line, a result per line
+};
+
+std::string read_input(const std::string& path) {
+  std::string text;
+  if (path.empty() || path == "-") {
+    std::ostringstream all;
+    all << std::cin.rdbuf();
+    return all.str();
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw strata::DataError(fmt::format("cannot read {}", path));
+  std::ostringstream all;
+  all << in.rdbuf();
+  return all.str();
+}
+
+// `strata tokenize`: the ids of a text as one JSON array, or (--decode) the text of a JSON
+// array of ids, written as it is.
+int run_tokenize(const TokenizeArgs& args) {
+  const strata::Tokenizer tokenizer(args.tokenizer);
+  const std::string input = read_input(args.input);
+  auto id_list = [](const nlohmann::json& ids) {
+    if (!ids.is_array())
+      throw strata::DataError("tokenize --decode: the input must be a JSON array");
+    std::vector<int64_t> list;
+    for (const nlohmann::json& id : ids) {
+      if (!id.is_number_integer())
+        throw strata::DataError(fmt::format("tokenize --decode: {} is not a token id", id.dump()));
+      list.push_back(id.get<int64_t>());
+    }
+    return list;
+  };
+  if (args.lines) {
+    std::istringstream in(input);
+    for (std::string line; std::getline(in, line);) {
+      if (line.empty()) continue;
+      // A JSON array of ids is decoded; a string is encoded, or an object {"text": ...,
+      // "add_special_tokens": ...}.
+      const nlohmann::json item = nlohmann::json::parse(line);
+      if (item.is_array()) {
+        fmt::print("{}\n", nlohmann::json(tokenizer.decode(id_list(item))).dump());
+      } else if (item.is_object()) {
+        const bool special = item.value("add_special_tokens", args.add_special_tokens);
+        fmt::print(
+            "{}\n",
+            nlohmann::json(tokenizer.encode(item.at("text").get<std::string>(), special)).dump());
+      } else {
+        fmt::print("{}\n", nlohmann::json(
+                               tokenizer.encode(item.get<std::string>(), args.add_special_tokens))
+                               .dump());
+      }
+    }
+    return 0;
+  }
+  if (args.decode) {
+    nlohmann::json ids;
+    try {
+      ids = nlohmann::json::parse(input);
+    } catch (const nlohmann::json::exception& e) {
+      throw strata::DataError(
+          fmt::format("tokenize --decode: the input is not JSON: {}", e.what()));
+    }
+    const std::string text = tokenizer.decode(id_list(ids));
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    return 0;
+  }
+  if (args.threads <= 0) {
+    const auto begin = std::chrono::steady_clock::now();
+    const std::vector<uint32_t> ids = tokenizer.encode(input, args.add_special_tokens);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+    if (args.count) {
+      fmt::print(
+          "{}\n",
+          nlohmann::json{{"bytes", input.size()}, {"tokens", ids.size()}, {"seconds", seconds}}
+              .dump());
+    } else {
+      fmt::print("{}\n", nlohmann::json(ids).dump());
+    }
+    return 0;
+  }
+  // Chunks of whole lines, encoded independently on `threads` threads.
+  std::vector<std::pair<size_t, size_t>> chunks;
+  const size_t target = std::max<size_t>(1 << 14, input.size() / (64 * args.threads) + 1);
+  for (size_t begin = 0; begin < input.size();) {
+    size_t end = std::min(input.size(), begin + target);
+    const size_t newline = input.find('\n', end);
+    end = newline == std::string::npos ? input.size() : newline + 1;
+    chunks.push_back({begin, end});
+    begin = end;
+  }
+  std::vector<std::vector<uint32_t>> out(chunks.size());
+  std::atomic<size_t> next{0};
+  const auto begin = std::chrono::steady_clock::now();
+  std::vector<std::thread> workers;
+  for (int t = 0; t < args.threads; ++t) {
+    workers.emplace_back([&] {
+      for (size_t i; (i = next++) < chunks.size();) {
+        out[i] = tokenizer.encode(input.substr(chunks[i].first, chunks[i].second - chunks[i].first),
+                                  args.add_special_tokens);
+      }
+    });
+  }
+  for (std::thread& w : workers) w.join();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  std::vector<uint32_t> ids;
+  for (const auto& chunk : out) ids.insert(ids.end(), chunk.begin(), chunk.end());
+  if (args.count) {
+    fmt::print("{}\n", nlohmann::json{{"bytes", input.size()},
+                                      {"tokens", ids.size()},
+                                      {"seconds", seconds},
+                                      {"threads", args.threads},
+                                      {"chunks", chunks.size()}}
+                           .dump());
+  } else {
+    fmt::print("{}\n", nlohmann::json(ids).dump());
+  }
+  return 0;
+}
+
 // Lists a checkpoint (a step directory, or a folder's latest); with `verify`, recomputes every
 // file's checksums. Exit 1 when a file does not match.
 int run_inspect(const std::string& path, bool verify) {
@@ -366,8 +572,10 @@ int main(int argc, char** argv) {
       ->required()
       ->expected(1, -1);
   prepare->add_option("--out", prep.out_dir, "Output directory")->required();
-  auto* tok_opt = prepare->add_option("--tokenizer", tokenizer_path,
-                                      "Reuse this SentencePiece tokenizer.model");
+  auto* tok_opt = prepare->add_option(
+      "--tokenizer", tokenizer_path,
+      "Use this tokenizer: a SentencePiece tokenizer.model, a Hugging Face tokenizer.json, or "
+      "a model directory holding tokenizer.json");
   prepare->add_option("--vocab-size", prep.vocab_size, "Vocabulary size of a trained tokenizer")
       ->capture_default_str()
       ->excludes(tok_opt);
@@ -380,6 +588,25 @@ int main(int argc, char** argv) {
   prepare->add_option("--shard-tokens", prep.shard_tokens, "Maximum tokens per shard file")
       ->capture_default_str();
   prepare->add_option("--seed", prep.seed, "Seed of the train/val split")->capture_default_str();
+  std::string chat_template;
+  prepare
+      ->add_option("--format", prep.format,
+                   "text: documents, every token a target; jsonl: instruction records "
+                   "({\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}) with loss "
+                   "masks, packed into windows of --seq-len + 1 (needs --tokenizer)")
+      ->check(CLI::IsMember({"text", "jsonl"}))
+      ->capture_default_str();
+  prepare->add_option("--chat-template", chat_template,
+                      "jsonl: the chat template for messages records (a Jinja file, or a "
+                      "tokenizer_config.json); default: the tokenizer's tokenizer_config.json");
+  prepare->add_option("--seq-len", prep.seq_len,
+                      "jsonl: the run's data.seq_len (window length - 1)");
+  prepare
+      ->add_option("--overlong", prep.overlong,
+                   "jsonl: a record longer than a window is cut to it (truncate) or left out "
+                   "(drop)")
+      ->check(CLI::IsMember({"truncate", "drop"}))
+      ->capture_default_str();
 
   EvalArgs eval_args;
   CLI::App* eval = app.add_subcommand(
@@ -409,7 +636,8 @@ int main(int argc, char** argv) {
   gen->add_option("--top-k", gen_args.sampling.top_k, "Sample among the k most likely (0: all)")
       ->capture_default_str();
   gen->add_option("--seed", gen_args.sampling.seed, "Sampling seed")->capture_default_str();
-  gen->add_option("--tokenizer", gen_args.tokenizer, "tokenizer.model (default: the source's)");
+  gen->add_option("--tokenizer", gen_args.tokenizer,
+                  "tokenizer.model or tokenizer.json (default: the source's)");
   gen->add_flag("--skip-memory-check", gen_args.skip_memory_check,
                 "Run even when the memory estimate exceeds the memory available");
 
@@ -441,6 +669,41 @@ int main(int argc, char** argv) {
   inspect->add_flag("--verify", inspect_verify,
                     "Recompute every file's SHA-256 and block checksums and compare");
 
+  TokenizeArgs tokenize_args;
+  CLI::App* tokenize = app.add_subcommand(
+      "tokenize",
+      "Encode a text with a tokenizer and print its ids as one JSON array (the whole input is "
+      "one text); with --decode, read a JSON array of ids and print their text.");
+  tokenize
+      ->add_option("--tokenizer", tokenize_args.tokenizer,
+                   "tokenizer.model, tokenizer.json, or a model directory holding one")
+      ->required();
+  tokenize->add_option("--input", tokenize_args.input, "Input file (default: standard input)");
+  tokenize->add_flag("--add-special-tokens", tokenize_args.add_special_tokens,
+                     "Add the tokenizer's special tokens (e.g. BOS) as transformers does");
+  tokenize->add_flag("--decode", tokenize_args.decode, "Decode a JSON array of ids");
+  tokenize->add_option("--threads", tokenize_args.threads)->group("");
+  tokenize->add_flag("--count", tokenize_args.count)->group("");
+  tokenize->add_flag("--lines", tokenize_args.lines)->group("");
+
+  ChatTemplateArgs chat_args;
+  CLI::App* chat = app.add_subcommand(
+      "chat-template",
+      "Render a conversation with a chat template (as transformers' apply_chat_template does) "
+      "and print it exactly.");
+  chat->add_option("--template", chat_args.template_path,
+                   "A Jinja template file, or a tokenizer_config.json (or its directory)")
+      ->required();
+  chat->add_option("--messages", chat_args.messages_path,
+                   "JSON: a list of {\"role\", \"content\"}, or {\"messages\": [...]}")
+      ->required();
+  chat->add_flag("--add-generation-prompt", chat_args.add_generation_prompt,
+                 "Set add_generation_prompt (end with the assistant's header)");
+  chat->add_option("--bos-token", chat_args.bos_token,
+                   "bos_token as the template sees it (default: the tokenizer config's)");
+  chat->add_option("--eos-token", chat_args.eos_token,
+                   "eos_token as the template sees it (default: the tokenizer config's)");
+
   // Help and usage errors are CLI11's; they happen before MPI starts.
   try {
     app.parse(argc, argv);
@@ -455,6 +718,8 @@ int main(int argc, char** argv) {
       return run_train(train_args, &argc, &argv, group);
     }
     if (*inspect) return run_inspect(inspect_path, inspect_verify);
+    if (*chat) return run_chat_template(chat_args);
+    if (*tokenize) return run_tokenize(tokenize_args);
     if (*eval) {
       eval_args.seq_len_given = eval->count("--seq-len") > 0;
       return run_eval(eval_args);
@@ -468,6 +733,7 @@ int main(int argc, char** argv) {
     }
     if (!tokenizer_path.empty()) prep.tokenizer = tokenizer_path;
     if (!separator.empty()) prep.separator = separator;
+    if (!chat_template.empty()) prep.chat_template = chat_template;
     return run_prepare_data(prep);
   } catch (const std::exception& e) {
     const std::string prefix =

@@ -17,7 +17,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   # config, CLI, formatting, JSON, tokenizer, HTTP
   libyaml-cpp-dev libcli11-dev libfmt-dev nlohmann-json3-dev
-  libsentencepiece-dev sentencepiece libcurl4-openssl-dev
+  libsentencepiece-dev sentencepiece libpcre2-dev libicu-dev libcurl4-openssl-dev
   # checkpoint checksums (SHA-256, XXH3)
   libssl-dev libxxhash-dev
   # tests (clang's libFuzzer runtime: the safetensors header fuzz run)

@@ -23,6 +23,21 @@ at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch) {
   return at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten());
 }
 
+at::Tensor batch_loss_sum(const LanguageModel& model, const TokenBatch& batch) {
+  if (batch.loss_mask.empty()) {
+    return batch_loss(model, batch).mul(static_cast<double>(batch.batch * batch.seq_len));
+  }
+  constexpr int64_t kIgnored = -100;
+  std::vector<int64_t> targets = batch.targets;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    if (!batch.loss_mask[i]) targets[i] = kIgnored;
+  }
+  at::Tensor logits = model.forward(to_tensor(batch.inputs, batch.batch, batch.seq_len));
+  return at::cross_entropy_loss(logits.flatten(0, 1),
+                                to_tensor(targets, batch.batch, batch.seq_len).flatten(), {},
+                                at::Reduction::Sum, kIgnored);
+}
+
 EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows,
                     int64_t micro_batch, Communicator* comm) {
   at::NoGradGuard no_grad;
@@ -36,6 +51,13 @@ EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_
     const int64_t valid = std::clamp<int64_t>(end - (begin + first), 0, micro_batch);
     const TokenBatch batch =
         data.sequential_batch(valid > 0 ? begin + first : 0, std::max<int64_t>(valid, 1));
+    if (!batch.loss_mask.empty()) {
+      const double sum = batch_loss_sum(model, batch).item<double>();
+      if (valid == 0) continue;  // the repeated window: run, not counted
+      sums[0] += sum;
+      sums[1] += static_cast<double>(batch.target_count());
+      continue;
+    }
     const double loss = batch_loss(model, batch).item<double>();
     const int64_t n = valid * batch.seq_len;
     sums[0] += loss * static_cast<double>(n);

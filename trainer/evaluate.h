@@ -14,6 +14,10 @@ namespace strata {
 
 // Mean next-token cross-entropy of `batch` under `model` (the fused kernel when enabled).
 at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch);
+// The sum of the next-token cross-entropy over the targets that count (the batch's loss mask;
+// every target without one): what a loss averaged over all the targets of a global batch adds
+// up, micro-batch by micro-batch and rank by rank, before dividing by their count.
+at::Tensor batch_loss_sum(const LanguageModel& model, const TokenBatch& batch);
 
 struct EvalResult {
   double loss = 0.0;   // mean over the scored tokens
@@ -21,7 +25,8 @@ struct EvalResult {
 };
 
 // The mean token loss over the first `max_windows` consecutive, non-overlapping windows of
-// `data` (inputs t[kT:(k+1)T], targets t[kT+1:(k+1)T+1]), accumulated in fp64. The windows are
+// `data` (inputs t[kT:(k+1)T], targets t[kT+1:(k+1)T+1]; with a loss mask, over the targets it
+// keeps), accumulated in fp64. The windows are
 // split over the ranks of `comm` (null: this process alone); every rank runs the same number of
 // forward passes (FSDP gathers need all of them): a rank without windows left repeats window 0
 // and ignores it.

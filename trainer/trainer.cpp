@@ -353,11 +353,23 @@ StepResult Trainer::train_step(int64_t step) {
   at::manual_seed(derive_seed(static_cast<uint64_t>(config.job.seed),
                               fmt::format("train/{}/{}", step, group.rank())));
   StepResult r;
+  const int64_t data_step = step - state.data_step_offset;
+  // With a loss mask, the loss is the mean over the targets of the whole global batch (every
+  // rank counts them from the masks: the batch is a pure function of the step), so each
+  // micro-batch adds its sum over its targets divided by that count; the gradient average over
+  // the ranks divides by the world size, which the scale undoes.
+  double masked_scale = 0.0;
+  if (train_data_->has_loss_mask()) {
+    const int64_t targets = train_data_->sample_target_count(state.data_seed, data_step, 0,
+                                                             config.training.global_batch_size);
+    masked_scale = targets > 0 ? static_cast<double>(group.world_size()) / targets : 0.0;
+  }
   for (int64_t a = 0; a < accumulation_; ++a) {
     const int64_t first = a * (group.world_size() * micro) + group.rank() * micro;
-    const TokenBatch batch =
-        train_data_->sample_batch(state.data_seed, step - state.data_step_offset, first, micro);
-    at::Tensor loss = batch_loss(model(), batch).div(static_cast<double>(accumulation_));
+    const TokenBatch batch = train_data_->sample_batch(state.data_seed, data_step, first, micro);
+    at::Tensor loss = train_data_->has_loss_mask()
+                          ? batch_loss_sum(model(), batch).mul(masked_scale)
+                          : batch_loss(model(), batch).div(static_cast<double>(accumulation_));
     loss.backward();
     r.loss += loss.item<double>();
   }
@@ -443,8 +455,12 @@ void Trainer::evaluate_and_sample(int64_t step, TrainSummary& summary) {
   // Every rank samples (sharded forward passes are collectives); the main rank writes.
   SamplingOptions sampling;
   sampling.seed = state.sample_seed + step;
-  const int64_t bos = tokenizer_ ? tokenizer_->bos_id() : 1;
-  sampling.stop_token = bos;  // documents are BOS-delimited: a new BOS ends the sample
+  // Documents are BOS-delimited (EOS-delimited with a tokenizer without BOS): a new one ends
+  // the sample.
+  const int64_t bos = !tokenizer_                 ? 1
+                      : tokenizer_->bos_id() >= 0 ? tokenizer_->bos_id()
+                                                  : tokenizer_->eos_id();
+  sampling.stop_token = bos;
   const std::vector<int64_t> ids = generate(model(), {bos}, sampling);
   if (!group.is_main()) return;
   std::string text;

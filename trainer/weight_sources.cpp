@@ -281,8 +281,11 @@ ModelSource load_model_source(const std::string& given, const InferenceWorkload&
   }
   if (first.kind == WeightSource::Kind::kHf) {
     out.config = hf_model_config(first.dir);
-    if (fs::exists(fs::path(first.dir) / "tokenizer.model"))
+    if (fs::exists(fs::path(first.dir) / "tokenizer.model")) {
       out.tokenizer = (fs::path(first.dir) / "tokenizer.model").string();
+    } else if (fs::exists(fs::path(first.dir) / "tokenizer.json")) {  // Llama 3, Qwen, ...
+      out.tokenizer = (fs::path(first.dir) / "tokenizer.json").string();
+    }
     if (out.description.empty()) out.description = fmt::format("Hugging Face model {}", named);
   } else {
     const CheckpointReader reader(first.dir);

@@ -6,6 +6,7 @@
 
 #include "tests/common/temp_dir.h"
 #include "trainer/data/data_loader.h"
+#include "trainer/data/instruction_data.h"
 
 namespace strata {
 namespace {
@@ -159,6 +160,167 @@ TEST(TokenDataset, RejectsShardsShorterThanOneWindow) {
     FAIL();
   } catch (const DataError& e) {
     EXPECT_NE(std::string(e.what()).find("lower data.seq_len"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace strata
+
+namespace strata {
+namespace {
+
+// Packed shards of windows of 9 tokens (seq_len 8) whose token i is 100 * window + i, with
+// a loss mask that marks the second half of every window.
+std::string make_packed(const testing::TempDir& dir, int windows_per_shard = 3) {
+  int window_index = 0;
+  for (int s = 0; s < 2; ++s) {
+    std::vector<uint32_t> tokens;
+    std::vector<uint8_t> mask;
+    for (int w = 0; w < windows_per_shard; ++w, ++window_index) {
+      for (int i = 0; i < 9; ++i) {
+        tokens.push_back(100 * window_index + i);
+        mask.push_back(i >= 5 ? 1 : 0);
+      }
+    }
+    const std::string path = dir / ("sft_00000" + std::to_string(s) + ".bin");
+    write_token_shard(path, tokens, 4096, 9);
+    write_mask_shard(mask_path_of(path), mask, 9);
+  }
+  return dir / "sft_*.bin";
+}
+
+TEST(TokenDataset, PackedShardsAreSampledWindowByWindowWithTheirMask) {
+  testing::TempDir dir;
+  TokenDataset data(make_packed(dir), 8, 4096);
+  EXPECT_TRUE(data.packed());
+  EXPECT_TRUE(data.has_loss_mask());
+  EXPECT_EQ(mask_path_of(dir / "sft_000000.bin"), dir / "sft_000000.mask");
+  std::set<int64_t> windows;
+  for (int64_t i = 0; i < 200; ++i) {
+    const TokenBatch b = data.sample_batch(5, 2, i, 1);
+    // A whole window: inputs 100w + [0, 8), targets 100w + [1, 9); targets 5..8 count.
+    const int64_t w = b.inputs[0] / 100;
+    windows.insert(w);
+    for (int t = 0; t < 8; ++t) {
+      EXPECT_EQ(b.inputs[t], 100 * w + t);
+      EXPECT_EQ(b.targets[t], 100 * w + t + 1);
+      EXPECT_EQ(b.loss_mask[t], t + 1 >= 5 ? 1 : 0) << t;
+    }
+    EXPECT_EQ(b.target_count(), 4);
+  }
+  EXPECT_EQ(windows, (std::set<int64_t>{0, 1, 2, 3, 4, 5}));
+  EXPECT_EQ(data.sample_target_count(5, 2, 0, 10), 40);
+  EXPECT_EQ(data.sample_batch(5, 2, 0, 10).target_count(), 40);
+  // Validation walks the windows in order.
+  EXPECT_EQ(data.num_sequential_windows(), 6);
+  const TokenBatch v = data.sequential_batch(2, 2);
+  EXPECT_EQ(v.inputs[0], 200);
+  EXPECT_EQ(v.inputs[8], 300);
+  EXPECT_EQ(v.targets[15], 308);
+  EXPECT_EQ(v.target_count(), 8);
+}
+
+TEST(TokenDataset, RefusesPackedShardsOfAnotherSeqLenAndMixedKinds) {
+  testing::TempDir dir;
+  const std::string pattern = make_packed(dir);
+  try {
+    TokenDataset(pattern, 16, 4096);
+    ADD_FAILURE() << "expected a DataError";
+  } catch (const DataError& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "token shard " + dir / "sft_000000.bin" +
+                  " is packed in windows of 9 tokens, for data.seq_len 8, but data.seq_len is "
+                  "16\nHINT: set data.seq_len to 8, or prepare the data again with --seq-len 16");
+  }
+  // A plain stream beside packed shards.
+  write_token_shard(dir / "sft_000002.bin", std::vector<uint32_t>(50, 1), 4096);
+  try {
+    TokenDataset(pattern, 8, 4096);
+    ADD_FAILURE() << "expected a DataError";
+  } catch (const DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("mix kinds: " + dir / "sft_000000.bin" +
+                                         " is packed with a loss mask, " + dir / "sft_000002.bin" +
+                                         " is a token stream"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(TokenDataset, RefusesALossMaskOfAnotherShard) {
+  testing::TempDir dir;
+  const std::string pattern = make_packed(dir, 1);
+  write_mask_shard(dir / "sft_000001.mask", std::vector<uint8_t>(18, 1), 9);
+  try {
+    TokenDataset(pattern, 8, 4096);
+    ADD_FAILURE() << "expected a DataError";
+  } catch (const DataError& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "loss mask " + dir / "sft_000001.mask" + " does not belong to token shard " +
+                  dir / "sft_000001.bin" +
+                  ": 18 entries, the shard has 9 tokens\nHINT: (re)create both with `strata "
+                  "prepare-data`");
+  }
+  // A packed length that does not divide the shard is a corrupt header.
+  write_token_shard(dir / "odd.bin", std::vector<uint32_t>(10, 1), 4096, 4);
+  EXPECT_THROW(TokenShard(dir / "odd.bin"), DataError);
+}
+
+}  // namespace
+}  // namespace strata
+
+namespace strata {
+namespace {
+
+EncodedRecord record_of(uint32_t first, int length, int targets_from) {
+  EncodedRecord r;
+  for (int i = 0; i < length; ++i) {
+    r.tokens.push_back(first + i);
+    r.mask.push_back(i >= targets_from ? 1 : 0);
+  }
+  return r;
+}
+
+// Records go whole into windows of 8: a record that does not fit closes the window (padded
+// with the pad id, mask 0); one longer than a window is cut (truncate) or left out (drop).
+TEST(WindowPacker, PacksWholeRecordsAndCountsWhatItCutsOrDrops) {
+  for (const bool truncate : {true, false}) {
+    std::vector<std::vector<uint32_t>> windows;
+    std::vector<std::vector<uint8_t>> masks;
+    WindowPacker packer(8, truncate, 99, [&](const auto& tokens, const auto& mask) {
+      windows.push_back(tokens);
+      masks.push_back(mask);
+    });
+    packer.add(record_of(10, 3, 1));   // window 0: 10 11 12
+    packer.add(record_of(20, 4, 2));   // window 0: + 20 21 22 23 (7 tokens)
+    packer.add(record_of(30, 2, 0));   // does not fit: window 0 padded, window 1: 30 31
+    packer.add(record_of(40, 11, 9));  // longer than a window
+    packer.add(record_of(50, 6, 5));   // fits after 30 31 (or after the truncated record: no)
+    packer.finish();
+    const PackingStats& s = packer.stats();
+    if (truncate) {
+      ASSERT_EQ(windows.size(), 4u);
+      EXPECT_EQ(windows[0], (std::vector<uint32_t>{10, 11, 12, 20, 21, 22, 23, 99}));
+      EXPECT_EQ(masks[0], (std::vector<uint8_t>{0, 1, 1, 0, 0, 1, 1, 0}));
+      EXPECT_EQ(windows[1], (std::vector<uint32_t>{30, 31, 99, 99, 99, 99, 99, 99}));
+      EXPECT_EQ(windows[2], (std::vector<uint32_t>{40, 41, 42, 43, 44, 45, 46, 47}));
+      EXPECT_EQ(masks[2], (std::vector<uint8_t>(8, 0)));  // its targets were past the cut
+      EXPECT_EQ(windows[3], (std::vector<uint32_t>{50, 51, 52, 53, 54, 55, 99, 99}));
+      EXPECT_EQ(s.truncated, 1);
+      EXPECT_EQ(s.dropped, 0);
+      EXPECT_EQ(s.records, 5);
+      EXPECT_EQ(s.padding, 1 + 6 + 0 + 2);
+      EXPECT_EQ(s.targets, 4 + 2 + 0 + 1);
+    } else {
+      ASSERT_EQ(windows.size(), 2u);
+      EXPECT_EQ(windows[1], (std::vector<uint32_t>{30, 31, 50, 51, 52, 53, 54, 55}));
+      EXPECT_EQ(masks[1], (std::vector<uint8_t>{1, 1, 0, 0, 0, 0, 0, 1}));
+      EXPECT_EQ(s.truncated, 0);
+      EXPECT_EQ(s.dropped, 1);
+      EXPECT_EQ(s.records, 4);
+      EXPECT_EQ(s.padding, 1);
+    }
+    EXPECT_EQ(s.windows, static_cast<int64_t>(windows.size()));
+    EXPECT_EQ(s.tokens, 8 * s.windows);
   }
 }
 

@@ -1,6 +1,8 @@
 // Training: overfitting one batch, determinism, and learning on real text.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -15,6 +17,7 @@
 #include "trainer/optim/adamw.h"
 #include "trainer/data/prepare_data.h"
 #include "trainer/data/token_shard.h"
+#include "trainer/evaluate.h"
 #include "trainer/train.h"
 
 namespace strata {
@@ -90,6 +93,43 @@ Config synthetic_job(const TempDir& dir) {
   config.parallel.threads_per_rank = 1;
   config.checkpoint.enable = false;  // each test trains from scratch in its run_dir
   return config;
+}
+
+// The masked loss, summed over the targets the mask keeps, against log-softmax by hand.
+TEST(MaskedLoss, SumsTheCrossEntropyOfTheKeptTargetsOnly) {
+  ModelConfig c = testing::micro_model(64, 8);
+  Llama model(c);
+  model.materialize(at::kCPU);
+  model.initialize(3);
+  TokenBatch b;
+  b.batch = 2;
+  b.seq_len = 4;
+  b.inputs = {1, 5, 9, 13, 2, 4, 8, 16};
+  b.targets = {5, 9, 13, 17, 4, 8, 16, 32};
+  b.loss_mask = {0, 1, 1, 0, 1, 0, 0, 0};
+  EXPECT_EQ(b.target_count(), 3);
+  at::NoGradGuard no_grad;
+  const at::Tensor logits =
+      model.forward(at::tensor(b.inputs, at::kLong).view({2, 4})).to(at::kDouble).contiguous();
+  const auto l = logits.accessor<double, 3>();
+  double expected = 0.0, all = 0.0;
+  for (int64_t row = 0; row < 2; ++row) {
+    for (int64_t t = 0; t < 4; ++t) {
+      double max = l[row][t][0];
+      for (int64_t v = 1; v < 64; ++v) max = std::max(max, l[row][t][v]);
+      double sum = 0.0;
+      for (int64_t v = 0; v < 64; ++v) sum += std::exp(l[row][t][v] - max);
+      const double nll = max + std::log(sum) - l[row][t][b.targets[row * 4 + t]];
+      all += nll;
+      if (b.loss_mask[row * 4 + t]) expected += nll;
+    }
+  }
+  EXPECT_NEAR(batch_loss_sum(model, b).item<double>(), expected, 1e-5 * expected);
+  // Without a mask, every target counts: the mean times the count.
+  b.loss_mask.clear();
+  EXPECT_EQ(b.target_count(), 8);
+  EXPECT_NEAR(batch_loss_sum(model, b).item<double>(), all, 1e-5 * all);
+  EXPECT_NEAR(batch_loss(model, b).item<double>(), all / 8, 1e-5 * all / 8);
 }
 
 TEST(Training, SameSeedGivesBitIdenticalLosses) {

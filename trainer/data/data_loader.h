@@ -6,6 +6,10 @@
 // micro-batch size b at accumulation step a reads global indices
 // a * (N * b) + r * b + [0, b).
 // Validation reads consecutive, non-overlapping windows from the start of the val shards.
+//
+// Packed shards (instruction data, token_shard.h) hold whole windows of seq_len + 1 tokens:
+// there a sample is one of those windows, drawn the same way, never a window across two.
+// Shards with loss-mask companions give each batch the mask of its targets.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +26,9 @@ struct TokenBatch {
   int64_t seq_len = 0;
   std::vector<int64_t> inputs;   // (B, T)
   std::vector<int64_t> targets;  // (B, T)
+  // (B, T): 1 where the target counts in the loss; empty when every target does.
+  std::vector<uint8_t> loss_mask;
+  int64_t target_count() const;  // targets that count in the loss
 };
 
 class TokenDataset {
@@ -32,6 +39,8 @@ class TokenDataset {
   int64_t num_tokens() const { return total_tokens_; }
   int64_t seq_len() const { return seq_len_; }
   const std::vector<TokenShard>& shards() const { return shards_; }
+  bool packed() const { return window_ > 0; }
+  bool has_loss_mask() const { return !masks_.empty(); }
 
   // Start (global token offset into the shard concatenation, never crossing a shard end) of
   // the window for (seed, step, index). Pure function.
@@ -39,6 +48,9 @@ class TokenDataset {
 
   // Windows for global indices [first_index, first_index + count) of `step`.
   TokenBatch sample_batch(uint64_t seed, int64_t step, int64_t first_index, int64_t count) const;
+  // What sample_batch(...).target_count() gives, reading only the loss masks.
+  int64_t sample_target_count(uint64_t seed, int64_t step, int64_t first_index,
+                              int64_t count) const;
 
   // Number of whole consecutive windows (stride seq_len, each needs seq_len + 1 tokens)
   // available from the start of the shards.
@@ -47,12 +59,15 @@ class TokenDataset {
   TokenBatch sequential_batch(int64_t first_window, int64_t count) const;
 
  private:
-  void read_window(int64_t global_start, int64_t* inputs, int64_t* targets) const;
+  void read_window(int64_t global_start, TokenBatch& batch, int64_t row) const;
+  int64_t windows_in(const TokenShard& shard) const;  // sequential windows
   std::vector<TokenShard> shards_;
+  std::vector<TokenShard> masks_;       // one per shard, or none
   std::vector<int64_t> shard_offsets_;  // global token offset of each shard
   std::vector<int64_t> window_prefix_;  // prefix sums of valid window starts per shard
   int64_t total_tokens_ = 0;
   int64_t seq_len_ = 0;
+  int64_t window_ = 0;  // packed: seq_len + 1; 0 for token streams
 };
 
 }  // namespace strata

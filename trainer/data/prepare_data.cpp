@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
@@ -331,7 +332,7 @@ double unigram_entropy_nats(const std::vector<int64_t>& counts) {
 
 // Shards of an earlier run that this run did not rewrite (a train_*.bin glob would find them).
 void remove_stale_shards(const fs::path& dir, const std::set<std::string>& keep) {
-  const std::regex shard_name(R"((train|val)_\d{6}\.bin)");
+  const std::regex shard_name(R"((train|val)_\d{6}\.(bin|mask))");
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     const std::string name = entry.path().filename().string();
@@ -382,19 +383,39 @@ void check_options(const PrepareDataOptions& options) {
 }
 
 // Tokenizer: reuse (copied into the output unless it is already there), or train one on the
-// train documents. Returns the staged tokenizer.model; `stale_vocab_file`: a reused tokenizer
-// without its .vocab beside it (the output's old one must go).
+// train documents. Returns the staged tokenizer.model (tokenizer.json for a Hugging Face
+// tokenizer, with the tokenizer_config.json and special_tokens_map.json beside it);
+// `stale_vocab_file`: a reused tokenizer without its .vocab beside it (the output's old one
+// must go); `final_name`: the tokenizer's name in the output.
 fs::path stage_tokenizer(const PrepareDataOptions& options, const InputFiles& inputs,
-                         const DocumentSplit& split, Staging& staging, bool* stale_vocab_file) {
+                         const DocumentSplit& split, Staging& staging, bool* stale_vocab_file,
+                         std::string* final_name) {
   std::error_code ec;
+  *final_name = "tokenizer.model";
+  if (options.tokenizer) {
+    const Tokenizer check(*options.tokenizer);  // fails early with a clear message
+    if (check.is_tokenizer_json()) {
+      *final_name = "tokenizer.json";
+      const fs::path source = check.path();
+      const fs::path tokenizer_path = staging.final_path(*final_name);
+      if (fs::equivalent(source, tokenizer_path, ec)) return tokenizer_path;
+      const fs::path staged = staging.add(*final_name);
+      copy_file_to(source, staged);
+      for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
+        if (fs::is_regular_file(source.parent_path() / name, ec))
+          copy_file_to(source.parent_path() / name, staging.add(name));
+      }
+      return staged;
+    }
+  }
   const fs::path tokenizer_path = staging.final_path("tokenizer.model");
   fs::path staged_tokenizer = tokenizer_path;
   if (options.tokenizer) {
-    Tokenizer check(*options.tokenizer);  // fails early with a clear message
-    if (!fs::equivalent(*options.tokenizer, tokenizer_path, ec)) {
+    const std::string source = Tokenizer(*options.tokenizer).path();  // a directory's file
+    if (!fs::equivalent(source, tokenizer_path, ec)) {
       staged_tokenizer = staging.add("tokenizer.model");
-      copy_file_to(*options.tokenizer, staged_tokenizer);
-      const fs::path vocab_file = fs::path(*options.tokenizer).replace_extension(".vocab");
+      copy_file_to(source, staged_tokenizer);
+      const fs::path vocab_file = fs::path(source).replace_extension(".vocab");
       if (fs::is_regular_file(vocab_file, ec)) {
         copy_file_to(vocab_file, staging.add("tokenizer.vocab"));
       } else {
@@ -421,10 +442,232 @@ fs::path stage_tokenizer(const PrepareDataOptions& options, const InputFiles& in
   return staged_tokenizer;
 }
 
+// Packed windows of one split, written as `<split>_NNNNNN.bin` with its `.mask` companion,
+// whole windows per shard (as many as fit in shard_tokens, at least one).
+class PackedShardWriter {
+ public:
+  PackedShardWriter(Staging& staging, std::string split, int64_t shard_tokens, int64_t window,
+                    int64_t vocab_size)
+      : staging_(staging),
+        split_(std::move(split)),
+        windows_per_shard_(std::max<int64_t>(1, shard_tokens / window)),
+        window_(window),
+        vocab_size_(vocab_size) {}
+
+  void add(const std::vector<uint32_t>& tokens, const std::vector<uint8_t>& mask) {
+    tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+    mask_.insert(mask_.end(), mask.begin(), mask.end());
+    if (static_cast<int64_t>(tokens_.size()) == windows_per_shard_ * window_) flush();
+  }
+  void finish() {
+    if (!tokens_.empty()) flush();
+  }
+  const std::vector<std::string>& names() const { return names_; }
+
+ private:
+  void flush() {
+    const std::string name = fmt::format("{}_{:06d}", split_, names_.size() / 2);
+    const auto window = static_cast<int32_t>(window_);
+    write_token_shard(staging_.add(name + ".bin").string(), tokens_, vocab_size_, window);
+    write_mask_shard(staging_.add(name + ".mask").string(), mask_, window);
+    names_.push_back(name + ".bin");
+    names_.push_back(name + ".mask");
+    tokens_.clear();
+    mask_.clear();
+  }
+  Staging& staging_;
+  std::string split_;
+  int64_t windows_per_shard_, window_, vocab_size_;
+  std::vector<uint32_t> tokens_;
+  std::vector<uint8_t> mask_;
+  std::vector<std::string> names_;
+};
+
+// Every non-blank line of the input files, with "file:line" for messages.
+void for_each_record(
+    const InputFiles& inputs,
+    const std::function<void(int64_t, const std::string&, const std::string&)>& fn) {
+  int64_t index = 0;
+  for (const fs::path& file : inputs.files) {
+    std::istringstream lines(read_text(file));
+    int64_t number = 0;
+    for (std::string line; std::getline(lines, line);) {
+      ++number;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      fn(index++, line, fmt::format("{}:{}", file.string(), number));
+    }
+  }
+}
+
+// `prepare-data --format jsonl`: records -> tokens + loss mask -> packed windows.
+PrepareDataResult prepare_jsonl(const PrepareDataOptions& options) {
+  if (!options.tokenizer) {
+    throw DataError(
+        "--format jsonl needs --tokenizer: the model's tokenizer (tokenizer.json, "
+        "tokenizer.model, or the model's directory)\nHINT: fine-tuning data is tokenized with "
+        "the tokenizer of the model it fine-tunes");
+  }
+  if (options.seq_len <= 0) {
+    throw DataError(fmt::format(
+        "--format jsonl needs --seq-len (the run's data.seq_len) to pack records into windows; "
+        "got {}",
+        options.seq_len));
+  }
+  if (options.overlong != "truncate" && options.overlong != "drop") {
+    throw DataError(fmt::format("--overlong '{}' is not one of: truncate, drop", options.overlong));
+  }
+  const fs::path out(options.out_dir);
+  const InputFiles inputs = gather_inputs(options.inputs, fs::weakly_canonical(out));
+  int64_t records = 0;
+  for_each_record(inputs, [&](int64_t, const std::string&, const std::string&) { ++records; });
+  if (records == 0) {
+    throw DataError(
+        fmt::format("the {} input file(s) hold no JSONL records\nHINT: check the "
+                    "--input paths (one JSON object per line)",
+                    inputs.files.size()));
+  }
+  const DocumentSplit split(options.seed, options.val_fraction, records);
+
+  const Tokenizer tokenizer(*options.tokenizer);
+  // The chat template: the given file (a template, or a tokenizer_config.json), else the
+  // tokenizer's own tokenizer_config.json when it has a chat_template.
+  std::optional<ChatTemplate> chat;
+  ChatTemplateOptions chat_options;
+  PrepareDataResult result;
+  {
+    const fs::path tokenizer_dir = fs::is_directory(*options.tokenizer)
+                                       ? fs::path(*options.tokenizer)
+                                       : fs::path(*options.tokenizer).parent_path();
+    std::optional<ChatTemplateSource> source;
+    if (options.chat_template) {
+      const fs::path given(*options.chat_template);
+      if (fs::is_directory(given) || given.extension() == ".json") {
+        source = load_chat_template(given.string());
+      } else {
+        source = ChatTemplateSource{read_text(given), given.string(), "", ""};
+      }
+    } else if (fs::exists(tokenizer_dir / "tokenizer_config.json")) {
+      try {
+        source = load_chat_template((tokenizer_dir / "tokenizer_config.json").string());
+      } catch (const DataError&) {
+        // no chat_template there: "messages" records are refused when they come
+      }
+    }
+    if (source) {
+      chat.emplace(source->source, source->origin);
+      result.chat_template = source->origin;
+      chat_options.bos_token = source->bos_token;
+      chat_options.eos_token = source->eos_token;
+    }
+    // The special tokens' strings as the tokenizer spells them, where the source names none.
+    if (chat_options.bos_token.empty() && tokenizer.bos_id() >= 0)
+      chat_options.bos_token = tokenizer.id_to_token(tokenizer.bos_id()).value_or("");
+    if (chat_options.eos_token.empty() && tokenizer.eos_id() >= 0)
+      chat_options.eos_token = tokenizer.id_to_token(tokenizer.eos_id()).value_or("");
+  }
+  if (tokenizer.eos_id() < 0) {
+    throw DataError(fmt::format(
+        "tokenizer {} has no EOS token, which ends each record and pads the windows\nHINT: use "
+        "the model's own tokenizer (with its tokenizer_config.json naming eos_token)",
+        *options.tokenizer));
+  }
+  const RecordEncoder encoder(tokenizer, chat ? &*chat : nullptr, chat_options);
+
+  std::error_code ec;
+  fs::create_directories(out, ec);
+  if (ec || !fs::is_directory(out)) {
+    throw DataError(fmt::format(
+        "cannot create output directory {}: {}\nHINT: check the --out path and its permissions",
+        out.string(), ec ? ec.message() : "a file of that name exists"));
+  }
+  Staging staging(out);
+  const int64_t window = options.seq_len + 1, vocab_size = tokenizer.vocab_size();
+  const bool truncate = options.overlong == "truncate";
+  const auto pad = static_cast<uint32_t>(tokenizer.eos_id());
+  PackedShardWriter train_shards(staging, "train", options.shard_tokens, window, vocab_size);
+  PackedShardWriter val_shards(staging, "val", options.shard_tokens, window, vocab_size);
+  WindowPacker train(window, truncate, pad,
+                     [&](const auto& t, const auto& m) { train_shards.add(t, m); });
+  WindowPacker val(window, truncate, pad,
+                   [&](const auto& t, const auto& m) { val_shards.add(t, m); });
+  for_each_record(inputs, [&](int64_t i, const std::string& line, const std::string& where) {
+    EncodedRecord record = encoder.encode(line, where);
+    if (record.targets() == 0) {
+      ++result.records_without_targets;
+      return;
+    }
+    (split.is_val(i) ? val : train).add(std::move(record));
+  });
+  train.finish();
+  val.finish();
+  train_shards.finish();
+  val_shards.finish();
+  if (train.stats().windows == 0) {
+    throw DataError(fmt::format(
+        "no training window: of {} records, {} have no target token and {} are longer than "
+        "--seq-len {} + 1 tokens and were dropped\nHINT: check the records' kinds, or use "
+        "--overlong truncate or a larger --seq-len",
+        records, result.records_without_targets, train.stats().dropped, options.seq_len));
+  }
+
+  staging.commit();
+  std::set<std::string> keep(train_shards.names().begin(), train_shards.names().end());
+  keep.insert(val_shards.names().begin(), val_shards.names().end());
+  remove_stale_shards(out, keep);
+
+  result.documents = records;
+  result.train_packing = train.stats();
+  result.val_packing = val.stats();
+  result.train_tokens = train.stats().tokens;
+  result.val_tokens = val.stats().tokens;
+  result.vocab_size = vocab_size;
+  for (const std::string& name : train_shards.names()) {
+    if (name.size() > 4 && name.compare(name.size() - 4, 4, ".bin") == 0)
+      result.train_shards.push_back(staging.final_path(name).string());
+  }
+  for (const std::string& name : val_shards.names()) {
+    if (name.size() > 4 && name.compare(name.size() - 4, 4, ".bin") == 0)
+      result.val_shards.push_back(staging.final_path(name).string());
+  }
+  result.tokenizer_path = fs::absolute(*options.tokenizer).string();
+  result.input_files = static_cast<int64_t>(inputs.files.size());
+  result.skipped_files = inputs.skipped;
+
+  auto packing = [](const PackingStats& s) {
+    return nlohmann::json{{"records", s.records},       {"truncated", s.truncated},
+                          {"dropped", s.dropped},       {"windows", s.windows},
+                          {"tokens", s.tokens},         {"target_tokens", s.targets},
+                          {"padding_tokens", s.padding}};
+  };
+  const nlohmann::json meta = {
+      {"format", "jsonl"},
+      {"vocab_size", result.vocab_size},
+      {"seq_len", options.seq_len},
+      {"overlong", options.overlong},
+      {"records", {{"total", records}, {"without_targets", result.records_without_targets}}},
+      {"packing", {{"train", packing(result.train_packing)}, {"val", packing(result.val_packing)}}},
+      {"tokens", {{"train", result.train_tokens}, {"val", result.val_tokens}}},
+      {"tokenizer", result.tokenizer_path},
+      {"chat_template",
+       result.chat_template.empty() ? nlohmann::json() : nlohmann::json(result.chat_template)},
+      {"train_shards", result.train_shards},
+      {"val_shards", result.val_shards},
+      {"inputs", options.inputs},
+      {"val_fraction", options.val_fraction},
+      {"seed", options.seed},
+  };
+  write_json_atomically(out / "meta.json", meta);
+  return result;
+}
+
 }  // namespace
 
 PrepareDataResult prepare_data(const PrepareDataOptions& options) {
   check_options(options);
+  if (options.format == "jsonl") return prepare_jsonl(options);
+  if (options.format != "text") {
+    throw DataError(fmt::format("--format '{}' is not one of: text, jsonl", options.format));
+  }
   const fs::path out(options.out_dir);
   const InputFiles inputs = gather_inputs(options.inputs, fs::weakly_canonical(out));
 
@@ -449,28 +692,39 @@ PrepareDataResult prepare_data(const PrepareDataOptions& options) {
   Staging staging(out);
 
   bool stale_vocab_file = false;
+  std::string tokenizer_name;
   const fs::path staged_tokenizer =
-      stage_tokenizer(options, inputs, split, staging, &stale_vocab_file);
-  const fs::path tokenizer_path = staging.final_path("tokenizer.model");
-  const Tokenizer tokenizer(staged_tokenizer.string());
+      stage_tokenizer(options, inputs, split, staging, &stale_vocab_file, &tokenizer_name);
+  const fs::path tokenizer_path = staging.final_path(tokenizer_name);
+  // A tokenizer.json is read where it came from: its BOS and EOS depend on the
+  // tokenizer_config.json beside it (the staged copies are not in place yet).
+  const Tokenizer tokenizer(tokenizer_name == "tokenizer.json" && options.tokenizer
+                                ? *options.tokenizer
+                                : staged_tokenizer.string());
   const int64_t vocab_size = tokenizer.vocab_size();
-  if (tokenizer.bos_id() < 0) {
+  // A tokenizer.json without BOS (GPT-2 style) ends every document with its EOS instead.
+  const bool eos_separated = tokenizer.is_tokenizer_json() && tokenizer.bos_id() < 0;
+  if (tokenizer.bos_id() < 0 && !(eos_separated && tokenizer.eos_id() >= 0)) {
     throw DataError(
-        fmt::format("tokenizer {} has no BOS piece (<s>), which marks where each "
+        fmt::format("tokenizer {} has no BOS piece (<s>){}, which marks where each "
                     "document starts in the shards\nHINT: use a Llama-style "
                     "tokenizer, or let prepare-data train one (--vocab-size)",
-                    options.tokenizer.value_or(tokenizer_path.string())));
+                    options.tokenizer.value_or(tokenizer_path.string()),
+                    tokenizer.is_tokenizer_json() ? " and no EOS" : ""));
   }
 
-  // Tokens: every document is BOS + its tokens (the BOS marks document boundaries).
+  // Tokens: every document is BOS + its tokens (the BOS marks document boundaries), or its
+  // tokens + EOS for a tokenizer without BOS.
   ShardWriter train(staging, "train", options.shard_tokens, vocab_size);
   ShardWriter val(staging, "val", options.shard_tokens, vocab_size);
   std::vector<int64_t> train_counts(vocab_size, 0);
   std::vector<uint32_t> tokens;
   for_each_document(inputs, options.separator, [&](int64_t i, std::string_view doc) {
-    tokens.assign(1, static_cast<uint32_t>(tokenizer.bos_id()));
+    tokens.clear();
+    if (!eos_separated) tokens.push_back(static_cast<uint32_t>(tokenizer.bos_id()));
     const std::vector<uint32_t> ids = tokenizer.encode(std::string(doc));
     tokens.insert(tokens.end(), ids.begin(), ids.end());
+    if (eos_separated) tokens.push_back(static_cast<uint32_t>(tokenizer.eos_id()));
     if (split.is_val(i)) {
       val.add(tokens);
     } else {

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "trainer/data/instruction_data.h"
+
 namespace strata {
 
 struct PrepareDataOptions {
@@ -18,6 +20,13 @@ struct PrepareDataOptions {
   std::optional<std::string> separator;  // a line equal to this splits documents
   int64_t shard_tokens = 100'000'000;    // max tokens per shard file
   uint64_t seed = 1234;                  // train/val split
+  // "text": documents, every token a target. "jsonl": instruction records
+  // (trainer/data/instruction_data.h) with loss masks, packed into windows of seq_len + 1;
+  // needs `tokenizer` and `seq_len`.
+  std::string format = "text";
+  std::optional<std::string> chat_template;  // a template file or a tokenizer_config.json
+  int64_t seq_len = 0;
+  std::string overlong = "truncate";  // jsonl records longer than a window: truncate | drop
 };
 
 struct PrepareDataResult {
@@ -31,6 +40,11 @@ struct PrepareDataResult {
   std::string tokenizer_path;
   int64_t input_files = 0;    // text files read
   int64_t skipped_files = 0;  // binary, .dat, hidden or duplicate files not read
+  // jsonl: the packing of each split, the records without a target token (left out), and
+  // where the chat template came from.
+  PackingStats train_packing, val_packing;
+  int64_t records_without_targets = 0;
+  std::string chat_template;
 };
 
 PrepareDataResult prepare_data(const PrepareDataOptions& options);

@@ -28,19 +28,54 @@ std::string hint_prepare() {
 
 }  // namespace
 
-void write_token_shard(const std::string& path, const std::vector<uint32_t>& tokens,
-                       int64_t vocab_size) {
-  const bool wide = vocab_size > 65536;
-  if (tokens.size() > static_cast<size_t>(INT32_MAX)) {
+namespace {
+
+// Header, then `bytes` of payload, to a temporary file renamed over `path` once complete.
+void write_shard_file(const std::string& path, int32_t magic, int32_t version, size_t count,
+                      int32_t window, const void* data, size_t bytes) {
+  if (count > static_cast<size_t>(INT32_MAX)) {
     throw DataError(
         fmt::format("cannot write {}: {} tokens exceed the format's limit of {} per "
                     "shard\nHINT: use a smaller --shard-tokens",
-                    path, tokens.size(), INT32_MAX));
+                    path, count, INT32_MAX));
   }
   int32_t header[kShardHeaderInts] = {};
-  header[0] = wide ? kShardMagicU32 : kShardMagicU16;
-  header[1] = wide ? kShardVersionU32 : kShardVersionU16;
-  header[2] = static_cast<int32_t>(tokens.size());
+  header[0] = magic;
+  header[1] = version;
+  header[2] = static_cast<int32_t>(count);
+  header[3] = window;
+  const std::string temp = path + ".tmp";
+  try {
+    {
+      HashingFileWriter out(temp, /*hash_thread=*/false);
+      out.write(header, sizeof(header));
+      out.write(data, bytes);
+      out.finish();
+    }
+    rename_durable(temp, path);
+  } catch (const IoError& e) {
+    std::remove(temp.c_str());
+    throw DataError(
+        fmt::format("cannot write token shard {}: {}\nHINT: check free disk space "
+                    "and permissions of the output directory",
+                    path, e.what()));
+  }
+}
+
+}  // namespace
+
+void write_mask_shard(const std::string& path, const std::vector<uint8_t>& mask, int32_t window) {
+  write_shard_file(path, kMaskMagic, kMaskVersion, mask.size(), window, mask.data(), mask.size());
+}
+
+std::string mask_path_of(const std::string& shard_path) {
+  const std::filesystem::path p(shard_path);
+  return (p.parent_path() / (p.stem().string() + ".mask")).string();
+}
+
+void write_token_shard(const std::string& path, const std::vector<uint32_t>& tokens,
+                       int64_t vocab_size, int32_t window) {
+  const bool wide = vocab_size > 65536;
 
   std::vector<uint16_t> narrow;
   if (!wide) {
@@ -55,25 +90,12 @@ void write_token_shard(const std::string& path, const std::vector<uint32_t>& tok
       narrow[i] = static_cast<uint16_t>(tokens[i]);
     }
   }
-  const std::string temp = path + ".tmp";
-  try {
-    {
-      HashingFileWriter out(temp, /*hash_thread=*/false);
-      out.write(header, sizeof(header));
-      if (wide) {
-        out.write(tokens.data(), tokens.size() * sizeof(uint32_t));
-      } else {
-        out.write(narrow.data(), narrow.size() * sizeof(uint16_t));
-      }
-      out.finish();
-    }
-    rename_durable(temp, path);
-  } catch (const IoError& e) {
-    std::remove(temp.c_str());
-    throw DataError(
-        fmt::format("cannot write token shard {}: {}\nHINT: check free disk space "
-                    "and permissions of the output directory",
-                    path, e.what()));
+  if (wide) {
+    write_shard_file(path, kShardMagicU32, kShardVersionU32, tokens.size(), window, tokens.data(),
+                     tokens.size() * sizeof(uint32_t));
+  } else {
+    write_shard_file(path, kShardMagicU16, kShardVersionU16, tokens.size(), window, narrow.data(),
+                     narrow.size() * sizeof(uint16_t));
   }
 }
 
@@ -105,9 +127,17 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
   map_ = static_cast<const uint8_t*>(map);
   map_bytes_ = file_bytes;
 
-  int32_t header[3];
+  int32_t header[4];
   std::memcpy(header, map_, sizeof(header));
-  if (header[0] == kShardMagicU16) {
+  window_ = header[3];
+  if (header[0] == kMaskMagic) {
+    bytes_per_token_ = 1;
+    if (header[1] != kMaskVersion) {
+      unmap();
+      throw DataError(fmt::format("loss mask {} has version {}; magic {} needs version {}\n{}",
+                                  path, header[1], kMaskMagic, kMaskVersion, hint_prepare()));
+    }
+  } else if (header[0] == kShardMagicU16) {
     bytes_per_token_ = 2;
     if (header[1] != kShardVersionU16) {
       unmap();
@@ -139,6 +169,12 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
                     "tokens ({} bytes), the file has {} bytes\n{}",
                     path, header[2], expected, file_bytes, hint_prepare()));
   }
+  if (window_ < 0 || (window_ > 0 && num_tokens_ % window_ != 0)) {
+    unmap();
+    throw DataError(fmt::format(
+        "token shard {} is corrupt: its packed window length {} does not divide its {} tokens\n{}",
+        path, window_, num_tokens_, hint_prepare()));
+  }
 }
 
 TokenShard::~TokenShard() {
@@ -157,6 +193,7 @@ TokenShard& TokenShard::operator=(TokenShard&& other) noexcept {
     map_bytes_ = std::exchange(other.map_bytes_, 0);
     num_tokens_ = other.num_tokens_;
     bytes_per_token_ = other.bytes_per_token_;
+    window_ = other.window_;
   }
   return *this;
 }
@@ -169,6 +206,7 @@ void TokenShard::unmap() {
 
 uint32_t TokenShard::token(int64_t i) const {
   const uint8_t* p = map_ + kHeaderBytes + static_cast<size_t>(i) * bytes_per_token_;
+  if (bytes_per_token_ == 1) return *p;
   if (bytes_per_token_ == 2) {
     uint16_t v;
     std::memcpy(&v, p, sizeof(v));
@@ -195,7 +233,7 @@ uint32_t TokenShard::max_token() const {
   } else {
     for (int64_t i = 0; i < num_tokens_; ++i) m = std::max(m, token(i));
   }
-  return m;
+  return m;  // a mask: 0 or 1
 }
 
 std::vector<std::string> expand_shard_pattern(const std::string& pattern) {

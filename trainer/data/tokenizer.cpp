@@ -10,9 +10,11 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <sstream>
 #include <stdexcept>
 #include <string_view>
 #include <tuple>
@@ -21,6 +23,8 @@
 #include <utility>
 #include <vector>
 
+#include "checkpoint/json_file.h"
+#include "trainer/data/hf_tokenizer.h"
 #include "trainer/data/token_shard.h"
 
 namespace strata {
@@ -141,26 +145,102 @@ size_t code_points(std::string_view s) {
       s.begin(), s.end(), [](char c) { return (static_cast<uint8_t>(c) & 0xC0) != 0x80; }));
 }
 
+// The BOS and EOS of a tokenizer.json (see bos_id() in tokenizer.h).
+std::pair<int, int> hf_special_ids(const HfTokenizer& hf, const fs::path& json_path) {
+  auto id_of = [&](const std::string& token) {
+    const std::optional<int64_t> id = hf.token_to_id(token);
+    return id ? static_cast<int>(*id) : -1;
+  };
+  // A key of tokenizer_config.json decides (null: none); without it, the template, then names.
+  int bos = hf.template_prefix().empty() ? -1 : static_cast<int>(hf.template_prefix().front());
+  int eos = hf.template_suffix().empty() ? -1 : static_cast<int>(hf.template_suffix().back());
+  for (const char* name : {"<s>", "<|begin_of_text|>"}) {
+    if (bos < 0) bos = id_of(name);
+  }
+  for (const char* name : {"</s>", "<|end_of_text|>", "<|endoftext|>"}) {
+    if (eos < 0) eos = id_of(name);
+  }
+  const fs::path config_path = json_path.parent_path() / "tokenizer_config.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(config_path, ec)) return {bos, eos};
+  nlohmann::json config;
+  try {
+    config = read_json_file(config_path.string(), 64ull << 20);
+  } catch (const std::exception& e) {
+    throw DataError(fmt::format("cannot read the tokenizer's {}", e.what()));
+  }
+  if (!config.is_object()) {
+    throw DataError(fmt::format("{} must be a JSON object", config_path.string()));
+  }
+  auto token = [&](const char* key, int* id) {
+    const auto it = config.find(key);
+    if (it == config.end()) return;
+    if (it->is_null()) {
+      *id = -1;
+      return;
+    }
+    const nlohmann::json& value =
+        it->is_object() && it->contains("content") ? (*it)["content"] : *it;
+    if (!value.is_string()) {
+      throw DataError(fmt::format("{}: {} must be a token (a string or {{\"content\": ...}})",
+                                  config_path.string(), key));
+    }
+    *id = id_of(value.get<std::string>());
+    if (*id < 0) {
+      throw DataError(fmt::format("{}: {} {} is not a token of {}", config_path.string(), key,
+                                  value.dump(), json_path.string()));
+    }
+  };
+  token("bos_token", &bos);
+  token("eos_token", &eos);
+  return {bos, eos};
+}
+
 }  // namespace
 
-Tokenizer::Tokenizer(const std::string& model_path)
-    : path_(model_path), processor_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
-  if (!fs::is_regular_file(model_path)) {
+Tokenizer::Tokenizer(const std::string& model_path) : path_(model_path) {
+  std::error_code ec;
+  if (fs::is_directory(model_path, ec)) {
+    const fs::path dir(model_path);
+    if (fs::is_regular_file(dir / "tokenizer.json", ec)) {
+      path_ = (dir / "tokenizer.json").string();
+    } else if (fs::is_regular_file(dir / "tokenizer.model", ec)) {
+      path_ = (dir / "tokenizer.model").string();
+    } else {
+      throw DataError(
+          fmt::format("tokenizer directory {} holds neither tokenizer.json nor tokenizer.model\n"
+                      "HINT: point --tokenizer at a Hugging Face model directory, a tokenizer.json "
+                      "or a SentencePiece tokenizer.model",
+                      model_path));
+    }
+  }
+  if (fs::path(path_).extension() == ".json") {
+    if (!fs::is_regular_file(path_, ec)) {
+      throw DataError(fmt::format("tokenizer {} does not exist", path_));
+    }
+    hf_ = std::make_unique<HfTokenizer>(path_);
+    std::tie(bos_, eos_) = hf_special_ids(*hf_, fs::path(path_));
+    return;
+  }
+  processor_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
+  if (!fs::is_regular_file(path_)) {
     throw DataError(
         fmt::format("tokenizer {} does not exist\nHINT: point data.tokenizer (or "
                     "--tokenizer) at the tokenizer.model written by strata "
                     "prepare-data",
-                    model_path));
+                    path_));
   }
-  const auto status = processor_->Load(model_path);
+  const auto status = processor_->Load(path_);
   if (!status.ok()) {
     const std::string message = status_message(status.ToString());
     throw DataError(
         fmt::format("cannot load tokenizer {}: {}\nHINT: it must be a SentencePiece "
                     "model file (the tokenizer.model written by strata "
                     "prepare-data, or a Llama-style one)",
-                    model_path, message.empty() ? "not a SentencePiece model" : message));
+                    path_, message.empty() ? "not a SentencePiece model" : message));
   }
+  bos_ = processor_->bos_id();
+  eos_ = processor_->eos_id();
 }
 
 Tokenizer::~Tokenizer() = default;
@@ -168,16 +248,39 @@ Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
 int64_t Tokenizer::vocab_size() const {
-  return processor_->GetPieceSize();
+  return hf_ ? hf_->vocab_size() : processor_->GetPieceSize();
 }
 int Tokenizer::bos_id() const {
-  return processor_->bos_id();
+  return bos_;
 }
 int Tokenizer::eos_id() const {
-  return processor_->eos_id();
+  return eos_;
+}
+
+std::vector<uint32_t> Tokenizer::encode(const std::string& text, bool add_special_tokens) const {
+  if (hf_) return hf_->encode(text, add_special_tokens);
+  std::vector<uint32_t> ids = encode(text);
+  if (add_special_tokens && bos_ >= 0) ids.insert(ids.begin(), static_cast<uint32_t>(bos_));
+  return ids;
+}
+
+std::optional<int64_t> Tokenizer::token_to_id(const std::string& token) const {
+  if (hf_) return hf_->token_to_id(token);
+  const int id = processor_->PieceToId(token);
+  // SentencePiece maps an unknown piece to <unk>.
+  if (id < 0 || (id == processor_->unk_id() && processor_->IdToPiece(id) != token))
+    return std::nullopt;
+  return id;
+}
+
+std::optional<std::string> Tokenizer::id_to_token(int64_t id) const {
+  if (hf_) return hf_->id_to_token(id);
+  if (id < 0 || id >= vocab_size()) return std::nullopt;
+  return processor_->IdToPiece(static_cast<int>(id));
 }
 
 std::vector<uint32_t> Tokenizer::encode(const std::string& text) const {
+  if (hf_) return hf_->encode(text, false);
   std::vector<int> ids;
   const auto status = processor_->Encode(text, &ids);
   if (!status.ok()) {
@@ -187,6 +290,7 @@ std::vector<uint32_t> Tokenizer::encode(const std::string& text) const {
 }
 
 std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
+  if (hf_) return hf_->decode(ids);
   std::vector<int> narrow;
   const int64_t size = vocab_size();
   for (int64_t id : ids) {
@@ -201,6 +305,13 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
 }
 
 std::optional<std::string> Tokenizer::hf_tokenizer_json() const {
+  if (hf_) {
+    std::ifstream in(path_, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
+    if (!in) throw DataError(fmt::format("cannot read {}", path_));
+    return text.str();
+  }
   SpmFacts facts;
   try {
     facts = spm_facts(processor_->serialized_model_proto());

@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <sstream>
 
 #include "checkpoint/file_io.h"
 #include "checkpoint/hf_export.h"
@@ -17,6 +18,7 @@
 #include "checkpoint/safe_path.h"
 #include "checkpoint/hub/spec.h"
 #include "checkpoint/safetensors.h"
+#include "trainer/errors.h"
 #include "trainer/model/converters/converter.h"
 
 namespace strata {
@@ -34,6 +36,21 @@ bool matches_any(const std::string& key, const std::vector<std::string>& pattern
 std::map<std::string, std::string> hf_tokenizer_files(const Tokenizer& tokenizer,
                                                       int64_t max_seq_len) {
   std::map<std::string, std::string> text_files;
+  if (tokenizer.is_tokenizer_json()) {
+    // A Hugging Face tokenizer: its own files, as they are.
+    text_files["tokenizer.json"] = *tokenizer.hf_tokenizer_json();
+    const std::filesystem::path dir = std::filesystem::path(tokenizer.path()).parent_path();
+    for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
+      std::error_code ec;
+      if (!std::filesystem::is_regular_file(dir / name, ec)) continue;
+      std::ifstream in(dir / name, std::ios::binary);
+      std::ostringstream bytes;
+      bytes << in.rdbuf();
+      if (!in) throw DataError(fmt::format("cannot read {}", (dir / name).string()));
+      text_files[name] = bytes.str();
+    }
+    return text_files;
+  }
   nlohmann::ordered_json special;
   special["bos_token"] = "<s>";
   special["eos_token"] = "</s>";
@@ -179,7 +196,7 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
   std::map<std::string, std::string> text_files;  // name -> content
   std::vector<std::string> copy_files;
   if (tokenizer && config.data.tokenizer) {
-    copy_files.push_back(*config.data.tokenizer);
+    if (!tokenizer->is_tokenizer_json()) copy_files.push_back(tokenizer->path());
     text_files = hf_tokenizer_files(*tokenizer, config.model.max_seq_len);
   }
   CommitJob job;

@@ -175,8 +175,11 @@ nlohmann::ordered_json LlamaStateDictAdapter::config_json(const std::string& dty
   c["pretraining_tp"] = 1;
   c["tie_word_embeddings"] = config_.tie_embeddings;
   c["use_cache"] = true;
-  c["bos_token_id"] = bos_token_id;
-  c["eos_token_id"] = eos_token_id;
+  // A tokenizer without BOS (or EOS) has -1: null in the file.
+  c["bos_token_id"] =
+      bos_token_id >= 0 ? nlohmann::ordered_json(bos_token_id) : nlohmann::ordered_json();
+  c["eos_token_id"] =
+      eos_token_id >= 0 ? nlohmann::ordered_json(eos_token_id) : nlohmann::ordered_json();
   c["pad_token_id"] = nullptr;
   c["rope_scaling"] = nullptr;
   c["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", config_.rope_theta}};
@@ -189,8 +192,8 @@ nlohmann::ordered_json LlamaStateDictAdapter::config_json(const std::string& dty
 nlohmann::json LlamaStateDictAdapter::generation_config_json(int64_t bos_token_id,
                                                              int64_t eos_token_id) {
   return {{"_from_model_config", true},
-          {"bos_token_id", bos_token_id},
-          {"eos_token_id", eos_token_id},
+          {"bos_token_id", bos_token_id >= 0 ? nlohmann::json(bos_token_id) : nlohmann::json()},
+          {"eos_token_id", eos_token_id >= 0 ? nlohmann::json(eos_token_id) : nlohmann::json()},
           {"transformers_version", "4.56.0"}};
 }
 
