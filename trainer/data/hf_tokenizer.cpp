@@ -379,7 +379,7 @@ struct PreTokenizer {
       case kByteLevel: {
         if (add_prefix_space) {
           for (Piece& p : pieces)
-            if (!p.text.empty() && p.text[0] != ' ') p.text.insert(0, " ");
+            if (!p.text.empty() && p.text[0] != ' ') p.text = ' ' + p.text;
         }
         if (use_regex) split_pieces(pieces, Behavior::kIsolated, false, regex_find);
         const ByteAlphabet& alphabet = byte_alphabet();
