@@ -106,10 +106,14 @@ int64_t TokenDataset::sample_start(uint64_t seed, int64_t step, int64_t global_i
   return shard_offsets_[s] + (k - before) * std::max<int64_t>(window_, 1);
 }
 
-void TokenDataset::read_window(int64_t global_start, TokenBatch& batch, int64_t row) const {
+std::pair<size_t, int64_t> TokenDataset::locate(int64_t global_start) const {
   const size_t s = std::upper_bound(shard_offsets_.begin(), shard_offsets_.end(), global_start) -
                    shard_offsets_.begin() - 1;
-  const int64_t local = global_start - shard_offsets_[s];
+  return {s, global_start - shard_offsets_[s]};
+}
+
+void TokenDataset::read_window(int64_t global_start, TokenBatch& batch, int64_t row) const {
+  const auto [s, local] = locate(global_start);
   shards_[s].read(local, seq_len_, batch.inputs.data() + row * seq_len_);
   shards_[s].read(local + 1, seq_len_, batch.targets.data() + row * seq_len_);
   if (masks_.empty()) return;
@@ -140,10 +144,7 @@ int64_t TokenDataset::sample_target_count(uint64_t seed, int64_t step, int64_t f
   if (masks_.empty()) return count * seq_len_;
   int64_t targets = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t start = sample_start(seed, step, first_index + i);
-    const size_t s = std::upper_bound(shard_offsets_.begin(), shard_offsets_.end(), start) -
-                     shard_offsets_.begin() - 1;
-    const int64_t local = start - shard_offsets_[s];
+    const auto [s, local] = locate(sample_start(seed, step, first_index + i));
     for (int64_t t = 1; t <= seq_len_; ++t) targets += masks_[s].token(local + t);
   }
   return targets;

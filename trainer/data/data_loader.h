@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "trainer/data/token_shard.h"
@@ -59,6 +60,8 @@ class TokenDataset {
   TokenBatch sequential_batch(int64_t first_window, int64_t count) const;
 
  private:
+  // The shard holding global token `global_start`, and the token's index in it.
+  std::pair<size_t, int64_t> locate(int64_t global_start) const;
   void read_window(int64_t global_start, TokenBatch& batch, int64_t row) const;
   int64_t windows_in(const TokenShard& shard) const;  // sequential windows
   std::vector<TokenShard> shards_;

@@ -155,7 +155,10 @@ EncodedRecord RecordEncoder::encode_messages(const std::vector<ChatMessage>& mes
         full.compare(0, through.size(), through) != 0) {
       throw DataError(fmt::format(
           "{}: chat template {} renders the conversation up to message {} differently from the "
-          "start of the whole conversation, so the assistant's tokens cannot be told apart",
+          "start of the whole conversation, so the assistant's tokens cannot be told apart\n"
+          "HINT: use a template whose rendering of each shorter conversation (with the "
+          "generation prompt) begins the rendering of the whole one, as most chat templates do, "
+          "or write the records as {{\"prompt\", \"completion\"}}",
           where, chat_->origin(), i));
     }
     // The turn ends with its EOS: what the template writes after it (a newline before the

@@ -462,14 +462,16 @@ class PackedShardWriter {
   void finish() {
     if (!tokens_.empty()) flush();
   }
-  const std::vector<std::string>& names() const { return names_; }
+  const std::vector<std::string>& names() const { return names_; }    // shards and masks
+  const std::vector<std::string>& shards() const { return shards_; }  // the .bin files
 
  private:
   void flush() {
-    const std::string name = fmt::format("{}_{:06d}", split_, names_.size() / 2);
+    const std::string name = fmt::format("{}_{:06d}", split_, shards_.size());
     const auto window = static_cast<int32_t>(window_);
     write_token_shard(staging_.add(name + ".bin").string(), tokens_, vocab_size_, window);
     write_mask_shard(staging_.add(name + ".mask").string(), mask_, window);
+    shards_.push_back(name + ".bin");
     names_.push_back(name + ".bin");
     names_.push_back(name + ".mask");
     tokens_.clear();
@@ -480,7 +482,7 @@ class PackedShardWriter {
   int64_t windows_per_shard_, window_, vocab_size_;
   std::vector<uint32_t> tokens_;
   std::vector<uint8_t> mask_;
-  std::vector<std::string> names_;
+  std::vector<std::string> names_, shards_;
 };
 
 // Every non-blank line of the input files, with "file:line" for messages.
@@ -621,14 +623,10 @@ PrepareDataResult prepare_jsonl(const PrepareDataOptions& options) {
   result.train_tokens = train.stats().tokens;
   result.val_tokens = val.stats().tokens;
   result.vocab_size = vocab_size;
-  for (const std::string& name : train_shards.names()) {
-    if (name.size() > 4 && name.compare(name.size() - 4, 4, ".bin") == 0)
-      result.train_shards.push_back(staging.final_path(name).string());
-  }
-  for (const std::string& name : val_shards.names()) {
-    if (name.size() > 4 && name.compare(name.size() - 4, 4, ".bin") == 0)
-      result.val_shards.push_back(staging.final_path(name).string());
-  }
+  for (const std::string& name : train_shards.shards())
+    result.train_shards.push_back(staging.final_path(name).string());
+  for (const std::string& name : val_shards.shards())
+    result.val_shards.push_back(staging.final_path(name).string());
   result.tokenizer_path = fs::absolute(*options.tokenizer).string();
   result.input_files = static_cast<int64_t>(inputs.files.size());
   result.skipped_files = inputs.skipped;
