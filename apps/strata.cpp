@@ -74,6 +74,16 @@ std::string version_text() {
                      strata::cuda_description(), strata::blas_description());
 }
 
+// A tokenizer as the user gave it (--tokenizer, a chat template's tokenizer_config.json): a
+// local path unchanged, a Hub spec the snapshot directory of its tokenizer files alone (progress
+// on stderr, so that stdout carries only the command's own output).
+std::string local_tokenizer(const std::string& path) {
+  return strata::resolve_tokenizer_path(path, nullptr, [](const std::string& line) {
+    fmt::print(stderr, "{}\n", line);
+    std::fflush(stderr);
+  });
+}
+
 struct TrainArgs {
   std::string config_path;
   std::vector<std::string> overrides;
@@ -87,12 +97,13 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
       strata::load_config(args.config_path, args.overrides, group->world_size());
   // Hub specs among the load paths: one rank per node fills the HF cache, every rank agrees.
   const int rank = group->rank();
+  const strata::HubLog hub_log = [rank](const std::string& line) {
+    fmt::print("{}{}\n", rank == 0 ? "" : fmt::format("[rank {}] ", rank), line);
+    std::fflush(stdout);
+  };
   strata::TrainOptions options;
   options.local_dirs = strata::resolve_load_paths(config.checkpoint, [&](const std::string& path) {
-    return strata::resolve_model_path(path, group.get(), [rank](const std::string& line) {
-      fmt::print("{}{}\n", rank == 0 ? "" : fmt::format("[rank {}] ", rank), line);
-      std::fflush(stdout);
-    });
+    return strata::resolve_model_path(path, group.get(), hub_log);
   });
   // No model keys: the model is the one in the config.json of resume_path (an HF directory,
   // or the base of a PEFT adapter).
@@ -118,6 +129,11 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
     if (group->is_main()) fmt::print("{}", strata::to_yaml(config));
     return 0;
   }
+  // data.tokenizer as a Hub spec: its tokenizer files only, resolved as the load paths are.
+  if (config.data.tokenizer) {
+    config.data.tokenizer =
+        strata::resolve_tokenizer_path(*config.data.tokenizer, group.get(), hub_log);
+  }
 #ifdef STRATA_FAULT_INJECTION
   options.before_checkpoint_write = strata::testing::fault_injection_from_environment();
 #endif
@@ -126,8 +142,8 @@ int run_train(const TrainArgs& args, int* argc, char*** argv,
 }
 
 // `strata chat-template`: one conversation rendered with a chat template, printed exactly (no
-// newline added). --template is a Jinja file, or a tokenizer_config.json (or a directory holding
-// one) whose chat_template and bos/eos tokens are used.
+// newline added). --template is a Jinja file, or a tokenizer_config.json (or a directory or Hub
+// spec holding one) whose chat_template and bos/eos tokens are used.
 struct ChatTemplateArgs {
   std::string template_path, messages_path;
   bool add_generation_prompt = false;
@@ -142,10 +158,12 @@ int run_chat_template(const ChatTemplateArgs& args) {
     all << in.rdbuf();
     return all.str();
   };
-  const std::filesystem::path path = args.template_path;
+  // A Hub spec: the tokenizer_config.json of its tokenizer files.
+  const std::string template_path = local_tokenizer(args.template_path);
+  const std::filesystem::path path = template_path;
   strata::ChatTemplateSource source;
   if (std::filesystem::is_directory(path) || path.extension() == ".json") {
-    source = strata::load_chat_template(args.template_path);
+    source = strata::load_chat_template(template_path);
   } else {
     source.source = read_file(args.template_path);
     source.origin = args.template_path;
@@ -202,6 +220,7 @@ struct EvalArgs {
   bool seq_len_given = false;
   int64_t max_tokens = 0;
   bool skip_memory_check = false;
+  bool document_masking = false;
 };
 
 int run_eval(const EvalArgs& args) {
@@ -236,16 +255,23 @@ int run_eval(const EvalArgs& args) {
         args.max_tokens, seq_len, seq_len));
   }
   const strata::TokenDataset data(args.data, seq_len, source.config.vocab_size);
+  if (args.document_masking && !data.has_documents()) {
+    throw strata::DataError(fmt::format(
+        "eval --document-masking: the shards matching '{}' do not mark where documents start: "
+        "only packed instruction data does\nHINT: leave out --document-masking, or prepare the "
+        "data with `strata prepare-data --format jsonl`",
+        args.data));
+  }
   const int64_t windows =
       args.max_tokens > 0 ? args.max_tokens / seq_len : data.num_sequential_windows();
-  const auto [loss, tokens] =
-      strata::evaluate(*source.model, data, windows, /*micro_batch=*/8, nullptr);
+  const auto [loss, tokens] = strata::evaluate(*source.model, data, windows, /*micro_batch=*/8,
+                                               nullptr, args.document_masking);
   const int64_t scored = std::min(windows, data.num_sequential_windows());
-  fmt::print("eval: {} on {} ({} windows of {} tokens{}): loss {:.6f}, perplexity {:.3f}\n",
+  fmt::print("eval: {} on {} ({} windows of {} tokens{}{}): loss {:.6f}, perplexity {:.3f}\n",
              source.description, args.data, scored, seq_len,
              data.has_loss_mask() ? fmt::format(", {} target tokens by the loss mask", tokens)
                                   : std::string(),
-             loss, std::exp(loss));
+             args.document_masking ? ", attention within each document" : "", loss, std::exp(loss));
   fmt::print("{}\n", nlohmann::json{{"loss", loss}, {"tokens", tokens}}.dump());
   return 0;
 }
@@ -287,7 +313,7 @@ int run_generate(GenerateArgs args) {
   workload.skip_check = args.skip_memory_check;
   const strata::ModelSource source = strata::load_model_source(args.from, workload);
   const std::string tokenizer_path =
-      !args.tokenizer.empty() ? args.tokenizer : source.tokenizer.value_or("");
+      !args.tokenizer.empty() ? local_tokenizer(args.tokenizer) : source.tokenizer.value_or("");
   if (tokenizer_path.empty()) {
     throw strata::ConfigError(
         fmt::format("{} names no tokenizer that still exists\nHINT: pass "
@@ -404,7 +430,7 @@ std::string read_input(const std::string& path) {
 // `strata tokenize`: the ids of a text as one JSON array, or (--decode) the text of a JSON
 // array of ids, written as it is.
 int run_tokenize(const TokenizeArgs& args) {
-  const strata::Tokenizer tokenizer(args.tokenizer);
+  const strata::Tokenizer tokenizer(local_tokenizer(args.tokenizer));
   const std::string input = read_input(args.input);
   auto id_list = [](const nlohmann::json& ids) {
     if (!ids.is_array())
@@ -574,8 +600,9 @@ int main(int argc, char** argv) {
   prepare->add_option("--out", prep.out_dir, "Output directory")->required();
   auto* tok_opt = prepare->add_option(
       "--tokenizer", tokenizer_path,
-      "Use this tokenizer: a SentencePiece tokenizer.model, a Hugging Face tokenizer.json, or "
-      "a model directory holding tokenizer.json");
+      "Use this tokenizer: a SentencePiece tokenizer.model, a Hugging Face tokenizer.json, a "
+      "model directory holding tokenizer.json, or a Hub spec hf://owner/repo[/subdir][@rev] "
+      "(only its tokenizer files are downloaded)");
   prepare->add_option("--vocab-size", prep.vocab_size, "Vocabulary size of a trained tokenizer")
       ->capture_default_str()
       ->excludes(tok_opt);
@@ -597,8 +624,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"text", "jsonl"}))
       ->capture_default_str();
   prepare->add_option("--chat-template", chat_template,
-                      "jsonl: the chat template for messages records (a Jinja file, or a "
-                      "tokenizer_config.json); default: the tokenizer's tokenizer_config.json");
+                      "jsonl: the chat template for messages records (a Jinja file, a "
+                      "tokenizer_config.json, or a Hub spec); default: the tokenizer's "
+                      "tokenizer_config.json");
   prepare->add_option("--seq-len", prep.seq_len,
                       "jsonl: the run's data.seq_len (window length - 1)");
   prepare
@@ -623,6 +651,8 @@ int main(int argc, char** argv) {
   eval->add_option("--max-tokens", eval_args.max_tokens, "Score at most this many tokens (0: all)");
   eval->add_flag("--skip-memory-check", eval_args.skip_memory_check,
                  "Run even when the memory estimate exceeds the memory available");
+  eval->add_flag("--document-masking", eval_args.document_masking,
+                 "Attention within each packed document (as data.document_masking)");
 
   GenerateArgs gen_args;
   CLI::App* gen = app.add_subcommand("generate", "Sample text from a model.");
@@ -637,7 +667,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   gen->add_option("--seed", gen_args.sampling.seed, "Sampling seed")->capture_default_str();
   gen->add_option("--tokenizer", gen_args.tokenizer,
-                  "tokenizer.model or tokenizer.json (default: the source's)");
+                  "tokenizer.model, tokenizer.json, a model directory or a Hub spec (default: the "
+                  "source's)");
   gen->add_flag("--skip-memory-check", gen_args.skip_memory_check,
                 "Run even when the memory estimate exceeds the memory available");
 
@@ -676,7 +707,8 @@ int main(int argc, char** argv) {
       "one text); with --decode, read a JSON array of ids and print their text.");
   tokenize
       ->add_option("--tokenizer", tokenize_args.tokenizer,
-                   "tokenizer.model, tokenizer.json, or a model directory holding one")
+                   "tokenizer.model, tokenizer.json, a model directory holding one, or a Hub spec "
+                   "hf://owner/repo[/subdir][@rev] (its tokenizer files only)")
       ->required();
   tokenize->add_option("--input", tokenize_args.input, "Input file (default: standard input)");
   tokenize->add_flag("--add-special-tokens", tokenize_args.add_special_tokens,
@@ -692,7 +724,8 @@ int main(int argc, char** argv) {
       "Render a conversation with a chat template (as transformers' apply_chat_template does) "
       "and print it exactly.");
   chat->add_option("--template", chat_args.template_path,
-                   "A Jinja template file, or a tokenizer_config.json (or its directory)")
+                   "A Jinja template file, a tokenizer_config.json (or its directory), or a Hub "
+                   "spec (its tokenizer_config.json)")
       ->required();
   chat->add_option("--messages", chat_args.messages_path,
                    "JSON: a list of {\"role\", \"content\"}, or {\"messages\": [...]}")
@@ -731,9 +764,9 @@ int main(int argc, char** argv) {
       }
       return run_convert(convert_args, &argc, &argv, group);
     }
-    if (!tokenizer_path.empty()) prep.tokenizer = tokenizer_path;
+    if (!tokenizer_path.empty()) prep.tokenizer = local_tokenizer(tokenizer_path);
     if (!separator.empty()) prep.separator = separator;
-    if (!chat_template.empty()) prep.chat_template = chat_template;
+    if (!chat_template.empty()) prep.chat_template = local_tokenizer(chat_template);
     return run_prepare_data(prep);
   } catch (const std::exception& e) {
     const std::string prefix =

@@ -14,32 +14,41 @@ at::Tensor to_tensor(const std::vector<int64_t>& values, int64_t batch, int64_t 
   return at::from_blob(const_cast<int64_t*>(values.data()), {batch, seq_len}, at::kLong).clone();
 }
 
+at::Tensor logits_of(const LanguageModel& model, const TokenBatch& batch, bool per_document) {
+  const at::Tensor inputs = to_tensor(batch.inputs, batch.batch, batch.seq_len);
+  if (!per_document || batch.doc_start.empty()) return model.forward(inputs);
+  const DocumentMask documents = document_mask(at::from_blob(
+      const_cast<uint8_t*>(batch.doc_start.data()), {batch.batch, batch.seq_len}, at::kByte));
+  return model.forward(inputs, &documents);
+}
+
 }  // namespace
 
-at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch) {
-  at::Tensor logits = model.forward(to_tensor(batch.inputs, batch.batch, batch.seq_len));
+at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch, bool per_document) {
+  at::Tensor logits = logits_of(model, batch, per_document);
   at::Tensor targets = to_tensor(batch.targets, batch.batch, batch.seq_len);
   if (fused::enabled(logits)) return fused::cross_entropy(logits.flatten(0, 1), targets.flatten());
   return at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten());
 }
 
-at::Tensor batch_loss_sum(const LanguageModel& model, const TokenBatch& batch) {
+at::Tensor batch_loss_sum(const LanguageModel& model, const TokenBatch& batch, bool per_document) {
   if (batch.loss_mask.empty()) {
-    return batch_loss(model, batch).mul(static_cast<double>(batch.batch * batch.seq_len));
+    return batch_loss(model, batch, per_document)
+        .mul(static_cast<double>(batch.batch * batch.seq_len));
   }
   constexpr int64_t kIgnored = -100;
   std::vector<int64_t> targets = batch.targets;
   for (size_t i = 0; i < targets.size(); ++i) {
     if (!batch.loss_mask[i]) targets[i] = kIgnored;
   }
-  at::Tensor logits = model.forward(to_tensor(batch.inputs, batch.batch, batch.seq_len));
+  at::Tensor logits = logits_of(model, batch, per_document);
   return at::cross_entropy_loss(logits.flatten(0, 1),
                                 to_tensor(targets, batch.batch, batch.seq_len).flatten(), {},
                                 at::Reduction::Sum, kIgnored);
 }
 
 EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows,
-                    int64_t micro_batch, Communicator* comm) {
+                    int64_t micro_batch, Communicator* comm, bool per_document) {
   at::NoGradGuard no_grad;
   const int world = comm ? comm->world_size() : 1, rank = comm ? comm->rank() : 0;
   const int64_t windows = std::min(max_windows, data.num_sequential_windows());
@@ -52,13 +61,13 @@ EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_
     const TokenBatch batch =
         data.sequential_batch(valid > 0 ? begin + first : 0, std::max<int64_t>(valid, 1));
     if (!batch.loss_mask.empty()) {
-      const double sum = batch_loss_sum(model, batch).item<double>();
+      const double sum = batch_loss_sum(model, batch, per_document).item<double>();
       if (valid == 0) continue;  // the repeated window: run, not counted
       sums[0] += sum;
       sums[1] += static_cast<double>(batch.target_count());
       continue;
     }
-    const double loss = batch_loss(model, batch).item<double>();
+    const double loss = batch_loss(model, batch, per_document).item<double>();
     const int64_t n = valid * batch.seq_len;
     sums[0] += loss * static_cast<double>(n);
     sums[1] += static_cast<double>(n);

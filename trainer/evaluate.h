@@ -13,11 +13,15 @@
 namespace strata {
 
 // Mean next-token cross-entropy of `batch` under `model` (the fused kernel when enabled).
-at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch);
+// `per_document`: attention stays inside the batch's packed documents (its doc_start; none:
+// causal over each row).
+at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch,
+                      bool per_document = false);
 // The sum of the next-token cross-entropy over the targets that count (the batch's loss mask;
 // every target without one): what a loss averaged over all the targets of a global batch adds
 // up, micro-batch by micro-batch and rank by rank, before dividing by their count.
-at::Tensor batch_loss_sum(const LanguageModel& model, const TokenBatch& batch);
+at::Tensor batch_loss_sum(const LanguageModel& model, const TokenBatch& batch,
+                          bool per_document = false);
 
 struct EvalResult {
   double loss = 0.0;   // mean over the scored tokens
@@ -31,6 +35,6 @@ struct EvalResult {
 // forward passes (FSDP gathers need all of them): a rank without windows left repeats window 0
 // and ignores it.
 EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows,
-                    int64_t micro_batch, Communicator* comm);
+                    int64_t micro_batch, Communicator* comm, bool per_document = false);
 
 }  // namespace strata

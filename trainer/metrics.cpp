@@ -30,12 +30,20 @@ std::string MetricsLogger::format(const StepMetrics& m) const {
   if (m.comm_fraction && m.comm_mb_replica && *m.comm_mb_replica > 0) {
     comm += fmt::format(" (shard {:.1f}, replica {:.1f})", *m.comm_mb_shard, *m.comm_mb_replica);
   }
+  // A mixture: each source's share of the tokens, e.g. " | mix web 52% code 48%".
+  std::string mix;
+  int64_t total = 0;
+  for (const auto& [name, tokens] : m.tokens_by_source) total += tokens;
+  for (const auto& [name, tokens] : m.tokens_by_source) {
+    mix += fmt::format("{} {} {:.0f}%", mix.empty() ? " | mix" : "", name,
+                       total > 0 ? 100.0 * static_cast<double>(tokens) / total : 0.0);
+  }
   const int64_t eta = static_cast<int64_t>(m.eta_s);
   return fmt::format(
       "step {:>{}}/{} | loss {:.4f} | grad_norm {:.3f} | lr {:.2e} | {:.0f} tok/s | "
-      "{:.2f} TFLOP/s{} | {:.0f} ms/step{} | mem {:.0f} MiB | eta {}:{:02d}",
+      "{:.2f} TFLOP/s{} | {:.0f} ms/step{} | mem {:.0f} MiB | eta {}:{:02d}{}",
       m.step, fmt::formatted_size("{}", m.total_steps), m.total_steps, m.loss, m.grad_norm, m.lr,
-      m.tokens_per_s, m.tflops, mfu, m.step_ms, comm, m.mem_mb, eta / 60, eta % 60);
+      m.tokens_per_s, m.tflops, mfu, m.step_ms, comm, m.mem_mb, eta / 60, eta % 60, mix);
 }
 
 void MetricsLogger::log_step(const StepMetrics& m) {
@@ -56,14 +64,25 @@ void MetricsLogger::log_step(const StepMetrics& m) {
   }
   if (m.comm_mb_shard) row["comm_mb_shard"] = *m.comm_mb_shard;
   if (m.comm_mb_replica) row["comm_mb_replica"] = *m.comm_mb_replica;
+  if (!m.tokens_by_source.empty()) {
+    nlohmann::json by_source = nlohmann::json::object();
+    for (const auto& [name, tokens] : m.tokens_by_source) by_source[name] = tokens;
+    row["tokens_by_source"] = by_source;
+  }
   file_ << row.dump() << '\n';
   file_.flush();
 }
 
-void MetricsLogger::log_eval(int64_t step, double val_loss, int64_t val_tokens) {
+void MetricsLogger::log_eval(int64_t step, double val_loss, int64_t val_tokens,
+                             const std::vector<std::pair<std::string, double>>& by_source) {
   if (!file_.is_open()) return;
-  file_ << nlohmann::json{{"step", step}, {"val_loss", val_loss}, {"val_tokens", val_tokens}}.dump()
-        << '\n';
+  nlohmann::json row = {{"step", step}, {"val_loss", val_loss}, {"val_tokens", val_tokens}};
+  if (!by_source.empty()) {
+    nlohmann::json losses = nlohmann::json::object();
+    for (const auto& [name, loss] : by_source) losses[name] = loss;
+    row["val_loss_by_source"] = losses;
+  }
+  file_ << row.dump() << '\n';
   file_.flush();
 }
 

@@ -6,6 +6,8 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace strata {
 
@@ -26,6 +28,9 @@ struct StepMetrics {
   // FSDP: the part of comm_mb within this rank's shard group (all-gathers, reduce-scatters)
   // and across its replica group (the gradient-shard all-reduce of hybrid sharding; 0 without).
   std::optional<double> comm_mb_shard, comm_mb_replica;
+  // A mixture of data sources: the tokens each source gave since the previous line (empty
+  // with one source).
+  std::vector<std::pair<std::string, int64_t>> tokens_by_source;
 };
 
 class MetricsLogger {
@@ -36,7 +41,9 @@ class MetricsLogger {
 
   std::string format(const StepMetrics& m) const;  // one console line
   void log_step(const StepMetrics& m);
-  void log_eval(int64_t step, double val_loss, int64_t val_tokens);
+  // `by_source`: each data source's val_loss (a mixture; val_loss is their weighted mean).
+  void log_eval(int64_t step, double val_loss, int64_t val_tokens,
+                const std::vector<std::pair<std::string, double>>& by_source = {});
 
  private:
   std::ofstream file_;

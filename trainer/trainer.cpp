@@ -173,15 +173,37 @@ void Trainer::setup_data() {
           tokenizer_->vocab_size()));
     }
   }
-  train_data_.emplace(config.data.train, config.data.seq_len, mc.vocab_size);
-  if (config.data.val && config.training.eval_interval > 0) {
-    val_data_.emplace(*config.data.val, config.data.seq_len, mc.vocab_size);
+  if (!config.data.sources.empty()) {  // a weighted mixture (trainer/data/mixture.h)
+    OpenedSources opened =
+        open_data_sources(config.data, mc.vocab_size, config.training.eval_interval > 0);
+    train_data_.emplace(std::move(opened.train));
+    val_sources_ = std::move(opened.val);
+    log(opened.description);
+  } else {
+    std::vector<MixtureSource> one;
+    one.push_back(
+        {"train", 1.0, TokenDataset(config.data.train, config.data.seq_len, mc.vocab_size)});
+    train_data_.emplace(std::move(one));
+    if (config.data.val && config.training.eval_interval > 0) {
+      val_data_.emplace(*config.data.val, config.data.seq_len, mc.vocab_size);
+    }
+    const TokenDataset& train = train_data_->source(0).data;
+    log(fmt::format(
+        "data: train {} tokens in {} shard(s) ({}){}", train.num_tokens(), train.shards().size(),
+        config.data.train,
+        val_data_ ? fmt::format("; val {} tokens ({})", val_data_->num_tokens(), *config.data.val)
+                  : std::string("; no validation")));
   }
-  log(fmt::format(
-      "data: train {} tokens in {} shard(s) ({}){}", train_data_->num_tokens(),
-      train_data_->shards().size(), config.data.train,
-      val_data_ ? fmt::format("; val {} tokens ({})", val_data_->num_tokens(), *config.data.val)
-                : std::string("; no validation")));
+  if (config.data.document_masking && !train_data_->has_documents()) {
+    throw DataError(fmt::format(
+        "data.document_masking is on, but the shards of {} do not mark where documents start: "
+        "only packed instruction data does\nHINT: prepare the data with `strata prepare-data "
+        "--format jsonl --seq-len {}`, or set data.document_masking: false",
+        config.data.sources.empty()
+            ? fmt::format("data.train '{}'", config.data.train)
+            : fmt::format("every one of the {} data.sources", config.data.sources.size()),
+        config.data.seq_len));
+  }
 }
 
 // One rank, or replicated data parallel, trains a whole Llama; several ranks with FSDP train a
@@ -364,12 +386,20 @@ StepResult Trainer::train_step(int64_t step) {
                                                              config.training.global_batch_size);
     masked_scale = targets > 0 ? static_cast<double>(group.world_size()) / targets : 0.0;
   }
+  if (train_data_->num_sources() > 1) {  // what each source gives the global batch (all ranks)
+    const std::vector<int64_t> counts = train_data_->source_counts(
+        state.data_seed, data_step, 0, config.training.global_batch_size);
+    window_source_samples_.resize(counts.size(), 0);
+    for (size_t k = 0; k < counts.size(); ++k) window_source_samples_[k] += counts[k];
+  }
+  const bool per_document = config.data.document_masking;
   for (int64_t a = 0; a < accumulation_; ++a) {
     const int64_t first = a * (group.world_size() * micro) + group.rank() * micro;
     const TokenBatch batch = train_data_->sample_batch(state.data_seed, data_step, first, micro);
-    at::Tensor loss = train_data_->has_loss_mask()
-                          ? batch_loss_sum(model(), batch).mul(masked_scale)
-                          : batch_loss(model(), batch).div(static_cast<double>(accumulation_));
+    at::Tensor loss =
+        train_data_->has_loss_mask()
+            ? batch_loss_sum(model(), batch, per_document).mul(masked_scale)
+            : batch_loss(model(), batch, per_document).div(static_cast<double>(accumulation_));
     loss.backward();
     r.loss += loss.item<double>();
   }
@@ -433,6 +463,11 @@ void Trainer::log_metrics(int64_t step, const StepResult& result, const TrainSum
     }
   }
   window_comm_ = now;
+  for (size_t k = 0; k < window_source_samples_.size(); ++k) {
+    m.tokens_by_source.emplace_back(train_data_->source(k).name,
+                                    window_source_samples_[k] * config.data.seq_len);
+    window_source_samples_[k] = 0;
+  }
   log(metrics_->format(m));
   metrics_->log_step(m);
   window_seconds_ = 0.0;
@@ -440,18 +475,38 @@ void Trainer::log_metrics(int64_t step, const StepResult& result, const TrainSum
 }
 
 void Trainer::evaluate_and_sample(int64_t step, TrainSummary& summary) {
-  if (!val_data_) return;
+  if (!val_data_ && val_sources_.empty()) return;
   converters_->set_training(false);
   struct Training {
     Converters& c;
     ~Training() { c.set_training(true); }
   } back_to_training{*converters_};
   const TrainingConfig& tc = config.training;
-  const EvalResult eval = evaluate(model(), *val_data_, tc.eval_batches * tc.global_batch_size,
-                                   tc.micro_batch_size, comm_.get());
+  // A mixture: each source's val set with the same budget; val_loss is their weighted mean.
+  std::vector<std::pair<std::string, double>> by_source;
+  std::string by_source_text;
+  EvalResult eval;
+  if (val_data_) {
+    eval = evaluate(model(), *val_data_, tc.eval_batches * tc.global_batch_size,
+                    tc.micro_batch_size, comm_.get(), config.data.document_masking);
+  } else {
+    std::vector<SourceEval> sources;
+    for (const MixtureSource& source : val_sources_) {
+      const EvalResult e = evaluate(model(), source.data, tc.eval_batches * tc.global_batch_size,
+                                    tc.micro_batch_size, comm_.get(), config.data.document_masking);
+      sources.push_back({source.name, source.weight, e.loss, e.tokens});
+      by_source.emplace_back(source.name, e.loss);
+      by_source_text +=
+          fmt::format("{}{} {:.4f}", by_source_text.empty() ? " (" : ", ", source.name, e.loss);
+      eval.tokens += e.tokens;
+    }
+    eval.loss = mixture_val_loss(sources);
+    by_source_text += ")";
+  }
   summary.val_losses.emplace_back(step, eval.loss);
-  metrics_->log_eval(step, eval.loss, eval.tokens);
-  log(fmt::format("eval step {} | val_loss {:.4f} over {} tokens", step, eval.loss, eval.tokens));
+  metrics_->log_eval(step, eval.loss, eval.tokens, by_source);
+  log(fmt::format("eval step {} | val_loss {:.4f} over {} tokens{}", step, eval.loss, eval.tokens,
+                  by_source_text));
   // Every rank samples (sharded forward passes are collectives); the main rank writes.
   SamplingOptions sampling;
   sampling.seed = state.sample_seed + step;

@@ -20,6 +20,7 @@
 #include "parallel/shard_layout.h"
 #include "trainer/config/config.h"
 #include "trainer/data/data_loader.h"
+#include "trainer/data/mixture.h"
 #include "trainer/data/tokenizer.h"
 #include "trainer/metrics.h"
 #include "trainer/model/converters/converter.h"
@@ -102,7 +103,11 @@ class Trainer final : public Checkpointable {
   int threads_ = 1;
   bool fewer_threads_ = false;
   std::optional<Tokenizer> tokenizer_;
-  std::optional<TokenDataset> train_data_, val_data_;
+  // data.train: one source, validated on data.val; data.sources: a mixture, validated on the
+  // val sets of the sources that have one.
+  std::optional<DataMixture> train_data_;
+  std::optional<TokenDataset> val_data_;
+  std::vector<MixtureSource> val_sources_;
   std::unique_ptr<Communicator> comm_;  // the world: batches, losses, agreements, checkpoints
   bool sharded_ = false, replicated_ = false;
   // FSDP: the units' shard group (the world, or one group of hybrid sharding) and, under
@@ -129,6 +134,7 @@ class Trainer final : public Checkpointable {
   // The metrics window since the last log line.
   double window_seconds_ = 0.0, window_grad_norm_ = 0.0;
   int64_t window_steps_ = 0;
+  std::vector<int64_t> window_source_samples_;  // a mixture: global samples per source
   struct CommWindow {
     CommStats all, shard, replica;
   };

@@ -421,19 +421,57 @@ bool is_loadable_hub_file(const std::string& name) {
   return name == "latest";
 }
 
+const std::vector<std::string>& hub_tokenizer_files() {
+  static const std::vector<std::string> names = {"tokenizer.json", "tokenizer_config.json",
+                                                 "tokenizer.model", "special_tokens_map.json"};
+  return names;
+}
+
+bool is_hub_file_in(HubFileSet set, const std::string& name) {
+  if (set == HubFileSet::kModel) return is_loadable_hub_file(name);
+  const std::vector<std::string>& names = hub_tokenizer_files();
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+std::string describe_hub_file_set(HubFileSet set) {
+  if (set == HubFileSet::kModel) return "loadable file (*.safetensors, *.json, tokenizer files)";
+  return fmt::format("tokenizer file ({})", fmt::join(hub_tokenizer_files(), ", "));
+}
+
+std::string tokenizer_needs() {
+  return "a tokenizer needs tokenizer.json (a Hugging Face tokenizer) or tokenizer.model "
+         "(SentencePiece), with tokenizer_config.json and special_tokens_map.json beside it "
+         "where the model has them";
+}
+
 std::vector<std::string> missing_source_files(const std::string& dir) {
   return missing_in(dir, 0);
 }
 
+std::vector<std::string> missing_hub_files(HubFileSet set, const std::string& dir) {
+  if (set == HubFileSet::kModel) return missing_source_files(dir);
+  std::error_code ec;
+  for (const char* name : {"tokenizer.json", "tokenizer.model"}) {
+    if (fs::is_regular_file(fs::path(dir) / name, ec)) return {};
+  }
+  return {(fs::path(dir) / "tokenizer.json").string() + " or tokenizer.model (a tokenizer)"};
+}
+
 CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settings,
-                                  const std::string& why) {
+                                  const std::string& why, HubFileSet set) {
   const HubRepoCache cache(settings.cache_dir, spec.repo_id);
   const std::string revision = spec_revision(spec);
+  const std::string prefix_pattern = spec.subfolder.empty() ? "" : spec.subfolder + "/";
+  const std::string include =
+      set == HubFileSet::kTokenizer
+          ? fmt::format(" --include '{}tokenizer*' '{}special_tokens_map.json'", prefix_pattern,
+                        prefix_pattern)
+      : spec.subfolder.empty() ? ""
+                               : fmt::format(" --include '{}/*'", spec.subfolder);
   const std::string hint = fmt::format(
       "HINT: run once with network access (HF_HUB_OFFLINE unset) to fill the cache, or download "
       "ahead with `hf download {} --revision {}{}` into the same cache (HF_HUB_CACHE or HF_HOME)",
-      spec.repo_id, revision,
-      spec.subfolder.empty() ? "" : fmt::format(" --include '{}/*'", spec.subfolder));
+      spec.repo_id, revision, include);
   auto fail = [&](const std::string& what) -> CachedSnapshot {
     throw CheckpointError(
         fmt::format("Hub spec '{}' ({}) is not available: {}, and it is not in the cache "
@@ -449,7 +487,7 @@ CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settin
   const fs::path snapshot = cache.snapshot_dir(*commit);
   const fs::path dir = spec.subfolder.empty() ? snapshot : snapshot / spec.subfolder;
   if (!fs::is_directory(dir)) return fail(fmt::format("no directory {}", dir.string()));
-  std::vector<std::string> missing = missing_source_files(dir.string());
+  std::vector<std::string> missing = missing_hub_files(set, dir.string());
   // A complete listing written by huggingface_hub (trees/<commit>.json) names what else is due.
   const fs::path tree = fs::path(cache.repo_dir()) / "trees" / (*commit + ".json");
   if (fs::exists(tree)) {
@@ -459,7 +497,7 @@ CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settin
       for (const auto& [path, info] : listing.at("files").items()) {
         if (path.rfind(prefix, 0) != 0 || path.find('/', prefix.size()) != std::string::npos)
           continue;
-        if (is_loadable_hub_file(fs::path(path).filename().string()) &&
+        if (is_hub_file_in(set, fs::path(path).filename().string()) &&
             !fs::exists(snapshot / path) &&
             std::find(missing.begin(), missing.end(), (snapshot / path).string()) ==
                 missing.end()) {

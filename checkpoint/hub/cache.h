@@ -84,10 +84,30 @@ class FileLock {
   int fd_ = -1;
 };
 
+// Which files of a Hub repo a resolution fetches: everything a model source loads, or the
+// tokenizer alone (never the weights).
+enum class HubFileSet { kModel, kTokenizer };
+
 // Whether a file of a Hub repo is one Strata loads (weights, configs, tokenizer files, a
 // checkpoint's `latest` pointer): `*.safetensors`, `*.json`, `*.yaml`, `*.model`, `*.txt`,
 // `latest`. `name` is the base name.
 bool is_loadable_hub_file(const std::string& name);
+
+// The tokenizer files fetched for a tokenizer: tokenizer.json, tokenizer_config.json,
+// tokenizer.model, special_tokens_map.json (those the repo has).
+const std::vector<std::string>& hub_tokenizer_files();
+
+// Whether the file `name` (a base name) belongs to `set`: is_loadable_hub_file for kModel, one
+// of hub_tokenizer_files() for kTokenizer.
+bool is_hub_file_in(HubFileSet set, const std::string& name);
+
+// The files of `set` for messages: "loadable file (*.safetensors, ...)", "tokenizer file
+// (tokenizer.json, ...)".
+std::string describe_hub_file_set(HubFileSet set);
+
+// What a tokenizer needs, for messages: tokenizer.json or tokenizer.model, and the files read
+// beside it.
+std::string tokenizer_needs();
 
 // What `dir` lacks to be loaded as a model source: an HF model (config.json and its weights:
 // model.safetensors, or the index and every shard it names), a PEFT adapter
@@ -95,16 +115,20 @@ bool is_loadable_hub_file(const std::string& name);
 // metadata.json and the files it lists, or a folder's `latest` and that step). Empty: complete.
 std::vector<std::string> missing_source_files(const std::string& dir);
 
+// What `dir` lacks to serve as `set`: missing_source_files for kModel; for kTokenizer, one
+// entry "<dir>/tokenizer.json or tokenizer.model (a tokenizer)" when it holds neither.
+std::vector<std::string> missing_hub_files(HubFileSet set, const std::string& dir);
+
 // Resolves `spec` from the cache alone: a commit names its snapshot; a branch or tag is
 // read from refs/. Returns snapshots/<commit>[/<subfolder>], or throws CheckpointError naming
 // what is missing and how to fetch it. `why`: the reason the network is not used ("HF_HUB_OFFLINE
-// is set", or the error that made the Hub unreachable).
+// is set", or the error that made the Hub unreachable). `set`: the files the snapshot must hold.
 struct CachedSnapshot {
   std::string commit;
   std::string dir;
 };
 CachedSnapshot resolve_from_cache(const HubSpec& spec, const HubSettings& settings,
-                                  const std::string& why);
+                                  const std::string& why, HubFileSet set = HubFileSet::kModel);
 
 // "repo owner/repo, subfolder s, revision r" for messages.
 std::string describe_spec(const HubSpec& spec);

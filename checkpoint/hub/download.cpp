@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -103,11 +104,18 @@ void verify_blob(const std::string& path, const std::string& etag, uint64_t size
   }
 }
 
+// The hint of a repo that holds no tokenizer where one was asked for.
+constexpr const char* kTokenizerHint =
+    "HINT: give the repo (or its subfolder) that holds the model's tokenizer, or a local "
+    "tokenizer.json, tokenizer.model or model directory";
+
 class SnapshotDownload {
  public:
-  SnapshotDownload(const HubSpec& spec, const HubSettings& settings, const HubLog& log)
+  SnapshotDownload(const HubSpec& spec, const HubSettings& settings, const HubLog& log,
+                   HubFileSet set)
       : spec_(spec),
         settings_(settings),
+        set_(set),
         log_(log),
         http_(settings, log),
         cache_(settings.cache_dir, spec.repo_id) {}
@@ -137,18 +145,20 @@ class SnapshotDownload {
       for (const RepoFile& f : files) {
         if (f.path.rfind(under, 0) != 0) continue;
         const std::string rest = f.path.substr(under.size());
-        if (rest.find('/') == std::string::npos && is_loadable_hub_file(rest)) out.push_back(f);
+        if (rest.find('/') == std::string::npos && is_hub_file_in(set_, rest)) out.push_back(f);
       }
       return out;
     };
     std::vector<RepoFile> wanted = top_level(prefix);
     if (wanted.empty()) {
-      throw HubError(fmt::format("the repo has no loadable file (*.safetensors, *.json, tokenizer "
-                                 "files) {} at commit {}",
-                                 spec_.subfolder.empty() ? "at its top level"
-                                                         : "in subfolder " + spec_.subfolder,
-                                 result.commit),
-                     0, "", false);
+      const std::string what = fmt::format(
+          "the repo has no {} {} at commit {}", describe_hub_file_set(set_),
+          spec_.subfolder.empty() ? "at its top level" : "in subfolder " + spec_.subfolder,
+          result.commit);
+      if (set_ == HubFileSet::kTokenizer) {
+        throw HubRuleError(fmt::format("{}: {}", what, tokenizer_needs()), kTokenizerHint, false);
+      }
+      throw HubError(what, 0, "", false);
     }
     for (const RepoFile& f : wanted) fetch(result, f);
     // A Strata checkpoint folder: its `latest` names the step directory to fetch as well.
@@ -156,8 +166,8 @@ class SnapshotDownload {
       return std::any_of(wanted.begin(), wanted.end(),
                          [&](const RepoFile& f) { return f.path == prefix + name; });
     };
-    if (has("latest") && !has("config.json") && !has("adapter_config.json") &&
-        !has("metadata.json")) {
+    if (set_ == HubFileSet::kModel && has("latest") && !has("config.json") &&
+        !has("adapter_config.json") && !has("metadata.json")) {
       std::string step = read_text(cache_.pointer_path(result.commit, prefix + "latest"));
       step.erase(step.find_last_not_of(" \t\r\n") + 1);
       if (step_of_dir_name(step) >= 0) {
@@ -167,10 +177,16 @@ class SnapshotDownload {
     result.dir = spec_.subfolder.empty()
                      ? cache_.snapshot_dir(result.commit)
                      : (fs::path(cache_.snapshot_dir(result.commit)) / spec_.subfolder).string();
-    const std::vector<std::string> missing = missing_source_files(result.dir);
+    const std::vector<std::string> missing = missing_hub_files(set_, result.dir);
     if (!missing.empty()) {
       std::string list;
       for (const std::string& m : missing) list += "\n  missing: " + m;
+      if (set_ == HubFileSet::kTokenizer) {
+        throw HubRuleError(
+            fmt::format("the downloaded files do not form a tokenizer Strata can load ({}):{}",
+                        tokenizer_needs(), list),
+            kTokenizerHint, false);
+      }
       throw HubError(
           fmt::format("the downloaded files do not form a model Strata can load:{}", list), 0, "",
           false);
@@ -304,6 +320,7 @@ class SnapshotDownload {
 
   const HubSpec& spec_;
   const HubSettings& settings_;
+  const HubFileSet set_;
   const HubLog& log_;
   HubHttp http_;
   HubRepoCache cache_;
@@ -319,8 +336,11 @@ std::string hint_for(const HubError& e, const HubSpec& spec, const HubSettings& 
     return fmt::format(
         "HINT: {}; for a private or gated repo set HF_TOKEN (or write the token to "
         "$HF_HOME/token) with a token that can read {}, and accept the repo's terms on "
-        "the Hub if it is gated; check the repo id and that HF_ENDPOINT ({}) is right",
-        token, spec.repo_id, settings.endpoint);
+        "the Hub if it is gated; check the repo id and that HF_ENDPOINT ({}) is right{}",
+        token, spec.repo_id, settings.endpoint,
+        spec.text.rfind("hf://", 0) == 0
+            ? ""
+            : fmt::format("; '{}' names no local file or directory either", spec.text));
   }
   if (e.error_code == "RevisionNotFound") {
     return fmt::format(
@@ -342,28 +362,28 @@ bool local_path_exists(const std::string& path) {
   return fs::exists(path, ec);
 }
 
-// A resolution the cache alone answered: the loadable files the snapshot directory holds.
-HubResolution from_cache(const CachedSnapshot& cached, std::string how) {
+// A resolution the cache alone answered: the files of `set` the snapshot directory holds.
+HubResolution from_cache(const CachedSnapshot& cached, std::string how, HubFileSet set) {
   HubResolution result;
   result.dir = cached.dir;
   result.commit = cached.commit;
   result.how = std::move(how);
   for (const auto& entry : fs::directory_iterator(cached.dir)) {
-    if (is_loadable_hub_file(entry.path().filename().string())) ++result.files;
+    if (is_hub_file_in(set, entry.path().filename().string())) ++result.files;
   }
   return result;
 }
 
 }  // namespace
 
-HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
-                               const HubLog& log) {
+HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings, const HubLog& log,
+                               HubFileSet set) {
   if (settings.offline) {
-    return from_cache(resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set"),
-                      "from the cache (HF_HUB_OFFLINE is set)");
+    return from_cache(resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set", set),
+                      "from the cache (HF_HUB_OFFLINE is set)", set);
   }
   try {
-    return SnapshotDownload(spec, settings, log).run();
+    return SnapshotDownload(spec, settings, log, set).run();
   } catch (const HubError& e) {
     const std::string message =
         redact_secrets(fmt::format("cannot resolve Hub spec '{}' ({}) from {}: {}", spec.text,
@@ -377,8 +397,8 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
       try {
         const std::string why = redact_secrets(e.what(), settings.token);
         HubResolution result =
-            from_cache(resolve_from_cache(spec, settings, why),
-                       fmt::format("from the cache, because the Hub failed: {}", why));
+            from_cache(resolve_from_cache(spec, settings, why, set),
+                       fmt::format("from the cache, because the Hub failed: {}", why), set);
         log(fmt::format("hub: WARNING: {}; using the cached snapshot {}", message, result.dir));
         return result;
       } catch (const CheckpointError&) {
@@ -394,8 +414,11 @@ HubResolution resolve_hub_spec(const HubSpec& spec, const HubSettings& settings,
   }
 }
 
-std::string resolve_model_path(const std::string& path, const ProcessGroup* group,
-                               const HubLog& log) {
+namespace {
+
+// resolve_model_path and resolve_tokenizer_path: `set` names the files fetched and checked.
+std::string resolve_path(const std::string& path, const ProcessGroup* group, const HubLog& log,
+                         HubFileSet set) {
   const bool several = group && group->world_size() > 1;
   std::optional<HubSpec> spec;
   if (!several) {
@@ -435,7 +458,7 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
         std::chrono::duration<double>(Clock::now() - start).count(), r.dir);
   };
   if (!several) {
-    const HubResolution r = resolve_hub_spec(*spec, HubSettings::from_environment(), log);
+    const HubResolution r = resolve_hub_spec(*spec, HubSettings::from_environment(), log, set);
     log(summary(r));
     return r.dir;
   }
@@ -444,7 +467,7 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
   json mine = {{"node", group->node_index()}, {"leader", group->local_rank() == 0}};
   if (group->local_rank() == 0) {
     try {
-      const HubResolution r = resolve_hub_spec(*spec, HubSettings::from_environment(), log);
+      const HubResolution r = resolve_hub_spec(*spec, HubSettings::from_environment(), log, set);
       mine["dir"] = r.dir;
       mine["commit"] = r.commit;
       mine["summary"] = summary(r);
@@ -489,7 +512,7 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
   }
   if (group->is_main()) log(json::parse(outcomes[0])["summary"].get<std::string>());
   // Every rank must see its node's snapshot before any starts loading.
-  const std::vector<std::string> missing = missing_source_files(dir);
+  const std::vector<std::string> missing = missing_hub_files(set, dir);
   const std::string problem = missing.empty()
                                   ? ""
                                   : fmt::format("rank {} on {} cannot read {} (missing {})",
@@ -503,6 +526,27 @@ std::string resolve_model_path(const std::string& path, const ProcessGroup* grou
     }
   }
   return dir;
+}
+
+}  // namespace
+
+std::string resolve_model_path(const std::string& path, const ProcessGroup* group,
+                               const HubLog& log) {
+  return resolve_path(path, group, log, HubFileSet::kModel);
+}
+
+std::string resolve_tokenizer_path(const std::string& path, const ProcessGroup* group,
+                                   const HubLog& log) {
+  // A bare name of a tokenizer or template file is a local path, missing or not: a mistyped
+  // data/tokenizer.model is reported as such, not looked up on the Hub.
+  if (path.rfind("hf://", 0) != 0) {
+    const std::string name = fs::path(path).filename().string();
+    for (const char* suffix : {".json", ".model", ".jinja"}) {
+      const size_t n = std::strlen(suffix);
+      if (name.size() > n && name.compare(name.size() - n, n, suffix) == 0) return path;
+    }
+  }
+  return resolve_path(path, group, log, HubFileSet::kTokenizer);
 }
 
 }  // namespace strata

@@ -367,6 +367,84 @@ TEST(HubFiles, MissingSourceFiles) {
             std::string::npos);
 }
 
+TEST(HubFiles, TokenizerSetHoldsTheTokenizerFilesOnly) {
+  for (const char* name :
+       {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"}) {
+    EXPECT_TRUE(is_hub_file_in(HubFileSet::kTokenizer, name)) << name;
+    EXPECT_TRUE(is_hub_file_in(HubFileSet::kModel, name)) << name;
+  }
+  for (const char* name :
+       {"model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+        "config.json", "generation_config.json", "latest", "pytorch_model.bin", "README.md",
+        "tokenizer.json.bak", "sub/tokenizer.json"}) {
+    EXPECT_FALSE(is_hub_file_in(HubFileSet::kTokenizer, name)) << name;
+  }
+  EXPECT_TRUE(is_hub_file_in(HubFileSet::kModel, "model.safetensors"));
+  EXPECT_EQ(describe_hub_file_set(HubFileSet::kTokenizer),
+            "tokenizer file (tokenizer.json, tokenizer_config.json, tokenizer.model, "
+            "special_tokens_map.json)");
+
+  TempDir tmp;
+  const fs::path dir = tmp.path() / "tok";
+  write(dir / "tokenizer_config.json", "{}");
+  write(dir / "model.safetensors", "x");
+  EXPECT_EQ(missing_hub_files(HubFileSet::kTokenizer, dir.string()),
+            std::vector<std::string>{(dir / "tokenizer.json").string() +
+                                     " or tokenizer.model (a tokenizer)"});
+  write(dir / "tokenizer.model", "x");
+  EXPECT_TRUE(missing_hub_files(HubFileSet::kTokenizer, dir.string()).empty());
+  fs::remove(dir / "tokenizer.model");
+  write(dir / "tokenizer.json", "{}");
+  EXPECT_TRUE(missing_hub_files(HubFileSet::kTokenizer, dir.string()).empty());
+  // A model needs more than its tokenizer.
+  EXPECT_FALSE(missing_hub_files(HubFileSet::kModel, dir.string()).empty());
+}
+
+TEST(HubOffline, TokenizerFromACacheWithoutWeights) {
+  TempDir tmp;
+  ScopedEnv clean(kClean);
+  ScopedEnv e({{"HF_HUB_CACHE", tmp.path().string()}, {"HF_HUB_OFFLINE", "1"}});
+  const HubSettings settings = HubSettings::from_environment();
+  const HubSpec spec = *parse_hub_spec("hf://owner/repo/sub", false);
+  std::string message = error_of(
+      [&] { resolve_from_cache(spec, settings, "HF_HUB_OFFLINE is set", HubFileSet::kTokenizer); });
+  EXPECT_NE(message.find("hf download owner/repo --revision main --include 'sub/tokenizer*' "
+                         "'sub/special_tokens_map.json'"),
+            std::string::npos)
+      << message;
+
+  const HubRepoCache cache(settings.cache_dir, "owner/repo");
+  cache.write_ref("main", kCommit);
+  write(cache.blob_path("c"), "{}");
+  cache.link(kCommit, "sub/tokenizer_config.json", "c", true);
+  message =
+      error_of([&] { resolve_from_cache(spec, settings, "offline", HubFileSet::kTokenizer); });
+  EXPECT_NE(message.find("is incomplete:\n  missing: " + cache.snapshot_dir(kCommit) +
+                         "/sub/tokenizer.json or tokenizer.model (a tokenizer)"),
+            std::string::npos)
+      << message;
+
+  write(cache.blob_path("t"), "{}");
+  cache.link(kCommit, "sub/tokenizer.json", "t", true);
+  // The tokenizer alone: enough for a tokenizer, not for a model.
+  EXPECT_EQ(resolve_from_cache(spec, settings, "offline", HubFileSet::kTokenizer).dir,
+            cache.snapshot_dir(kCommit) + "/sub");
+  message = error_of([&] { resolve_from_cache(spec, settings, "offline"); });
+  EXPECT_NE(message.find("is incomplete:"), std::string::npos) << message;
+
+  // A huggingface_hub listing names the tokenizer files that must be there, not the weights.
+  write(fs::path(cache.repo_dir()) / "trees" / (kCommit + ".json"),
+        R"({"format_version":1,"files":{"sub/tokenizer.json":{"size":2},)"
+        R"("sub/model.safetensors":{"size":7},"sub/special_tokens_map.json":{"size":2}}})");
+  message =
+      error_of([&] { resolve_from_cache(spec, settings, "offline", HubFileSet::kTokenizer); });
+  EXPECT_NE(
+      message.find("missing: " + cache.snapshot_dir(kCommit) + "/sub/special_tokens_map.json"),
+      std::string::npos)
+      << message;
+  EXPECT_EQ(message.find("model.safetensors"), std::string::npos) << message;
+}
+
 TEST(HubOffline, ResolvesBranchesCommitsAndReportsWhatIsMissing) {
   TempDir tmp;
   ScopedEnv clean(kClean);

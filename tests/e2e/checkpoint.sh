@@ -17,12 +17,6 @@ parallel: {threads_per_rank: 1}
 checkpoint: {interval: 10, keep_latest_k: 0, last_save_model_only: false}
 YAML
 
-# train NP RUN_DIR [--set ...]: one run, log in RUN_DIR.log; fails the test if the run fails.
-train() {
-  local np=$1 dir=$2; shift 2
-  mpirun --oversubscribe -np "$np" "$STRATA_BIN" train --config job.yaml --set job.run_dir="$dir" "$@" \
-    >"$dir.log" 2>&1 || { cat "$dir.log"; fail "train $dir failed"; }
-}
 # losses RUN_DIR: "step loss" per logged step, full precision.
 losses() { python3 -c "
 import json, sys

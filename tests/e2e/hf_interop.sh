@@ -18,11 +18,6 @@ parallel: {threads_per_rank: 1}
 checkpoint: {interval: 10, last_save_model_only: false}
 YAML
 
-train() {  # NP RUN_DIR [--set ...]
-  local np=$1 dir=$2; shift 2
-  mpirun --oversubscribe -np "$np" "$STRATA_BIN" train --config job.yaml --set job.run_dir="$dir" "$@" \
-    >"$dir.log" 2>&1 || { cat "$dir.log"; fail "train $dir failed"; }
-}
 # check_export DIR DTYPE TIED: the export checklist of docs/formats.md, in plain Python (json + struct).
 check_export() {
   python3 - "$1" "$2" "$3" <<'PY'

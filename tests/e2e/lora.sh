@@ -31,11 +31,7 @@ parallel: {threads_per_rank: 1}
 checkpoint: {interval: 3, keep_latest_k: 0, last_save_model_only: false, resume_path: $base_dir}
 converters: [{type: lora, rank: 4, alpha: 8, target_modules: [wq, wk, wv, wo, w1, w2, w3], export: both}]
 YAML
-train() {  # NP RUN_DIR [--set ...]
-  local np=$1 dir=$2; shift 2
-  mpirun --oversubscribe -np "$np" "$STRATA_BIN" train --config lora.yaml --set job.run_dir="$dir" "$@" \
-    >"$dir.log" 2>&1 || { cat "$dir.log"; fail "train $dir failed"; }
-}
+TRAIN_CONFIG=lora.yaml  # for train (lib/common.sh)
 losses() { python3 -c "
 import json
 for line in open('$1/metrics.jsonl'):

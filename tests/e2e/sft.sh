@@ -41,8 +41,15 @@ def read(path):
     return header, list(struct.unpack("<%d%s" % (header[2], fmt), raw[1024:]))
 meta = json.load(open(d + "/meta.json"))
 assert meta["format"] == "jsonl" and meta["seq_len"] == 128, meta
-(th, tokens), (mh, mask) = read(d + "/train_000000.bin"), read(d + "/train_000000.mask")
-assert th[3] == mh[3] == 129 and len(tokens) == len(mask) and len(tokens) % 129 == 0, (th[:4], mh[:4])
+(th, tokens), (mh, flags) = read(d + "/train_000000.bin"), read(d + "/train_000000.mask")
+assert th[3] == mh[3] == 129 and len(tokens) == len(flags) and len(tokens) % 129 == 0, (th[:4], mh[:4])
+assert mh[1] == 2 and all(f < 4 for f in flags), (mh[:4], set(flags))
+# Bit 0: a target; bit 1: a document starts (every window's first token, each record's BOS).
+mask = [f & 1 for f in flags]
+starts = [i for i, f in enumerate(flags) if f & 2]
+assert all(w * 129 in starts for w in range(len(tokens) // 129)), starts[:10]
+assert all(flags[i] & 2 for i, t in enumerate(tokens) if t == 1), "each record (BOS, id 1) starts a document"
+assert not any(mask[i] for i in starts), "a document's first token is never a target"
 packing = meta["packing"]["train"]
 assert packing["records"] + packing["dropped"] + meta["packing"]["val"]["records"] + meta["packing"]["val"]["dropped"] \
     + meta["records"]["without_targets"] == 400, meta
@@ -71,11 +78,7 @@ parallel: {threads_per_rank: 1}
 checkpoint: {interval: 24, last_save_model_only: false, resume_path: $base_dir}
 converters: [{type: lora, rank: 4, alpha: 8, target_modules: [wq, wk, wv, wo, w1, w2, w3], export: both}]
 YAML
-train() {  # NP RUN_DIR [--set ...]
-  local np=$1 dir=$2; shift 2
-  mpirun --oversubscribe -np "$np" "$STRATA_BIN" train --config sft.yaml --set job.run_dir="$dir" "$@" \
-    >"$dir.log" 2>&1 || { cat "$dir.log"; fail "train $dir failed"; }
-}
+TRAIN_CONFIG=sft.yaml  # for train (lib/common.sh)
 train 1 sft1
 train 2 sft2
 train 1 sft1_accumulate --set training.micro_batch_size=2
@@ -96,6 +99,54 @@ print(f"masked train loss {first:.4f} -> {ref[0][-1]:.4f}; val_loss {ref[1]}")
 assert ref[0][-1] < first, (first, ref[0][-1])
 PY
 grep -q "eval step 24 | val_loss" sft1.log || fail "no validation at the last step"
+
+# Per-document attention (data.document_masking): the same on 1 and 2 ranks, and not what
+# attention across the packed records gives.
+for np in 1 2; do
+  train $np docs$np --set training.steps=6 --set training.eval_interval=6 \
+    --set data.document_masking=true --set checkpoint.enable=false
+done
+python3 - <<'PY'
+import json
+def curve(d):
+    rows = [json.loads(l) for l in open(d + "/metrics.jsonl")]
+    return [r["loss"] for r in rows if "loss" in r] + [r["val_loss"] for r in rows if "val_loss" in r]
+one, two, across = curve("docs1"), curve("docs2"), curve("sft1")
+assert len(one) == 7 and len(two) == 7, (one, two)
+for a, b in zip(one, two):
+    assert abs(a - b) <= 1e-5 * abs(a), ("2 ranks", a, b)
+print(f"document masking: 2 ranks equal 1 ({len(one)} losses); step-1 loss {one[0]:.6f}, "
+      f"{across[0]:.6f} with attention across records")
+PY
+# Packed with document masking = each record alone: the same short records packed several to
+# a window of 129 tokens and one to a window of 65 score the same loss.
+python3 -c "
+import json
+words = ['one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+for i in range(60):
+    a, b = words[i % 9], words[(i * 7 + 3) % 9]
+    print(json.dumps({'prompt': f'### Question: What is {a} plus {b}?', 'completion': f' {a} and {b}.'}))
+" > short.jsonl
+for seq in 128 64; do
+  "$STRATA_BIN" prepare-data --format jsonl --input short.jsonl --out short$seq --tokenizer "$base_dir" \
+    --seq-len $seq --val-fraction 0 --overlong drop >short$seq.log || { cat short$seq.log; fail "prepare short$seq"; }
+  "$STRATA_BIN" eval --from "$base_dir" --data "short$seq/train_*.bin" --seq-len $seq --document-masking \
+    | tail -1 >short$seq.json
+done
+python3 - <<'PY'
+import json
+meta = {n: json.load(open(f"short{n}/meta.json"))["packing"]["train"] for n in (128, 64)}
+assert meta[128]["records"] == meta[64]["records"] == 60 and meta[64]["windows"] == 60, meta
+assert meta[128]["windows"] <= 30, meta
+packed, alone = (json.load(open(f"short{n}.json")) for n in (128, 64))
+assert packed["tokens"] == alone["tokens"], (packed, alone)
+assert abs(packed["loss"] - alone["loss"]) <= 1e-5 * alone["loss"], (packed, alone)
+print(f"60 records in {meta[128]['windows']} windows or one per window: loss {packed['loss']:.6f} = {alone['loss']:.6f}")
+PY
+expect_error "eval --document-masking: the shards matching 'data/val_*.bin' do not mark where documents start" \
+  "$STRATA_BIN" eval --from "$base_dir" --data 'data/val_*.bin' --seq-len 64 --document-masking
+expect_error "data.document_masking is on, but the shards of data.train 'data/train_*.bin' do not mark where documents start" \
+  "$STRATA_BIN" train --config base.yaml --set job.run_dir=bad_docs --set data.document_masking=true
 # The masked val loss falls from the base model's (eval on the same masked windows).
 "$STRATA_BIN" eval --from "$base_dir" --data 'sft/val_*.bin' --seq-len 128 | tail -1 >eval_base.json
 "$STRATA_BIN" eval --from sft1/checkpoints/hf-latest/adapter --data 'sft/val_*.bin' --seq-len 128 | tail -1 >eval_adapter.json

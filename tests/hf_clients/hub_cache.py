@@ -9,7 +9,10 @@ log does not grow).
 
 Strata -> huggingface_hub: Strata downloads into an empty HF_HOME; scan_cache_dir() reports the
 repo, its revisions, refs, files and sizes as they are on the Hub, with no warning, and
-snapshot_download / hf_hub_download with local_files_only=True return Strata's snapshot."""
+snapshot_download / hf_hub_download with local_files_only=True return Strata's snapshot.
+
+A tokenizer alone (a Hub spec as --tokenizer): tokenizer files fetched by either client serve
+the other, and Strata's download holds those files only."""
 
 import hashlib
 import json
@@ -144,6 +147,34 @@ try:
     fetched = [json.loads(line) for line in open(hub_log)][before:]
     downloads = [r["path"] for r in fetched if r["method"] == "GET" and ("/resolve/" in r["path"] or r["path"].startswith("/cdn/"))]
     checks.equal("files huggingface_hub downloaded again over Strata's snapshot", downloads, [])
+
+    # --- A tokenizer alone, both ways: huggingface_hub fetches the tokenizer files (as Strata's
+    # offline hint says) and Strata tokenizes from them offline; Strata fills an empty cache with
+    # the tokenizer files alone, which scan_cache_dir reports.
+    text = os.path.join(work, "tokenize.txt")
+    with open(text, "w") as f:
+        f.write("The quick brown fox jumps over the lazy dog.\n")
+    tokenize = ["tokenize", "--input", text, "--add-special-tokens", "--tokenizer"]
+    local_ids = hc.strata_stdout(*tokenize, f"{repos['main']}/sub")
+    hf_tok_home = os.path.join(work, "hf-tok-home")
+    snapshot_download("owner/repo", revision="main", cache_dir=os.path.join(hf_tok_home, "hub"),
+                      allow_patterns=["sub/tokenizer*", "sub/special_tokens_map.json"])
+    before = requests()
+    checks.equal("Strata tokenizer offline from huggingface_hub's tokenizer files",
+                 hc.strata_stdout(*tokenize, "hf://owner/repo/sub", env={"HF_HOME": hf_tok_home, "HF_HUB_OFFLINE": "1"}),
+                 local_ids)
+    checks.equal("requests to the Hub while Strata resolved the tokenizer offline", requests() - before, 0)
+    strata_tok_home = os.path.join(work, "strata-tok-home")
+    checks.equal("Strata tokenizer downloaded from hf://owner/repo/sub",
+                 hc.strata_stdout(*tokenize, "hf://owner/repo/sub", env={"HF_HOME": strata_tok_home}), local_ids)
+    info = scan_cache_dir(os.path.join(strata_tok_home, "hub"))
+    checks.equal("scan_cache_dir of a tokenizer download: warnings", [str(w) for w in info.warnings], [])
+    got = sorted(os.path.relpath(f.file_path, r.snapshot_path) for repo in info.repos for r in repo.revisions
+                 for f in r.files)
+    wanted = sorted(f for f in hf_files["main"] if f.startswith("sub/") and os.path.basename(f) in
+                    ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"))
+    checks.true("the repo has tokenizer files", len(wanted) >= 2, str(wanted))
+    checks.equal("scan_cache_dir of a tokenizer download: the tokenizer files only", got, wanted)
 finally:
     hub.terminate()
     hub.wait()

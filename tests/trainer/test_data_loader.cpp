@@ -170,7 +170,8 @@ namespace strata {
 namespace {
 
 // Packed shards of windows of 9 tokens (seq_len 8) whose token i is 100 * window + i, with
-// a loss mask that marks the second half of every window.
+// a loss mask that marks the second half of every window, and documents starting at tokens 0
+// and 4 of each.
 std::string make_packed(const testing::TempDir& dir, int windows_per_shard = 3) {
   int window_index = 0;
   for (int s = 0; s < 2; ++s) {
@@ -179,7 +180,7 @@ std::string make_packed(const testing::TempDir& dir, int windows_per_shard = 3) 
     for (int w = 0; w < windows_per_shard; ++w, ++window_index) {
       for (int i = 0; i < 9; ++i) {
         tokens.push_back(100 * window_index + i);
-        mask.push_back(i >= 5 ? 1 : 0);
+        mask.push_back((i >= 5 ? kMaskTarget : 0) | (i == 0 || i == 4 ? kMaskDocumentStart : 0));
       }
     }
     const std::string path = dir / ("sft_00000" + std::to_string(s) + ".bin");
@@ -205,6 +206,7 @@ TEST(TokenDataset, PackedShardsAreSampledWindowByWindowWithTheirMask) {
       EXPECT_EQ(b.inputs[t], 100 * w + t);
       EXPECT_EQ(b.targets[t], 100 * w + t + 1);
       EXPECT_EQ(b.loss_mask[t], t + 1 >= 5 ? 1 : 0) << t;
+      EXPECT_EQ(b.doc_start[t], t == 0 || t == 4 ? 1 : 0) << t;
     }
     EXPECT_EQ(b.target_count(), 4);
   }
@@ -300,10 +302,13 @@ TEST(WindowPacker, PacksWholeRecordsAndCountsWhatItCutsOrDrops) {
     if (truncate) {
       ASSERT_EQ(windows.size(), 4u);
       EXPECT_EQ(windows[0], (std::vector<uint32_t>{10, 11, 12, 20, 21, 22, 23, 99}));
-      EXPECT_EQ(masks[0], (std::vector<uint8_t>{0, 1, 1, 0, 0, 1, 1, 0}));
+      // Targets (bit 0) as the records say; documents (bit 1) start at each record and at the
+      // padding.
+      EXPECT_EQ(masks[0], (std::vector<uint8_t>{2, 1, 1, 2, 0, 1, 1, 2}));
+      EXPECT_EQ(masks[1], (std::vector<uint8_t>{3, 1, 2, 0, 0, 0, 0, 0}));
       EXPECT_EQ(windows[1], (std::vector<uint32_t>{30, 31, 99, 99, 99, 99, 99, 99}));
       EXPECT_EQ(windows[2], (std::vector<uint32_t>{40, 41, 42, 43, 44, 45, 46, 47}));
-      EXPECT_EQ(masks[2], (std::vector<uint8_t>(8, 0)));  // its targets were past the cut
+      EXPECT_EQ(masks[2], (std::vector<uint8_t>{2, 0, 0, 0, 0, 0, 0, 0}));  // targets past the cut
       EXPECT_EQ(windows[3], (std::vector<uint32_t>{50, 51, 52, 53, 54, 55, 99, 99}));
       EXPECT_EQ(s.truncated, 1);
       EXPECT_EQ(s.dropped, 0);
@@ -313,7 +318,7 @@ TEST(WindowPacker, PacksWholeRecordsAndCountsWhatItCutsOrDrops) {
     } else {
       ASSERT_EQ(windows.size(), 2u);
       EXPECT_EQ(windows[1], (std::vector<uint32_t>{30, 31, 50, 51, 52, 53, 54, 55}));
-      EXPECT_EQ(masks[1], (std::vector<uint8_t>{1, 1, 0, 0, 0, 0, 0, 1}));
+      EXPECT_EQ(masks[1], (std::vector<uint8_t>{3, 1, 2, 0, 0, 0, 0, 1}));
       EXPECT_EQ(s.truncated, 0);
       EXPECT_EQ(s.dropped, 1);
       EXPECT_EQ(s.records, 4);

@@ -4,6 +4,7 @@
 #include <set>
 
 #include "tests/common/micro_model.h"
+#include "trainer/kernels/fused_ops.h"
 #include "trainer/model/llama.h"
 
 namespace strata {
@@ -91,6 +92,50 @@ TEST(Llama, ChangingAFutureTokenLeavesEarlierLogitsUnchanged) {
     EXPECT_FALSE(at::allclose(before.narrow(1, t + 1, 1), after.narrow(1, t + 1, 1)))
         << "position " << t + 1 << " should see its own token";
   }
+}
+
+// Documents packed into one row with a document mask compute exactly what each computes alone
+// (logits, and the gradients of a summed loss), with the fused kernels on and off; without the
+// mask the later documents see the earlier ones.
+TEST(Llama, PackedDocumentsWithADocumentMaskEqualTheDocumentsAlone) {
+  const ModelConfig c = micro_config_for_llama();
+  const std::vector<int64_t> lengths = {5, 7, 4};  // one row of 16
+  at::manual_seed(11);
+  const at::Tensor tokens = at::randint(0, c.vocab_size, {1, 16}, at::kLong);
+  at::Tensor doc_start = at::zeros({1, 16}, at::kByte);
+  int64_t start = 0;
+  for (const int64_t n : lengths) {
+    doc_start[0][start] = 1;
+    start += n;
+  }
+  const DocumentMask documents = document_mask(doc_start);
+  EXPECT_TRUE(at::equal(documents.positions[0],
+                        at::tensor({0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3}, at::kLong)));
+  EXPECT_EQ(documents.allowed.sizes(), (std::vector<int64_t>{1, 1, 16, 16}));
+  for (const bool fused_kernels : {true, false}) {
+    fused::set_enabled(fused_kernels);
+    Llama packed = initialised_model(c), alone = initialised_model(c);
+    const at::Tensor packed_logits = packed.forward(tokens, &documents);
+    packed_logits.sum().backward();
+    int64_t first = 0;
+    for (const int64_t n : lengths) {
+      const at::Tensor logits = alone.forward(tokens.narrow(1, first, n));
+      logits.sum().backward();  // gradients accumulate over the documents
+      EXPECT_TRUE(at::allclose(packed_logits.narrow(1, first, n), logits, 1e-5, 1e-5))
+          << "document at " << first << ", fused " << fused_kernels;
+      if (first > 0) {
+        const at::Tensor causal = packed.forward(tokens).narrow(1, first, n);
+        EXPECT_FALSE(at::allclose(causal, logits, 1e-3, 1e-3)) << "document at " << first;
+      }
+      first += n;
+    }
+    for (const auto& [fqn, p] : packed.parameters()) {
+      const at::Tensor g = alone.parameters().at(fqn).grad();
+      EXPECT_TRUE(at::allclose(p.grad(), g, 1e-4, 1e-5))
+          << fqn << " max diff " << (p.grad() - g).abs().max().item<double>();
+    }
+  }
+  fused::set_enabled(true);
 }
 
 TEST(Llama, RopeDotProductDependsOnlyOnRelativePosition) {

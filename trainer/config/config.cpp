@@ -72,10 +72,19 @@ void visit(V& v, ModelConfig& c) {
 }
 template <class V>
 void visit(V& v, DataConfig& c) {
-  v.field("train", c.train, /*required=*/true);
+  v.field("train", c.train);  // this or sources: config_validation.cpp
   v.field("val", c.val);
+  v.list("sources", c.sources);
   v.field("tokenizer", c.tokenizer);
   v.field("seq_len", c.seq_len);
+  v.field("document_masking", c.document_masking);
+}
+template <class V>
+void visit(V& v, DataSourceConfig& c) {
+  v.field("name", c.name);
+  v.field("path", c.path, /*required=*/true);
+  v.field("weight", c.weight, /*required=*/true);
+  v.field("val", c.val);
 }
 template <class V>
 void visit(V& v, TrainingConfig& c) {
@@ -705,6 +714,11 @@ Config parse_config(const std::string& yaml_text, const std::string& source_name
   Reader reader(root, root, "", sources, where);
   visit(reader, config);
   reader.reject_unknown_keys();
+  for (size_t i = 0; i < config.data.sources.size(); ++i) {  // unnamed sources: by position
+    if (!where.count(fmt::format("data.sources.{}.name", i))) {
+      config.data.sources[i].name = fmt::format("source{}", i);
+    }
+  }
   config_detail::validate(config, where, sources.file(), world_size);
   return config;
 }

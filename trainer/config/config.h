@@ -45,11 +45,23 @@ struct ModelConfig {
   int64_t ffn_hidden_dim() const;
 };
 
+// One entry of `data.sources:`, a weighted mixture of training datasets.
+struct DataSourceConfig {
+  std::string name;                // unique, [A-Za-z0-9_.-]; absent: source<index>
+  std::string path;                // required: glob of train shards
+  double weight = 0.0;             // required, > 0; relative to the other sources
+  std::optional<std::string> val;  // glob of this source's val shards; null: none
+};
+
 struct DataConfig {
-  std::string train;                     // required: glob of train shards
-  std::optional<std::string> val;        // null: no validation
-  std::optional<std::string> tokenizer;  // SentencePiece model; null: samples print token ids
+  std::string train;                      // glob of train shards ("": data.sources instead)
+  std::optional<std::string> val;         // null: no validation
+  std::vector<DataSourceConfig> sources;  // a weighted mixture instead of data.train
+  std::optional<std::string> tokenizer;   // SentencePiece model; null: samples print token ids
   int64_t seq_len = 128;
+  // Attention stays inside each packed document, whose RoPE positions restart at 0 (packed
+  // instruction data marks where documents start); false: causal over the whole window.
+  bool document_masking = false;
 };
 
 struct TrainingConfig {

@@ -47,11 +47,62 @@ class Validator {
   const std::string& file_;
 };
 
+// data.train, or a weighted mixture in data.sources (each entry with its own val).
+void validate_data_sources(const Validator& v, const DataConfig& d,
+                           const std::map<std::string, std::string>& where,
+                           const std::string& file) {
+  if (d.train.empty() && d.sources.empty()) {
+    if (where.count("data.train")) {
+      v.check(false, "data.train", "is empty",
+              "give a glob of train shards, e.g. data/train_*.bin, or a mixture in data.sources");
+    }
+    const auto section = where.find("data");
+    fail("missing required key data.train", section != where.end() ? section->second : file,
+         "add `data.train:` to the config or pass --set data.train=... (or list weighted "
+         "datasets under data.sources)");
+  }
+  if (d.sources.empty()) return;
+  v.check(d.train.empty(), "data.sources", "and data.train are both given",
+          "give either data.train (one dataset) or data.sources (a weighted mixture), not both");
+  v.check(!d.val, "data.val", "does not apply to data.sources",
+          "give each source its own validation shards: data.sources.N.val (and data.val: null)");
+  const std::string allowed = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-";
+  for (size_t i = 0; i < d.sources.size(); ++i) {
+    const DataSourceConfig& s = d.sources[i];
+    const std::string base = fmt::format("data.sources.{}", i);
+    v.check(!s.name.empty(), base + ".name", "is empty",
+            fmt::format("name the source with letters, digits, '_', '.' or '-', or leave name "
+                        "out for source{}",
+                        i));
+    v.check(
+        s.name.find_first_not_of(allowed) == std::string::npos, base + ".name",
+        fmt::format("= '{}' has characters other than letters, digits, '_', '.' and '-'", s.name),
+        "source names become keys of metrics.jsonl and appear in the log: e.g. web, code_v2");
+    for (size_t j = 0; j < i; ++j) {
+      if (d.sources[j].name != s.name) continue;
+      const std::string key =
+          where.count(base + ".name") ? base + ".name" : fmt::format("data.sources.{}.name", j);
+      v.check(false, key,
+              fmt::format("'{}' names both data.sources.{} and data.sources.{}", s.name, j, i),
+              "give every source its own name (unnamed sources are source<index>)");
+    }
+    v.check(!s.path.empty(), base + ".path", "is empty",
+            "give a glob of the source's train shards, e.g. data/web/train_*.bin");
+    v.check(s.weight > 0, base + ".weight", fmt::format("= {} must be positive", s.weight),
+            "weights are relative: 5, 3 and 2 draw 50%, 30% and 20% of the samples");
+    if (s.val) {
+      v.check(!s.val->empty(), base + ".val", "is empty",
+              "give a glob of the source's val shards, or null for no validation of it");
+    }
+  }
+}
+
 }  // namespace
 
 void validate(const Config& c, const std::map<std::string, std::string>& where,
               const std::string& file, int world_size) {
   const Validator v(where, file);
+  validate_data_sources(v, c.data, where, file);
   const ModelConfig& m = c.model;
   v.one_of("model.name", m.name, {"llama"});
   // Sizes no model uses (a typo, a missing unit) would overflow shapes long before memory runs

@@ -117,16 +117,24 @@ void TokenDataset::read_window(int64_t global_start, TokenBatch& batch, int64_t 
   shards_[s].read(local, seq_len_, batch.inputs.data() + row * seq_len_);
   shards_[s].read(local + 1, seq_len_, batch.targets.data() + row * seq_len_);
   if (masks_.empty()) return;
+  const TokenShard& mask = masks_[s];
+  uint8_t* loss_mask = batch.loss_mask.data() + row * seq_len_;
+  uint8_t* doc_start = batch.doc_start.data() + row * seq_len_;
   for (int64_t t = 0; t < seq_len_; ++t) {
-    batch.loss_mask[row * seq_len_ + t] = static_cast<uint8_t>(masks_[s].token(local + 1 + t));
+    loss_mask[t] = (mask.token(local + 1 + t) & kMaskTarget) ? 1 : 0;
+    doc_start[t] = t == 0 || (mask.token(local + t) & kMaskDocumentStart) ? 1 : 0;
   }
 }
 
 namespace {
 TokenBatch empty_batch(int64_t count, int64_t seq_len, bool masked) {
-  return TokenBatch{count, seq_len, std::vector<int64_t>(count * seq_len),
+  const int64_t mask_size = masked ? count * seq_len : 0;
+  return TokenBatch{count,
+                    seq_len,
                     std::vector<int64_t>(count * seq_len),
-                    std::vector<uint8_t>(masked ? count * seq_len : 0)};
+                    std::vector<int64_t>(count * seq_len),
+                    std::vector<uint8_t>(mask_size),
+                    std::vector<uint8_t>(mask_size)};
 }
 }  // namespace
 
@@ -145,7 +153,7 @@ int64_t TokenDataset::sample_target_count(uint64_t seed, int64_t step, int64_t f
   int64_t targets = 0;
   for (int64_t i = 0; i < count; ++i) {
     const auto [s, local] = locate(sample_start(seed, step, first_index + i));
-    for (int64_t t = 1; t <= seq_len_; ++t) targets += masks_[s].token(local + t);
+    for (int64_t t = 1; t <= seq_len_; ++t) targets += masks_[s].token(local + t) & kMaskTarget;
   }
   return targets;
 }

@@ -9,7 +9,8 @@
 //
 // Packed shards (instruction data, token_shard.h) hold whole windows of seq_len + 1 tokens:
 // there a sample is one of those windows, drawn the same way, never a window across two.
-// Shards with loss-mask companions give each batch the mask of its targets.
+// Shards with loss-mask companions give each batch the mask of its targets and where the
+// packed documents start (what per-document attention needs).
 #pragma once
 
 #include <cstdint>
@@ -29,6 +30,9 @@ struct TokenBatch {
   std::vector<int64_t> targets;  // (B, T)
   // (B, T): 1 where the target counts in the loss; empty when every target does.
   std::vector<uint8_t> loss_mask;
+  // (B, T): 1 where the input token starts a document (a packed record); empty when the data
+  // does not say (a token stream). Column 0 is always 1.
+  std::vector<uint8_t> doc_start;
   int64_t target_count() const;  // targets that count in the loss
 };
 
@@ -42,6 +46,8 @@ class TokenDataset {
   const std::vector<TokenShard>& shards() const { return shards_; }
   bool packed() const { return window_ > 0; }
   bool has_loss_mask() const { return !masks_.empty(); }
+  // Batches carry doc_start (packed instruction data: its masks mark the documents).
+  bool has_documents() const { return !masks_.empty(); }
 
   // Start (global token offset into the shard concatenation, never crossing a shard end) of
   // the window for (seed, step, index). Pure function.

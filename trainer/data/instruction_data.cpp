@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "checkpoint/json_file.h"
+#include "trainer/data/token_shard.h"
 #include "trainer/data/tokenizer.h"
 #include "trainer/errors.h"
 
@@ -124,6 +125,9 @@ EncodedRecord RecordEncoder::encode(const std::string& line, const std::string& 
     out.tokens.push_back(static_cast<uint32_t>(eos));
     out.mask.push_back(last);
   }
+  // Nothing of the record precedes its first token: it is never a target (packed after another
+  // record, predicting it would learn across the document boundary).
+  if (!out.mask.empty()) out.mask.front() = 0;
   return out;
 }
 
@@ -206,7 +210,9 @@ void WindowPacker::add(EncodedRecord record) {
   }
   if (static_cast<int64_t>(tokens_.size() + record.tokens.size()) > window_) close();
   tokens_.insert(tokens_.end(), record.tokens.begin(), record.tokens.end());
+  const size_t start = mask_.size();
   mask_.insert(mask_.end(), record.mask.begin(), record.mask.end());
+  mask_[start] |= kMaskDocumentStart;
   ++stats_.records;
 }
 
@@ -216,9 +222,12 @@ void WindowPacker::close() {
   stats_.padding += static_cast<int64_t>(pad);
   tokens_.insert(tokens_.end(), pad, pad_id_);
   mask_.insert(mask_.end(), pad, 0);
+  if (pad > 0)
+    mask_[mask_.size() - pad] = kMaskDocumentStart;  // the padding: a document of its own
   ++stats_.windows;
   stats_.tokens += window_;
-  stats_.targets += std::accumulate(mask_.begin(), mask_.end(), int64_t{0});
+  stats_.targets +=
+      std::count_if(mask_.begin(), mask_.end(), [](uint8_t m) { return (m & kMaskTarget) != 0; });
   emit_(tokens_, mask_);
   tokens_.clear();
   mask_.clear();

@@ -7,8 +7,9 @@
 //   {"messages": [{"role": "...", "content": "..."}, ...]}
 //                                                rendered with the chat template; the tokens
 //                                                of the assistant turns are.
-// A record starts with BOS when the tokenizer has one (never a target) and ends with EOS (a
-// target when the record's last tokens are), unless the rendered text already ends with it.
+// A record starts with BOS when the tokenizer has one and ends with EOS (a target when the
+// record's last tokens are), unless the rendered text already ends with it. Its first token is
+// never a target: nothing of the record precedes it.
 // The parts are tokenized separately and concatenated (prompt, then completion; the rendered
 // chat cut where assistant turns begin and end), so no token straddles a target boundary.
 #pragma once
@@ -55,7 +56,8 @@ class RecordEncoder {
 // Packs records, in order, into windows of `window` tokens (seq_len + 1): a record goes into
 // the current window when it fits, else the window is closed (filled with `pad_id`, never a
 // target) and the record starts the next. A record longer than a window is cut to its first
-// `window` tokens (`truncate`) or dropped.
+// `window` tokens (`truncate`) or dropped. The emitted mask holds token_shard.h's flags: the
+// records' targets, and a document start at each record's first token and at the padding.
 struct PackingStats {
   int64_t records = 0;    // packed (whole or truncated)
   int64_t truncated = 0;  // records cut to one window

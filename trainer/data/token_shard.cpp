@@ -233,7 +233,7 @@ uint32_t TokenShard::max_token() const {
   } else {
     for (int64_t i = 0; i < num_tokens_; ++i) m = std::max(m, token(i));
   }
-  return m;  // a mask: 0 or 1
+  return m;  // a mask: its largest flag byte
 }
 
 std::vector<std::string> expand_shard_pattern(const std::string& pattern) {

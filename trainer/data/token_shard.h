@@ -6,8 +6,9 @@
 // Instruction data adds two things llm.c's readers ignore: header[3], the packed window length
 // (seq_len + 1: the shard is whole windows of records, each window sampled as a unit; 0 for a
 // plain token stream), and a loss-mask companion beside each shard (`train_000000.mask` for
-// `train_000000.bin`): the same header with magic 20261202, version 1, then one byte per token,
-// 1 where the token is a training target (completion and assistant tokens), 0 elsewhere.
+// `train_000000.bin`): the same header with magic 20261202, version 2, then one byte per token:
+// bit 0 set where the token is a training target (completion and assistant tokens), bit 1 set
+// where the token starts a document (a record, or the padding that closes a window).
 #pragma once
 
 #include <cstddef>
@@ -25,14 +26,16 @@ inline constexpr int32_t kShardVersionU16 = 1;
 inline constexpr int32_t kShardMagicU32 = 20240801;
 inline constexpr int32_t kShardVersionU32 = 7;
 inline constexpr int32_t kMaskMagic = 20261202;
-inline constexpr int32_t kMaskVersion = 1;
+inline constexpr int32_t kMaskVersion = 2;
+inline constexpr uint8_t kMaskTarget = 1;         // bit 0: the token is a training target
+inline constexpr uint8_t kMaskDocumentStart = 2;  // bit 1: the token starts a document
 inline constexpr size_t kShardHeaderInts = 256;
 
 // Writes `tokens` to `path` (temp file + rename, so a reader never sees a partial shard).
 // uint16 storage when `vocab_size` <= 65536, else uint32. `window` > 0: packed windows.
 void write_token_shard(const std::string& path, const std::vector<uint32_t>& tokens,
                        int64_t vocab_size, int32_t window = 0);
-// The loss-mask companion of a shard (one 0/1 byte per token), written the same way.
+// The loss-mask companion of a shard (one byte of kMask* bits per token), written the same way.
 void write_mask_shard(const std::string& path, const std::vector<uint8_t>& mask,
                       int32_t window = 0);
 // "<dir>/train_000000.mask" for "<dir>/train_000000.bin".

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <optional>
 
 #include "trainer/model/converters/converter.h"
 #include "trainer/kernels/fused_ops.h"
@@ -184,14 +185,39 @@ std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_
   return {angles.cos().to(at::kFloat), angles.sin().to(at::kFloat)};
 }
 
+namespace {
+// x (..., hd) viewed as hd/2 interleaved pairs (x0, x1), each rotated by the angle whose cosine
+// and sine `cos` and `sin` (broadcast to (..., hd/2)) hold.
+at::Tensor rotate_pairs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  at::Tensor pairs = x.unflatten(-1, {-1, 2});  // (..., hd/2, 2)
+  at::Tensor x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);
+  return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
+}
+}  // namespace
+
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_table,
                       const at::Tensor& sin_table) {
-  const int64_t seq_len = x.size(1);
-  at::Tensor pairs = x.unflatten(-1, {-1, 2});  // (B, T, heads, hd/2, 2)
-  at::Tensor x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);
-  at::Tensor cos = cos_table.narrow(0, 0, seq_len).unsqueeze(1);  // (T, 1, hd/2)
-  at::Tensor sin = sin_table.narrow(0, 0, seq_len).unsqueeze(1);
-  return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
+  const int64_t seq_len = x.size(1);  // positions [0, T): rows (T, 1, hd/2)
+  return rotate_pairs(x, cos_table.narrow(0, 0, seq_len).unsqueeze(1),
+                      sin_table.narrow(0, 0, seq_len).unsqueeze(1));
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos_table, const at::Tensor& sin_table,
+                      const at::Tensor& positions) {
+  const at::Tensor flat = positions.flatten();  // rows (B, T, 1, hd/2)
+  return rotate_pairs(x, cos_table.index_select(0, flat).view({x.size(0), x.size(1), 1, -1}),
+                      sin_table.index_select(0, flat).view({x.size(0), x.size(1), 1, -1}));
+}
+
+DocumentMask document_mask(const at::Tensor& doc_start) {
+  const at::Tensor starts = doc_start.to(at::kLong);
+  const int64_t t = starts.size(1);
+  const at::Tensor index = at::arange(t, starts.options()).expand_as(starts);
+  // A token's document starts at the last start at or before it; ids number the documents.
+  const at::Tensor first = std::get<0>(at::cummax(index * starts, 1));
+  const at::Tensor ids = starts.cumsum(1);
+  const at::Tensor causal = at::ones({t, t}, starts.options().dtype(at::kBool)).tril();
+  return {index - first, ids.unsqueeze(2).eq(ids.unsqueeze(1)).logical_and(causal).unsqueeze(1)};
 }
 
 at::Tensor Llama::linear(const LlamaLayer& layer, size_t index, const at::Tensor& x) const {
@@ -200,10 +226,12 @@ at::Tensor Llama::linear(const LlamaLayer& layer, size_t index, const at::Tensor
                              layer.extras.at(index));
 }
 
-at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const {
+at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x,
+                            const DocumentMask* documents) const {
   const int64_t b = x.size(0), t = x.size(1), hd = config_.head_dim();
   const int64_t h = config_.n_heads, kv = config_.n_kv_heads;
-  if (fused::enabled(x) && fused::has_blas()) {
+  // The fused kernel is causal over the whole row; packed documents take ATen's path.
+  if (!documents && fused::enabled(x) && fused::has_blas()) {
     at::Tensor q, k, v;
     if (!converters_ || converters_->empty()) {  // one GEMM for the three projections
       std::tie(q, k, v) = fused::qkv_rope(at::linear(x, at::cat({layer.wq, layer.wk, layer.wv})), h,
@@ -215,14 +243,19 @@ at::Tensor Llama::attention(const LlamaLayer& layer, const at::Tensor& x) const 
     }
     return linear(layer, 3, fused::causal_attention(q, k, v).view({b, t, h * hd}));
   }
-  at::Tensor q = apply_rope(linear(layer, 0, x).view({b, t, h, hd}), rope_cos_, rope_sin_);
-  at::Tensor k = apply_rope(linear(layer, 1, x).view({b, t, kv, hd}), rope_cos_, rope_sin_);
+  const auto rope = [&](const at::Tensor& y) {
+    return documents ? apply_rope(y, rope_cos_, rope_sin_, documents->positions)
+                     : apply_rope(y, rope_cos_, rope_sin_);
+  };
+  at::Tensor q = rope(linear(layer, 0, x).view({b, t, h, hd}));
+  at::Tensor k = rope(linear(layer, 1, x).view({b, t, kv, hd}));
   at::Tensor v = linear(layer, 2, x).view({b, t, kv, hd});
   // GQA: query head j uses key/value head j / (h / kv), without copies (enable_gqa).
+  std::optional<at::Tensor> mask;
+  if (documents) mask = documents->allowed;
   at::Tensor y = at::scaled_dot_product_attention(
-      q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-      /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
-      /*scale=*/std::nullopt, /*enable_gqa=*/kv != h);  // (B, H, T, hd)
+      q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, /*dropout_p=*/0.0,
+      /*is_causal=*/!documents, /*scale=*/std::nullopt, /*enable_gqa=*/kv != h);  // (B, H, T, hd)
   return linear(layer, 3, y.transpose(1, 2).reshape({b, t, h * hd}));
 }
 
@@ -240,8 +273,9 @@ at::Tensor Llama::embed(const at::Tensor& tok_embeddings, const at::Tensor& toke
   return at::embedding(tok_embeddings, tokens);  // (B, T, D)
 }
 
-at::Tensor Llama::block(const LlamaLayer& layer, const at::Tensor& h) const {
-  at::Tensor x = h + attention(layer, rms_norm(h, layer.attention_norm));
+at::Tensor Llama::block(const LlamaLayer& layer, const at::Tensor& h,
+                        const DocumentMask* documents) const {
+  at::Tensor x = h + attention(layer, rms_norm(h, layer.attention_norm), documents);
   return x + feed_forward(layer, rms_norm(x, layer.ffn_norm));
 }
 
@@ -250,9 +284,9 @@ at::Tensor Llama::head(const at::Tensor& norm, const at::Tensor& output,
   return at::linear(rms_norm(h, norm), output);  // (B, T, V)
 }
 
-at::Tensor Llama::forward(const at::Tensor& tokens) const {
+at::Tensor Llama::forward(const at::Tensor& tokens, const DocumentMask* documents) const {
   at::Tensor h = embed(tok_embeddings_, tokens);
-  for (const LlamaLayer& layer : layers_) h = block(layer, h);
+  for (const LlamaLayer& layer : layers_) h = block(layer, h, documents);
   return head(norm_, output_.defined() ? output_ : tok_embeddings_, h);
 }
 

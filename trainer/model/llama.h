@@ -35,13 +35,24 @@ struct LlamaLayer {
   const at::Tensor& linear(size_t index) const;  // wq, wk, wv, wo, w1, w2, w3 by index
 };
 
+// Documents packed into the rows of a batch: attention stays inside a document and RoPE
+// positions restart at each one, so every document computes what it would alone.
+struct DocumentMask {
+  at::Tensor positions;  // (B, T) int64: each token's position in its document
+  at::Tensor allowed;    // (B, 1, T, T) bool: query i may attend key j (one document, j <= i)
+};
+// From document-start flags (B, T), nonzero where a document starts (column 0 is one).
+DocumentMask document_mask(const at::Tensor& doc_start);
+
 // Anything that maps tokens (B, T) to next-token logits (B, T, V): the plain model, or the
-// same model with sharded parameters.
+// same model with sharded parameters. `documents` (may be null: causal over the whole row)
+// confines attention to packed documents.
 class LanguageModel {
  public:
   virtual ~LanguageModel() = default;
   virtual const ModelConfig& config() const = 0;
-  virtual at::Tensor forward(const at::Tensor& tokens) const = 0;
+  virtual at::Tensor forward(const at::Tensor& tokens,
+                             const DocumentMask* documents = nullptr) const = 0;
 };
 
 class Llama : public LanguageModel {
@@ -64,12 +75,14 @@ class Llama : public LanguageModel {
   std::vector<std::string> initialize(uint64_t seed, const std::set<std::string>& loaded = {});
 
   // tokens (B, T) int64 -> logits (B, T, V) fp32.
-  at::Tensor forward(const at::Tensor& tokens) const override;
+  at::Tensor forward(const at::Tensor& tokens,
+                     const DocumentMask* documents = nullptr) const override;
 
   // The model in pieces, with parameters given explicitly (this model's own, or views into a
   // gathered FSDP unit): embedding, one transformer block, final norm + output projection.
   at::Tensor embed(const at::Tensor& tok_embeddings, const at::Tensor& tokens) const;
-  at::Tensor block(const LlamaLayer& layer, const at::Tensor& h) const;
+  at::Tensor block(const LlamaLayer& layer, const at::Tensor& h,
+                   const DocumentMask* documents = nullptr) const;
   // The LlamaLayer of block `index` from its parameters in FQN order (an FSDP unit's views).
   LlamaLayer layer_from(size_t index, const std::vector<at::Tensor>& params) const;
   const Converters* converters() const { return converters_; }
@@ -91,7 +104,8 @@ class Llama : public LanguageModel {
 
  private:
   at::Tensor linear(const LlamaLayer& layer, size_t index, const at::Tensor& x) const;
-  at::Tensor attention(const LlamaLayer& layer, const at::Tensor& x) const;
+  at::Tensor attention(const LlamaLayer& layer, const at::Tensor& x,
+                       const DocumentMask* documents) const;
   at::Tensor feed_forward(const LlamaLayer& layer, const at::Tensor& x) const;
   at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight) const;
 
@@ -119,5 +133,8 @@ std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_
 // Rotates x (B, T, heads, hd), viewed as hd/2 interleaved pairs (x0, x1), by the angles of
 // positions [0, T). `cos`/`sin` are rope_tables(); rows beyond T are ignored.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// The same at explicit positions (B, T) int64 (each < the tables' rows).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      const at::Tensor& positions);
 
 }  // namespace strata

@@ -35,7 +35,8 @@ ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool r
   };
   for (int64_t i = 0; i < config.n_layers; ++i) {
     block_bodies_.push_back([this, i](const std::vector<at::Tensor>& p, const at::Tensor& h) {
-      return model_.block(model_.layer_from(static_cast<size_t>(i), p), h);
+      return model_.block(model_.layer_from(static_cast<size_t>(i), p), h,
+                          documents_ ? &*documents_ : nullptr);
     });
   }
   // Untied: the head unit holds [norm, output]. Tied: the embedding unit holds
@@ -48,7 +49,9 @@ ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool r
                       });
 }
 
-at::Tensor ShardedLlama::forward(const at::Tensor& tokens) const {
+at::Tensor ShardedLlama::forward(const at::Tensor& tokens, const DocumentMask* documents) const {
+  documents_.reset();
+  if (documents) documents_ = *documents;
   at::Tensor h = units_.front()->run(tokens, embed_body_, recompute_);
   for (size_t i = 0; i < block_bodies_.size(); ++i) {
     h = units_[1 + i]->run(h, block_bodies_[i], recompute_);

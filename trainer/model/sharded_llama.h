@@ -8,6 +8,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -29,7 +30,10 @@ class ShardedLlama : public LanguageModel {
   ShardedLlama& operator=(const ShardedLlama&) = delete;
 
   const ModelConfig& config() const override { return model_.config(); }
-  at::Tensor forward(const at::Tensor& tokens) const override;
+  // The blocks read `documents` from a copy kept until the next forward: recomputation in
+  // backward (which runs before the next forward) sees the same documents.
+  at::Tensor forward(const at::Tensor& tokens,
+                     const DocumentMask* documents = nullptr) const override;
 
   // Initialises every parameter whose FQN is not in `loaded`; returns the FQNs it initialised.
   std::vector<std::string> initialize(uint64_t seed, const std::set<std::string>& loaded = {});
@@ -50,6 +54,7 @@ class ShardedLlama : public LanguageModel {
   std::vector<FsdpUnit::Body> block_bodies_;
   FsdpUnit::Body embed_body_, head_body_;
   bool recompute_;
+  mutable std::optional<DocumentMask> documents_;  // of the latest forward
 };
 
 }  // namespace strata
