@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <cctype>
 #include <cstring>
 #include <optional>
@@ -1033,27 +1034,39 @@ class Parser {
     }
     return e;
   }
-  ExprP parse_or() {
-    ExprP e = parse_and();
-    while (is_name("or")) {
-      auto n = node(EK::Or, cur().offset);
+  // operand (OP operand)*, left-associative, for the operators `ops` (symbols, or the keywords
+  // "or" / "and"); `make(op, offset, left, right)` builds each node.
+  template <class Operand, class Make>
+  ExprP left_chain(std::initializer_list<const char*> ops, Operand operand, Make make) {
+    ExprP e = operand();
+    for (;;) {
+      const auto op = std::find_if(ops.begin(), ops.end(),
+                                   [&](const char* o) { return is_op(o) || is_name(o); });
+      if (op == ops.end()) return e;
+      const size_t off = cur().offset;
       ++tp_;
-      n->kids.push_back(std::move(e));
-      n->kids.push_back(parse_and());
-      e = std::move(n);
+      e = make(std::string(*op), off, std::move(e), operand());
     }
-    return e;
+  }
+  ExprP pair(EK kind, size_t off, ExprP a, ExprP b) {
+    auto n = node(kind, off);
+    n->kids.push_back(std::move(a));
+    n->kids.push_back(std::move(b));
+    return n;
+  }
+  ExprP parse_or() {
+    return left_chain(
+        {"or"}, [&] { return parse_and(); },
+        [&](const std::string&, size_t off, ExprP a, ExprP b) {
+          return pair(EK::Or, off, std::move(a), std::move(b));
+        });
   }
   ExprP parse_and() {
-    ExprP e = parse_not();
-    while (is_name("and")) {
-      auto n = node(EK::And, cur().offset);
-      ++tp_;
-      n->kids.push_back(std::move(e));
-      n->kids.push_back(parse_not());
-      e = std::move(n);
-    }
-    return e;
+    return left_chain(
+        {"and"}, [&] { return parse_not(); },
+        [&](const std::string&, size_t off, ExprP a, ExprP b) {
+          return pair(EK::And, off, std::move(a), std::move(b));
+        });
   }
   ExprP parse_not() {
     if (is_name("not")) {
@@ -1094,47 +1107,34 @@ class Parser {
     }
     return cmp ? std::move(cmp) : std::move(first);
   }
-  ExprP binary(const std::string& op, size_t off, ExprP a, ExprP b) {
-    auto n = node(EK::Binary, off);
-    n->name = op;
-    n->kids.push_back(std::move(a));
-    n->kids.push_back(std::move(b));
-    return n;
+  // The `make` of left_chain for arithmetic: an EK::Binary node named by its operator.
+  auto binary_node() {
+    return [this](const std::string& op, size_t off, ExprP a, ExprP b) {
+      ExprP n = pair(EK::Binary, off, std::move(a), std::move(b));
+      n->name = op;
+      return n;
+    };
   }
   ExprP parse_math1() {
-    ExprP e = parse_concat();
-    while (is_op("+") || is_op("-")) {
-      const std::string op = cur().text;
-      const size_t off = cur().offset;
-      ++tp_;
-      e = binary(op, off, std::move(e), parse_concat());
-    }
-    return e;
+    return left_chain(
+        {"+", "-"}, [&] { return parse_concat(); }, binary_node());
   }
   ExprP parse_concat() {
-    ExprP e = parse_math2();
-    while (is_op("~")) {
-      const size_t off = cur().offset;
-      ++tp_;
-      e = binary("~", off, std::move(e), parse_math2());
-    }
-    return e;
+    return left_chain(
+        {"~"}, [&] { return parse_math2(); }, binary_node());
   }
   ExprP parse_math2() {
-    ExprP e = parse_pow();
-    while (is_op("*") || is_op("/") || is_op("//") || is_op("%")) {
-      const std::string op = cur().text;
-      const size_t off = cur().offset;
-      if (op == "/")
-        throw TemplateError{off, "the operator '/' (true division) is not supported; use '//'"};
-      ++tp_;
-      e = binary(op, off, std::move(e), parse_pow());
-    }
-    return e;
+    return left_chain(
+        {"*", "//", "%"}, [&] { return parse_pow(); }, binary_node());
   }
+  // A multiplicative operand; the operators Strata leaves out are refused where they stand.
   ExprP parse_pow() {
     ExprP e = parse_unary(true);
     if (is_op("**")) throw TemplateError{cur().offset, "the operator '**' is not supported"};
+    if (is_op("/")) {
+      throw TemplateError{cur().offset,
+                          "the operator '/' (true division) is not supported; use '//'"};
+    }
     return e;
   }
   ExprP parse_unary(bool with_filter) {

@@ -12,13 +12,13 @@
 namespace strata {
 namespace {
 
-// Copies row `from_row` of `from` into row `row` of `to`, every per-token field ((B, T), or
+// Copies the one row of `from` into row `row` of `to`, every per-token field ((B, T), or
 // empty for "not present"). A field that `to` has and `from` lacks takes what its absence means:
 // a loss mask all ones (every target counts), document starts one document (the whole row).
-void copy_row(const TokenBatch& from, int64_t from_row, TokenBatch& to, int64_t row) {
+void copy_row(const TokenBatch& from, TokenBatch& to, int64_t row) {
   const int64_t t = to.seq_len;
   const auto copy = [&](const auto& src, auto& dst) {
-    std::copy_n(src.begin() + from_row * t, t, dst.begin() + row * t);
+    std::copy_n(src.begin(), t, dst.begin() + row * t);
   };
   copy(from.inputs, to.inputs);
   copy(from.targets, to.targets);
@@ -109,7 +109,7 @@ TokenBatch DataMixture::sample_batch(uint64_t seed, int64_t step, int64_t first_
   for (int64_t i = 0; i < count; ++i) {
     const int64_t index = first_index + i;
     const TokenDataset& data = sources_[source_of(seed, step, index)].data;
-    copy_row(data.sample_batch(seed, step, index, 1), 0, batch, i);
+    copy_row(data.sample_batch(seed, step, index, 1), batch, i);
   }
   return batch;
 }
