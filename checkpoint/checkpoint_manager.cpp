@@ -185,6 +185,7 @@ void CheckpointManager::prepare(InFlight& save) {
 
 void CheckpointManager::write(InFlight& save) {
   try {
+    if (save.copies) save.copies->copies_done();  // CUDA pieces: on the host now
     if (options_.before_write) options_.before_write(comm_.rank(), save.job.step);
     save.report = save.job.write_rank(save.incomplete_dir);
     save.report["ok"] = true;
@@ -327,19 +328,24 @@ void CheckpointManager::start_purge(const DirectorySeries& series, int64_t keep,
 
 // Copies every piece into its staging buffer (allocated on first use, reused while the piece
 // layout stays the same) and points the piece at it. CPU pieces are copied with memcpy, which
-// is safe on a background thread; device pieces go to pinned host memory.
+// is safe on a background thread; CUDA pieces go to pinned host memory on a side stream: this
+// only enqueues those copies (`save.copies`), which write() waits for.
 void CheckpointManager::stage(InFlight& save) {
   std::vector<TensorPiece>& pieces = save.request.pieces;
   for (size_t i = 0; i < pieces.size(); ++i) {
     at::Tensor& buffer = staging_[i];
-    const at::Tensor source = pieces[i].local.detach().reshape({-1});
+    const at::Tensor source = pieces[i].local.detach();
     if (source.device().is_cpu() && source.is_contiguous()) {
       if (source.nbytes() > 0) std::memcpy(buffer.data_ptr(), source.data_ptr(), source.nbytes());
+    } else if (source.device().is_cpu()) {
+      buffer.copy_(source.reshape({-1}));
     } else {
-      buffer.copy_(source);
+      if (!save.copies) save.copies = std::make_unique<DeviceToHostCopies>();
+      save.copies->copy(source, buffer);
     }
     pieces[i].local = buffer;
   }
+  if (save.copies) save.copies->record();
   {
     std::lock_guard<std::mutex> lock(staged_mutex_);
     save.staged = true;
@@ -398,8 +404,9 @@ void CheckpointManager::start(std::unique_ptr<InFlight> owned, Clock::time_point
   for (const TensorPiece& p : pieces) on_device = on_device || !p.local.device().is_cpu();
   if ((options_.async || on_device) && !pieces.empty()) reserve_staging(pieces);
   if (options_.async) {
-    // Device pieces are copied here (the copy engine is fast and streams are per thread);
-    // CPU pieces are copied by the background thread while training computes.
+    // Device pieces: their copies are enqueued here (the current stream is this thread's),
+    // and the writer waits for them; CPU pieces are copied by the background thread while
+    // training computes.
     if (on_device) stage(save);
     save.stall_seconds = seconds_since(started);
     save.writer = std::thread([this, &save] {
@@ -429,18 +436,25 @@ void CheckpointManager::reserve_staging(const std::vector<TensorPiece>& pieces) 
   bool reuse = staging_.size() == pieces.size();
   for (size_t i = 0; reuse && i < pieces.size(); ++i) {
     reuse = staging_[i].numel() == pieces[i].local.numel() &&
-            staging_[i].scalar_type() == pieces[i].local.scalar_type();
+            staging_[i].scalar_type() == pieces[i].local.scalar_type() &&
+            staging_pinned_[i] == wants_pinned_host_buffer(pieces[i].local);
   }
   if (reuse) return;
   staging_.clear();
+  staging_pinned_.clear();
   for (const TensorPiece& p : pieces) {
-    const bool pinned = !p.local.device().is_cpu();
+    const bool pinned = wants_pinned_host_buffer(p.local);  // only for CUDA pieces
     staging_.push_back(at::zeros(
         {p.local.numel()}, at::TensorOptions().dtype(p.local.scalar_type()).pinned_memory(pinned)));
+    staging_pinned_.push_back(pinned);
   }
 }
 
 void CheckpointManager::wait_until_staged() {
+  if (in_flight_ && in_flight_->copies && !in_flight_->copies_ordered) {
+    in_flight_->copies->order_after_copies();  // on the device: the host goes on
+    in_flight_->copies_ordered = true;
+  }
   if (!in_flight_ || in_flight_->staged) return;
   const auto start = Clock::now();
   std::unique_lock<std::mutex> lock(staged_mutex_);

@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "checkpoint/device_copy.h"
 #include "checkpoint/sharded_checkpoint.h"
 #include "parallel/communicator.h"
 
@@ -126,6 +127,11 @@ class CheckpointManager {
   // into reusable staging buffers (allocated once), then writes them. `poll` or `finish`
   // commit it. Until `wait_until_staged` returns, the caller must not modify the saved
   // tensors (reading them, e.g. forward and backward, is fine).
+  // Pieces on a CUDA device: the staging buffers are pinned host memory, and save() only
+  // enqueues the device-to-host copies on a side stream (behind the work already queued on
+  // the current stream) before it returns; the writer waits for them on the host, and
+  // wait_until_staged orders the current stream's later work after them without blocking the
+  // host. Sync saves copy device pieces to the host and write them.
   void save(SaveRequest request);
   // The same protocol for an HF export (series hf): sync or async as configured.
   void export_hf(CommitJob job);
@@ -133,7 +139,9 @@ class CheckpointManager {
   // the first save does not pay for fresh memory while training waits.
   void reserve_staging(const std::vector<TensorPiece>& pieces);
   // Blocks until the save in flight no longer reads the live tensors. Call before modifying
-  // them (the optimizer step). Cheap when there is nothing to wait for.
+  // them (the optimizer step), on the thread (CUDA: the current stream) that modifies them.
+  // Cheap when there is nothing to wait for; for CUDA pieces it does not block the host: the
+  // current stream waits for the copies on the device.
   void wait_until_staged();
 
   // Collective, cheap (one small all-reduce when a save is in flight, nothing otherwise):
@@ -160,7 +168,10 @@ class CheckpointManager {
     CommitJob job;        // every save: the rank's writer and rank 0's finalizer
     std::string incomplete_dir;
     std::thread writer;
-    std::atomic<bool> staged{false};  // the pieces are in the staging buffers
+    std::atomic<bool> staged{false};  // the pieces are in the staging buffers (or, for CUDA
+                                      // pieces, the copies there are enqueued)
+    std::unique_ptr<DeviceToHostCopies> copies;  // CUDA pieces: the copies in flight
+    bool copies_ordered = false;  // the current stream waits for `copies` (wait_until_staged)
     std::atomic<bool> done{false};
     nlohmann::json report;  // written by the writer before `done`
     std::chrono::steady_clock::time_point started;
@@ -180,7 +191,8 @@ class CheckpointManager {
   Communicator& comm_;
   Log log_;
   std::unique_ptr<InFlight> in_flight_;
-  std::vector<at::Tensor> staging_;  // async: reused while the piece layout stays the same
+  std::vector<at::Tensor> staging_;   // async: reused while the piece layout stays the same
+  std::vector<bool> staging_pinned_;  // which of them are pinned (for pieces on a GPU)
   std::mutex staged_mutex_;
   std::condition_variable staged_cv_;
   std::thread purge_;

@@ -35,15 +35,18 @@ std::string rank_file_name(int rank) {
 json write_rank_file(const std::string& dir, int rank, const std::vector<TensorPiece>& pieces,
                      bool hash_thread) {
   std::vector<SafetensorsItem> items;
+  std::vector<at::Tensor> host_copies;  // of pieces on a device, alive until written
   json chunks = json::array();
   for (const TensorPiece& piece : pieces) {
     if (piece.local.numel() == 0) continue;
-    if (!piece.local.is_contiguous() || piece.local.device().type() != at::kCPU) {
-      throw std::logic_error("write_rank_file: piece " + piece.key +
-                             " is not contiguous on the CPU");
+    at::Tensor local = piece.local;
+    if (!local.device().is_cpu()) {  // a GPU piece: written from a host copy
+      local = host_copies.emplace_back(local.detach().to(at::kCPU).contiguous());
     }
-    items.push_back(
-        {piece.key, piece.local.scalar_type(), {piece.local.numel()}, piece.local.data_ptr()});
+    if (!local.is_contiguous()) {
+      throw std::logic_error("write_rank_file: piece " + piece.key + " is not contiguous");
+    }
+    items.push_back({piece.key, local.scalar_type(), {local.numel()}, local.data_ptr()});
     chunks.push_back(
         {{"key", piece.key}, {"begin", piece.begin}, {"end", piece.begin + piece.local.numel()}});
   }
@@ -226,7 +229,7 @@ void CheckpointReader::load(std::vector<TensorPiece>& pieces) const {
       file.prefetch(first, last);
       verify_range(file, first, last);
       at::Tensor dest = piece.local.narrow(0, lo - want_begin, hi - lo);
-      if (stored == piece.local.scalar_type()) {
+      if (stored == piece.local.scalar_type() && dest.device().is_cpu()) {
         file.copy_elements(chunk.key, lo - chunk.begin, hi - lo, dest.data_ptr());
       } else {
         dest.copy_(file.read_elements(chunk.key, lo - chunk.begin, hi - lo));

@@ -21,7 +21,8 @@
 namespace strata {
 
 // One rank's contiguous piece of a logical tensor: elements [begin, begin + local.numel()) of
-// the row-major flattening of a tensor of `shape`. `local` is 1-D, contiguous, on the CPU.
+// the row-major flattening of a tensor of `shape`. `local` is 1-D and contiguous, on the CPU or a
+// GPU (written from a host copy).
 struct TensorPiece {
   std::string key;
   std::vector<int64_t> shape;

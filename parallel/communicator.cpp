@@ -78,7 +78,9 @@ class MpiCommunicator final : public Communicator {
    public:
     Timed(CommStats& stats, double ring_bytes) : stats_(stats), bytes_(ring_bytes) {}
     ~Timed() {
-      stats_.seconds += std::chrono::duration<double>(Clock::now() - start_).count();
+      const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+      stats_.seconds += seconds;
+      stats_.exposed_seconds += seconds;  // synchronous: nothing overlaps it
       stats_.bytes += bytes_;
       ++stats_.calls;
     }
@@ -227,7 +229,26 @@ class MpiCommunicator final : public Communicator {
   CommStats stats_;
 };
 
+// The work of a collective that already ran.
+class CompletedWork final : public CommWork {
+ public:
+  void wait() override {}
+  bool synchronous() const override { return true; }
+};
+
 }  // namespace
+
+std::unique_ptr<CommWork> Communicator::all_gather_async(const at::Tensor& input,
+                                                         at::Tensor& output) {
+  all_gather(input, output);
+  return std::make_unique<CompletedWork>();
+}
+
+std::unique_ptr<CommWork> Communicator::reduce_scatter_async(const at::Tensor& input,
+                                                             at::Tensor& output, ReduceOp op) {
+  reduce_scatter(input, output, op);
+  return std::make_unique<CompletedWork>();
+}
 
 std::unique_ptr<Communicator> make_mpi_communicator(const ProcessGroup& group) {
   (void)group;  // MPI is initialised: the world is MPI_COMM_WORLD

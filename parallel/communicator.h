@@ -27,11 +27,31 @@ struct RankFailure {
 
 // Cumulative cost of the collectives so far: wall time inside them, and the bytes each rank
 // moves on a ring algorithm ((N-1)/N of the full tensor for all_gather and reduce_scatter,
-// twice that for all_reduce).
+// twice that for all_reduce). `exposed_seconds`: the part of it that computation waited for
+// (not overlapped). MPI runs every collective inside the call: all of its time is exposed.
+// NCCL measures, with CUDA events, how long the compute stream stalls at each wait; `seconds`
+// stays 0 there (the host only enqueues).
 struct CommStats {
   double seconds = 0.0;
   double bytes = 0.0;
   int64_t calls = 0;
+  double exposed_seconds = 0.0;
+};
+
+// A collective started by one of Communicator's *_async calls. Its tensors must stay alive
+// until wait() returns (the NCCL backend also tells CUDA's caching allocator that its stream
+// uses them). wait() orders the caller's later work after the collective: on NCCL the current
+// CUDA stream waits for it, without a host synchronisation; on a synchronous backend (MPI) the
+// collective already ran inside the call and wait() does nothing. A work dropped without wait()
+// leaves its output unordered with later work (fine for a result that is thrown away). A work
+// must not outlive its communicator.
+class CommWork {
+ public:
+  virtual ~CommWork() = default;
+  virtual void wait() = 0;
+  // Whether the collective completed inside the call that started it: its output may be read
+  // at once.
+  virtual bool synchronous() const { return false; }
 };
 
 class Communicator {
@@ -47,6 +67,11 @@ class Communicator {
   virtual void all_gather(const at::Tensor& input, at::Tensor& output) = 0;
   // `input` holds world_size equal chunks; rank r receives the reduction of chunk r.
   virtual void reduce_scatter(const at::Tensor& input, at::Tensor& output, ReduceOp op) = 0;
+  // The same collectives started without waiting for them (see CommWork). By default they run
+  // synchronously inside the call and return completed work (the MPI backend).
+  virtual std::unique_ptr<CommWork> all_gather_async(const at::Tensor& input, at::Tensor& output);
+  virtual std::unique_ptr<CommWork> reduce_scatter_async(const at::Tensor& input,
+                                                         at::Tensor& output, ReduceOp op);
   virtual void broadcast(at::Tensor& tensor, int root) = 0;
   virtual void barrier() = 0;
 
@@ -72,6 +97,7 @@ inline CommStats& operator+=(CommStats& a, const CommStats& b) {
   a.seconds += b.seconds;
   a.bytes += b.bytes;
   a.calls += b.calls;
+  a.exposed_seconds += b.exposed_seconds;
   return a;
 }
 

@@ -10,23 +10,30 @@
 namespace strata {
 namespace {
 
-at::Tensor to_tensor(const std::vector<int64_t>& values, int64_t batch, int64_t seq_len) {
-  return at::from_blob(const_cast<int64_t*>(values.data()), {batch, seq_len}, at::kLong).clone();
+// Host values (B, T) as a tensor on `device` (a copy: the batch may go away).
+template <class T>
+at::Tensor to_tensor(const std::vector<T>& values, int64_t batch, int64_t seq_len,
+                     const at::Device& device) {
+  const at::Tensor host = at::from_blob(const_cast<T*>(values.data()), {batch, seq_len},
+                                        c10::CppTypeToScalarType<T>::value);
+  return device.is_cpu() ? host.clone() : host.to(device);
 }
 
+// Logits in fp32, whatever the compute dtype: the loss is computed in fp32.
 at::Tensor logits_of(const LanguageModel& model, const TokenBatch& batch, bool per_document) {
-  const at::Tensor inputs = to_tensor(batch.inputs, batch.batch, batch.seq_len);
-  if (!per_document || batch.doc_start.empty()) return model.forward(inputs);
-  const DocumentMask documents = document_mask(at::from_blob(
-      const_cast<uint8_t*>(batch.doc_start.data()), {batch.batch, batch.seq_len}, at::kByte));
-  return model.forward(inputs, &documents);
+  const at::Device device = model.device();
+  const at::Tensor inputs = to_tensor(batch.inputs, batch.batch, batch.seq_len, device);
+  if (!per_document || batch.doc_start.empty()) return model.forward(inputs).to(at::kFloat);
+  const DocumentMask documents =
+      document_mask(to_tensor(batch.doc_start, batch.batch, batch.seq_len, device));
+  return model.forward(inputs, &documents).to(at::kFloat);
 }
 
 }  // namespace
 
 at::Tensor batch_loss(const LanguageModel& model, const TokenBatch& batch, bool per_document) {
   at::Tensor logits = logits_of(model, batch, per_document);
-  at::Tensor targets = to_tensor(batch.targets, batch.batch, batch.seq_len);
+  at::Tensor targets = to_tensor(batch.targets, batch.batch, batch.seq_len, logits.device());
   if (fused::enabled(logits)) return fused::cross_entropy(logits.flatten(0, 1), targets.flatten());
   return at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten());
 }
@@ -42,9 +49,10 @@ at::Tensor batch_loss_sum(const LanguageModel& model, const TokenBatch& batch, b
     if (!batch.loss_mask[i]) targets[i] = kIgnored;
   }
   at::Tensor logits = logits_of(model, batch, per_document);
-  return at::cross_entropy_loss(logits.flatten(0, 1),
-                                to_tensor(targets, batch.batch, batch.seq_len).flatten(), {},
-                                at::Reduction::Sum, kIgnored);
+  return at::cross_entropy_loss(
+      logits.flatten(0, 1),
+      to_tensor(targets, batch.batch, batch.seq_len, logits.device()).flatten(), {},
+      at::Reduction::Sum, kIgnored);
 }
 
 EvalResult evaluate(const LanguageModel& model, const TokenDataset& data, int64_t max_windows,

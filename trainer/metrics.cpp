@@ -27,6 +27,11 @@ std::string MetricsLogger::format(const StepMetrics& m) const {
   std::string comm = m.comm_fraction ? fmt::format(" | comm {:.0f}% {:.1f} MB",
                                                    *m.comm_fraction * 100.0, *m.comm_mb)
                                      : "";
+  if (m.comm_exposed_fraction && m.comm_fraction && *m.comm_exposed_fraction != *m.comm_fraction) {
+    comm += fmt::format(" ({:.0f}% exposed)", *m.comm_exposed_fraction * 100.0);
+  }
+  const std::string reserved =
+      m.mem_reserved_mb ? fmt::format(" ({:.0f} reserved)", *m.mem_reserved_mb) : "";
   if (m.comm_fraction && m.comm_mb_replica && *m.comm_mb_replica > 0) {
     comm += fmt::format(" (shard {:.1f}, replica {:.1f})", *m.comm_mb_shard, *m.comm_mb_replica);
   }
@@ -41,9 +46,9 @@ std::string MetricsLogger::format(const StepMetrics& m) const {
   const int64_t eta = static_cast<int64_t>(m.eta_s);
   return fmt::format(
       "step {:>{}}/{} | loss {:.4f} | grad_norm {:.3f} | lr {:.2e} | {:.0f} tok/s | "
-      "{:.2f} TFLOP/s{} | {:.0f} ms/step{} | mem {:.0f} MiB | eta {}:{:02d}{}",
+      "{:.2f} TFLOP/s{} | {:.0f} ms/step{} | mem {:.0f} MiB{} | eta {}:{:02d}{}",
       m.step, fmt::formatted_size("{}", m.total_steps), m.total_steps, m.loss, m.grad_norm, m.lr,
-      m.tokens_per_s, m.tflops, mfu, m.step_ms, comm, m.mem_mb, eta / 60, eta % 60, mix);
+      m.tokens_per_s, m.tflops, mfu, m.step_ms, comm, m.mem_mb, reserved, eta / 60, eta % 60, mix);
 }
 
 void MetricsLogger::log_step(const StepMetrics& m) {
@@ -58,10 +63,12 @@ void MetricsLogger::log_step(const StepMetrics& m) {
                         {"step_ms", m.step_ms},
                         {"mem_mb", m.mem_mb},
                         {"eta_s", m.eta_s}};
+  if (m.mem_reserved_mb) row["mem_reserved_mb"] = *m.mem_reserved_mb;
   if (m.comm_fraction) {
     row["comm_fraction"] = *m.comm_fraction;
     row["comm_mb"] = *m.comm_mb;
   }
+  if (m.comm_exposed_fraction) row["comm_exposed_fraction"] = *m.comm_exposed_fraction;
   if (m.comm_mb_shard) row["comm_mb_shard"] = *m.comm_mb_shard;
   if (m.comm_mb_replica) row["comm_mb_replica"] = *m.comm_mb_replica;
   if (!m.tokens_by_source.empty()) {

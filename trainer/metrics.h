@@ -21,10 +21,16 @@ struct StepMetrics {
   double tflops = 0.0;        // achieved model TFLOP/s (global)
   std::optional<double> mfu;  // fraction of peak, when logging.peak_tflops is set
   double step_ms = 0.0;
-  double mem_mb = 0.0;  // resident set size of this process
+  // CPU: resident set size of this process. CUDA: the caching allocator's peak allocated
+  // memory since the previous line, with its peak reserved memory in mem_reserved_mb.
+  double mem_mb = 0.0;
+  std::optional<double> mem_reserved_mb;
   double eta_s = 0.0;
   std::optional<double> comm_fraction;  // share of step time inside collectives (several ranks)
-  std::optional<double> comm_mb;        // MB moved per step per rank (ring algorithms)
+  // Share of step time the computation waited for communication (not overlapped): on CPU/MPI
+  // every collective; on CUDA/NCCL the stream waits, timed with CUDA events.
+  std::optional<double> comm_exposed_fraction;
+  std::optional<double> comm_mb;  // MB moved per step per rank (ring algorithms)
   // FSDP: the part of comm_mb within this rank's shard group (all-gathers, reduce-scatters)
   // and across its replica group (the gradient-shard all-reduce of hybrid sharding; 0 without).
   std::optional<double> comm_mb_shard, comm_mb_replica;

@@ -32,7 +32,6 @@ TrainSummary train(const Config& config, const ProcessGroup& group, const TrainO
   for (int64_t step = summary.start_step + 1; step <= tc.steps; ++step) {
     const StepResult result = trainer.train_step(step);
     last_step = step;
-    summary.losses.push_back(result.loss);
     summary.train_seconds += result.seconds;
     trainer.log_metrics(step, result, summary);
     if (tc.eval_interval > 0 && (step % tc.eval_interval == 0 || step == tc.steps)) {
@@ -45,6 +44,7 @@ TrainSummary train(const Config& config, const ProcessGroup& group, const TrainO
     trainer.end_step();
   }
   trainer.checkpoints->finish();
+  trainer.resolve_losses(summary);  // a stop between log lines
 
   const int64_t trained = last_step - summary.start_step;
   summary.tokens_per_s =

@@ -11,7 +11,10 @@
 #include <filesystem>
 
 #include "checkpoint/hub/spec.h"
+#include "parallel/bucketed.h"
 #include "parallel/launcher.h"
+#include "parallel/nccl_communicator.h"
+#include "trainer/device.h"
 #include "trainer/evaluate.h"
 #include "trainer/kernels/blas.h"
 #include "trainer/kernels/fused_ops.h"
@@ -112,6 +115,7 @@ Trainer::Trainer(const Config& cfg, const ProcessGroup& g, const TrainOptions& o
     : config(cfg), group(g), log(g.is_main()), before_write_(options.before_checkpoint_write) {
   comm_ = make_mpi_communicator(group);
   setup_run_dir();
+  setup_device();
   setup_data();
   setup_model();
   setup_resume(options);
@@ -152,13 +156,47 @@ void Trainer::setup_run_dir() {
   log(fmt::format("world: {}; {} intra-op thread(s) per rank", group.describe(), threads_));
   log("launch: " + launcher_description());
   log(fmt::format("BLAS: {}", blas_description()));
-  log(fmt::format(
-      "kernels: {} (training.fused_kernels: {})",
-      config.training.fused_kernels ? "Strata's fused CPU kernels" : "the ATen composition",
-      config.training.fused_kernels ? "true" : "false"));
   const CheckpointConfig& kc = config.checkpoint;
   checkpoint_folder =
       (fs::path(kc.folder).is_absolute() ? fs::path(kc.folder) : run_dir / kc.folder).string();
+}
+
+// parallel.device and parallel.backend: a CUDA rank takes the GPU of its local rank; the model's
+// tensors then move over NCCL, and everything else (agreements, plans, checkpoint reports,
+// errors, the host values of log lines) over MPI, so nothing hands CPU tensors to NCCL.
+void Trainer::setup_device() {
+  const ParallelConfig& pc = config.parallel;
+  std::string backend;
+  run_on_all_ranks<ConfigError>(*comm_, "choosing the device", [&] {
+    device_ = resolve_device(pc.device, group.local_rank(), group.local_world_size(),
+                             cuda_device_count());
+    backend = resolve_backend(pc.backend, device_);
+  });
+  if (device_.is_cuda()) device_comm_ = make_nccl_communicator(group, device_.index());
+  const MixedPrecisionConfig& mp = pc.fsdp.mixed_precision;
+  param_dtype_ = dtype_named(mp.param_dtype);
+  const std::string name = device_name(device_);
+  log(fmt::format("device: {} ({}), backend {}{}", device_.str(), name, backend,
+                  device_.is_cuda() ? "; CUDA " + cuda_description() : std::string()));
+  log(
+      fmt::format("precision: parameters {} in compute, gradients reduced in {}; master weights "
+                  "and AdamW state float32",
+                  mp.param_dtype, mp.reduce_dtype));
+  log(fmt::format("kernels: {} (training.fused_kernels: {})",
+                  device_.is_cpu() && config.training.fused_kernels && param_dtype_ == at::kFloat
+                      ? "Strata's fused CPU kernels"
+                      : "the ATen composition",
+                  config.training.fused_kernels ? "true" : "false"));
+  const ModelConfig& mc = config.model;
+  log("attention: " + attention_backend(device_, param_dtype_, config.data.document_masking,
+                                        mc.head_dim(), mc.n_heads, mc.n_kv_heads));
+  const bool configured = config.logging.peak_tflops > 0;
+  peak_tflops_ = configured ? config.logging.peak_tflops : default_peak_tflops(name, param_dtype_);
+  log(peak_tflops_ > 0
+          ? fmt::format("mfu: against {:.0f} TFLOP/s per device ({})", peak_tflops_,
+                        configured ? "logging.peak_tflops"
+                                   : "the peak of " + name + " in " + mp.param_dtype)
+          : fmt::format("mfu: not reported (no peak known for {}; set logging.peak_tflops)", name));
 }
 
 void Trainer::setup_data() {
@@ -210,7 +248,10 @@ void Trainer::setup_data() {
 // ShardedLlama. Construction contract: storage first (meta -> CPU), then load whatever the
 // checkpoint holds, then initialise only the rest (per-(seed, fqn) generators).
 void Trainer::setup_model() {
-  sharded_ = group.world_size() > 1 && config.parallel.fsdp.enabled;
+  // Mixed precision lives in the FSDP units, so it shards on one rank too (a world of one).
+  const MixedPrecisionConfig& mp = config.parallel.fsdp.mixed_precision;
+  const bool mixed = mp.param_dtype != "float32" || mp.reduce_dtype != "float32";
+  sharded_ = (group.world_size() > 1 || mixed) && config.parallel.fsdp.enabled;
   replicated_ = group.world_size() > 1 && !sharded_;
   if (sharded_) {
     try {  // the same on every rank: each throws the same message
@@ -220,9 +261,9 @@ void Trainer::setup_model() {
       throw ConfigError(fmt::format("config error: {}", e.what()));
     }
     const int rank = group.rank();
-    shard_comm_ = comm_->split(layout_.shard_group(rank), layout_.shard_rank(rank));
+    shard_comm_ = tensor_comm().split(layout_.shard_group(rank), layout_.shard_rank(rank));
     if (layout_.hybrid())
-      replica_comm_ = comm_->split(layout_.shard_rank(rank), layout_.shard_group(rank));
+      replica_comm_ = tensor_comm().split(layout_.shard_rank(rank), layout_.shard_group(rank));
     log(layout_.describe(group.rank_nodes(), group.node_hostnames()));
   }
   // Before anything is allocated: refuse what cannot fit (every rank alike; nodes may differ).
@@ -237,12 +278,16 @@ void Trainer::setup_model() {
   for (const auto& c : converters_->list()) log(fmt::format("converter: {}", c->describe()));
   if (sharded_) {
     const bool recompute = choose_recompute(config, group, log);
-    sharded_model_ =
-        std::make_unique<ShardedLlama>(config.model, *shard_comm_, recompute, converters_.get());
+    FsdpOptions options;
+    options.device = device_;
+    options.param_dtype = param_dtype_;
+    options.reduce_dtype = dtype_named(mp.reduce_dtype);
+    sharded_model_ = std::make_unique<ShardedLlama>(config.model, *shard_comm_, recompute,
+                                                    converters_.get(), options);
     params_ = sharded_model_->add_to_optimizer(*optimizer_);
   } else {
     plain_model_ = std::make_unique<Llama>(config.model, converters_.get());
-    plain_model_->materialize(at::kCPU);
+    plain_model_->materialize(device_);
     for (const auto& [fqn, param] : plain_model_->parameters()) {
       if (!plain_model_->trainable(fqn)) continue;  // frozen: no gradient, no optimizer state
       optimizer_->add_parameter(fqn, param, uses_weight_decay(fqn, param.dim()));
@@ -393,6 +438,8 @@ StepResult Trainer::train_step(int64_t step) {
     for (size_t k = 0; k < counts.size(); ++k) window_source_samples_[k] += counts[k];
   }
   const bool per_document = config.data.document_masking;
+  // The loss of this rank's part of the batch, summed on the device (fp64, as the host summed).
+  at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
   for (int64_t a = 0; a < accumulation_; ++a) {
     const int64_t first = a * (group.world_size() * micro) + group.rank() * micro;
     const TokenBatch batch = train_data_->sample_batch(state.data_seed, data_step, first, micro);
@@ -401,55 +448,67 @@ StepResult Trainer::train_step(int64_t step) {
             ? batch_loss_sum(model(), batch, per_document).mul(masked_scale)
             : batch_loss(model(), batch, per_document).div(static_cast<double>(accumulation_));
     loss.backward();
-    r.loss += loss.item<double>();
+    loss_sum.add_(loss.detach());
   }
-  if (replicated_) {
-    for (at::Tensor& p : params_) comm_->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
-  }
-  if (replica_comm_) {
-    // Hybrid sharding: the shard group's gradient, accumulated over the micro-batches, averaged
-    // with the other replicas' once per step (one flat shard per unit).
+  if (sharded_) sharded_model_->finish_gradients();  // reduce-scatters still in flight
+  std::vector<at::Tensor> grads;
+  if (replicated_ || replica_comm_) {
     for (at::Tensor& p : params_) {
-      if (p.numel() == 0) continue;  // the same on every rank of a replica group
+      if (p.numel() == 0) continue;  // the same on every rank of a group
       if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-      replica_comm_->all_reduce(p.mutable_grad(), ReduceOp::kAvg);
+      grads.push_back(p.grad());
     }
   }
+  // Replicated data parallelism averages the whole gradients; hybrid sharding the shard group's
+  // gradient shards, accumulated over the micro-batches, with the other replicas' once per step.
+  if (replicated_) all_reduce_buckets(tensor_comm(), grads, ReduceOp::kAvg);
+  if (replica_comm_) all_reduce_buckets(*replica_comm_, grads, ReduceOp::kAvg);
   // The global norm: over the shards of one shard group (every replica holds the same).
-  r.grad_norm =
-      clip_grad_norm(params_, config.training.grad_clip, sharded_ ? shard_comm_.get() : nullptr);
+  window_grad_norm_ =
+      clip_grad_norm_(params_, config.training.grad_clip, sharded_ ? shard_comm_.get() : nullptr);
   r.lr = schedule_->at(step - state.lr_step_offset);
   checkpoints->wait_until_staged();  // an async save may still be copying the state
   optimizer_->step(r.lr);
   optimizer_->zero_grad();
-  if (group.world_size() > 1) {  // the loss of the global batch, as one rank would see it
-    at::Tensor loss = at::full({1}, r.loss, at::kDouble);
-    comm_->all_reduce(loss, ReduceOp::kAvg);
-    r.loss = loss.item<double>();
-  }
+  pending_losses_.push_back(loss_sum);
   state.step = step;
   r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   window_seconds_ += r.seconds;
-  window_grad_norm_ = r.grad_norm;
   ++window_steps_;
   return r;
 }
 
-void Trainer::log_metrics(int64_t step, const StepResult& result, const TrainSummary& summary) {
+void Trainer::resolve_losses(TrainSummary& summary) {
+  if (pending_losses_.empty()) return;
+  // The loss of the global batch, as one rank would see it: the ranks' average, per step.
+  at::Tensor losses = at::stack(pending_losses_).to(at::kCPU);
+  pending_losses_.clear();
+  if (group.world_size() > 1) comm_->all_reduce(losses, ReduceOp::kAvg);
+  const double* values = losses.data_ptr<double>();
+  summary.losses.insert(summary.losses.end(), values, values + losses.numel());
+}
+
+void Trainer::log_metrics(int64_t step, const StepResult& result, TrainSummary& summary) {
   const TrainingConfig& tc = config.training;
   if (step % tc.log_interval != 0 && step != tc.steps && step != summary.start_step + 1) return;
+  // Reading the device's values waits for its queued work: that wait is step time too.
+  const auto sync_start = Clock::now();
+  resolve_losses(summary);
   StepMetrics m;
+  m.grad_norm = window_grad_norm_.defined() ? window_grad_norm_.item<double>() : 0.0;
+  window_seconds_ += std::chrono::duration<double>(Clock::now() - sync_start).count();
   m.step = step;
   m.total_steps = tc.steps;
-  m.loss = result.loss;
-  m.grad_norm = window_grad_norm_;
+  m.loss = summary.losses.back();
   m.lr = result.lr;
   m.step_ms = 1000.0 * window_seconds_ / window_steps_;
   m.tokens_per_s = tokens_per_step_ * window_steps_ / window_seconds_;
   m.tflops = m.tokens_per_s * flops_per_token_ / 1e12;
-  if (config.logging.peak_tflops > 0)
-    m.mfu = m.tflops / (config.logging.peak_tflops * group.world_size());
-  m.mem_mb = resident_memory_mb();
+  if (peak_tflops_ > 0) m.mfu = m.tflops / (peak_tflops_ * group.world_size());
+  const DeviceMemory memory = device_memory(device_);
+  m.mem_mb = memory.peak_allocated_mb;
+  if (device_.is_cuda()) m.mem_reserved_mb = memory.peak_reserved_mb;
+  reset_peak_memory(device_);
   m.eta_s = (summary.train_seconds / static_cast<double>(step - summary.start_step)) *
             static_cast<double>(tc.steps - step);
   const CommWindow now = comm_stats();
@@ -457,6 +516,8 @@ void Trainer::log_metrics(int64_t step, const StepResult& result, const TrainSum
     const double per_step = 1e6 * static_cast<double>(window_steps_);
     m.comm_fraction = (now.all.seconds - window_comm_.all.seconds) / window_seconds_;
     m.comm_mb = (now.all.bytes - window_comm_.all.bytes) / per_step;
+    m.comm_exposed_fraction =
+        (now.all.exposed_seconds - window_comm_.all.exposed_seconds) / window_seconds_;
     if (sharded_) {
       m.comm_mb_shard = (now.shard.bytes - window_comm_.shard.bytes) / per_step;
       m.comm_mb_replica = (now.replica.bytes - window_comm_.replica.bytes) / per_step;
@@ -534,6 +595,7 @@ Trainer::CommWindow Trainer::comm_stats() const {
   if (shard_comm_) w.shard = shard_comm_->stats();
   if (replica_comm_) w.replica = replica_comm_->stats();
   w.all = comm_->stats();
+  if (device_comm_) w.all += device_comm_->stats();
   w.all += w.shard;
   w.all += w.replica;
   return w;

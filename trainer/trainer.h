@@ -45,11 +45,11 @@ class RunLog {
   bool enabled_;
 };
 
+// What the host knows right after a step. The loss and the gradient norm stay on the device
+// until the next log line reads them (no host synchronisation inside a step).
 struct StepResult {
-  double loss = 0.0;       // mean over the global batch
-  double grad_norm = 0.0;  // before clipping
   double lr = 0.0;
-  double seconds = 0.0;
+  double seconds = 0.0;  // host time to enqueue the step (all of it on CPU)
 };
 
 class Trainer final : public Checkpointable {
@@ -68,8 +68,13 @@ class Trainer final : public Checkpointable {
   // One optimizer step: micro-batches (forward, backward, accumulate), gradient all-reduce
   // (replicated) or reduce-scatter (FSDP), clipping, AdamW.
   StepResult train_step(int64_t step);
-  // The log line and metrics.jsonl row every log_interval steps (averaged over the window).
-  void log_metrics(int64_t step, const StepResult& result, const TrainSummary& summary);
+  // The log line and metrics.jsonl row every log_interval steps (averaged over the window);
+  // the steps' losses since the previous line join summary.losses then.
+  void log_metrics(int64_t step, const StepResult& result, TrainSummary& summary);
+  // Reads the losses of the steps since the previous log line (one device-to-host copy and
+  // one all-reduce over the ranks) into summary.losses. log_metrics calls it; the loop calls
+  // it once more when a stop ends training between log lines.
+  void resolve_losses(TrainSummary& summary);
   // Validation loss and a text sample, every eval_interval steps and at the last.
   void evaluate_and_sample(int64_t step, TrainSummary& summary);
   // After the step's saves: evaluation and saving are not training step time.
@@ -93,12 +98,15 @@ class Trainer final : public Checkpointable {
 
  private:
   void setup_run_dir();
+  void setup_device();
   void setup_data();
   void setup_model();
   void setup_resume(const TrainOptions& options);
   std::vector<TensorPiece> pieces_of(const AdamW* optimizer, PieceUse use) const;
   std::vector<TensorPiece> save_pieces(bool model_only) const;
   const LanguageModel& model() const;
+  // Collectives on model tensors: NCCL on CUDA, else the world's MPI communicator.
+  Communicator& tensor_comm() const { return device_comm_ ? *device_comm_ : *comm_; }
 
   int threads_ = 1;
   bool fewer_threads_ = false;
@@ -108,7 +116,13 @@ class Trainer final : public Checkpointable {
   std::optional<DataMixture> train_data_;
   std::optional<TokenDataset> val_data_;
   std::vector<MixtureSource> val_sources_;
-  std::unique_ptr<Communicator> comm_;  // the world: batches, losses, agreements, checkpoints
+  // The world over MPI: control plane (agreements, plans, checkpoints) and host tensors (the
+  // losses of log lines, evaluation sums), whatever the device.
+  std::unique_ptr<Communicator> comm_;
+  at::Device device_ = at::kCPU;  // parallel.device: this rank's GPU (its local rank) or the CPU
+  std::unique_ptr<Communicator> device_comm_;  // CUDA: NCCL over the world
+  at::ScalarType param_dtype_ = at::kFloat;    // parallel.fsdp.mixed_precision
+  double peak_tflops_ = 0.0;                   // per device; 0: unknown (no MFU)
   bool sharded_ = false, replicated_ = false;
   // FSDP: the units' shard group (the world, or one group of hybrid sharding) and, under
   // hybrid sharding, the replica group that averages the gradient shards once per step.
@@ -132,7 +146,9 @@ class Trainer final : public Checkpointable {
   std::string config_yaml_;
   std::function<void(int, int64_t)> before_write_;
   // The metrics window since the last log line.
-  double window_seconds_ = 0.0, window_grad_norm_ = 0.0;
+  double window_seconds_ = 0.0;
+  at::Tensor window_grad_norm_;             // the latest step's, on the device
+  std::vector<at::Tensor> pending_losses_;  // per step since the last line, on the device (fp64)
   int64_t window_steps_ = 0;
   std::vector<int64_t> window_source_samples_;  // a mixture: global samples per source
   struct CommWindow {

@@ -8,21 +8,34 @@ setting comes from a Strata config as printed by `strata train ... --print-confi
 trainers read one source of truth. Attention is F.scaled_dot_product_attention (causal, GQA
 without expanding keys and values).
 
-  reference_llama.py train CONFIG.yaml --metrics OUT.jsonl [--compile]
+  reference_llama.py train CONFIG.yaml --metrics OUT.jsonl [--compile] [--device cpu|cuda]
+                     [--dtype float32|bfloat16]
       Trains with the config's model, data.train shard(s), data.seq_len, global/micro batch,
       grad_clip, AdamW and lr schedule, parallel.threads_per_rank (an integer) intra-op threads.
-      --compile: the model under torch.compile (inductor, the CPU C++ backend); the first steps
-      compile, so leave them out of a measurement.
+      --compile: the model under torch.compile (inductor: its CPU C++ backend, or Triton on
+      CUDA); the first steps compile, so leave them out of a measurement.
+      --device cuda: trains on the GPU (rank r uses GPU r modulo the visible GPUs), AdamW with
+      fused=True (one multi-tensor kernel); step times are taken after a device synchronize.
+      --dtype bfloat16: the forward under torch.autocast(bfloat16) (fp32 master weights,
+      gradients and AdamW state, as Strata's parallel.fsdp.mixed_precision.param_dtype: bfloat16
+      keeps them), on CUDA or CPU.
       Launched once per rank: with mpirun (OMPI_COMM_WORLD_RANK/SIZE) or with RANK/WORLD_SIZE;
-      with several ranks it trains DistributedDataParallel over gloo (MASTER_ADDR/MASTER_PORT,
-      default 127.0.0.1:29531), each rank taking global_batch / ranks samples per step.
-      Rank 0 writes one JSON line per step: {"step", "step_ms", "loss"}.
+      with several ranks it trains DistributedDataParallel over gloo (nccl with --device cuda;
+      MASTER_ADDR/MASTER_PORT, default 127.0.0.1:29531), each rank taking global_batch / ranks
+      samples per step.
+      Rank 0 writes one JSON line per step: {"step", "step_ms", "loss", "tokens_per_s",
+      "mem_mb"} (and on CUDA "mem_reserved_mb"): the peak memory so far, on CUDA the caching
+      allocator's peak allocated and reserved bytes (as Strata's metrics on CUDA), on CPU the
+      process's peak RSS.
   reference_llama.py gemm CONFIG.yaml --out OUT.json [--seconds S]
       Times the fp32 matmuls of the model's linear layers (forward, input and weight gradient;
       micro_batch x seq_len rows) with parallel.threads_per_rank threads, best of 5 windows of
       S/5 seconds each; all ranks run each matmul at the same time. Writes OUT.json.RANK.
-  reference_llama.py shard OUT.bin --vocab-size V --tokens N [--seed S]
+  reference_llama.py shard OUT.bin --vocab-size V --tokens N [--seed S] [--successors K]
       Writes N uniformly random tokens as an llm.c shard (256 int32 header, magic 20240520).
+      --successors K: a learnable stream instead: a random first-order Markov chain in which
+      every token is followed by one of K tokens of its own (fixed by the seed), uniformly; its
+      entropy is ln K nats per token, so a model's loss falls from about ln V towards ln K.
 """
 import argparse
 import contextlib
@@ -30,6 +43,7 @@ import glob
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -40,36 +54,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llama_flops import ffn_hidden_dim  # noqa: E402
+
 
 def load_config(path):
     with open(path) as f:
         return yaml.safe_load(f)
 
 
-def ffn_hidden_dim(m):
-    """SwiGLU hidden size as in Meta's Llama (ModelConfig::ffn_hidden_dim)."""
-    hidden = 2 * (4 * m["dim"]) // 3
-    if m.get("ffn_dim_multiplier") is not None:
-        hidden = int(m["ffn_dim_multiplier"] * hidden)
-    return m["multiple_of"] * ((hidden + m["multiple_of"] - 1) // m["multiple_of"])
-
-
-def distributed_env():
+def distributed_env(backend="gloo"):
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
     if world > 1:
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = os.environ.get("MASTER_PORT", "29531")
-        dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                 world_size=world)
     return rank, world
 
 
-def threads_of(config):
+def threads_of(config, required=True):
     threads = config["parallel"]["threads_per_rank"]
     if not isinstance(threads, int):
+        if not required:  # on CUDA: the intra-op pool only feeds the GPU, keep PyTorch's default
+            return None
         sys.exit("reference_llama.py: parallel.threads_per_rank must be an integer here")
     return threads
+
+
+def peak_memory(device):
+    """Peak memory so far, MiB: {"mem_mb"} (CPU: peak RSS), with "mem_reserved_mb" on CUDA."""
+    if device.type == "cuda":
+        return {"mem_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "mem_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+    return {"mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # KiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +175,15 @@ class Llama(nn.Module):
         self.tied = bool(m["tie_embeddings"])
         if not self.tied:
             self.output = nn.Linear(m["dim"], m["vocab_size"], bias=False)
-        # Constants, not buffers: nothing for DDP to broadcast.
+        # Constants, not buffers: nothing for DDP to broadcast (moved by to_device).
         self.cos, self.sin = rope_tables(m["dim"] // m["n_heads"], m["max_seq_len"],
                                          m["rope_theta"])
         self.init_weights(m)
+
+    def to_device(self, device):
+        self.to(device)
+        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self
 
     @torch.no_grad()
     def init_weights(self, m):
@@ -244,8 +268,20 @@ def lr_at(step, base_lr, sched, total_steps):
 def train(args):
     config = load_config(args.config)
     m, tc, oc = config["model"], config["training"], config["optimizer"]
-    torch.set_num_threads(threads_of(config))
-    rank, world = distributed_env()
+    cuda = args.device == "cuda"
+    threads = threads_of(config, required=not cuda)
+    if threads:
+        torch.set_num_threads(threads)
+    rank, world = distributed_env("nccl" if cuda else "gloo")
+    if cuda:
+        if not torch.cuda.is_available():
+            sys.exit("reference_llama.py: --device cuda but torch sees no GPU")
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else contextlib.nullcontext())
     torch.manual_seed(config["job"]["seed"])
 
     seq_len, micro = config["data"]["seq_len"], tc["micro_batch_size"]
@@ -253,7 +289,8 @@ def train(args):
     assert accumulation * micro * world == tc["global_batch_size"], "batch does not divide"
     tokens_per_step = tc["global_batch_size"] * seq_len
 
-    model = Llama(m)
+    with device:  # parameters created (and initialised) on the device
+        model = Llama(m).to_device(device)
     # AdamW with weight decay on matrices only, not on norms or the embedding
     # (trainer/optimizer.cpp uses_weight_decay).
     decay, no_decay = [], []
@@ -262,12 +299,13 @@ def train(args):
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": oc["weight_decay"]},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=oc["lr"], betas=tuple(oc["betas"]), eps=oc["eps"])
+        lr=oc["lr"], betas=tuple(oc["betas"]), eps=oc["eps"],
+        **({"fused": True} if cuda else {}))
     params = list(model.parameters())
     if args.compile:  # the model alone: compiling DDP's forward breaks the graph in its logger
         model = torch.compile(model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
 
     batches = Batches(config["data"]["train"], seq_len, config["job"]["seed"] * 1000 + rank)
     metrics = open(args.metrics, "w") if rank == 0 else None
@@ -280,11 +318,15 @@ def train(args):
         step_loss = 0.0
         for a in range(accumulation):
             inputs, targets = batches.next(micro)
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
             # DDP: all-reduce the gradients only in the last micro-batch's backward.
             sync = world == 1 or a == accumulation - 1
             with contextlib.nullcontext() if sync else model.no_sync():
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / accumulation
+                with autocast:
+                    logits = model(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                loss = loss / accumulation
                 loss.backward()
             step_loss += loss.item()
         if tc["grad_clip"] > 0:
@@ -292,13 +334,17 @@ def train(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:  # the global batch's loss, for the log
-            loss_t = torch.tensor([step_loss], dtype=torch.float64)
+            loss_t = torch.tensor([step_loss], dtype=torch.float64,
+                                  device=device if cuda else "cpu")
             dist.all_reduce(loss_t)
             step_loss = loss_t.item() / world
+        if cuda:
+            torch.cuda.synchronize(device)
         step_ms = 1000.0 * (time.perf_counter() - start)
         if metrics:
             metrics.write(json.dumps({"step": step, "step_ms": step_ms, "loss": step_loss,
-                                      "tokens_per_s": tokens_per_step / step_ms * 1000.0}) + "\n")
+                                      "tokens_per_s": tokens_per_step / step_ms * 1000.0,
+                                      **peak_memory(device)}) + "\n")
             metrics.flush()
     if metrics:
         metrics.close()
@@ -349,12 +395,25 @@ def gemm(args):
 
 
 def shard(args):
+    if not 0 < args.vocab_size <= 65536:
+        sys.exit("reference_llama.py: shard writes uint16 tokens: --vocab-size must be 1..65536")
     rng = np.random.default_rng(args.seed)
     header = np.zeros(256, dtype="<i4")
     header[:3] = (20240520, 1, args.tokens)
+    if args.successors > 0:
+        # Markov chain: token t is followed by successors[t, j], j uniform in [0, K).
+        successors = rng.integers(0, args.vocab_size, size=(args.vocab_size, args.successors))
+        choices = rng.integers(0, args.successors, size=args.tokens)
+        tokens = np.empty(args.tokens, dtype=np.uint16)
+        t = int(rng.integers(args.vocab_size))
+        for i in range(args.tokens):  # sequential by nature; ~1 s per million tokens
+            tokens[i] = t
+            t = int(successors[t, choices[i]])
+    else:
+        tokens = rng.integers(0, args.vocab_size, size=args.tokens, dtype=np.uint16)
     with open(args.out, "wb") as out:
         out.write(header.tobytes())
-        out.write(rng.integers(0, args.vocab_size, size=args.tokens, dtype=np.uint16).tobytes())
+        out.write(tokens.tobytes())
 
 
 def main():
@@ -364,6 +423,9 @@ def main():
     p.add_argument("config")
     p.add_argument("--metrics", required=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: the forward under torch.autocast")
     p.set_defaults(fn=train)
     p = sub.add_parser("gemm")
     p.add_argument("config")
@@ -375,6 +437,8 @@ def main():
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--successors", type=int, default=0,
+                   help="K > 0: a Markov chain with K successors per token (entropy ln K)")
     p.set_defaults(fn=shard)
     args = parser.parse_args()
     args.fn(args)

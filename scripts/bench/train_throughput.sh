@@ -139,27 +139,13 @@ for name in $configs; do
   done
 done
 
-"$py" - "$out" "$runs" "$configs" "$layouts" "$cores" "${REPLICATED:-0}" \
+PYTHONPATH="$root/scripts/bench" "$py" - "$out" "$runs" "$configs" "$layouts" "$cores" "${REPLICATED:-0}" \
   "${warmup[micro]} ${warmup[tiny]} ${warmup[small]}" <<'PY'
 import glob, json, os, statistics, sys
 import yaml
+from llama_flops import params_and_flops
 out, runs, configs, layouts, cores, replicated = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split(), int(sys.argv[5]), sys.argv[6] == "1"
 warmup = dict(zip(("micro", "tiny", "small"), map(int, sys.argv[7].split())))
-
-def ffn_hidden_dim(m):
-    hidden = 2 * (4 * m["dim"]) // 3
-    if m.get("ffn_dim_multiplier") is not None:
-        hidden = int(m["ffn_dim_multiplier"] * hidden)
-    return m["multiple_of"] * ((hidden + m["multiple_of"] - 1) // m["multiple_of"])
-
-def params_and_flops(c):
-    """Llama::count_parameters and Llama::training_flops_per_token (trainer/llama.cpp)."""
-    m, seq = c["model"], c["data"]["seq_len"]
-    hd, f = m["dim"] // m["n_heads"], ffn_hidden_dim(m)
-    per_layer = m["dim"] * m["n_heads"] * hd * 2 + m["dim"] * m["n_kv_heads"] * hd * 2 + 3 * m["dim"] * f + 2 * m["dim"]
-    params = m["vocab_size"] * m["dim"] * (1 if m["tie_embeddings"] else 2) + m["n_layers"] * per_layer + m["dim"]
-    matmul = params - (0 if m["tie_embeddings"] else m["vocab_size"] * m["dim"])
-    return params, 6.0 * matmul + 12.0 * m["n_layers"] * m["n_heads"] * hd * seq
 
 def tokens_per_s(path, tokens_per_step, skip):
     """Steady state: tokens of steps after the warm-up over their summed step time."""

@@ -9,7 +9,11 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
+#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "checkpoint/checkpoint_manager.h"
 #include "checkpoint/file_io.h"
@@ -295,6 +299,115 @@ TEST(PurgeCheckpoints, KeepsTheNewestKAndLatestAndDropsIncompleteDirs) {
   EXPECT_FALSE(fs::exists(folder + "/step-0000006.incomplete"));
   EXPECT_TRUE(fs::exists(folder + "/step-0000007.incomplete"));
   EXPECT_EQ(purge_checkpoints(folder, 0, 8).size(), 1u);  // keep all: only the incomplete dir
+}
+
+// One rank, in process: the collectives of a world of one.
+class SoloCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  void all_reduce(at::Tensor&, ReduceOp) override {}
+  void all_gather(const at::Tensor& in, at::Tensor& out) override { out.copy_(in); }
+  void reduce_scatter(const at::Tensor& in, at::Tensor& out, ReduceOp) override { out.copy_(in); }
+  void broadcast(at::Tensor&, int) override {}
+  void barrier() override {}
+  std::optional<RankFailure> agree(bool ok, const std::string& message) override {
+    if (ok) return std::nullopt;
+    return RankFailure{0, message};
+  }
+  std::vector<std::string> all_gather_strings(const std::string& text) override { return {text}; }
+  std::string broadcast_string(const std::string& text, int) override { return text; }
+  std::unique_ptr<Communicator> split(int, int) override {
+    return std::make_unique<SoloCommunicator>();
+  }
+  CommStats stats() const override { return {}; }
+};
+
+// Saves `tensors` at step 1 with a CheckpointManager (async or not) on `device`, changes
+// them in place as the optimizer would once wait_until_staged returned, and returns what was
+// saved, loaded back on the CPU.
+std::vector<at::Tensor> save_then_modify(
+    const std::string& folder, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+    bool async, const at::Device& device) {
+  SoloCommunicator comm;
+  CheckpointOptions options;
+  options.folder = folder;
+  options.async = async;
+  CheckpointManager manager(options, comm, [](const std::string&) {});
+  std::vector<at::Tensor> live;
+  SaveRequest request;
+  request.step = 1;
+  for (const auto& [key, t] : tensors) {
+    live.push_back(t.to(device).reshape({-1}).clone());
+    request.pieces.push_back({key, t.sizes().vec(), 0, live.back()});
+  }
+  if (async) manager.reserve_staging(request.pieces);
+  manager.save(std::move(request));
+  manager.wait_until_staged();
+  for (at::Tensor& t : live) t.add_(100.0);  // the optimizer step
+  manager.finish();
+  const std::optional<std::string> dir = find_checkpoint(folder);
+  EXPECT_TRUE(dir.has_value());
+  std::vector<TensorPiece> pieces = empty_pieces(tensors, 0, 1);
+  CheckpointReader(*dir).load(pieces);
+  std::vector<at::Tensor> out;
+  for (const TensorPiece& piece : pieces) out.push_back(piece.local);
+  return out;
+}
+
+void expect_saved(const std::vector<at::Tensor>& saved,
+                  const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  ASSERT_EQ(saved.size(), tensors.size());
+  for (size_t i = 0; i < saved.size(); ++i) {
+    EXPECT_TRUE(at::equal(saved[i], tensors[i].second.reshape({-1}))) << tensors[i].first;
+  }
+}
+
+TEST(CheckpointManager, SavesTheValuesOfTheSaveCallSyncAndAsync) {
+  TempDir dir;
+  const auto tensors = sample_tensors();
+  expect_saved(save_then_modify(dir / "sync", tensors, false, at::kCPU), tensors);
+  expect_saved(save_then_modify(dir / "async", tensors, true, at::kCPU), tensors);
+}
+
+TEST(CheckpointManager, StagesAStridedCpuPiece) {
+  TempDir dir;
+  const at::Tensor full = at::arange(20, at::kFloat);
+  SoloCommunicator comm;
+  CheckpointOptions options;
+  options.folder = dir / "ck";
+  options.async = true;
+  CheckpointManager manager(options, comm, [](const std::string&) {});
+  SaveRequest request;
+  request.step = 2;
+  request.pieces.push_back({"odd", {10}, 0, full.slice(0, 1, 20, 2)});  // strided
+  manager.save(std::move(request));
+  manager.finish();
+  std::vector<TensorPiece> pieces{{"odd", {10}, 0, at::zeros({10})}};
+  CheckpointReader(*find_checkpoint(options.folder)).load(pieces);
+  EXPECT_TRUE(at::equal(pieces[0].local, full.slice(0, 1, 20, 2)));
+}
+
+// A GPU: pieces on CUDA staged through pinned memory on a side stream (async), or copied to
+// the host (sync); written by write_rank_file from the device; loaded into CUDA pieces.
+TEST(CheckpointManager, SavesCudaPiecesSyncAndAsync) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  TempDir dir;
+  const auto tensors = sample_tensors();
+  const at::Device gpu(at::kCUDA, 0);
+  expect_saved(save_then_modify(dir / "sync", tensors, false, gpu), tensors);
+  expect_saved(save_then_modify(dir / "async", tensors, true, gpu), tensors);
+  // The format's writer and reader, with pieces on the device.
+  std::vector<std::pair<std::string, at::Tensor>> on_gpu;
+  for (const auto& [key, t] : tensors) on_gpu.emplace_back(key, t.to(gpu));
+  save_simulated(dir / "direct", on_gpu, 2);
+  std::vector<TensorPiece> pieces = partition(on_gpu, 0, 1);
+  for (TensorPiece& piece : pieces) piece.local = at::zeros_like(piece.local);
+  CheckpointReader(dir / "direct").load(pieces);
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    EXPECT_TRUE(pieces[i].local.is_cuda());
+    EXPECT_TRUE(at::equal(pieces[i].local.cpu(), tensors[i].second.reshape({-1})));
+  }
 }
 
 }  // namespace

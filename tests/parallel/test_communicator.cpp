@@ -157,6 +157,28 @@ TEST_F(CommunicatorTest, SplitGivesIndependentGroups) {
   comm->barrier();
 }
 
+// The async API on a synchronous backend: the collective runs inside the call, its work is
+// complete, and all of its time counts as exposed.
+TEST_F(CommunicatorTest, AsyncCollectivesCompleteInsideTheCallOnMpi) {
+  const CommStats before = comm->stats();
+  at::Tensor mine = at::full({3}, static_cast<double>(rank()), at::kBFloat16);
+  at::Tensor all = at::empty({3 * world()}, mine.options());
+  std::unique_ptr<CommWork> gather = comm->all_gather_async(mine, all);
+  EXPECT_TRUE(gather->synchronous());
+  for (int r = 0; r < world(); ++r) EXPECT_EQ(all[3 * r].item<double>(), r);
+  gather->wait();
+  at::Tensor input = at::ones({4 * world()}, at::kFloat);
+  at::Tensor output = at::empty({4}, input.options());
+  std::unique_ptr<CommWork> scatter = comm->reduce_scatter_async(input, output, ReduceOp::kAvg);
+  EXPECT_TRUE(scatter->synchronous());
+  scatter->wait();
+  EXPECT_TRUE(at::equal(output, at::ones({4})));
+  const CommStats after = comm->stats();
+  EXPECT_EQ(after.calls - before.calls, 2);
+  EXPECT_GT(after.exposed_seconds, before.exposed_seconds);
+  EXPECT_DOUBLE_EQ(after.exposed_seconds, after.seconds);
+}
+
 TEST_F(CommunicatorTest, RejectsNonContiguousTensors) {
   at::Tensor strided = at::zeros({4, 4}).t();
   EXPECT_THROW(comm->all_reduce(strided, ReduceOp::kSum), DistributedError);

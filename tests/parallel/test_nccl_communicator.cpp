@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include "parallel/nccl_communicator.h"
 #include "tests/common/mpi_environment.h"
@@ -44,6 +46,31 @@ TEST_F(NcclTest, CollectivesMatchTheirDefinition) {
   EXPECT_FALSE(comm->agree(true, "").has_value());
   at::Tensor host = at::zeros({2});
   EXPECT_THROW(comm->all_reduce(host, ReduceOp::kSum), DistributedError);
+}
+
+// The async collectives, issued from a side stream (the current stream, not the legacy default
+// one, orders them): results visible on that stream after wait(); the exposed time measured.
+TEST_F(NcclTest, AsyncCollectivesFollowTheCurrentStream) {
+  const int world = comm->world_size(), rank = comm->rank();
+  const at::Device device(at::kCUDA,
+                          static_cast<c10::DeviceIndex>(MpiEnvironment::group->local_rank()));
+  c10::impl::VirtualGuardImpl impl(at::kCUDA);
+  c10::StreamGuard side(impl.getStreamFromGlobalPool(device));
+  const int64_t n = 1 << 20;
+  at::Tensor mine = at::full({n}, rank, at::TensorOptions().device(device).dtype(at::kBFloat16));
+  at::Tensor all = at::empty({n * world}, mine.options());
+  std::unique_ptr<CommWork> gather = comm->all_gather_async(mine.mul(1), all);  // a temporary
+  EXPECT_FALSE(gather->synchronous());
+  gather->wait();
+  for (int r = 0; r < world; ++r) EXPECT_EQ(all[n * r].item<double>(), r);
+  at::Tensor input = at::ones({4 * world}, at::TensorOptions().device(device));
+  at::Tensor output = at::empty({4}, input.options());
+  std::unique_ptr<CommWork> scatter = comm->reduce_scatter_async(input, output, ReduceOp::kAvg);
+  scatter->wait();
+  EXPECT_TRUE(at::equal(output.cpu(), at::ones({4})));
+  const CommStats stats = comm->stats();
+  EXPECT_EQ(stats.calls, 2);
+  EXPECT_GE(stats.exposed_seconds, 0.0);
 }
 
 TEST(NcclBackend, ReportsWhyItIsUnavailable) {

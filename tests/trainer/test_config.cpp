@@ -61,11 +61,13 @@ TEST(Config, AbsentKeysTakeTheDesignDefaults) {
   EXPECT_EQ(c.optimizer.betas, (std::vector<double>{0.9, 0.95}));
   EXPECT_EQ(c.lr_scheduler.warmup_steps, 20);
   EXPECT_EQ(c.lr_scheduler.decay, LrDecay::kCosine);
+  EXPECT_EQ(c.parallel.device, "auto");
   EXPECT_EQ(c.parallel.backend, "auto");
   EXPECT_EQ(c.parallel.threads_per_rank, 0);
   EXPECT_TRUE(c.parallel.fsdp.enabled);
   EXPECT_EQ(c.parallel.fsdp.activation_checkpointing, "auto");
-  EXPECT_EQ(c.parallel.mixed_precision.param_dtype, "float32");
+  EXPECT_EQ(c.parallel.fsdp.mixed_precision.param_dtype, "float32");
+  EXPECT_EQ(c.parallel.fsdp.mixed_precision.reduce_dtype, "float32");
   EXPECT_TRUE(c.checkpoint.enable);
   EXPECT_EQ(c.checkpoint.keep_latest_k, 3);
   EXPECT_FALSE(c.checkpoint.model_only);
@@ -395,8 +397,19 @@ TEST(Config, OutOfRangeAndInconsistentValuesAreRejected) {
        "parallel.threads_per_rank = 0 must be `auto` or a positive integer"},
       {{"model.name=gpt2"}, "model.name = 'gpt2' is not one of: llama"},
       {{"optimizer.name=sgd"}, "optimizer.name = 'sgd' is not one of: adamw"},
-      {{"parallel.mixed_precision.param_dtype=int8"}, "is not one of: float32, bfloat16, float16"},
-      {{"parallel.mixed_precision.reduce_dtype=fp16"}, "is not one of: float32, bfloat16, float16"},
+      {{"parallel.fsdp.mixed_precision.param_dtype=int8"},
+       "parallel.fsdp.mixed_precision.param_dtype = 'int8' is not one of: float32, bfloat16"},
+      {{"parallel.fsdp.mixed_precision.reduce_dtype=float16"},
+       "parallel.fsdp.mixed_precision.reduce_dtype = 'float16' is not one of: float32, bfloat16"},
+      {{"parallel.mixed_precision.param_dtype=bfloat16"}, "parallel.mixed_precision"},
+      {{"parallel.device=gpu"}, "parallel.device = 'gpu' is not one of: auto, cpu, cuda"},
+      {{"parallel.fsdp.enabled=false", "parallel.fsdp.mixed_precision.param_dtype=bfloat16"},
+       "parallel.fsdp.mixed_precision = {param_dtype: bfloat16, reduce_dtype: float32} needs "
+       "parallel.fsdp.enabled: true"},
+      {{"parallel.device=cpu", "parallel.backend=nccl"},
+       "parallel.backend = nccl needs CUDA tensors, but parallel.device is cpu"},
+      {{"parallel.device=cuda", "parallel.backend=mpi"},
+       "parallel.backend = mpi moves CPU tensors, but parallel.device is cuda"},
       {{"checkpoint.export_dtype=half"}, "checkpoint.export_dtype = 'half' is not one of"},
       {{"parallel.fsdp.activation_checkpointing=selective"},
        "parallel.fsdp.activation_checkpointing = 'selective' is not one of: auto, full, none"},
@@ -463,24 +476,17 @@ TEST(Config, MissingRequiredKeyIsNamed) {
   EXPECT_HAS(error_of(kMinimal, {"data.train=null"}), "data.train must be a string, got 'null'");
 }
 
-TEST(Config, FeaturesNotBuiltYetAcceptOnlyTheirDefault) {
-  struct Case {
-    std::string override_text, expected;
-  } cases[] = {
-      {"parallel.backend=nccl", "parallel.backend = nccl is not supported yet"},
-      {"parallel.mixed_precision.param_dtype=bfloat16",
-       "parallel.mixed_precision.param_dtype = bfloat16 is not supported yet"},
-      {"parallel.mixed_precision.reduce_dtype=float16",
-       "parallel.mixed_precision.reduce_dtype = float16 is not supported yet"},
-  };
-  for (const Case& c : cases) {
-    const std::string e = error_of(kMinimal, {c.override_text});
-    EXPECT_HAS(e, c.expected + " (--set " + c.override_text + ")");
-    EXPECT_HAS(e, "HINT: this build accepts only");
-  }
-  EXPECT_NO_THROW(parse(
-      kMinimal, {"checkpoint.enable=false", "checkpoint.last_save_in_hf=true",
-                 "checkpoint.additional_load_paths=[]", "converters=[]", "parallel.backend=mpi"}));
+TEST(Config, DeviceBackendAndMixedPrecisionValuesParse) {
+  const Config c = parse(kMinimal, {"parallel.device=cuda", "parallel.backend=nccl",
+                                    "parallel.fsdp.mixed_precision.param_dtype=bfloat16",
+                                    "parallel.fsdp.mixed_precision.reduce_dtype=bfloat16"});
+  EXPECT_EQ(c.parallel.device, "cuda");
+  EXPECT_EQ(c.parallel.backend, "nccl");
+  EXPECT_EQ(c.parallel.fsdp.mixed_precision.param_dtype, "bfloat16");
+  EXPECT_EQ(c.parallel.fsdp.mixed_precision.reduce_dtype, "bfloat16");
+  EXPECT_NO_THROW(parse(kMinimal, {"checkpoint.enable=false", "checkpoint.last_save_in_hf=true",
+                                   "checkpoint.additional_load_paths=[]", "converters=[]",
+                                   "parallel.backend=mpi", "parallel.device=cpu"}));
 }
 
 TEST(Config, CheckpointValuesAreChecked) {
@@ -621,12 +627,26 @@ TEST(Config, ResolvedYamlWritesFloatsAsFloatsAndNullsAsNull) {
 TEST(Config, ResolvedYamlHasEveryKeyInSchemaOrder) {
   const std::string yaml = to_yaml(parse(kMinimal));
   size_t at = 0;
-  for (const char* key :
-       {"job:\n  name:", "  seed:", "model:\n  name:", "  tie_embeddings:", "data:\n  train:",
-        "  seq_len:", "training:\n  steps:", "  log_interval:", "optimizer:\n  name:",
-        "  weight_decay:", "lr_scheduler:\n  warmup_steps:", "parallel:\n  backend:",
-        "  fsdp:\n    enabled:", "  mixed_precision:\n    param_dtype:", "checkpoint:\n  enable:",
-        "  exclude_from_loading:", "converters:", "logging:\n  metrics_file:", "  peak_tflops:"}) {
+  for (const char* key : {"job:\n  name:",
+                          "  seed:",
+                          "model:\n  name:",
+                          "  tie_embeddings:",
+                          "data:\n  train:",
+                          "  seq_len:",
+                          "training:\n  steps:",
+                          "  log_interval:",
+                          "optimizer:\n  name:",
+                          "  weight_decay:",
+                          "lr_scheduler:\n  warmup_steps:",
+                          "parallel:\n  device:",
+                          "  backend:",
+                          "  fsdp:\n    enabled:",
+                          "    mixed_precision:\n      param_dtype:",
+                          "checkpoint:\n  enable:",
+                          "  exclude_from_loading:",
+                          "converters:",
+                          "logging:\n  metrics_file:",
+                          "  peak_tflops:"}) {
     const size_t found = yaml.find(key, at);
     ASSERT_NE(found, std::string::npos) << key << " missing after offset " << at << " in\n" << yaml;
     at = found;

@@ -1,10 +1,16 @@
 // AdamW, gradient clipping and the learning-rate schedule.
 #include <gtest/gtest.h>
 
-#include <cmath>
+#include <fmt/format.h>
 
-#include "trainer/optim/lr_schedule.h"
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "trainer/kernels/fused_ops.h"
 #include "trainer/optim/adamw.h"
+#include "trainer/optim/lr_schedule.h"
 
 namespace strata {
 namespace {
@@ -87,6 +93,82 @@ TEST(ClipGradNorm, ScalesToTheGlobalNormAndReportsItUnclipped) {
   EXPECT_NEAR(clip_grad_norm({a, b}, 10.0), 1.0, 1e-5);
   EXPECT_NEAR(a.grad()[0].item<double>(), 0.6, 1e-5);
   EXPECT_NEAR(clip_grad_norm({a, b}, 0.0), 1.0, 1e-5);
+}
+
+// The clipping as it was before clip_grad_norm_ (a host-side fp64 norm, a host-side decision):
+// the reference the tensor version must match within 1e-6 relative.
+double reference_clip(const std::vector<at::Tensor>& params, double max_norm) {
+  double total = 0.0;
+  for (const at::Tensor& p : params) {
+    if (p.grad().defined()) total += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+  }
+  const double norm = std::sqrt(total);
+  if (max_norm > 0.0 && norm > max_norm) {
+    for (const at::Tensor& p : params) {
+      if (p.grad().defined()) p.grad().mul_(max_norm / (norm + 1e-6));
+    }
+  }
+  return norm;
+}
+
+// Parameters with random gradients of `dtype` (one without a gradient), twice: for the
+// reference and for clip_grad_norm_.
+std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> twin_params(at::ScalarType dtype) {
+  at::manual_seed(7);
+  std::vector<at::Tensor> a, b;
+  for (std::vector<int64_t> shape : {std::vector<int64_t>{64, 33}, {1000}, {3}, {17, 5, 2}}) {
+    at::Tensor grad = at::randn(shape, at::kDouble).mul(0.1).to(dtype);
+    a.push_back(at::zeros(shape, dtype).requires_grad_(true));
+    b.push_back(at::zeros(shape, dtype).requires_grad_(true));
+    a.back().mutable_grad() = grad.clone();
+    b.back().mutable_grad() = grad.clone();
+  }
+  a.push_back(at::zeros({4}, dtype).requires_grad_(true));  // no gradient: skipped
+  b.push_back(at::zeros({4}, dtype).requires_grad_(true));
+  return {a, b};
+}
+
+TEST(ClipGradNorm, TheTensorVersionMatchesTheHostFormula) {
+  for (bool fused_kernels : {true, false}) {
+    fused::set_enabled(fused_kernels);
+    for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kBFloat16}) {
+      for (double max_norm : {0.0, 0.5, 1e3}) {  // off, clipping, within the limit
+        auto [reference, params] = twin_params(dtype);
+        const double want = reference_clip(reference, max_norm);
+        const at::Tensor norm = clip_grad_norm_(params, max_norm);
+        const std::string what =
+            fmt::format("{} max_norm {} fused {}", c10::toString(dtype), max_norm, fused_kernels);
+        EXPECT_EQ(norm.dim(), 0) << what;
+        EXPECT_EQ(norm.device(), params[0].device()) << what;
+        EXPECT_TRUE(norm.scalar_type() == at::kDouble || norm.scalar_type() == at::kFloat);
+        EXPECT_NEAR(norm.item<double>(), want, 1e-6 * want) << what;
+        for (size_t i = 0; i + 1 < params.size(); ++i) {
+          const at::Tensor got = params[i].grad().to(at::kDouble);
+          const at::Tensor ref = reference[i].grad().to(at::kDouble);
+          // Within one rounding of the gradient's dtype (a scale 1e-6 apart rounds apart).
+          const double ulp = dtype == at::kBFloat16 ? 1.0 / 128
+                             : dtype == at::kFloat  ? 1e-6
+                                                    : 1e-12;
+          EXPECT_LE((got - ref).abs().max().item<double>(), ulp * ref.abs().max().item<double>())
+              << what << " param " << i;
+        }
+        EXPECT_FALSE(params.back().grad().defined());
+      }
+    }
+  }
+  fused::set_enabled(true);
+}
+
+TEST(ClipGradNorm, WithinTheLimitTheGradientsAreUntouched) {
+  auto [reference, params] = twin_params(at::kFloat);
+  clip_grad_norm_(params, 1e6);
+  for (size_t i = 0; i + 1 < params.size(); ++i) {
+    EXPECT_TRUE(at::equal(params[i].grad(), reference[i].grad())) << i;
+  }
+  // No gradient at all: a zero norm, nothing to scale.
+  at::Tensor lone = at::zeros({3}).requires_grad_(true);
+  EXPECT_EQ(clip_grad_norm_({lone}, 1.0).item<double>(), 0.0);
+  EXPECT_EQ(clip_grad_norm_({}, 1.0).item<double>(), 0.0);
 }
 
 TEST(LrSchedule, WarmsUpLinearlyThenDecaysToTheFloor) {

@@ -112,23 +112,24 @@ void visit(V& v, LrSchedulerConfig& c) {
   v.field("min_lr_ratio", c.min_lr_ratio);
 }
 template <class V>
-void visit(V& v, FsdpConfig& c) {
-  v.field("enabled", c.enabled);
-  v.field("activation_checkpointing", c.activation_checkpointing);
-  v.field("shard_group_size", c.shard_group_size);
-}
-template <class V>
 void visit(V& v, MixedPrecisionConfig& c) {
   v.field("param_dtype", c.param_dtype);
   v.field("reduce_dtype", c.reduce_dtype);
 }
 template <class V>
+void visit(V& v, FsdpConfig& c) {
+  v.field("enabled", c.enabled);
+  v.field("activation_checkpointing", c.activation_checkpointing);
+  v.field("shard_group_size", c.shard_group_size);
+  v.section("mixed_precision", c.mixed_precision);
+}
+template <class V>
 void visit(V& v, ParallelConfig& c) {
+  v.field("device", c.device);
   v.field("backend", c.backend);
   v.auto_int("threads_per_rank", c.threads_per_rank);
   v.field("skip_memory_check", c.skip_memory_check);
   v.section("fsdp", c.fsdp);
-  v.section("mixed_precision", c.mixed_precision);
 }
 template <class V>
 void visit(V& v, CheckpointConfig& c) {

@@ -91,25 +91,28 @@ struct LrSchedulerConfig {
   double min_lr_ratio = 0.1;
 };
 
+// FSDP2-style mixed precision: fp32 master weights and AdamW moments in the shards; units are
+// all-gathered and compute in param_dtype; gradients are reduce-scattered in reduce_dtype.
+struct MixedPrecisionConfig {
+  std::string param_dtype = "float32";   // float32 | bfloat16
+  std::string reduce_dtype = "float32";  // float32 | bfloat16
+};
+
 struct FsdpConfig {
   bool enabled = true;
   // auto: none when keeping activations fits comfortably in memory, else full | full | none
   std::string activation_checkpointing = "auto";
   // Ranks per shard group (hybrid sharding, parallel/shard_layout.h): world | node | N.
   std::string shard_group_size = "world";
-};
-
-struct MixedPrecisionConfig {
-  std::string param_dtype = "float32";
-  std::string reduce_dtype = "float32";
+  MixedPrecisionConfig mixed_precision;
 };
 
 struct ParallelConfig {
-  std::string backend = "auto";    // auto | mpi | nccl
+  std::string device = "auto";     // auto (cuda when GPUs are visible) | cpu | cuda
+  std::string backend = "auto";    // auto (nccl on cuda, mpi on cpu) | mpi | nccl
   int64_t threads_per_rank = 0;    // 0 = auto: the node's cores / ranks on the node
   bool skip_memory_check = false;  // true: start even when the memory estimate does not fit
   FsdpConfig fsdp;
-  MixedPrecisionConfig mixed_precision;
 };
 
 struct CheckpointConfig {

@@ -35,12 +35,6 @@ class Validator {
     check(std::find(allowed.begin(), allowed.end(), value) != allowed.end(), path,
           fmt::format("= '{}' is not one of: {}", value, list));
   }
-  // Features whose code does not exist yet take only their default/disabled value.
-  void not_yet(bool at_default, const std::string& path, const std::string& value,
-               const std::string& accepted) const {
-    check(at_default, path, fmt::format("= {} is not supported yet", value),
-          fmt::format("this build accepts only {}", accepted));
-  }
 
  private:
   const std::map<std::string, std::string>& where_;
@@ -181,8 +175,14 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
           fmt::format("= {} must be in [0, 1]", s.min_lr_ratio));
 
   const ParallelConfig& p = c.parallel;
+  v.one_of("parallel.device", p.device, {"auto", "cpu", "cuda"});
   v.one_of("parallel.backend", p.backend, {"auto", "mpi", "nccl"});
-  v.not_yet(p.backend != "nccl", "parallel.backend", "nccl", "auto or mpi");
+  v.check(!(p.device == "cpu" && p.backend == "nccl"), "parallel.backend",
+          "= nccl needs CUDA tensors, but parallel.device is cpu",
+          "use parallel.backend: auto (MPI on CPU), or parallel.device: cuda");
+  v.check(!(p.device == "cuda" && p.backend == "mpi"), "parallel.backend",
+          "= mpi moves CPU tensors, but parallel.device is cuda",
+          "use parallel.backend: auto (NCCL on CUDA)");
   v.one_of("parallel.fsdp.activation_checkpointing", p.fsdp.activation_checkpointing,
            {"auto", "full", "none"});
   const std::string& group_size = p.fsdp.shard_group_size;
@@ -196,13 +196,17 @@ void validate(const Config& c, const std::map<std::string, std::string>& where,
           fmt::format("= {} needs parallel.fsdp.enabled: true (hybrid sharding is a layout of "
                       "FSDP)",
                       group_size));
-  const std::vector<std::string> dtypes = {"float32", "bfloat16", "float16"};
-  v.one_of("parallel.mixed_precision.param_dtype", p.mixed_precision.param_dtype, dtypes);
-  v.one_of("parallel.mixed_precision.reduce_dtype", p.mixed_precision.reduce_dtype, dtypes);
-  v.not_yet(p.mixed_precision.param_dtype == "float32", "parallel.mixed_precision.param_dtype",
-            p.mixed_precision.param_dtype, "float32");
-  v.not_yet(p.mixed_precision.reduce_dtype == "float32", "parallel.mixed_precision.reduce_dtype",
-            p.mixed_precision.reduce_dtype, "float32");
+  // float16 would need loss scaling; bfloat16 has fp32's exponent range.
+  const std::vector<std::string> dtypes = {"float32", "bfloat16"};
+  const MixedPrecisionConfig& mp = p.fsdp.mixed_precision;
+  v.one_of("parallel.fsdp.mixed_precision.param_dtype", mp.param_dtype, dtypes);
+  v.one_of("parallel.fsdp.mixed_precision.reduce_dtype", mp.reduce_dtype, dtypes);
+  v.check(p.fsdp.enabled || (mp.param_dtype == "float32" && mp.reduce_dtype == "float32"),
+          "parallel.fsdp.mixed_precision",
+          fmt::format("= {{param_dtype: {}, reduce_dtype: {}}} needs parallel.fsdp.enabled: true "
+                      "(mixed precision casts in the FSDP units' gathers and reduce-scatters)",
+                      mp.param_dtype, mp.reduce_dtype),
+          "set parallel.fsdp.enabled: true (on one rank too), or keep float32");
 
   const CheckpointConfig& k = c.checkpoint;
   v.positive("checkpoint.interval", k.interval);

@@ -17,8 +17,10 @@ std::vector<int64_t> generate(const LanguageModel& model, const std::vector<int6
   for (int64_t i = 0; i < options.max_new_tokens; ++i) {
     const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(context.size()) - window);
     std::vector<int64_t> tail(context.begin() + start, context.end());
-    at::Tensor tokens = at::tensor(tail, at::kLong).unsqueeze(0);                     // (1, T)
-    at::Tensor logits = model.forward(tokens).select(1, -1).squeeze(0).to(at::kCPU);  // (V)
+    const at::Tensor tokens =
+        at::tensor(tail, at::kLong).unsqueeze(0).to(model.device());  // (1, T)
+    const at::Tensor logits =
+        model.forward(tokens).select(1, -1).squeeze(0).to(at::kCPU, at::kFloat);  // (V)
     int64_t next;
     if (options.temperature <= 0.0) {
       next = logits.argmax().item<int64_t>();

@@ -168,14 +168,15 @@ CommitJob hf_export_job(int64_t step, const Llama* plain, const ShardedLlama* sh
       if (rank != 0) return;
       (*adapter_tensors)[owned->second][owned->second->to_file_key(fqn)] =
           owned->second->to_file(fqn, value.detach(), adapter)
-              .to(export_dtype)
+              .to(at::kCPU, export_dtype)
               .contiguous()
               .clone();
       return;
     }
     const std::string key = adapter.hf_key(fqn);
     if (plan->owner(plan->file_of.at(key), world) != rank) return;
-    (*tensors)[key] = adapter.to_hf(fqn, value.detach()).to(dtype_of(key)).contiguous().clone();
+    (*tensors)[key] =
+        adapter.to_hf(fqn, value.detach()).to(at::kCPU, dtype_of(key)).contiguous().clone();
   };
   if (sharded) {
     for (const auto& unit : sharded->units()) {  // collective: every rank gathers every unit

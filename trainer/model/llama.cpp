@@ -166,14 +166,16 @@ std::vector<std::string> Llama::initialize(uint64_t seed, const std::set<std::st
     initialize_parameter(config_, fqn, param, seed, converters_);
     initialised.push_back(fqn);
   });
-  prepare_buffers(rope_cos_.defined() ? rope_cos_.device() : at::Device(at::kCPU));
+  prepare_buffers(device());
   return initialised;
 }
 
 at::Tensor Llama::rms_norm(const at::Tensor& x, const at::Tensor& weight) const {
   if (fused::enabled(x)) return fused::rms_norm(x, weight, config_.norm_eps);
-  at::Tensor rms = at::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true).add(config_.norm_eps));
-  return x * rms * weight;
+  // The statistics in fp32 whatever the compute dtype (bf16 under mixed precision).
+  const at::Tensor x32 = x.to(at::kFloat);
+  const at::Tensor rms = at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true).add(config_.norm_eps));
+  return (x32 * rms).to(x.scalar_type()) * weight;
 }
 
 std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_len, double theta) {
@@ -189,9 +191,9 @@ namespace {
 // x (..., hd) viewed as hd/2 interleaved pairs (x0, x1), each rotated by the angle whose cosine
 // and sine `cos` and `sin` (broadcast to (..., hd/2)) hold.
 at::Tensor rotate_pairs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  at::Tensor pairs = x.unflatten(-1, {-1, 2});  // (..., hd/2, 2)
+  at::Tensor pairs = x.to(at::kFloat).unflatten(-1, {-1, 2});  // (..., hd/2, 2)
   at::Tensor x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);
-  return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
+  return at::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2).to(x.scalar_type());
 }
 }  // namespace
 

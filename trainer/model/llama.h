@@ -51,6 +51,8 @@ class LanguageModel {
  public:
   virtual ~LanguageModel() = default;
   virtual const ModelConfig& config() const = 0;
+  // Where the model computes: inputs (tokens, document masks) go there.
+  virtual at::Device device() const = 0;
   virtual at::Tensor forward(const at::Tensor& tokens,
                              const DocumentMask* documents = nullptr) const = 0;
 };
@@ -62,6 +64,7 @@ class Llama : public LanguageModel {
   explicit Llama(const ModelConfig& config, const Converters* converters = nullptr);
 
   const ModelConfig& config() const override { return config_; }
+  at::Device device() const override { return tok_embeddings_.device(); }
 
   // Gives every parameter uninitialised fp32 storage on `device` (requires_grad set), and
   // computes the RoPE tables there.
@@ -131,7 +134,8 @@ void initialize_parameter(const ModelConfig& config, const std::string& fqn, at:
 std::pair<at::Tensor, at::Tensor> rope_tables(int64_t head_dim, int64_t max_seq_len, double theta);
 
 // Rotates x (B, T, heads, hd), viewed as hd/2 interleaved pairs (x0, x1), by the angles of
-// positions [0, T). `cos`/`sin` are rope_tables(); rows beyond T are ignored.
+// positions [0, T). `cos`/`sin` are rope_tables(); rows beyond T are ignored. The rotation is
+// computed in fp32 and returned in x's dtype.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // The same at explicit positions (B, T) int64 (each < the tables' rows).
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

@@ -6,9 +6,9 @@
 namespace strata {
 
 ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool recompute,
-                           const Converters* converters)
-    : model_(config, converters), recompute_(recompute) {
-  model_.prepare_buffers(at::kCPU);
+                           const Converters* converters, const FsdpOptions& options)
+    : model_(config, converters), recompute_(recompute), options_(options) {
+  model_.prepare_buffers(options.device);
   const bool tied = config.tie_embeddings;
 
   // Group the model's parameters into units by FQN prefix.
@@ -24,11 +24,12 @@ ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool r
       head.push_back(spec);
     }
   });
-  units_.push_back(std::make_unique<FsdpUnit>("tok_embeddings", embedding, comm));
+  units_.push_back(std::make_unique<FsdpUnit>("tok_embeddings", embedding, comm, options));
   for (int64_t i = 0; i < config.n_layers; ++i) {
-    units_.push_back(std::make_unique<FsdpUnit>(fmt::format("layers.{}", i), blocks[i], comm));
+    units_.push_back(
+        std::make_unique<FsdpUnit>(fmt::format("layers.{}", i), blocks[i], comm, options));
   }
-  if (!tied) units_.push_back(std::make_unique<FsdpUnit>("head", head, comm));
+  if (!tied) units_.push_back(std::make_unique<FsdpUnit>("head", head, comm, options));
 
   embed_body_ = [this](const std::vector<at::Tensor>& p, const at::Tensor& tokens) {
     return model_.embed(p[0], tokens);
@@ -52,12 +53,27 @@ ShardedLlama::ShardedLlama(const ModelConfig& config, Communicator& comm, bool r
 at::Tensor ShardedLlama::forward(const at::Tensor& tokens, const DocumentMask* documents) const {
   documents_.reset();
   if (documents) documents_ = *documents;
-  at::Tensor h = units_.front()->run(tokens, embed_body_, recompute_);
-  for (size_t i = 0; i < block_bodies_.size(); ++i) {
-    h = units_[1 + i]->run(h, block_bodies_[i], recompute_);
+  // The runs in forward order: embedding, blocks, head (with tied embeddings the embedding
+  // unit again). Each prefetches the next; backward runs them in reverse, so with recompute
+  // each run's backward prefetches the run before it.
+  std::vector<std::pair<FsdpUnit*, const FsdpUnit::Body*>> runs;
+  runs.emplace_back(units_.front().get(), &embed_body_);
+  for (size_t i = 0; i < block_bodies_.size(); ++i)
+    runs.emplace_back(units_[1 + i].get(), &block_bodies_[i]);
+  runs.emplace_back(config().tie_embeddings ? units_.front().get() : units_.back().get(),
+                    &head_body_);
+  at::Tensor h = tokens;
+  for (size_t k = 0; k < runs.size(); ++k) {
+    FsdpUnit::Links links;
+    if (k + 1 < runs.size()) links.forward_next = runs[k + 1].first;
+    if (k > 0) links.backward_next = runs[k - 1].first;
+    h = runs[k].first->run(h, *runs[k].second, recompute_, links);
   }
-  FsdpUnit& head_unit = config().tie_embeddings ? *units_.front() : *units_.back();
-  return head_unit.run(h, head_body_, recompute_);
+  return h;
+}
+
+void ShardedLlama::finish_gradients() {
+  for (auto& unit : units_) unit->finish_gradients();
 }
 
 std::vector<std::string> ShardedLlama::initialize(uint64_t seed,
@@ -69,7 +85,8 @@ std::vector<std::string> ShardedLlama::initialize(uint64_t seed,
       if (loaded.count(spec.fqn)) continue;
       // One full parameter at a time: every rank draws it (the generator is per (seed, fqn))
       // and keeps its slice.
-      at::Tensor full = at::empty(spec.shape, at::kFloat);
+      at::Tensor full =
+          at::empty(spec.shape, at::TensorOptions().dtype(at::kFloat).device(options_.device));
       initialize_parameter(config(), spec.fqn, full, seed, model_.converters());
       unit->load_param(i, full);
       initialised.push_back(spec.fqn);

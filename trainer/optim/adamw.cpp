@@ -72,26 +72,47 @@ StateDict AdamW::state() const {
   return sd;
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, Communicator* comm) {
+at::Tensor clip_grad_norm_(const std::vector<at::Tensor>& params, double max_norm,
+                           Communicator* comm) {
   at::NoGradGuard no_grad;
-  at::Tensor total = at::zeros({1}, at::kDouble);
+  std::vector<at::Tensor> grads;  // every gradient, to scale
+  std::vector<at::Tensor> aten;   // those the fused kernels do not serve
+  double fused_sum = 0.0;         // fp32 CPU gradients: summed in fp64 by the fused kernel
+  bool any_double = false;
   for (const at::Tensor& p : params) {
-    if (!p.grad().defined()) continue;
-    if (fused::enabled(p.grad())) {
-      total += fused::sum_of_squares(p.grad());
+    const at::Tensor& grad = p.grad();
+    if (!grad.defined()) continue;
+    grads.push_back(grad);
+    any_double = any_double || grad.scalar_type() == at::kDouble;
+    if (fused::enabled(grad)) {
+      fused_sum += fused::sum_of_squares(grad);
     } else {
-      total += p.grad().to(at::kDouble).pow(2).sum();
+      aten.push_back(grad);
     }
+  }
+  const at::Device device = grads.empty()
+                                ? (params.empty() ? at::Device(at::kCPU) : params.front().device())
+                                : grads.front().device();
+  // The CPU accumulates in fp64 as the fused kernel does; a GPU in fp32 (as torch's
+  // clip_grad_norm_), which _foreach_norm computes in one launch for every gradient.
+  const at::ScalarType acc = device.is_cpu() || any_double ? at::kDouble : at::kFloat;
+  at::Tensor total = at::full({1}, fused_sum, at::TensorOptions().dtype(acc).device(device));
+  if (!aten.empty()) {
+    const std::vector<at::Tensor> norms = at::_foreach_norm(aten, 2, acc);
+    total.add_(at::stack(norms).square().sum());
   }
   if (comm) comm->all_reduce(total, ReduceOp::kSum);
-  const double norm = std::sqrt(total.item<double>());
-  if (max_norm > 0.0 && norm > max_norm) {
-    const double scale = max_norm / (norm + 1e-6);
-    for (const at::Tensor& p : params) {
-      if (p.grad().defined()) p.grad().mul_(scale);
-    }
+  at::Tensor norm = total.sqrt().squeeze(0);
+  if (max_norm > 0.0 && !grads.empty()) {
+    // 1 (an exact no-op) when the norm is within the limit.
+    const at::Tensor scale = (max_norm / (norm + 1e-6)).clamp_max(1.0);
+    at::_foreach_mul_(grads, scale);
   }
   return norm;
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, Communicator* comm) {
+  return clip_grad_norm_(params, max_norm, comm).item<double>();
 }
 
 }  // namespace strata

@@ -1,5 +1,7 @@
 // AdamW with decoupled weight decay (torch.optim.AdamW's update), a per-parameter decay flag
-// (no decay on norms and embeddings), and gradient clipping by the global norm.
+// (no decay on norms and embeddings), and gradient clipping by the global norm. Device-generic:
+// the tensors' device does the arithmetic (fused CPU kernels for fp32 CPU tensors, ATen ops
+// elsewhere), and nothing in a step reads a value back to the host.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,8 +49,19 @@ class AdamW {
 };
 
 // Scales the gradients of `params` in place so that their global L2 norm is at most
-// `max_norm` (when max_norm > 0). Returns the norm before clipping. With `comm`, the
-// parameters are shards: the squared norms of all ranks' shards are summed first.
+// `max_norm` (when max_norm > 0): every gradient is multiplied by clamp(max_norm / (norm +
+// 1e-6), max = 1). Returns the norm before clipping as a 0-dim tensor on the gradients' device
+// (fp64 on the CPU; on CUDA fp32, or fp64 for fp64 gradients), without waiting for it: no
+// .item(), no host synchronisation, so a GPU step runs ahead of the host. The squared norm is
+// one fused reduction (the fused fp64 sum of squares for fp32 CPU gradients when the fused
+// kernels are on, else at::_foreach_norm); with `comm` the parameters are shards, and one
+// all_reduce sums the squared norms of all ranks' shards. Parameters without a gradient are
+// skipped. Gradients are expected on one device.
+at::Tensor clip_grad_norm_(const std::vector<at::Tensor>& params, double max_norm,
+                           Communicator* comm = nullptr);
+
+// clip_grad_norm_ with the norm read back to the host (one synchronisation): for tests and
+// callers that log the norm at once.
 double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm,
                       Communicator* comm = nullptr);
 
