@@ -10,4 +10,4 @@ if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 cd "$build"
-ctest --output-on-failure --timeout 900 "$@"
+ctest --output-on-failure --timeout 900 -LE gpu "$@"  # gpu: scripts/gpu/check.sh
