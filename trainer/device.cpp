@@ -9,14 +9,18 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 
 #include "trainer/errors.h"
 #include "trainer/kernels/fused_ops.h"
+#include "trainer/memory_estimate.h"
 #include "trainer/metrics.h"
 
 #ifdef STRATA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace strata {
@@ -124,6 +128,22 @@ DeviceMemory device_memory(const at::Device& device) {
     const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     return {static_cast<double>(stats.allocated_bytes[all].peak) / kMiB,
             static_cast<double>(stats.reserved_bytes[all].peak) / kMiB};
+  }
+#endif
+  throw_no_cuda_build(device);
+}
+
+double free_memory_bytes(const at::Device& device, int local_ranks) {
+  if (device.is_cpu()) {
+    const std::optional<AvailableMemory> available = available_memory();
+    return available ? static_cast<double>(available->bytes) / std::max(1, local_ranks) : 0.0;
+  }
+#ifdef STRATA_WITH_CUDA
+  if (device.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(device.index());
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) return 0.0;
+    return static_cast<double>(free);
   }
 #endif
   throw_no_cuda_build(device);

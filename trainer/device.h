@@ -42,6 +42,10 @@ struct DeviceMemory {
   double peak_reserved_mb = 0.0;
 };
 DeviceMemory device_memory(const at::Device& device);
+// The memory a rank may still fill on `device`, in bytes: on CUDA the device's free memory
+// (cudaMemGetInfo); on CPU the machine's available memory (available_memory(),
+// trainer/memory_estimate.h) divided among the `local_ranks` of the node. 0 when unknown.
+double free_memory_bytes(const at::Device& device, int local_ranks);
 // CUDA: starts the peaks of device_memory afresh (e.g. once per logging window). CPU: nothing.
 void reset_peak_memory(const at::Device& device);
 

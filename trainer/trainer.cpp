@@ -69,36 +69,33 @@ std::string memory_report(const std::vector<at::Tensor>& params, const ShardedLl
 
 // activation_checkpointing: recompute each FSDP unit in backward (full), or keep its gathered
 // parameters and activations until backward (none: a third fewer FLOPs, one gather fewer).
-// auto keeps them when the estimate for one rank stays under half of its share of the
-// machine's available memory: every unit's full parameters, plus per layer and micro batch
-// Megatron's activation estimate s·b·h·(34 + 5·a·s/h) bytes at 16 bits, times 2 for fp32 and
-// times 2 for unfused attention, plus the logits and their gradient.
-bool choose_recompute(const Config& config, const ProcessGroup& group, const RunLog& log) {
+// auto keeps them when the estimate for one rank stays under half of what it may still fill
+// (free_memory_bytes: its share of the machine's available memory, or its GPU's free memory):
+// every unit's full parameters in param_dtype, plus per layer and micro batch Megatron's
+// activation estimate s·b·h·(34 + 5·a·s/h) bytes at 16 bits (times 2 for fp32; the attention
+// scores' 5·a·s/h only on CPU, where the attention is not flash or memory-efficient, and there
+// times 2 again for the unfused kernels), plus the logits and their gradient in fp32.
+bool choose_recompute(const Config& config, const ProcessGroup& group, const at::Device& device,
+                      at::ScalarType param_dtype, const RunLog& log) {
   const std::string& mode = config.parallel.fsdp.activation_checkpointing;
   if (mode != "auto") return mode == "full";
   const ModelConfig& mc = config.model;
   const double s = static_cast<double>(config.data.seq_len),
                b = static_cast<double>(config.training.micro_batch_size);
   const double h = static_cast<double>(mc.dim), a = static_cast<double>(mc.n_heads);
-  const double keep =
-      4.0 * static_cast<double>(Llama::count_parameters(mc)) +
-      static_cast<double>(mc.n_layers) * s * b * h * (34.0 + 5.0 * a * s / h) * 4.0 +
-      3.0 * 4.0 * s * b * static_cast<double>(mc.vocab_size);
-  double available = 0.0;
-  std::ifstream meminfo("/proc/meminfo");
-  for (std::string key; meminfo >> key;) {
-    double kib = 0;
-    meminfo >> kib;
-    if (key == "MemAvailable:") available = kib * 1024.0;
-    meminfo.ignore(256, '\n');
-  }
-  const double share = available / std::max(1, group.local_world_size());
-  const bool recompute = available <= 0 || keep > 0.5 * share;
-  log(
-      fmt::format("fsdp: activation_checkpointing auto -> {}: keeping activations needs about "
-                  "{:.0f} MiB per rank, "
-                  "{:.0f} MiB available per rank",
-                  recompute ? "full" : "none", keep / (1 << 20), share / (1 << 20)));
+  const double bytes = param_dtype == at::kFloat ? 4.0 : 2.0;
+  const double per_layer = device.is_cpu() ? s * b * h * (34.0 + 5.0 * a * s / h) * 4.0
+                                           : s * b * h * 34.0 * bytes / 2.0;
+  const double keep = bytes * static_cast<double>(Llama::count_parameters(mc)) +
+                      static_cast<double>(mc.n_layers) * per_layer +
+                      3.0 * 4.0 * s * b * static_cast<double>(mc.vocab_size);
+  const double share = free_memory_bytes(device, group.local_world_size());
+  const bool recompute = share <= 0 || keep > 0.5 * share;
+  log(fmt::format(
+      "fsdp: activation_checkpointing auto -> {}: keeping activations needs about {:.0f} MiB per "
+      "rank, {:.0f} MiB {} per rank",
+      recompute ? "full" : "none", keep / (1 << 20), share / (1 << 20),
+      device.is_cpu() ? "available" : "free on the GPU"));
   return recompute;
 }
 
@@ -267,17 +264,23 @@ void Trainer::setup_model() {
     log(layout_.describe(group.rank_nodes(), group.node_hostnames()));
   }
   // Before anything is allocated: refuse what cannot fit (every rank alike; nodes may differ).
-  std::string memory_line;
-  run_on_all_ranks<ConfigError>(*comm_, "the memory check", [&] {
-    memory_line = check_training_memory(config, group.world_size(), group.local_world_size(),
-                                        available_memory(), layout_.shard_size);
-  });
-  log(memory_line);
+  // The estimate is of host memory (fp32 everywhere), which a CUDA run does not fill.
+  if (device_.is_cpu()) {
+    std::string memory_line;
+    run_on_all_ranks<ConfigError>(*comm_, "the memory check", [&] {
+      memory_line = check_training_memory(config, group.world_size(), group.local_world_size(),
+                                          available_memory(), layout_.shard_size);
+    });
+    log(memory_line);
+  } else {
+    log("memory: the start-up estimate is of host memory; not checked on CUDA (the metrics "
+        "report the GPU allocator's peaks)");
+  }
   optimizer_ = std::make_unique<AdamW>(config.optimizer);
   converters_ = std::make_unique<Converters>(config.converters);
   for (const auto& c : converters_->list()) log(fmt::format("converter: {}", c->describe()));
   if (sharded_) {
-    const bool recompute = choose_recompute(config, group, log);
+    const bool recompute = choose_recompute(config, group, device_, param_dtype_, log);
     FsdpOptions options;
     options.device = device_;
     options.param_dtype = param_dtype_;
