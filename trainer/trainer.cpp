@@ -84,8 +84,8 @@ bool choose_recompute(const Config& config, const ProcessGroup& group, const at:
                b = static_cast<double>(config.training.micro_batch_size);
   const double h = static_cast<double>(mc.dim), a = static_cast<double>(mc.n_heads);
   const double bytes = param_dtype == at::kFloat ? 4.0 : 2.0;
-  const double per_layer = device.is_cpu() ? s * b * h * (34.0 + 5.0 * a * s / h) * 4.0
-                                           : s * b * h * 34.0 * bytes / 2.0;
+  const double per_layer =
+      device.is_cpu() ? s * b * h * (34.0 + 5.0 * a * s / h) * 4.0 : s * b * h * 34.0 * bytes / 2.0;
   const double keep = bytes * static_cast<double>(Llama::count_parameters(mc)) +
                       static_cast<double>(mc.n_layers) * per_layer +
                       3.0 * 4.0 * s * b * static_cast<double>(mc.vocab_size);

@@ -401,7 +401,9 @@ TEST(Config, OutOfRangeAndInconsistentValuesAreRejected) {
        "parallel.fsdp.mixed_precision.param_dtype = 'int8' is not one of: float32, bfloat16"},
       {{"parallel.fsdp.mixed_precision.reduce_dtype=float16"},
        "parallel.fsdp.mixed_precision.reduce_dtype = 'float16' is not one of: float32, bfloat16"},
-      {{"parallel.mixed_precision.param_dtype=bfloat16"}, "parallel.mixed_precision"},
+      {{"parallel.mixed_precision.param_dtype=bfloat16"},
+       "unknown key parallel.mixed_precision (--set parallel.mixed_precision.param_dtype=bfloat16)"
+       "\nHINT: it moved: use parallel.fsdp.mixed_precision (same keys)"},
       {{"parallel.device=gpu"}, "parallel.device = 'gpu' is not one of: auto, cpu, cuda"},
       {{"parallel.fsdp.enabled=false", "parallel.fsdp.mixed_precision.param_dtype=bfloat16"},
        "parallel.fsdp.mixed_precision = {param_dtype: bfloat16, reduce_dtype: float32} needs "

@@ -322,6 +322,13 @@ class Reader {
         fail(fmt::format("duplicate key {}", join(key)), where, "keep only one of them");
       }
       if (std::find(known_.begin(), known_.end(), key) != known_.end()) continue;
+      // Keys that moved: the new place, not the closest spelling.
+      static const std::map<std::string, std::string> moved = {
+          {"parallel.mixed_precision", "parallel.fsdp.mixed_precision"}};
+      if (const auto it = moved.find(join(key)); it != moved.end()) {
+        fail(fmt::format("unknown key {}", join(key)), where,
+             fmt::format("it moved: use {} (same keys)", it->second));
+      }
       std::string best, valid;
       size_t best_distance = SIZE_MAX;
       for (const std::string& k : known_) {
