@@ -6,6 +6,8 @@
 # files involved (dd iflag=nocache drops them), so both read from the disk.
 #   scripts/bench/checkpoint.sh [RANKS]      (default 1; needs data/tiny: scripts/demo.sh)
 # Prints a Markdown table with ratios against dd and the async foreground stall / sync save.
+# CHECKPOINT_SET: more KEY=VALUE overrides, space-separated, applied after the model's (e.g.
+# "parallel.device=cuda data.train=SHARD" for saves from a GPU; scripts/gpu/check.sh does so).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -21,6 +23,7 @@ model=(--set model.vocab_size=8192 --set model.dim=768 --set model.n_layers=12 -
        --set training.eval_interval=0 --set training.log_interval=1
        --set checkpoint.interval=1 --set checkpoint.keep_latest_k=1
        --set checkpoint.last_save_model_only=false)
+for kv in ${CHECKPOINT_SET:-}; do model+=(--set "$kv"); done
 run() {  # NAME STEPS [--set ...]
   local name=$1 steps=$2; shift 2
   mpirun --bind-to none -np "$ranks" "$strata" train --config configs/tiny.yaml "${model[@]}" \

@@ -11,6 +11,8 @@
 #           --cpu), each within 2% relative of the fp32 GPU run's
 #   resume  on the GPU: 10 steps straight vs 5 + resume + 5: losses of steps 6-10 and the saved
 #           step-10 state (every file's SHA-256) bit-identical
+#   save    scripts/bench/checkpoint.sh with parallel.device=cuda: a ~100M model's full state
+#           (1.2 GB) saved sync and async from the GPU against dd, and the async foreground stall
 #   bench   a ~1B Llama (dim 2048, 16 layers, 32/8 heads, vocab 32000, seq 2048, bf16,
 #           activation checkpointing auto) in Strata vs scripts/bench/reference_llama.py (PyTorch
 #           eager: autocast bf16, SDPA, fused AdamW; and under torch.compile): tokens/s, MFU,
@@ -68,7 +70,7 @@ else
   bench_compile=${BENCH_COMPILE:-0}
   build_step=0
 fi
-checks=${CHECKS:-ctest parity bf16 resume bench}
+checks=${CHECKS:-ctest parity bf16 resume bench save}
 bench_steps=${BENCH_STEPS:-12}
 bench_warmup=${BENCH_WARMUP:-4}
 bench_gpus=${BENCH_GPUS:-1}
@@ -486,6 +488,27 @@ if wanted bench; then
     else
       echo "$table"
       record bench FAIL "a run failed or logged no measured step: $(tail -1 <<<"$table")"
+    fi
+  fi
+fi
+
+# --- save: checkpoints from the GPU against dd (scripts/bench/checkpoint.sh on the device)
+if wanted save; then
+  if [ "$mode" = cpu ]; then
+    record save SKIP "GPU only: scripts/bench/checkpoint.sh measures CPU saves (BENCHMARKS.md)"
+  else
+    "$py" "$reference" shard "$work/ckpt.bin" --vocab-size 8192 --tokens 200000 --seed 3
+    t0=$SECONDS
+    if CHECKPOINT_SET="parallel.device=cuda data.train=$work/ckpt.bin data.val=null data.tokenizer=null" \
+        BENCH_DIR="$work" STRATA_BUILD_DIR="$(dirname "$strata")" timeout 180 \
+        "$root/scripts/bench/checkpoint.sh" 1 >"$work/save.log" 2>&1; then
+      cat "$work/save.log"
+      save=$(sed -n 's/^| sync save.*| \([0-9.]*\) of dd |$/\1/p' "$work/save.log")
+      stall=$(sed -n 's/^| async save: foreground stall.*| \([0-9.]*\) of sync save |$/\1/p' "$work/save.log")
+      record save PASS "sync save ${save:-?} of dd (goal >= 0.8), async stall ${stall:-?} of a sync save (goal < 0.05), $((SECONDS - t0)) s"
+    else
+      tail -30 "$work/save.log"
+      record save FAIL "scripts/bench/checkpoint.sh on the GPU failed (see above)"
     fi
   fi
 fi
