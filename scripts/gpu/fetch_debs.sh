@@ -5,7 +5,7 @@
 # dpkg-deb -x, no root and no dpkg database needed). Run on a development machine with Debian's
 # apt (bookworm, the distribution the project builds on), network access and `apt-get update`
 # done:
-#   scripts/gpu/fetch_debs.sh          # then carry third_party/debs to the GPU machine
+#   scripts/gpu/fetch_debs.sh          # then copy third_party/debs to the GPU machine
 # What is downloaded:
 #   - the development packages CMakeLists.txt finds (MPI, yaml-cpp, CLI11, fmt, nlohmann-json,
 #     sentencepiece, PCRE2, ICU, libcurl, OpenSSL, xxHash, GoogleTest), without their own
