@@ -243,12 +243,21 @@ at::Tensor FsdpUnit::shard_mask(const std::vector<float>& per_param) const {
   return full.narrow(0, comm_.rank() * shard_numel(), shard_numel()).clone().to(options_.device);
 }
 
+FsdpUnit::GatherWork FsdpUnit::start_gather(const Group& g, at::ScalarType dtype) const {
+  GatherWork w;
+  w.full = at::empty({g.shard_numel * comm_.world_size()},
+                     g.shard.options().dtype(dtype).requires_grad(false));
+  if (g.shard_numel == 0) return w;
+  // Cast before the collective: a bf16 gather moves half the bytes of an fp32 one.
+  w.input = g.shard.detach().to(dtype).contiguous();
+  w.work = comm_.all_gather_async(w.input, w.full);
+  return w;
+}
+
 at::Tensor FsdpUnit::gather(bool trainable, at::ScalarType dtype) const {
-  const Group& g = group(trainable);
-  at::Tensor full = at::empty({g.shard_numel * comm_.world_size()},
-                              g.shard.options().dtype(dtype).requires_grad(false));
-  if (g.shard_numel > 0) comm_.all_gather(g.shard.detach().to(dtype).contiguous(), full);
-  return full;
+  GatherWork w = start_gather(group(trainable), dtype);
+  if (w.work) w.work->wait();
+  return w.full;
 }
 
 void FsdpUnit::prefetch() {
@@ -261,12 +270,10 @@ void FsdpUnit::start_gathers(bool prefetch) {
   for (int k = 0; k < 2; ++k) {
     const Group& g = groups_[k];
     p->version[k] = g.shard._version();
-    p->full[k] = at::empty({g.shard_numel * comm_.world_size()},
-                           g.shard.options().dtype(options_.param_dtype).requires_grad(false));
-    if (g.shard_numel == 0) continue;
-    // Cast before the collective: a bf16 gather moves half the bytes of an fp32 one.
-    p->input[k] = g.shard.detach().to(options_.param_dtype).contiguous();
-    p->work[k] = comm_.all_gather_async(p->input[k], p->full[k]);
+    GatherWork w = start_gather(g, options_.param_dtype);
+    p->full[k] = std::move(w.full);
+    p->input[k] = std::move(w.input);
+    p->work[k] = std::move(w.work);
   }
   prefetched_ = std::move(p);
 }

@@ -154,6 +154,13 @@ class FsdpUnit {
     at::Tensor shard;
   };
   struct Prefetched;
+  // One group's all-gather in `dtype`, started: the full buffer, the cast shard it reads (alive
+  // until the work completes), and the work (null for an empty shard).
+  struct GatherWork {
+    at::Tensor full, input;
+    std::unique_ptr<CommWork> work;
+  };
+  GatherWork start_gather(const Group& g, at::ScalarType dtype) const;
   const Group& group(bool trainable) const { return groups_[trainable ? 0 : 1]; }
   // Starts both groups' all-gathers in param_dtype into a new prefetched_ (traced).
   void start_gathers(bool prefetch);

@@ -31,7 +31,7 @@ class ShardedLlama : public LanguageModel {
   ShardedLlama& operator=(const ShardedLlama&) = delete;
 
   const ModelConfig& config() const override { return model_.config(); }
-  at::Device device() const override { return units_.front()->shard().device(); }
+  at::Device device() const override { return options_.device; }
   // The blocks read `documents` from a copy kept until the next forward: recomputation in
   // backward (which runs before the next forward) sees the same documents.
   at::Tensor forward(const at::Tensor& tokens,
